@@ -1,0 +1,35 @@
+# `make demo` and `make test` work on a fresh machine: they build .venv first.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+CSRC   := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.h)
+
+.PHONY: install demo test bench bench-ci clean
+
+install: $(STAMP)
+
+$(STAMP): setup.py requirements-dev.txt $(CSRC)
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned: on these machines 2.13.0 is a CPU wheel on disk; a bare
+	# `torch` requirement would pull a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-build-isolation -e .
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/alter demo --out demo_out
+
+test: $(STAMP)
+	$(PY) -m pytest tests -n 2 -q
+
+bench: $(STAMP)
+	$(VENV)/bin/alter bench --out bench_out
+
+# The CPU suite at CI sizes, so the benchmarks cannot rot; timings are printed only.
+bench-ci: $(STAMP)
+	$(VENV)/bin/alter bench --quick --out bench_out
+
+clean:
+	rm -rf $(VENV) build *.egg-info alter_kernels/_C*.so demo_out bench_out

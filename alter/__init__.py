@@ -1,0 +1,37 @@
+"""ALTER: asymmetric LoRA for token-entropy-guided unlearning of LLMs.
+
+Public names are imported lazily so that ``import alter`` stays light (the CLI, data and
+evaluation helpers do not pay for each other's imports).
+"""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    # configuration, layers, patching
+    "AlterConfig": "alter.config",
+    "AsymLoRALinear": "alter.layers",
+    "EntropyTracker": "alter.tracker",
+    "apply_alter": "alter.model",
+    "remove_alter": "alter.model",
+    "save_adapter": "alter.model",
+    "load_adapter": "alter.model",
+    "forced_route": "alter.model",
+    # training
+    "unlearn": "alter.train",
+}
+
+__all__ = sorted(_EXPORTS)
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'alter' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

@@ -1,0 +1,70 @@
+"""Build of alter_kernels._C, the compiled extension (C++ CPU kernels, CUDA kernels when
+torch has CUDA). Install with ``pip install --no-build-isolation -e .`` so it compiles
+against the torch already installed. ``ALTER_NO_EXT=1`` skips the extension."""
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _extensions():
+    if os.environ.get("ALTER_NO_EXT", "0") == "1":
+        return [], {}
+    import torch
+    from torch.utils import cpp_extension
+
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    if not sources:
+        return [], {}
+    cxx_flags = ["-O3", "-fopenmp", "-std=c++17"]
+    kwargs = dict(
+        name="alter_kernels._C",
+        sources=sources,
+        include_dirs=[os.path.join(HERE, "csrc")],
+        extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=["-fopenmp"],
+    )
+    cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    with_cuda = (
+        cuda_sources
+        and torch.version.cuda is not None
+        and cpp_extension.CUDA_HOME is not None
+        and os.environ.get("ALTER_NO_CUDA", "0") != "1"
+    )
+    if with_cuda:
+        kwargs["sources"] = sources + cuda_sources
+        kwargs["extra_compile_args"] = {"cxx": cxx_flags + ["-DWITH_CUDA"], "nvcc": ["-O3", "-DWITH_CUDA"]}
+        ext = cpp_extension.CUDAExtension(**kwargs)
+    else:
+        ext = cpp_extension.CppExtension(**kwargs)
+    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    name="alter-kernels",
+    version="0.1.0",
+    description="ALTER: asymmetric LoRA, token-entropy-guided unlearning of LLMs, with fused kernels",
+    long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["alter_kernels", "alter_kernels.*", "alter", "alter.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.6; platform_system == 'Linux'",
+        "numpy",
+        "transformers>=4.45",
+        "datasets>=2.19",
+        "safetensors",
+        "scipy",
+        "rouge-score",
+        "tqdm",
+        "matplotlib",
+    ],
+    entry_points={"console_scripts": ["alter=alter.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

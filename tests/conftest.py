@@ -1,0 +1,31 @@
+"""Test setup. Triton kernels run in the CPU interpreter unless ALTER_TEST_CUDA=1
+(benchmarks/gpu_check.sh sets it to run the same tests on a GPU). TRITON_INTERPRET must
+be set before triton is imported, so this happens before any project import."""
+import os
+
+if os.environ.get("ALTER_TEST_CUDA", "0") != "1":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from alter_kernels._dispatch import unavailable_reason  # noqa: E402
+
+
+def test_devices() -> list[str]:
+    """Devices the kernel tests run on: the CPU always, CUDA under ALTER_TEST_CUDA=1."""
+    if os.environ.get("ALTER_TEST_CUDA", "0") == "1":
+        return ["cuda"]
+    return ["cpu"]
+
+
+def require_backend(backend: str, device: str) -> None:
+    """Skip (with the reason) when a backend cannot run here, e.g. cpp on a GPU-less build."""
+    why = unavailable_reason(backend, torch.device(device))
+    if why:
+        pytest.skip(f"{backend} on {device}: {why}")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
