@@ -39,3 +39,11 @@ def moe_align_eager(experts: torch.Tensor, num_experts: int, block_m: int):
         offset += padded
     num_padded = torch.tensor([offset], dtype=torch.int32, device=experts.device)
     return sorted_ids, block_expert, num_padded
+
+
+def route(*args, **kwargs):
+    raise NotImplementedError
+
+
+def moe_align(experts, num_experts, block_m, backend=None):
+    return moe_align_eager(experts, num_experts, block_m)
