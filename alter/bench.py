@@ -132,7 +132,7 @@ def _asym_lora_case(label: str, T: int, k: int, d: int, r: int, N: int, K: int, 
     reference, ``eager_dense`` the best eager formulation, ``triton`` the kernels.
     """
     from alter_kernels import asym_lora, route
-    from alter_kernels import asym_lora as asym_lora_module
+    from alter_kernels.asym_lora import asym_lora_eager_dense
 
     def build(variant, device):
         gen = torch.Generator(device="cpu").manual_seed(0)
@@ -155,7 +155,7 @@ def _asym_lora_case(label: str, T: int, k: int, d: int, r: int, N: int, K: int, 
             if variant == "loop":
                 delta = _naive_expert_loop(x, A, B, weights, experts, scaling)
             elif variant == "eager_dense":
-                delta = asym_lora_module.asym_lora_eager_dense(x, A, B, weights, experts, scaling)
+                delta = asym_lora_eager_dense(x, A, B, weights, experts, scaling)
             else:
                 delta = asym_lora(x, A, B, weights, experts, scaling, backend=variant)
             return base + delta

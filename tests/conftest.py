@@ -19,6 +19,9 @@ def test_devices() -> list[str]:
     return ["cpu"]
 
 
+test_devices.__test__ = False  # a helper, not a test, although its name starts with test_
+
+
 def require_backend(backend: str, device: str) -> None:
     """Skip (with the reason) when a backend cannot run here, e.g. cpp on a GPU-less build."""
     why = unavailable_reason(backend, torch.device(device))
