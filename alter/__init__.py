@@ -19,6 +19,29 @@ _EXPORTS = {
     "forced_route": "alter.model",
     # training
     "unlearn": "alter.train",
+    # data
+    "tofu_mini": "alter.data",
+    "qa_texts": "alter.data",
+    "format_qa": "alter.data",
+    "encode_qa": "alter.data",
+    "collate": "alter.data",
+    "load_tofu": "alter.data",
+    "load_wmdp": "alter.data",
+    "load_wmdp_corpus": "alter.data",
+    "load_muse": "alter.data",
+    "load_mmlu": "alter.data",
+    "build_tokenizer": "alter.tiny",
+    "tiny_llama": "alter.tiny",
+    # evaluation
+    "evaluate_tofu": "alter.eval",
+    "truth_ratio": "alter.eval",
+    "answer_probability": "alter.eval",
+    "rouge_l_recall": "alter.eval",
+    "forget_quality": "alter.eval",
+    "model_utility": "alter.eval",
+    "mcq_accuracy": "alter.eval",
+    "verbmem_rouge": "alter.eval",
+    "knowmem_rouge": "alter.eval",
 }
 
 __all__ = sorted(_EXPORTS)
