@@ -17,6 +17,13 @@ _EXPORTS = {
     "save_adapter": "alter.model",
     "load_adapter": "alter.model",
     "forced_route": "alter.model",
+    "router_loss": "alter.model",
+    "disable_adapters": "alter.model",
+    "precomputed_entropy": "alter.model",
+    "adapter_parameters": "alter.model",
+    "alter_layers": "alter.model",
+    "is_patched": "alter.model",
+    "AlterRouter": "alter.layers",
     # training
     "unlearn": "alter.train",
     # data

@@ -1,0 +1,203 @@
+"""``AlterConfig``: every knob of ALTER in one validated, JSON-serialisable dataclass.
+
+The JSON layout follows PEFT: ``save_pretrained(directory)`` writes
+``adapter_config.json`` (the config fields, plus an optional ``"base_model"`` record that
+:func:`alter.model.save_adapter` uses to check the model an adapter is loaded into), and
+``from_pretrained(directory)`` reads it back.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+# Key of adapter_config.json that describes the base model rather than the adapter.
+BASE_MODEL_KEY = "base_model"
+
+ENTROPY_SOURCES = ("prepass", "precomputed", "lagged")
+BACKEND_CHOICES = (None, "eager", "triton", "cpp")
+
+DEFAULT_TARGET_MODULES = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "qkv_proj",  # Phi-3 fused attention input projection
+    "gate_up_proj",  # Phi-3 fused MLP input projection
+)
+
+
+@dataclass
+class AlterConfig:
+    """Configuration of the AsymLoRA adapters, the entropy routing and the ALTER losses.
+
+    Adapter shape:
+      r: LoRA rank (>= 1). alpha: LoRA alpha (> 0); the adapter output is scaled by alpha / r.
+      dropout: dropout probability on the adapter input, in [0, 1).
+      num_experts: number of B matrices N (>= 2): expert 0 is the retention expert B_r,
+        experts 1..N-1 are the forget experts B_f^d.
+      target_modules: names of the ``nn.Linear`` modules to adapt; a module matches when its
+        attribute name (or a dotted suffix of its path) equals an entry.
+
+    Entropy and routing (DESIGN §1):
+      tsallis_q: q of the Tsallis entropy S_q (q == 1 is Shannon). The default 1.2 is a
+        q > 1, as the paper prescribes for the B experts: S_q with q > 1 is insensitive to
+        the long tail of tiny probabilities of a real vocabulary (with q < 1 that tail
+        dominates and nearly every token becomes "high entropy"), while its scale stays
+        close to Shannon's, so the paper's threshold 1.2 keeps its meaning (S_1.2 = 1.2 for
+        a uniform choice among ~4 tokens, Shannon's H = 1.2 among ~3.3). Note S_q < 1/(q-1)
+        for q > 1: at q >= 1.84 the threshold 1.2 could never be reached.
+      entropy_threshold: tokens with S_q > threshold are "high entropy".
+      tau_high, tau_low: routing temperatures of high / low entropy tokens.
+      k_high, k_low: experts kept per high / low entropy token, 1 <= k_low <= k_high <= N.
+      a_learns_from_high_entropy_only: during training, lora_A gets gradient only from
+        high-entropy tokens (DESIGN's a_grad_mask).
+      entropy_source: how the layers get each token's entropy: "prepass" (a no-grad base
+        model forward before each forward), "precomputed" (given by the caller), "lagged"
+        (generation: a decoded token is gated by the entropy of the distribution that
+        produced it).
+
+    Losses and optimisation (used by ``alter.train``):
+      high_entropy_weight: weight of high-entropy tokens in the inverted hinge loss (>= 0).
+      beta, gamma, lam: weights of the forget (IHL), retain (NLL) and structural terms (>= 0).
+      lr_A, lr_B: learning rates of the shared A and of the B experts and router (> 0).
+
+    backend: backend of every op (None = the best available per op and device, see
+      ``alter_kernels._dispatch``). A named backend is required of every op: "cpp" makes
+      route and asym_lora (which have no C++ version) raise BackendUnavailable.
+    """
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    num_experts: int = 4
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
+    tsallis_q: float = 1.2
+    entropy_threshold: float = 1.2
+    tau_high: float = 0.8
+    tau_low: float = 0.01
+    k_high: int = 3
+    k_low: int = 1
+    high_entropy_weight: float = 0.0
+    beta: float = 1.0
+    gamma: float = 1.0
+    lam: float = 0.01
+    lr_A: float = 1e-5
+    lr_B: float = 1e-3
+    entropy_source: str = "prepass"
+    backend: str | None = None
+    a_learns_from_high_entropy_only: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.target_modules, str) or not all(isinstance(t, str) for t in self.target_modules):
+            raise ValueError(f"AlterConfig: target_modules must be a list of module names, got {self.target_modules!r}")
+        self.target_modules = list(self.target_modules)
+        if not self.target_modules:
+            raise ValueError("AlterConfig: target_modules must name at least one module")
+        for name in ("r", "num_experts", "k_high", "k_low"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"AlterConfig: {name} must be an int, got {value!r}")
+        if self.r < 1:
+            raise ValueError(f"AlterConfig: r (the LoRA rank) must be >= 1, got {self.r}")
+        if self.num_experts < 2:
+            raise ValueError(
+                f"AlterConfig: num_experts must be >= 2 (expert 0 retains, experts 1.. forget), got {self.num_experts}"
+            )
+        if not 1 <= self.k_low <= self.k_high <= self.num_experts:
+            raise ValueError(
+                "AlterConfig: need 1 <= k_low <= k_high <= num_experts, got "
+                f"k_low={self.k_low}, k_high={self.k_high}, num_experts={self.num_experts}"
+            )
+        for name in ("alpha", "tsallis_q", "entropy_threshold", "tau_high", "tau_low", "lr_A", "lr_B"):
+            _check_real(name, getattr(self, name), positive=True)
+        for name in ("high_entropy_weight", "beta", "gamma", "lam"):
+            _check_real(name, getattr(self, name), positive=False)
+        _check_real("dropout", self.dropout, positive=False)
+        if not self.dropout < 1:
+            raise ValueError(f"AlterConfig: dropout must be in [0, 1), got {self.dropout}")
+        if self.entropy_source not in ENTROPY_SOURCES:
+            raise ValueError(f"AlterConfig: entropy_source must be one of {ENTROPY_SOURCES}, got {self.entropy_source!r}")
+        if self.backend not in BACKEND_CHOICES:
+            raise ValueError(f"AlterConfig: backend must be one of {BACKEND_CHOICES}, got {self.backend!r}")
+        if not isinstance(self.a_learns_from_high_entropy_only, bool):
+            raise ValueError(
+                f"AlterConfig: a_learns_from_high_entropy_only must be a bool, got {self.a_learns_from_high_entropy_only!r}"
+            )
+
+    @property
+    def scaling(self) -> float:
+        """The adapter output scale alpha / r."""
+        return self.alpha / self.r
+
+    # --- serialisation ---------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-compatible dict (a copy)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "AlterConfig":
+        """Build a config from :meth:`to_dict` output; missing keys take their defaults."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"AlterConfig.from_dict: unknown keys {unknown}; known keys are {sorted(known)}")
+        return cls(**values)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def to_json_file(self, path: str | os.PathLike) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(self.to_json_string())
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> "AlterConfig":
+        values = read_json(path)
+        values.pop(BASE_MODEL_KEY, None)
+        return cls.from_dict(values)
+
+    def save_pretrained(self, directory: str | os.PathLike, base_model: dict[str, Any] | None = None) -> None:
+        """Write ``directory/adapter_config.json`` (creating the directory).
+
+        ``base_model`` (e.g. ``{"model_type": "llama", "hidden_size": 4096}``) is stored
+        under the key ``"base_model"`` for checking at load time.
+        """
+        os.makedirs(directory, exist_ok=True)
+        values = self.to_dict()
+        if base_model is not None:
+            values[BASE_MODEL_KEY] = dict(base_model)
+        with open(os.path.join(directory, ADAPTER_CONFIG_NAME), "w", encoding="utf-8") as f:
+            json.dump(values, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> "AlterConfig":
+        """Read ``directory/adapter_config.json`` (the ``"base_model"`` record is skipped)."""
+        return cls.from_json_file(os.path.join(directory, ADAPTER_CONFIG_NAME))
+
+
+def read_json(path: str | os.PathLike) -> dict[str, Any]:
+    """A JSON object from ``path``; ValueError when the file holds something else."""
+    with open(path, encoding="utf-8") as f:
+        values = json.load(f)
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(values).__name__}")
+    return values
+
+
+def _check_real(name: str, value, *, positive: bool) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"AlterConfig: {name} must be a finite number, got {value!r}")
+    if positive and not value > 0:
+        raise ValueError(f"AlterConfig: {name} must be > 0, got {value}")
+    if not positive and value < 0:
+        raise ValueError(f"AlterConfig: {name} must be >= 0, got {value}")

@@ -1,0 +1,140 @@
+"""``AsymLoRALinear``: a frozen ``nn.Linear`` plus the entropy-routed asymmetric LoRA of
+DESIGN §1 (eq. 6 and 9 of the paper).
+
+    y_t = W0 x_t + b + s · Σ_k w_tk · B_{e_tk} A x_t,        s = alpha / r
+
+with one shared A [r, in], N experts B [N, out, r] (expert 0 retains, 1..N-1 forget) and
+a router whose logits ``l_t = W_g x_t + S_t·u_g`` are routed by ``alter_kernels.route``
+(or forced per sample during training). The grouped shrink/expand is
+``alter_kernels.asym_lora``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from alter.config import AlterConfig
+from alter.tracker import EntropyTracker
+from alter_kernels import asym_lora, route
+
+
+class AlterRouter(nn.Module):
+    """Router logits ``l_t = W_g x_t + S_t·u_g`` of one adapted layer.
+
+    weight (W_g): [N, in]; entropy_weight (u_g): [N]; both start at zero.
+    """
+
+    def __init__(self, in_features: int, num_experts: int, *, dtype: torch.dtype, device=None):
+        super().__init__()
+        self.in_features, self.num_experts = in_features, num_experts
+        self.weight = nn.Parameter(torch.zeros(num_experts, in_features, dtype=dtype, device=device))
+        self.entropy_weight = nn.Parameter(torch.zeros(num_experts, dtype=dtype, device=device))
+
+    def forward(self, x: torch.Tensor, entropy: torch.Tensor) -> torch.Tensor:
+        """x [T, in] any float dtype, entropy [T] float32 -> logits [T, N], at least float32.
+
+        The matmul runs in x's dtype (no float32 copy of x); the logits are then upcast
+        because low-entropy routing divides them by tau_low = 0.01.
+        """
+        logits = F.linear(x, self.weight.to(x.dtype))
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        return logits + entropy[:, None].to(logits.dtype) * self.entropy_weight.to(logits.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, num_experts={self.num_experts}"
+
+
+class AsymLoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` with an entropy-routed asymmetric LoRA adapter.
+
+    Args:
+      base_layer: the ``nn.Linear`` to adapt (frozen here, kept as ``base_layer``).
+      config: rank, alpha, dropout, num_experts and the routing settings (read at each
+        forward, so routing settings can be changed on a live model).
+      tracker: the model's :class:`EntropyTracker`; a layer used on its own gets its own.
+
+    Parameters: ``lora_A`` [r, in] (Kaiming-uniform, a=√5), ``lora_B`` [N, out, r]
+    (zeros, so a fresh layer computes exactly its base layer), ``router.weight`` [N, in]
+    and ``router.entropy_weight`` [N] (zeros). They are float32 when the base layer is
+    fp16/bf16 (stable optimiser updates, as PEFT does) and the base dtype otherwise.
+
+    forward(x [..., in]) -> [..., out] in x's dtype; the adapter runs in x's dtype (the
+    parameters are cast to it). Per-token entropy and forced routes come from the
+    tracker, in the token order of ``x.reshape(-1, in)``. In training mode, with
+    ``config.a_learns_from_high_entropy_only``, lora_A learns only from tokens whose
+    entropy exceeds ``config.entropy_threshold``.
+    """
+
+    def __init__(self, base_layer: nn.Linear, config: AlterConfig, tracker: EntropyTracker | None = None):
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"AsymLoRALinear: base_layer must be an nn.Linear, got {type(base_layer).__name__}")
+        if not isinstance(config, AlterConfig):
+            raise TypeError(f"AsymLoRALinear: config must be an AlterConfig, got {type(config).__name__}")
+        if tracker is not None and tracker.config is not config:
+            raise ValueError("AsymLoRALinear: tracker.config must be the config given to the layer")
+        self.base_layer = base_layer.requires_grad_(False)
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.r, self.num_experts = config.r, config.num_experts
+        self.scaling = config.scaling
+        self.tracker = tracker if tracker is not None else EntropyTracker(config)
+
+        weight = base_layer.weight
+        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+        factory = dict(dtype=dtype, device=weight.device)
+        self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(self.num_experts, self.out_features, self.r, **factory))
+        self.router = AlterRouter(self.in_features, self.num_experts, **factory)
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        tracker = self.tracker
+        config = tracker.config
+        if not tracker.adapters_enabled:
+            return result
+        tokens = x.reshape(-1, self.in_features)
+        num_tokens = tokens.shape[0]
+        entropy = tracker.token_entropy(num_tokens, x.device)
+        router_logits = self.router(tokens, entropy)
+        forced = tracker.token_experts(num_tokens, x.device)
+        if forced is None:
+            weights, experts = route(
+                router_logits,
+                entropy,
+                config.entropy_threshold,
+                config.tau_high,
+                config.tau_low,
+                config.k_high,
+                config.k_low,
+                backend=config.backend,
+            )
+            weights = weights.float()  # fp64 router logits give fp64 weights; asym_lora takes fp32
+        else:
+            tracker.record_router_logits(self, router_logits, forced)
+            experts = forced[:, None]
+            weights = torch.ones(num_tokens, 1, dtype=torch.float32, device=x.device)
+        a_grad_mask = None
+        if self.training and config.a_learns_from_high_entropy_only:
+            a_grad_mask = entropy > config.entropy_threshold
+        delta = asym_lora(
+            self.dropout(tokens),
+            self.lora_A.to(x.dtype),
+            self.lora_B.to(x.dtype),
+            weights,
+            experts,
+            self.scaling,
+            a_grad_mask=a_grad_mask,
+            backend=config.backend,
+        )
+        return result + delta.reshape(*x.shape[:-1], self.out_features).to(result.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+            f"num_experts={self.num_experts}, scaling={self.scaling:g}"
+        )
