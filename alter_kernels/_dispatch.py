@@ -41,7 +41,7 @@ def triton_interpret() -> bool:
 def cpp_extension():
     """The compiled extension module ``alter_kernels._C``, or None (warns once)."""
     try:
-        from alter_kernels import _C  # noqa: F401
+        from alter_kernels import _C  # noqa: F401  (loading it registers torch.ops.alter_kernels.*)
     except ImportError as exc:
         warnings.warn(
             "alter_kernels: the compiled extension alter_kernels._C is not built "
@@ -51,6 +51,8 @@ def cpp_extension():
             stacklevel=3,
         )
         return None
+    import alter_kernels._ops_fake  # noqa: F401  (fake kernels: the ops trace under torch.compile)
+
     return _C
 
 

@@ -1,0 +1,49 @@
+"""Fake (meta) kernels of the compiled ops ``torch.ops.alter_kernels.*``.
+
+They give output shapes and dtypes without computing, so the ops trace under
+``torch.compile`` and run on meta tensors. ``alter_kernels._C`` names this module
+(``set_python_module``), and :func:`alter_kernels._dispatch.cpp_extension` imports it
+right after loading the extension.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _token_vector(logits: torch.Tensor) -> torch.Tensor:
+    return logits.new_empty(logits.shape[0], dtype=torch.float32)
+
+
+def _grad_like(logits: torch.Tensor) -> torch.Tensor:
+    # the kernels write a fresh contiguous gradient whatever the logits' row stride
+    return logits.new_empty(logits.shape)
+
+
+@torch.library.register_fake("alter_kernels::entropy_forward")
+def _entropy_forward(logits, q):
+    return _token_vector(logits), _token_vector(logits)
+
+
+@torch.library.register_fake("alter_kernels::entropy_backward")
+def _entropy_backward(grad_entropy, logits, entropy, lse, q):
+    return _grad_like(logits)
+
+
+@torch.library.register_fake("alter_kernels::ihl_forward")
+def _ihl_forward(logits, labels, q, threshold, high_entropy_weight, ignore_index):
+    return tuple(_token_vector(logits) for _ in range(4))
+
+
+@torch.library.register_fake("alter_kernels::ihl_backward")
+def _ihl_backward(grad_loss, logits, labels, lse, ignore_index):
+    return _grad_like(logits)
+
+
+@torch.library.register_fake("alter_kernels::moe_align")
+def _moe_align(experts, num_experts, block_m):
+    numel = experts.numel()
+    max_blocks = -(-(numel + num_experts * (block_m - 1)) // block_m)
+    sorted_ids = experts.new_empty(max_blocks * block_m, dtype=torch.int32)
+    block_expert = experts.new_empty(max_blocks, dtype=torch.int32)
+    num_padded = experts.new_empty(1, dtype=torch.int32)
+    return sorted_ids, block_expert, num_padded

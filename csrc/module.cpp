@@ -1,0 +1,42 @@
+// alter_kernels._C: the op schemas (TORCH_LIBRARY) and the Python module that loading the
+// library needs. Kernels live in logits_cpu.cpp, moe_align_cpu.cpp and, when built with
+// CUDA, cuda_ops.cpp. Fake (meta) kernels for torch.compile are in alter_kernels/_ops_fake.py.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(alter_kernels, m) {
+  // torch imports this module for the fake kernels when tracing needs them.
+  m.set_python_module("alter_kernels._ops_fake");
+  m.def("entropy_forward(Tensor logits, float q) -> (Tensor, Tensor)");
+  m.def("entropy_backward(Tensor grad_entropy, Tensor logits, Tensor entropy, Tensor lse, float q) -> Tensor");
+  m.def(
+      "ihl_forward(Tensor logits, Tensor labels, float q, float threshold, float high_entropy_weight, "
+      "int ignore_index) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("ihl_backward(Tensor grad_loss, Tensor logits, Tensor labels, Tensor lse, int ignore_index) -> Tensor");
+  m.def("moe_align(Tensor experts, int num_experts, int block_m) -> (Tensor, Tensor, Tensor)");
+}
+
+static PyModuleDef alter_kernels_c_module = {
+    PyModuleDef_HEAD_INIT,
+    "alter_kernels._C",
+    "Compiled ALTER kernels; the ops are torch.ops.alter_kernels.*",
+    -1,
+    nullptr,
+};
+
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* module = PyModule_Create(&alter_kernels_c_module);
+  if (module == nullptr) return nullptr;
+#ifdef WITH_CUDA
+  PyObject* with_cuda = Py_True;
+#else
+  PyObject* with_cuda = Py_False;
+#endif
+  Py_INCREF(with_cuda);
+  if (PyModule_AddObject(module, "WITH_CUDA", with_cuda) < 0) {
+    Py_DECREF(with_cuda);
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}
