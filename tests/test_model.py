@@ -157,16 +157,22 @@ def test_gradient_checkpointing_gives_the_same_gradients():
             torch.testing.assert_close(param.grad, ref.grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("device", devices_under_test())
-def test_triton_backend_matches_eager_through_the_model(device):
-    """Every op of a training step (fused entropy prepass, route, asym_lora forward and
-    backward) through the triton kernels, against the same model on the eager path."""
+def triton_and_eager_twins(device):
+    """The same randomized one-layer patched model twice: on the triton kernels and on
+    the eager path, with a batch of tokens."""
     require_backend("triton", device)
     model = apply_alter(tiny_model(num_hidden_layers=1).to(device), alter_config(backend="triton"))
     randomize_adapters(model)
     reference = copy.deepcopy(model)
     reference.alter_config.backend = "eager"
-    ids = tokens().to(device)
+    return model, reference, tokens().to(device)
+
+
+@pytest.mark.parametrize("device", devices_under_test())
+def test_triton_backend_matches_eager_through_the_model(device):
+    """Every op of a training step (fused entropy prepass, route, asym_lora forward and
+    backward) through the triton kernels, against the same model on the eager path."""
+    model, reference, ids = triton_and_eager_twins(device)
     outputs = []
     for m in (model.train(), reference.train()):
         out = m(input_ids=ids, labels=ids)
@@ -185,12 +191,7 @@ def test_triton_backend_matches_eager_through_the_model(device):
 def test_triton_training_loss_curve_matches_eager(device):
     """Several AdamW steps of a patched tiny model, routed by the trained router, on the
     triton kernels and on the eager path: the two loss curves agree step by step."""
-    require_backend("triton", device)
-    model = apply_alter(tiny_model(num_hidden_layers=1).to(device), alter_config(backend="triton"))
-    randomize_adapters(model)
-    reference = copy.deepcopy(model)
-    reference.alter_config.backend = "eager"
-    ids = tokens().to(device)
+    model, reference, ids = triton_and_eager_twins(device)
     curves = []
     for m in (model.train(), reference.train()):
         optimizer = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
