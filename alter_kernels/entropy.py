@@ -1,9 +1,388 @@
-"""Placeholder until its owner lands it."""
-def tsallis_entropy(*args, **kwargs):
-    raise NotImplementedError
+"""Token entropy of the softmax of logits: Tsallis ``S_q`` and Shannon ``H`` (q == 1).
+
+``tsallis_entropy(logits, q)``: ``[..., V]`` logits -> ``[...]`` entropy.
+``fused_linear_entropy(hidden, weight, q)``: entropy of ``softmax(hidden @ weight.T)``
+without holding all ``[T, V]`` logits at once.
+
+Backends (DESIGN.md §1-2):
+
+- eager: the reference, plain PyTorch autograd (twice differentiable, which the exact
+  structural term of the ALTER loss needs);
+- triton: one program per row, one pass over the row with an online softmax;
+- cpp: ``torch.ops.alter_kernels.entropy_forward / entropy_backward``.
+
+Every backend also offers the split the autograd Functions use,
+``forward(logits [T, V], q) -> (entropy [T], lse [T])`` and
+``backward(grad_entropy [T], logits, entropy, lse, q) -> grad_logits [T, V]``:
+the forward saves only two numbers per row, and the backward rebuilds
+``p = exp(z - lse)`` and ``P_q = Σ p^q = 1 - (q - 1)·S``.
+
+Entropy is float32 (float64 for float64 logits; triton and cpp then still accumulate in
+float32, the eager path in float64).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple
+
+import torch
+
+from alter_kernels._dispatch import resolve_backend
+from alter_kernels._triton import tl, triton
+from alter_kernels._validation import FLOAT_DTYPES, check_rows_finite_somewhere, check_same_device, check_tensor
+
+# Below this distance from 1 the Tsallis formula (1 - Σp^q)/(q - 1) cancels badly; use Shannon.
+SHANNON_TOLERANCE = 1e-3
+# Logits elements per chunk of fused_linear_entropy by default: 128 MiB of bf16 logits
+# (256 MiB in fp32); the backward holds a chunk's logits and their gradient.
+DEFAULT_CHUNK_ELEMENTS = 2**26
 
 
-def fused_linear_entropy(*args, **kwargs):
-    raise NotImplementedError
+def is_shannon(q: float) -> bool:
+    """Whether ``q`` is treated as 1 (Shannon entropy)."""
+    return abs(q - 1.0) < SHANNON_TOLERANCE
 
 
+def result_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of entropies and losses computed from logits of ``dtype``."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_q(op: str, q) -> float:
+    """Return ``q`` as a float; raise unless it is a finite number > 0."""
+    if isinstance(q, bool) or not isinstance(q, (int, float)):
+        raise TypeError(f"{op}: q must be a number, got {type(q).__name__}")
+    if not (math.isfinite(q) and q > 0):
+        raise ValueError(f"{op}: q must be a finite number > 0, got {q}")
+    return float(q)
+
+
+def check_logits(op: str, logits, *, ndim: int | None = None) -> None:
+    """Raise TypeError/ValueError unless ``logits`` is a float tensor with a non-empty last dim."""
+    check_tensor(op, "logits", logits, ndim=ndim, min_ndim=1, dtypes=FLOAT_DTYPES)
+    if logits.shape[-1] == 0:
+        raise ValueError(f"{op}: logits must have a non-empty vocabulary (last) dimension, got shape {tuple(logits.shape)}")
+
+
+def check_lse_finite(op: str, lse: torch.Tensor) -> None:
+    """Reject rows whose logits were all -inf, seen by the kernels as lse == -inf.
+
+    Kernel backends check this [T] output instead of scanning the [T, V] logits again."""
+    bad = torch.isneginf(lse)
+    if bool(bad.any()):
+        raise ValueError(f"{op}: logits row {int(bad.nonzero()[0])} is all -inf; its distribution is undefined")
+
+
+def rows_with_unit_stride(logits: torch.Tensor) -> torch.Tensor:
+    """View ``[..., V]`` logits as ``[T, V]`` with stride(-1) == 1, copying only if needed."""
+    rows = logits.reshape(-1, logits.shape[-1])
+    if rows.stride(-1) != 1 and rows.shape[-1] > 1:
+        rows = rows.contiguous()
+    return rows
+
+
+# --------------------------------------------------------------------------- eager
+
+
+def tsallis_entropy_eager(logits: torch.Tensor, q: float) -> torch.Tensor:
+    """Reference: entropy of ``softmax(logits)`` over the last dim, in plain PyTorch.
+
+    logits [..., V] any float dtype -> [...] float32 (float64 for float64 logits).
+    """
+    z = logits.to(result_dtype(logits.dtype))
+    log_p = torch.log_softmax(z, dim=-1)
+    p = log_p.exp()
+    if is_shannon(q):
+        # Masked (-inf) logits have p = 0 and contribute 0; 0 * log 0 would be nan.
+        return -(p * log_p.masked_fill(z == float("-inf"), 0.0)).sum(-1)
+    return (1.0 - (q * log_p).exp().sum(-1)) / (q - 1.0)
+
+
+def _entropy_forward_eager(logits: torch.Tensor, q: float):
+    """Eager version of the kernel forward: (entropy [T], lse [T])."""
+    z = logits.to(result_dtype(logits.dtype))
+    return tsallis_entropy_eager(z, q), torch.logsumexp(z, dim=-1)
+
+
+def _entropy_backward_eager(grad_entropy, logits, entropy, lse, q):
+    """Eager version of the kernel backward, from the closed forms of DESIGN.md §1:
+    dS/dz_j = -q/(q-1)·(p_j^q - p_j·P_q) with P_q = 1 - (q-1)·S, dH/dz_j = -p_j(log p_j + H)."""
+    z = logits.to(result_dtype(logits.dtype))
+    log_p = z - lse[:, None]
+    p = log_p.exp()
+    if is_shannon(q):
+        grad = -p * (log_p.masked_fill(z == float("-inf"), 0.0) + entropy[:, None])
+    else:
+        power_sum = 1.0 - (q - 1.0) * entropy
+        grad = -q / (q - 1.0) * ((q * log_p).exp() - p * power_sum[:, None])
+    return (grad_entropy[:, None] * grad).to(logits.dtype)
+
+
+# --------------------------------------------------------------------------- triton
+
+if triton is not None:
+
+    @triton.jit
+    def online_entropy_update(z, m, s, acc, q, SHANNON: tl.constexpr):
+        """Fold a block ``z`` of fp32 logits (-inf where masked) into the running row stats.
+
+        m: running max; s = Σ e^{z-m}; acc = Σ e^{q(z-m)} (Tsallis) or Σ e^{z-m}(z-m) (Shannon).
+        """
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        # While every logit so far is -inf, shift by 0: -inf - (-inf) would be nan.
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        x = z - shift
+        e = tl.exp(x)
+        alpha = tl.exp(m - shift)
+        if SHANNON:
+            # t <- e^{m-m'}(t + (m-m')s): the (m-m')s term is 0 while s == 0 (m may be -inf),
+            # and masked entries (e == 0, x == -inf) add 0, not 0·(-inf).
+            acc = alpha * (acc + tl.where(s > 0, m - shift, 0.0) * s) + tl.sum(e * tl.where(e > 0, x, 0.0), axis=0)
+        else:
+            acc = tl.exp(q * (m - shift)) * acc + tl.sum(tl.exp(q * x), axis=0)
+        s = alpha * s + tl.sum(e, axis=0)
+        return m_new, s, acc
+
+    @triton.jit
+    def entropy_from_stats(m, s, acc, q, SHANNON: tl.constexpr):
+        """(entropy, lse) of a row from its final online stats."""
+        log_s = tl.log(s)
+        if SHANNON:
+            entropy = log_s - acc / s
+        else:
+            # P_q = u / s^q
+            entropy = (1.0 - acc * tl.exp(-q * log_s)) / (q - 1.0)
+        return entropy, m + log_s
+
+    @triton.jit
+    def _entropy_forward_kernel(
+        logits_ptr, logits_row_stride, entropy_ptr, lse_ptr, V, q,
+        SHANNON: tl.constexpr, BLOCK_V: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        row_ptr = logits_ptr + row * logits_row_stride
+        offsets = tl.arange(0, BLOCK_V)
+        m = float("-inf")
+        s = 0.0
+        acc = 0.0
+        for start in range(0, V, BLOCK_V):
+            cols = start + offsets
+            z = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+            m, s, acc = online_entropy_update(z, m, s, acc, q, SHANNON)
+        entropy, lse = entropy_from_stats(m, s, acc, q, SHANNON)
+        tl.store(entropy_ptr + row, entropy)
+        tl.store(lse_ptr + row, lse)
+
+    @triton.jit
+    def _entropy_backward_kernel(
+        grad_entropy_ptr, logits_ptr, logits_row_stride, entropy_ptr, lse_ptr,
+        grad_logits_ptr, grad_row_stride, V, q,
+        SHANNON: tl.constexpr, BLOCK_V: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        row_ptr = logits_ptr + row * logits_row_stride
+        grad_row_ptr = grad_logits_ptr + row * grad_row_stride
+        grad = tl.load(grad_entropy_ptr + row)
+        entropy = tl.load(entropy_ptr + row)
+        lse = tl.load(lse_ptr + row)
+        power_sum = 1.0 - (q - 1.0) * entropy
+        offsets = tl.arange(0, BLOCK_V)
+        for start in range(0, V, BLOCK_V):
+            cols = start + offsets
+            mask = cols < V
+            log_p = tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32) - lse
+            p = tl.exp(log_p)
+            if SHANNON:
+                # p == 0 (masked logit) contributes 0; 0 * log 0 would be nan.
+                d = -grad * p * tl.where(p > 0, log_p + entropy, 0.0)
+            else:
+                d = (-grad * q / (q - 1.0)) * (tl.exp(q * log_p) - p * power_sum)
+            tl.store(grad_row_ptr + cols, d.to(grad_logits_ptr.dtype.element_ty), mask=mask)
+
+
+def row_kernel_config(V: int) -> dict:
+    """Launch config of the row kernels: BLOCK_V columns per step of the loop over V."""
+    block_v = min(triton.next_power_of_2(V), 4096)
+    return {"BLOCK_V": block_v, "num_warps": 8 if block_v >= 2048 else 4}
+
+
+def _entropy_forward_triton(logits: torch.Tensor, q: float):
+    T, V = logits.shape
+    entropy = torch.empty(T, dtype=torch.float32, device=logits.device)
+    lse = torch.empty(T, dtype=torch.float32, device=logits.device)
+    if T:
+        _entropy_forward_kernel[(T,)](
+            logits, logits.stride(0), entropy, lse, V, q, SHANNON=is_shannon(q), **row_kernel_config(V)
+        )
+    return entropy, lse
+
+
+def _entropy_backward_triton(grad_entropy, logits, entropy, lse, q):
+    T, V = logits.shape
+    grad_logits = torch.empty((T, V), dtype=logits.dtype, device=logits.device)
+    if T:
+        _entropy_backward_kernel[(T,)](
+            grad_entropy, logits, logits.stride(0), entropy, lse, grad_logits, grad_logits.stride(0), V, q,
+            SHANNON=is_shannon(q), **row_kernel_config(V),
+        )
+    return grad_logits
+
+
+# --------------------------------------------------------------------------- cpp
+
+
+def _entropy_forward_cpp(logits: torch.Tensor, q: float):
+    return torch.ops.alter_kernels.entropy_forward(logits, q)
+
+
+def _entropy_backward_cpp(grad_entropy, logits, entropy, lse, q):
+    return torch.ops.alter_kernels.entropy_backward(grad_entropy, logits, entropy, lse, q)
+
+
+# --------------------------------------------------------------------------- autograd
+
+
+class EntropyKernels(NamedTuple):
+    """One backend's forward/backward split (see the module docstring)."""
+
+    forward: Callable
+    backward: Callable
+
+
+ENTROPY_KERNELS = {
+    "eager": EntropyKernels(_entropy_forward_eager, _entropy_backward_eager),
+    "triton": EntropyKernels(_entropy_forward_triton, _entropy_backward_triton),
+    "cpp": EntropyKernels(_entropy_forward_cpp, _entropy_backward_cpp),
+}
+
+
+class TsallisEntropyFunction(torch.autograd.Function):
+    """Entropy of [T, V] logits (stride(-1) == 1) through a backend's kernels."""
+
+    @staticmethod
+    def forward(ctx, logits, q, kernels: EntropyKernels):
+        entropy, lse = kernels.forward(logits, q)
+        check_lse_finite("tsallis_entropy", lse)
+        ctx.save_for_backward(logits, entropy, lse)
+        ctx.q, ctx.kernels = q, kernels
+        return entropy
+
+    @staticmethod
+    def backward(ctx, grad_entropy):
+        logits, entropy, lse = ctx.saved_tensors
+        # The incoming gradient may be an expanded view (stride 0), e.g. from .sum().
+        grad_entropy = grad_entropy.to(entropy.dtype).contiguous()
+        return ctx.kernels.backward(grad_entropy, logits, entropy, lse, ctx.q), None, None
+
+
+class FusedLinearEntropyFunction(torch.autograd.Function):
+    """Entropy of softmax(hidden @ weight.T), computed chunk_size tokens at a time.
+
+    The backward recomputes each chunk's logits, gets their gradient from the entropy
+    backward, and folds it into the hidden and weight gradients before the next chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, q, chunk_size, kernels: EntropyKernels):
+        # max(T, 1): with no tokens, one empty chunk still gives the outputs their dtype.
+        per_chunk = [
+            kernels.forward(hidden[start : start + chunk_size] @ weight.T, q)
+            for start in range(0, max(hidden.shape[0], 1), chunk_size)
+        ]
+        entropy = torch.cat([chunk_entropy for chunk_entropy, _ in per_chunk])
+        lse = torch.cat([chunk_lse for _, chunk_lse in per_chunk])
+        ctx.save_for_backward(hidden, weight, entropy, lse)
+        ctx.q, ctx.chunk_size, ctx.kernels = q, chunk_size, kernels
+        return entropy
+
+    @staticmethod
+    def backward(ctx, grad_entropy):
+        hidden, weight, entropy, lse = ctx.saved_tensors
+        need_hidden, need_weight = ctx.needs_input_grad[:2]
+        grad_entropy = grad_entropy.to(entropy.dtype).contiguous()
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        # Accumulated in the weight's dtype, chunk by chunk (as Liger's fused linear CE does).
+        grad_weight = torch.zeros_like(weight) if need_weight else None
+        step = ctx.chunk_size
+        for start in range(0, hidden.shape[0], step):
+            chunk = slice(start, start + step)
+            hidden_chunk = hidden[chunk]
+            grad_logits = ctx.kernels.backward(
+                grad_entropy[chunk], hidden_chunk @ weight.T, entropy[chunk], lse[chunk], ctx.q
+            )
+            if need_hidden:
+                grad_hidden[chunk] = grad_logits @ weight
+            if need_weight:
+                grad_weight.addmm_(grad_logits.T, hidden_chunk)
+        return grad_hidden, grad_weight, None, None, None
+
+
+# --------------------------------------------------------------------------- public ops
+
+
+def tsallis_entropy(logits: torch.Tensor, q: float, backend: str | None = None) -> torch.Tensor:
+    """Tsallis entropy ``S_q = (1 - Σ p^q)/(q - 1)`` of ``p = softmax(logits)`` per row;
+    Shannon ``H = -Σ p log p`` when ``|q - 1| < 1e-3``.
+
+    logits: [..., V], V >= 1, float16/bfloat16/float32/float64, any strides; -inf entries
+      are masked out of the distribution (a row of all -inf is an error).
+    q: > 0.
+    Returns [...] float32 (float64 for float64 logits). Differentiable in ``logits``
+    (gradient in the logits' dtype); on the eager backend twice differentiable.
+    """
+    op = "tsallis_entropy"
+    check_logits(op, logits)
+    q = check_q(op, q)
+    backend = resolve_backend(op, backend, logits.device, ("eager", "triton", "cpp"))
+    if backend == "eager":
+        check_rows_finite_somewhere(op, logits)
+        return tsallis_entropy_eager(logits, q)
+    rows = rows_with_unit_stride(logits)
+    entropy = TsallisEntropyFunction.apply(rows, q, ENTROPY_KERNELS[backend])
+    return entropy.to(result_dtype(logits.dtype)).reshape(logits.shape[:-1])
+
+
+def default_chunk_size(vocab_size: int) -> int:
+    """Tokens per chunk of :func:`fused_linear_entropy`: DEFAULT_CHUNK_ELEMENTS logits
+    (128 MiB in bf16) per chunk, at least one token."""
+    return max(1, DEFAULT_CHUNK_ELEMENTS // vocab_size)
+
+
+def fused_linear_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    q: float,
+    chunk_size: int | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Entropy of ``softmax(hidden @ weight.T)`` per token, never holding more than
+    ``chunk_size × V`` logits at once (forward and backward).
+
+    hidden: [T, D] float; weight: [V, D] (the lm head), same dtype and device.
+    q: > 0 (Shannon when |q - 1| < 1e-3).
+    chunk_size: tokens per chunk; default :func:`default_chunk_size` (128 MiB of bf16 logits).
+    Returns [T] float32 (float64 for float64 inputs), differentiable in hidden and weight.
+    The matmuls are torch; each chunk's entropy runs on the chosen backend.
+    """
+    op = "fused_linear_entropy"
+    check_tensor(op, "hidden", hidden, ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor(op, "weight", weight, ndim=2, dtypes=FLOAT_DTYPES)
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"{op}: weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
+    if weight.shape[1] != hidden.shape[1]:
+        raise ValueError(
+            f"{op}: weight must be [V, D] with D = hidden.shape[1] = {hidden.shape[1]}, got shape {tuple(weight.shape)}"
+        )
+    if weight.shape[0] == 0:
+        raise ValueError(f"{op}: weight must have a non-empty vocabulary (first) dimension, got shape {tuple(weight.shape)}")
+    check_same_device(op, hidden=hidden, weight=weight)
+    q = check_q(op, q)
+    if chunk_size is None:
+        chunk_size = default_chunk_size(weight.shape[0])
+    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        raise TypeError(f"{op}: chunk_size must be an int or None, got {type(chunk_size).__name__}")
+    elif chunk_size < 1:
+        raise ValueError(f"{op}: chunk_size must be >= 1, got {chunk_size}")
+    backend = resolve_backend(op, backend, hidden.device, ("eager", "triton", "cpp"))
+    entropy = FusedLinearEntropyFunction.apply(hidden, weight, q, chunk_size, ENTROPY_KERNELS[backend])
+    return entropy.to(result_dtype(hidden.dtype))

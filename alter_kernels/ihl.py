@@ -1,5 +1,293 @@
-"""Placeholder until its owner lands it."""
-def inverted_hinge_loss(*args, **kwargs):
-    raise NotImplementedError
+"""Entropy-weighted inverted hinge loss (IHL, DESIGN.md §1).
+
+Per token with target y and ``p = softmax(logits)``: ``L = 1 + p_y - max_{v≠y} p_v``
+(in [0, 2]). Token weights: 0 where the label is ``ignore_index``, 1 where the token's
+Tsallis entropy is <= threshold, ``high_entropy_weight`` above it.
+
+Backends: eager (reference, plain PyTorch autograd), triton, cpp. The kernel backends
+share one split the autograd Function uses:
+
+- ``forward(logits, labels, q, threshold, high_entropy_weight, ignore_index)``
+  -> ``(loss [T] unweighted, entropy [T], weight [T], lse [T], runner_up [T] int32 or None)``,
+  one read of the logits; ``runner_up`` is v* = argmax_{v≠y} z_v (-1 when every other
+  logit is -inf), saved by triton so its backward needs a single pass (cpp finds v* again);
+- ``backward(grad_loss, logits, labels, lse, runner_up, ignore_index) -> grad_logits``,
+  one read and one write of the logits, with ``grad_loss`` already holding the token
+  weights and the mean's 1/Σw.
+
+Ties for v* go to the lowest index on every backend.
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+
+from alter_kernels._dispatch import resolve_backend
+from alter_kernels._triton import tl, triton
+from alter_kernels._validation import check_rows_finite_somewhere, check_same_device, check_tensor
+from alter_kernels.entropy import (
+    check_logits,
+    check_lse_finite,
+    check_q,
+    is_shannon,
+    result_dtype,
+    row_kernel_config,
+    rows_with_unit_stride,
+    tsallis_entropy_eager,
+)
+
+REDUCTIONS = ("mean", "sum", "none")
+INTEGER_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 
 
+def token_weights(entropy, ignored, threshold: float, high_entropy_weight: float):
+    """w_t: 0 for ignored tokens, 1 for entropy <= threshold, high_entropy_weight above."""
+    weight = torch.where(entropy <= threshold, 1.0, high_entropy_weight).to(entropy.dtype)
+    return weight.masked_fill(ignored, 0.0)
+
+
+def reduce_weighted(loss, weight, reduction: str):
+    """Apply the token weights and the reduction; the mean over Σw == 0 is exactly 0."""
+    weighted = loss * weight
+    if reduction == "none":
+        return weighted
+    if reduction == "sum":
+        return weighted.sum()
+    total = weight.sum()
+    return weighted.sum() / torch.where(total > 0, total, torch.ones_like(total))
+
+
+# --------------------------------------------------------------------------- eager
+
+
+def inverted_hinge_loss_eager(logits, labels, q, threshold, high_entropy_weight, ignore_index):
+    """Reference: (unweighted loss [T], entropy [T] detached, weight [T]), plain PyTorch."""
+    z = logits.to(result_dtype(logits.dtype))
+    ignored = labels == ignore_index
+    target = labels.masked_fill(ignored, 0)[:, None]
+    p = torch.softmax(z, dim=-1)
+    p_target = p.gather(1, target)[:, 0]
+    # v* = argmax over v != y (first of ties). When every other logit is -inf it lands on a
+    # word with p = 0 or on y, whose probability is zeroed here: the max over no word is 0.
+    runner_up = z.scatter(1, target, float("-inf")).argmax(dim=1, keepdim=True)
+    p_runner_up = p.scatter(1, target, 0.0).gather(1, runner_up)[:, 0]
+    loss = (1.0 + p_target - p_runner_up).masked_fill(ignored, 0.0)
+    entropy = tsallis_entropy_eager(z.detach(), q)
+    return loss, entropy, token_weights(entropy, ignored, threshold, high_entropy_weight)
+
+
+# --------------------------------------------------------------------------- triton
+
+if triton is not None:
+    from alter_kernels.entropy import entropy_from_stats, online_entropy_update
+
+    @triton.jit
+    def _ihl_forward_kernel(
+        logits_ptr, logits_row_stride, labels_ptr,
+        loss_ptr, entropy_ptr, weight_ptr, lse_ptr, runner_up_ptr,
+        V, q, threshold, high_entropy_weight, ignore_index,
+        SHANNON: tl.constexpr, BLOCK_V: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        row_ptr = logits_ptr + row * logits_row_stride
+        label = tl.load(labels_ptr + row)
+        ignored = label == ignore_index
+        offsets = tl.arange(0, BLOCK_V)
+        m = float("-inf")
+        s = 0.0
+        acc = 0.0
+        best = float("-inf")
+        best_col = -1  # int32: V < 2^31
+        for start in range(0, V, BLOCK_V):
+            cols = start + offsets
+            z = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+            m, s, acc = online_entropy_update(z, m, s, acc, q, SHANNON)
+            block_best, block_col = tl.max(tl.where(cols == label, float("-inf"), z), axis=0, return_indices=True)
+            # Strictly greater: ties keep the earlier column; all -inf keeps -1.
+            better = block_best > best
+            best_col = tl.where(better, start + block_col, best_col)
+            best = tl.where(better, block_best, best)
+        entropy, lse = entropy_from_stats(m, s, acc, q, SHANNON)
+        # exp(z - m)/s, not exp(z - lse): lse = m + log s is rounded at the logits' magnitude.
+        p_target = tl.exp(tl.load(row_ptr + tl.where(ignored, 0, label)).to(tl.float32) - m) / s
+        p_runner_up = tl.exp(best - m) / s
+        weight = tl.where(entropy <= threshold, 1.0, high_entropy_weight)
+        tl.store(loss_ptr + row, tl.where(ignored, 0.0, 1.0 + p_target - p_runner_up))
+        tl.store(entropy_ptr + row, entropy)
+        tl.store(weight_ptr + row, tl.where(ignored, 0.0, weight))
+        tl.store(lse_ptr + row, lse)
+        tl.store(runner_up_ptr + row, best_col)
+
+    @triton.jit
+    def _ihl_backward_kernel(
+        grad_loss_ptr, logits_ptr, logits_row_stride, labels_ptr, lse_ptr, runner_up_ptr,
+        grad_logits_ptr, grad_row_stride, V, ignore_index,
+        BLOCK_V: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        row_ptr = logits_ptr + row * logits_row_stride
+        grad_row_ptr = grad_logits_ptr + row * grad_row_stride
+        label = tl.load(labels_ptr + row)
+        ignored = label == ignore_index
+        runner_up = tl.load(runner_up_ptr + row)
+        lse = tl.load(lse_ptr + row)
+        grad = tl.where(ignored, 0.0, tl.load(grad_loss_ptr + row))
+        p_target = tl.exp(tl.load(row_ptr + tl.where(ignored, 0, label)).to(tl.float32) - lse)
+        p_runner_up = tl.where(
+            runner_up >= 0, tl.exp(tl.load(row_ptr + tl.maximum(runner_up, 0)).to(tl.float32) - lse), 0.0
+        )
+        offsets = tl.arange(0, BLOCK_V)
+        for start in range(0, V, BLOCK_V):
+            cols = start + offsets
+            mask = cols < V
+            p = tl.exp(tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32) - lse)
+            # dL/dz_j = p_y(δ_jy - p_j) - p_v*(δ_jv* - p_j)
+            d = (p_runner_up - p_target) * p
+            d += tl.where(cols == label, p_target, 0.0) - tl.where(cols == runner_up, p_runner_up, 0.0)
+            tl.store(grad_row_ptr + cols, (grad * d).to(grad_logits_ptr.dtype.element_ty), mask=mask)
+
+
+def _ihl_forward_triton(logits, labels, q, threshold, high_entropy_weight, ignore_index):
+    T, V = logits.shape
+    loss, entropy, weight, lse = (torch.empty(T, dtype=torch.float32, device=logits.device) for _ in range(4))
+    runner_up = torch.empty(T, dtype=torch.int32, device=logits.device)
+    if T:
+        _ihl_forward_kernel[(T,)](
+            logits, logits.stride(0), labels, loss, entropy, weight, lse, runner_up,
+            V, q, threshold, high_entropy_weight, ignore_index,
+            SHANNON=is_shannon(q), **row_kernel_config(V),
+        )
+    return loss, entropy, weight, lse, runner_up
+
+
+def _ihl_backward_triton(grad_loss, logits, labels, lse, runner_up, ignore_index):
+    T, V = logits.shape
+    grad_logits = torch.empty((T, V), dtype=logits.dtype, device=logits.device)
+    if T:
+        _ihl_backward_kernel[(T,)](
+            grad_loss, logits, logits.stride(0), labels, lse, runner_up, grad_logits, grad_logits.stride(0),
+            V, ignore_index, **row_kernel_config(V),
+        )
+    return grad_logits
+
+
+# --------------------------------------------------------------------------- cpp
+
+
+def _ihl_forward_cpp(logits, labels, q, threshold, high_entropy_weight, ignore_index):
+    loss, entropy, weight, lse = torch.ops.alter_kernels.ihl_forward(
+        logits, labels, q, threshold, high_entropy_weight, ignore_index
+    )
+    return loss, entropy, weight, lse, None
+
+
+def _ihl_backward_cpp(grad_loss, logits, labels, lse, runner_up, ignore_index):
+    return torch.ops.alter_kernels.ihl_backward(grad_loss, logits, labels, lse, ignore_index)
+
+
+# --------------------------------------------------------------------------- autograd
+
+
+class IHLKernels(NamedTuple):
+    """One backend's forward/backward split (see the module docstring)."""
+
+    forward: Callable
+    backward: Callable
+
+
+IHL_KERNELS = {
+    "triton": IHLKernels(_ihl_forward_triton, _ihl_backward_triton),
+    "cpp": IHLKernels(_ihl_forward_cpp, _ihl_backward_cpp),
+}
+
+
+class InvertedHingeLossFunction(torch.autograd.Function):
+    """(unweighted loss [T], entropy [T], weight [T]) of [T, V] logits (stride(-1) == 1)
+    through a backend's kernels; only the loss is differentiable."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, q, threshold, high_entropy_weight, ignore_index, kernels: IHLKernels):
+        loss, entropy, weight, lse, runner_up = kernels.forward(
+            logits, labels, q, threshold, high_entropy_weight, ignore_index
+        )
+        check_lse_finite("inverted_hinge_loss", lse)
+        ctx.save_for_backward(logits, labels, lse, runner_up)
+        ctx.ignore_index, ctx.kernels = ignore_index, kernels
+        ctx.mark_non_differentiable(entropy, weight)
+        return loss, entropy, weight
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_entropy, grad_weight):
+        logits, labels, lse, runner_up = ctx.saved_tensors
+        grad_loss = grad_loss.to(lse.dtype).contiguous()
+        grad_logits = ctx.kernels.backward(grad_loss, logits, labels, lse, runner_up, ctx.ignore_index)
+        return grad_logits, None, None, None, None, None, None
+
+
+# --------------------------------------------------------------------------- public op
+
+
+def _check_number(op: str, name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{op}: {name} must be a number, got {type(value).__name__}")
+    return float(value)
+
+
+def inverted_hinge_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    q: float,
+    threshold: float,
+    high_entropy_weight: float = 0.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    backend: str | None = None,
+):
+    """Entropy-weighted inverted hinge loss and the per-token entropy that gates it.
+
+    logits: [T, V] float16/bfloat16/float32/float64, any strides (-inf entries are masked
+      vocabulary; a row of all -inf is an error). labels: [T] integer, each in [0, V) or
+      ``ignore_index``.
+    Token t: ``L_t = 1 + p_y - max_{v≠y} p_v`` (the max over no other entry is 0), weight
+    ``w_t`` = 0 if ignored, 1 if its Tsallis-q entropy ``S_t <= threshold``, else
+    ``high_entropy_weight`` (>= 0).
+    reduction: "mean" -> Σ w_t L_t / Σ w_t (exactly 0, with zero gradient, when Σ w_t == 0);
+      "sum" -> Σ w_t L_t; "none" -> [T] w_t L_t.
+    Returns ``(loss, entropy)``: loss float32 (float64 for float64 logits), differentiable
+    in ``logits``; entropy [T] of the same dtype, detached.
+    """
+    op = "inverted_hinge_loss"
+    check_logits(op, logits, ndim=2)
+    check_tensor(op, "labels", labels, dtypes=INTEGER_DTYPES)
+    T, V = logits.shape
+    if tuple(labels.shape) != (T,):
+        raise ValueError(f"{op}: labels must have shape [T] = ({T},) to match logits, got {tuple(labels.shape)}")
+    check_same_device(op, logits=logits, labels=labels)
+    q = check_q(op, q)
+    threshold = _check_number(op, "threshold", threshold)
+    high_entropy_weight = _check_number(op, "high_entropy_weight", high_entropy_weight)
+    if not high_entropy_weight >= 0:
+        raise ValueError(f"{op}: high_entropy_weight must be >= 0, got {high_entropy_weight}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"{op}: ignore_index must be an int, got {type(ignore_index).__name__}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{op}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    labels = labels.long()
+    out_of_range = (labels != ignore_index) & ((labels < 0) | (labels >= V))
+    if bool(out_of_range.any()):
+        bad = int(out_of_range.nonzero()[0])
+        raise ValueError(
+            f"{op}: labels must be in [0, {V}) or ignore_index={ignore_index}; labels[{bad}] = {int(labels[bad])}"
+        )
+    backend = resolve_backend(op, backend, logits.device, ("eager", "triton", "cpp"))
+    if backend == "eager":
+        check_rows_finite_somewhere(op, logits)
+        loss, entropy, weight = inverted_hinge_loss_eager(logits, labels, q, threshold, high_entropy_weight, ignore_index)
+    else:
+        loss, entropy, weight = InvertedHingeLossFunction.apply(
+            rows_with_unit_stride(logits), labels.contiguous(), q, threshold, high_entropy_weight, ignore_index, IHL_KERNELS[backend]
+        )
+        dtype = result_dtype(logits.dtype)
+        loss, entropy, weight = loss.to(dtype), entropy.to(dtype), weight.to(dtype)
+    return reduce_weighted(loss, weight, reduction), entropy

@@ -1,0 +1,455 @@
+"""tsallis_entropy and fused_linear_entropy: every backend against float64 formulas written here.
+
+Tolerances: backends accumulate in float32 on inputs that the references read exactly
+(the references upcast the same rounded fp16/bf16 tensors), so values get float32
+summation error only, relative ~1e-5 even over 128256 terms. Gradients stored in fp16/bf16
+carry the rounding of the storage dtype (plus one bf16 ulp: the interpreter truncates).
+"""
+import math
+
+import pytest
+import torch
+
+import alter_kernels.entropy as entropy_module
+from alter_kernels import BackendUnavailable, fused_linear_entropy, tsallis_entropy
+from alter_kernels.entropy import DEFAULT_CHUNK_ELEMENTS, EntropyKernels, default_chunk_size
+from conftest import require_backend
+from conftest import test_devices as devices_under_test  # renamed: pytest would collect test_*
+
+DEVICES = devices_under_test()
+BACKENDS = ["eager", "triton", "cpp"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+Q_VALUES = [0.5, 1.0, 1.0005, 2.0, 3.5]
+# Tolerance of a gradient relative to its row's largest entry. fp16/bf16: two ulps of the
+# storage format (rounding of the result, one more for interpreter truncation). float32:
+# the kernels rebuild P_q = 1 - (q-1)·S from the saved entropy, which cancels for large q
+# (measured up to 1.2e-5 at q = 3.5).
+GRAD_RTOL = {torch.float32: 1e-4, torch.float16: 2 * 2**-10, torch.bfloat16: 2 * 2**-7}
+
+
+# ----------------------------------------------------------------------------- references
+
+
+def reference_entropy(logits, q):
+    """Float64 entropy per row straight from DESIGN.md §1 (q within 1e-3 of 1 is Shannon)."""
+    z = logits.double()
+    p = torch.exp(z - z.max(dim=-1, keepdim=True).values)
+    p = p / p.sum(dim=-1, keepdim=True)
+    if abs(q - 1.0) < 1e-3:
+        return -torch.where(p > 0, p * torch.log(p), torch.zeros_like(p)).sum(-1)
+    return (1.0 - (p**q).sum(-1)) / (q - 1.0)
+
+
+def reference_entropy_grad(logits, q, grad_entropy):
+    """Float64 dS/dz from the closed forms: -q/(q-1)(p^q - p Σp^q), Shannon -p(log p + H)."""
+    z = logits.double()
+    p = torch.exp(z - z.max(dim=-1, keepdim=True).values)
+    p = p / p.sum(dim=-1, keepdim=True)
+    if abs(q - 1.0) < 1e-3:
+        entropy = -torch.where(p > 0, p * torch.log(p), torch.zeros_like(p)).sum(-1, keepdim=True)
+        grad = -torch.where(p > 0, p * (torch.log(p) + entropy), torch.zeros_like(p))
+    else:
+        grad = -q / (q - 1.0) * (p**q - p * (p**q).sum(-1, keepdim=True))
+    return grad_entropy.double()[..., None] * grad
+
+
+def entropy_grad_term_scale(logits, q, grad_entropy):
+    """Per row [T, 1], the largest magnitude of the terms that the gradient formulas subtract:
+    |g|·q/|q-1|·(p^q + p·Σp^q), Shannon |g|·p·(|log p| + H)."""
+    z = logits.double()
+    p = torch.exp(z - z.max(dim=-1, keepdim=True).values)
+    p = p / p.sum(dim=-1, keepdim=True)
+    if abs(q - 1.0) < 1e-3:
+        log_p = torch.where(p > 0, torch.log(p), torch.zeros_like(p))
+        terms = p * (log_p.abs() + reference_entropy(z, q)[..., None])
+    else:
+        terms = q / abs(q - 1.0) * (p**q + p * (p**q).sum(-1, keepdim=True))
+    return grad_entropy.double().abs()[..., None] * terms.amax(dim=-1, keepdim=True)
+
+
+def random_logits(rows, vocab, dtype, device, scale=3.0):
+    """Fresh random logits, rounded to ``dtype``."""
+    return (torch.randn(rows, vocab, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+
+
+def strided_rows(logits):
+    """The same values as a non-contiguous view: rows of a wider buffer (row stride > V)."""
+    rows, vocab = logits.shape
+    wide = torch.randn(rows, vocab + 5, device=logits.device).to(logits.dtype)
+    wide[:, 2 : 2 + vocab] = logits
+    view = wide[:, 2 : 2 + vocab]
+    assert not view.is_contiguous() or rows == 1
+    return view
+
+
+def assert_close(actual, expected, rtol, atol, what):
+    actual, expected = actual.double().cpu(), expected.double().cpu()
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values {actual}"
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+# ----------------------------------------------------------------------------- values
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("vocab", [1, 7, 1000])
+@pytest.mark.parametrize("q", Q_VALUES)
+def test_entropy_matches_float64(device, backend, dtype, vocab, q):
+    require_backend(backend, device)
+    logits = random_logits(5, vocab, dtype, device)
+    logits[1, : vocab // 2] = float("-inf")  # masked vocabulary
+    logits = strided_rows(logits)
+    entropy = tsallis_entropy(logits, q, backend=backend)
+    assert entropy.dtype == torch.float32
+    # float32 accumulation; 1 - Σp^q cancels for q > 1 at entropies near 0 (atol).
+    assert_close(entropy, reference_entropy(logits, q), rtol=2e-5, atol=2e-6, what=f"entropy q={q}")
+    if vocab == 1:
+        assert torch.equal(entropy.cpu(), torch.zeros(5)), "a one-word vocabulary has zero entropy"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [32003, 128256])
+@pytest.mark.parametrize("q", [0.5, 1.0, 2.0])
+def test_entropy_large_vocab(device, backend, dtype, vocab, q):
+    require_backend(backend, device)
+    logits = random_logits(3, vocab, dtype, device, scale=2.0)
+    logits[0, vocab // 3 :] = float("-inf")
+    logits[1, : vocab // 2] = float("-inf")  # leading blocks all masked
+    entropy = tsallis_entropy(logits, q, backend=backend)
+    # float32 sums over up to 128256 terms: relative error ~1e-5.
+    assert_close(entropy, reference_entropy(logits, q), rtol=5e-5, atol=1e-5, what=f"entropy V={vocab} q={q}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("q", [0.5, 1.0, 3.5])
+def test_entropy_huge_logits(device, backend, dtype, q):
+    """|z| ~ 1e4: no overflow; shifting all logits by 1e4 leaves the entropy unchanged."""
+    require_backend(backend, device)
+    big = 1e4
+    logits = random_logits(4, 300, dtype, device, scale=big)
+    logits[1] = (torch.randn(300, dtype=torch.float64) * 2 + big).to(dtype)  # 1e4 + O(1)
+    logits[2] = (torch.randn(300, dtype=torch.float64) * 2 - big).to(dtype)
+    leaf = logits.clone().requires_grad_()
+    entropy = tsallis_entropy(leaf, q, backend=backend)
+    # The O(1) spread survives rounding to dtype; error is float32 summation only.
+    assert_close(entropy, reference_entropy(logits, q), rtol=2e-5, atol=2e-6, what="entropy of huge logits")
+    grad_out = torch.randn(4, dtype=torch.float64)
+    (grad,) = torch.autograd.grad(entropy, leaf, grad_out.to(device))
+    expected = reference_entropy_grad(logits, q, grad_out)
+    # The backward rebuilds p = exp(z - lse) from the saved float32 lse, rounded at the
+    # logits' magnitude (half an ulp of z): p carries a relative error up to ~|z|·2^-24,
+    # p^q q times that, relative to the terms the gradient subtracts (which can cancel:
+    # rows that rounding to fp16/bf16 made nearly uniform), plus the storage rounding.
+    scale = entropy_grad_term_scale(logits, q, grad_out).clamp_min(1e-12)  # one-hot rows: all 0
+    tol = GRAD_RTOL[dtype] + 2 * max(q, 1.0) * big * 2**-24
+    assert_close(grad / scale.to(device), expected / scale, rtol=0, atol=tol, what="grad of huge logits")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_entropy_known_values(device, backend):
+    """Closed forms: uniform over n words (the rest -inf) and a one-hot row."""
+    require_backend(backend, device)
+    logits = torch.full((3, 50), float("-inf"), device=device)
+    logits[0, 10:30] = 0.25  # uniform over 20
+    logits[1, 49] = -3.0  # single finite word
+    logits[2] = torch.linspace(-1, 1, 50)
+    for q in (1.0, 2.0, 0.5):
+        entropy = tsallis_entropy(logits, q, backend=backend).cpu().double()
+        uniform = math.log(20) if q == 1.0 else (1 - 20 ** (1 - q)) / (q - 1)
+        assert entropy[0].item() == pytest.approx(uniform, rel=1e-5)
+        assert entropy[1].item() == pytest.approx(0.0, abs=1e-6)
+        assert entropy[2].item() == pytest.approx(reference_entropy(logits[2:3].cpu(), q).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_entropy_leading_dims_and_views(device, backend):
+    """[..., V] with leading dims; transposed (stride(-1) != 1) and strided 3-D views."""
+    require_backend(backend, device)
+    base = random_logits(4 * 6, 33, torch.float32, device).reshape(4, 6, 33)
+    transposed = base.reshape(24, 33).t().contiguous().t()  # same values, column-major
+    assert transposed.stride(-1) != 1
+    strided_3d = base.transpose(0, 1)  # [6, 4, 33], rows not flattenable as one stride
+    expected = reference_entropy(base, 2.0)
+    assert_close(tsallis_entropy(base, 2.0, backend=backend), expected, 2e-5, 2e-6, "3-D")
+    assert_close(tsallis_entropy(transposed, 2.0, backend=backend), expected.reshape(24), 2e-5, 2e-6, "transposed")
+    assert_close(tsallis_entropy(strided_3d, 2.0, backend=backend), expected.transpose(0, 1), 2e-5, 2e-6, "strided")
+    single = tsallis_entropy(base[0, 0], 2.0, backend=backend)
+    assert single.shape == ()
+    assert tsallis_entropy(base[:0], 2.0, backend=backend).shape == (0, 6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["triton", "cpp"])
+def test_strided_rows_reach_kernels_without_copy(device, backend, monkeypatch):
+    """Rows of a wider buffer (and [B, S, V] views that flatten to them) are not copied."""
+    require_backend(backend, device)
+    real = entropy_module.ENTROPY_KERNELS[backend]
+    seen = []
+
+    def forward(logits, q):
+        seen.append((logits.data_ptr(), logits.stride()))
+        return real.forward(logits, q)
+
+    monkeypatch.setitem(entropy_module.ENTROPY_KERNELS, backend, EntropyKernels(forward, real.backward))
+    wide = random_logits(12, 40, torch.float32, device)
+    rows = wide[:, 3:33]
+    tsallis_entropy(rows, 2.0, backend=backend)
+    tsallis_entropy(rows.reshape(3, 4, 30), 2.0, backend=backend)
+    assert seen == [(rows.data_ptr(), (40, 1))] * 2
+
+
+# ----------------------------------------------------------------------------- gradients
+
+
+@pytest.mark.parametrize("q", Q_VALUES)
+def test_entropy_eager_gradcheck(q):
+    """Eager autograd in float64, first and second order (the exact structural term needs both)."""
+    logits = torch.randn(3, 7, dtype=torch.float64)
+    logits[0, :3] = float("-inf")
+    logits.requires_grad_()
+    fn = lambda z: tsallis_entropy(z, q, backend="eager")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (logits,))
+    assert torch.autograd.gradgradcheck(fn, (logits,))
+    grad_out = torch.randn(3, dtype=torch.float64)
+    (grad,) = torch.autograd.grad(fn(logits), logits, grad_out)
+    assert_close(grad, reference_entropy_grad(logits.detach(), q, grad_out), 1e-10, 1e-12, "eager grad")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("vocab", [1, 7, 1000])
+@pytest.mark.parametrize("q", Q_VALUES)
+def test_entropy_grad_matches_float64(device, backend, dtype, vocab, q):
+    require_backend(backend, device)
+    values = random_logits(4, vocab, dtype, device)
+    values[2, 1:] = float("-inf")
+    logits = strided_rows(values).requires_grad_()
+    grad_out = torch.randn(4, dtype=torch.float64).to(device)
+    (grad,) = torch.autograd.grad(tsallis_entropy(logits, q, backend=backend), logits, grad_out)
+    assert grad.dtype == dtype and grad.shape == logits.shape
+    expected = reference_entropy_grad(values, q, grad_out)
+    assert torch.all(grad[2, 1:] == 0), "masked logits get zero gradient"
+    # Storage rounding relative to the row's largest gradient.
+    scale = expected.abs().amax(dim=-1, keepdim=True).clamp_min(1e-30)
+    assert_close(grad / scale.to(device), expected / scale, rtol=0, atol=GRAD_RTOL[dtype], what="grad")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("vocab", [32003, 128256])
+def test_entropy_grad_large_vocab(device, backend, vocab):
+    require_backend(backend, device)
+    values = random_logits(2, vocab, torch.bfloat16, device, scale=2.0)
+    logits = values.clone().requires_grad_()
+    grad_out = torch.tensor([0.7, -1.3], dtype=torch.float64)
+    for q in (1.0, 2.0):
+        (grad,) = torch.autograd.grad(tsallis_entropy(logits, q, backend=backend), logits, grad_out.to(device))
+        expected = reference_entropy_grad(values, q, grad_out)
+        scale = expected.abs().amax(dim=-1, keepdim=True)
+        # bf16 storage: two ulps of the row's largest gradient.
+        assert_close(grad / scale.to(device), expected / scale, 0, GRAD_RTOL[torch.bfloat16], f"grad V={vocab}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_entropy_grad_of_3d_view(device, backend):
+    """The gradient reaches a [B, S, V] input through the flattening, with the input's strides."""
+    require_backend(backend, device)
+    base = random_logits(12, 19, torch.float32, device).reshape(3, 4, 19)
+    view = base.transpose(0, 1).requires_grad_()
+    grad_out = torch.randn(4, 3, device=device)
+    (grad,) = torch.autograd.grad(tsallis_entropy(view, 0.5, backend=backend), view, grad_out)
+    expected = reference_entropy_grad(view.detach(), 0.5, grad_out)
+    assert_close(grad, expected, 1e-5, 1e-7, "3-D view grad")
+
+
+# ----------------------------------------------------------------------------- fused linear
+
+
+def fused_inputs(dtype, device, tokens=10, dim=16, vocab=37):
+    hidden = torch.randn(tokens, dim, dtype=torch.float64).to(device=device, dtype=dtype)
+    weight = (torch.randn(vocab, dim, dtype=torch.float64) / 2).to(device=device, dtype=dtype)
+    return hidden, weight
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("q", [0.5, 1.0, 2.0])
+def test_fused_linear_entropy_matches_float64(device, backend, dtype, q):
+    require_backend(backend, device)
+    hidden, weight = fused_inputs(dtype, device)
+    hidden_leaf = hidden.clone().requires_grad_()
+    weight_leaf = weight.clone().requires_grad_()
+    grad_out = torch.randn(10, dtype=torch.float64)
+    entropy = fused_linear_entropy(hidden_leaf, weight_leaf, q, chunk_size=3, backend=backend)
+    grad_hidden, grad_weight = torch.autograd.grad(entropy, (hidden_leaf, weight_leaf), grad_out.to(device))
+
+    # The op rounds each chunk's logits to dtype (as a real lm head does); the reference
+    # takes the same rounded chunks, so only float32 summation error remains.
+    logits = torch.cat([hidden[start : start + 3] @ weight.T for start in range(0, 10, 3)]).double()
+    assert entropy.dtype == torch.float32
+    assert_close(entropy, reference_entropy(logits, q), 1e-5, 1e-6, "fused entropy")
+
+    grad_logits = reference_entropy_grad(logits, q, grad_out)
+    expected_hidden = grad_logits @ weight.double().cpu()
+    expected_weight = grad_logits.T @ hidden.double().cpu()
+    assert grad_hidden.dtype == dtype and grad_weight.dtype == dtype
+    # Relative to the largest entry: dlogits rounded to dtype, then a matmul rounded to
+    # dtype, ~2 ulps of the storage format (measured 8e-3 for bf16), with a 3x margin.
+    grad_tol = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2.5e-2}[dtype]
+    for name, actual, expected in (("hidden", grad_hidden, expected_hidden), ("weight", grad_weight, expected_weight)):
+        scale = expected.abs().max()
+        assert_close(actual / scale.to(device), expected / scale, 0, grad_tol, f"fused grad {name}")
+
+
+@pytest.mark.parametrize("q", [0.5, 1.0, 2.0])
+def test_fused_linear_entropy_eager_gradcheck(q):
+    """Float64 gradcheck of the chunked Function (its closed-form per-chunk backward)."""
+    hidden, weight = fused_inputs(torch.float64, "cpu", tokens=5, dim=4, vocab=6)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    fn = lambda h, w: fused_linear_entropy(h, w, q, chunk_size=2, backend="eager")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (hidden, weight))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_linear_entropy_chunk_bound(device, backend, monkeypatch):
+    """Every logits tensor the entropy kernels see, forward and backward, has <= chunk_size
+    rows, and the chunks cover every token once per pass."""
+    require_backend(backend, device)
+    real = entropy_module.ENTROPY_KERNELS[backend]
+    seen = {"forward": [], "backward": []}
+
+    def forward(logits, q):
+        seen["forward"].append(tuple(logits.shape))
+        return real.forward(logits, q)
+
+    def backward(grad_entropy, logits, entropy, lse, q):
+        seen["backward"].append(tuple(logits.shape))
+        return real.backward(grad_entropy, logits, entropy, lse, q)
+
+    monkeypatch.setitem(entropy_module.ENTROPY_KERNELS, backend, EntropyKernels(forward, backward))
+    hidden, weight = fused_inputs(torch.float32, device, tokens=11, vocab=23)
+    hidden.requires_grad_()
+    entropy = fused_linear_entropy(hidden, weight, 2.0, chunk_size=4, backend=backend)
+    entropy.sum().backward()
+    for direction, shapes in seen.items():
+        assert shapes == [(4, 23), (4, 23), (3, 23)], f"{direction} chunks {shapes}"
+    assert hidden.grad is not None and weight.grad is None
+
+    assert default_chunk_size(128256) * 128256 <= DEFAULT_CHUNK_ELEMENTS
+    assert default_chunk_size(10**9) == 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_linear_entropy_default_chunk(device, backend):
+    require_backend(backend, device)
+    hidden, weight = fused_inputs(torch.float32, device, tokens=6, vocab=9)
+    assert_close(
+        fused_linear_entropy(hidden, weight, 1.0, backend=backend),
+        reference_entropy(hidden.double() @ weight.double().T, 1.0),
+        1e-5, 1e-6, "default chunk",
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float64_inputs_and_no_tokens(device, backend):
+    """float64 in, float64 out (triton and cpp still accumulate in float32); T == 0 works."""
+    require_backend(backend, device)
+    logits = random_logits(3, 40, torch.float64, device).requires_grad_()
+    entropy = tsallis_entropy(logits, 1.5, backend=backend)
+    assert entropy.dtype == torch.float64
+    (grad,) = torch.autograd.grad(entropy.sum(), logits)
+    assert grad.dtype == torch.float64
+    # float32 accumulation on triton/cpp (eager is float64).
+    assert_close(entropy, reference_entropy(logits.detach(), 1.5), 2e-5, 2e-6, "float64 entropy")
+    assert_close(grad, reference_entropy_grad(logits.detach(), 1.5, torch.ones(3)), 1e-5, 1e-7, "float64 grad")
+
+    hidden, weight = fused_inputs(torch.float64, device)
+    hidden.requires_grad_()
+    fused = fused_linear_entropy(hidden, weight, 1.5, chunk_size=4, backend=backend)
+    assert fused.dtype == torch.float64
+    assert_close(fused, reference_entropy(hidden.detach() @ weight.T, 1.5), 2e-5, 2e-6, "float64 fused")
+    fused.sum().backward()
+    assert hidden.grad.dtype == torch.float64
+
+    no_tokens = fused_linear_entropy(hidden[:0], weight, 1.5, backend=backend)
+    assert no_tokens.shape == (0,) and no_tokens.dtype == torch.float64
+    assert tsallis_entropy(logits[:0], 1.5, backend=backend).shape == (0,)
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_entropy_bad_input():
+    logits = torch.randn(3, 5)
+    with pytest.raises(TypeError, match="logits must be a torch.Tensor"):
+        tsallis_entropy([[1.0, 2.0]], 2.0)
+    with pytest.raises(TypeError, match="logits must have dtype"):
+        tsallis_entropy(torch.ones(3, 5, dtype=torch.int64), 2.0)
+    with pytest.raises(ValueError, match="logits must have at least 1 dimensions"):
+        tsallis_entropy(torch.tensor(1.0), 2.0)
+    with pytest.raises(ValueError, match="non-empty vocabulary"):
+        tsallis_entropy(torch.randn(3, 0), 2.0)
+    for bad_q in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="q must be a finite number > 0"):
+            tsallis_entropy(logits, bad_q)
+    with pytest.raises(TypeError, match="q must be a number"):
+        tsallis_entropy(logits, "2")
+    with pytest.raises(ValueError, match="unknown backend"):
+        tsallis_entropy(logits, 2.0, backend="cuda")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_entropy_all_masked_row(device, backend):
+    require_backend(backend, device)
+    logits = torch.randn(3, 5, device=device)
+    logits[1] = float("-inf")
+    with pytest.raises(ValueError, match="all -inf"):
+        tsallis_entropy(logits, 2.0, backend=backend)
+
+
+def test_fused_linear_entropy_bad_input():
+    hidden, weight = torch.randn(4, 3), torch.randn(5, 3)
+    with pytest.raises(ValueError, match="hidden must have 2 dimensions"):
+        fused_linear_entropy(hidden[0], weight, 2.0)
+    with pytest.raises(ValueError, match="weight must have 2 dimensions"):
+        fused_linear_entropy(hidden, weight[0], 2.0)
+    with pytest.raises(ValueError, match=r"weight must be \[V, D\]"):
+        fused_linear_entropy(hidden, torch.randn(5, 4), 2.0)
+    with pytest.raises(ValueError, match="non-empty vocabulary"):
+        fused_linear_entropy(hidden, torch.randn(0, 3), 2.0)
+    with pytest.raises(TypeError, match="weight dtype"):
+        fused_linear_entropy(hidden, weight.double(), 2.0)
+    with pytest.raises(TypeError, match="hidden must have dtype"):
+        fused_linear_entropy(hidden.long(), weight, 2.0)
+    with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+        fused_linear_entropy(hidden, weight, 2.0, chunk_size=0)
+    with pytest.raises(TypeError, match="chunk_size must be an int"):
+        fused_linear_entropy(hidden, weight, 2.0, chunk_size=2.5)
+    with pytest.raises(ValueError, match="q must be a finite number > 0"):
+        fused_linear_entropy(hidden, weight, 0.0)
+    with pytest.raises(ValueError, match="one device"):
+        fused_linear_entropy(hidden, weight.to("meta"), 2.0)
+
+
+def test_named_backend_unavailable_is_clear(monkeypatch):
+    """An explicitly requested backend that cannot run says so instead of failing in a kernel."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(BackendUnavailable, match="triton"):
+        tsallis_entropy(torch.randn(2, 3), 2.0, backend="triton")

@@ -1,0 +1,343 @@
+"""inverted_hinge_loss: every backend against a float64 per-token computation written here.
+
+Tolerances: backends accumulate in float32 on the same rounded inputs the reference reads,
+so losses (in [0, 2]) and probabilities carry float32 error only (~1e-6). Gradients are
+stored in the logits' dtype: compared relative to the largest entry with two ulps of the
+storage format (one for rounding, one more for the interpreter's truncating stores).
+"""
+import pytest
+import torch
+
+import alter_kernels.ihl as ihl_module
+from alter_kernels import inverted_hinge_loss
+from alter_kernels.ihl import IHLKernels
+from conftest import require_backend
+from conftest import test_devices as devices_under_test  # renamed: pytest would collect test_*
+from test_entropy import assert_close, random_logits, reference_entropy, strided_rows
+
+DEVICES = devices_under_test()
+BACKENDS = ["eager", "triton", "cpp"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+REDUCTIONS = ["mean", "sum", "none"]
+IGNORE = -100
+HIGH_ENTROPY_WEIGHT = 0.3
+GRAD_TOL = {torch.float32: 1e-5, torch.float16: 2 * 2**-10, torch.bfloat16: 2 * 2**-7}
+# The backward rebuilds p = exp(z - lse) from the saved float32 lse, which is rounded at the
+# logits' magnitude: at |z| ~ 1e4 the probabilities carry a relative error up to ~1e4·2^-24.
+HUGE_LOGITS_GRAD_TOL = {dtype: tol + 2e4 * 2**-24 for dtype, tol in GRAD_TOL.items()}
+
+
+# ----------------------------------------------------------------------------- references
+
+
+def reference_ihl(logits, labels, q, threshold, high_entropy_weight, ignore_index=IGNORE):
+    """Float64 per token, from DESIGN.md §1: (loss [T] unweighted, entropy [T], weight [T], grad [T, V]
+    of each unweighted loss). v* is the first maximum of the other logits."""
+    z = logits.double().cpu()
+    entropy = reference_entropy(z, q)
+    p = torch.exp(z - z.max(dim=-1, keepdim=True).values)
+    p = p / p.sum(dim=-1, keepdim=True)
+    T, V = z.shape
+    loss = torch.zeros(T, dtype=torch.float64)
+    weight = torch.zeros(T, dtype=torch.float64)
+    grad = torch.zeros(T, V, dtype=torch.float64)
+    for t, y in enumerate(labels.tolist()):
+        if y == ignore_index:
+            continue
+        others = (z[t] != float("-inf")) & (torch.arange(V) != y)
+        has_others = bool(others.any())
+        if has_others:
+            runner_up = int(((z[t] == z[t][others].max()) & others).nonzero()[0])
+        p_runner_up = p[t, runner_up] if has_others else 0.0
+        loss[t] = 1.0 + p[t, y] - p_runner_up
+        weight[t] = 1.0 if entropy[t] <= threshold else high_entropy_weight
+        grad[t] = -p[t, y] * p[t] + p_runner_up * p[t]
+        grad[t, y] += p[t, y]
+        if has_others:
+            grad[t, runner_up] -= p_runner_up
+    return loss, entropy, weight, grad
+
+
+def reduce_reference(loss, weight, reduction):
+    """Reduced float64 loss and d(reduced)/d(per-token loss) as a [T] vector (all-ones upstream)."""
+    weighted = loss * weight
+    if reduction == "none":
+        return weighted, weight
+    if reduction == "sum":
+        return weighted.sum(), weight
+    total = weight.sum()
+    if total == 0:
+        return torch.zeros((), dtype=torch.float64), torch.zeros_like(weight)
+    return weighted.sum() / total, weight / total
+
+
+def threshold_between(entropy, ignored):
+    """A threshold in the widest gap between the kept tokens' entropies, so float32 error
+    cannot move a token across it and both weights occur."""
+    values = sorted(entropy[~ignored].tolist())
+    if values[-1] - values[0] < 1e-3:  # e.g. V == 1: every entropy is 0
+        return values[-1] + 1.0
+    gaps = [(values[i + 1] - values[i], i) for i in range(len(values) - 1)]
+    gap, i = max(gaps)
+    assert gap > 1e-3, f"entropies too close to split: {values}"
+    return (values[i] + values[i + 1]) / 2
+
+
+def ihl_inputs(vocab, dtype, device, scale=3.0):
+    """Six tokens: random, ignored, half-masked vocabulary, masked target (p_y = 0), only the
+    target unmasked (L = 2), random; as a non-contiguous row view."""
+    logits = random_logits(6, vocab, dtype, device, scale=scale)
+    labels = torch.randint(0, vocab, (6,))
+    labels[1] = IGNORE
+    if vocab > 1:
+        logits[2, : vocab // 2] = float("-inf")
+        labels[2] = vocab - 1
+        logits[3, 0] = float("-inf")
+        labels[3] = 0
+        logits[4] = float("-inf")
+        logits[4, labels[4]] = 1.5
+    return strided_rows(logits), labels.to(device)
+
+
+def run_backend(logits, labels, q, threshold, reduction, backend, **kwargs):
+    """(loss, entropy, grad_logits) of the op, the gradient for an all-ones upstream gradient."""
+    leaf = logits.detach().requires_grad_()  # keeps the view's strides
+    loss, entropy = inverted_hinge_loss(
+        leaf, labels, q, threshold, reduction=reduction, backend=backend, **kwargs
+    )
+    (grad,) = torch.autograd.grad(loss, leaf, torch.ones_like(loss))
+    return loss, entropy, grad
+
+
+# ----------------------------------------------------------------------------- values and grads
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("vocab", [1, 7, 1000])
+@pytest.mark.parametrize("q", [0.5, 1.0, 1.0005, 2.0, 3.5])
+def test_ihl_matches_float64(device, backend, dtype, vocab, q):
+    require_backend(backend, device)
+    logits, labels = ihl_inputs(vocab, dtype, device)
+    ignored = labels.cpu() == IGNORE
+    ref_loss, ref_entropy, ref_weight, ref_grad = reference_ihl(logits, labels.cpu(), q, 0.0, 0.0)
+    threshold = threshold_between(ref_entropy, ignored)
+    ref_loss, ref_entropy, ref_weight, ref_grad = reference_ihl(
+        logits, labels.cpu(), q, threshold, HIGH_ENTROPY_WEIGHT
+    )
+    assert (ref_weight[~ignored] == 1).any() or vocab == 1
+    for reduction in REDUCTIONS:
+        loss, entropy, grad = run_backend(
+            logits, labels, q, threshold, reduction, backend, high_entropy_weight=HIGH_ENTROPY_WEIGHT
+        )
+        expected_loss, dloss = reduce_reference(ref_loss, ref_weight, reduction)
+        assert loss.dtype == torch.float32 and entropy.dtype == torch.float32
+        assert not entropy.requires_grad
+        # float32 probabilities; losses are O(1).
+        assert_close(loss, expected_loss, 1e-5, 2e-6, f"{reduction} loss")
+        assert_close(entropy, ref_entropy, 2e-5, 2e-6, "entropy")
+        expected_grad = dloss[:, None] * ref_grad
+        assert grad.dtype == dtype
+        scale = expected_grad.abs().max().clamp_min(1e-30)
+        assert_close(grad.cpu() / scale, expected_grad / scale, 0, GRAD_TOL[dtype], f"{reduction} grad")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("vocab", [32003, 128256])
+def test_ihl_large_vocab(device, backend, vocab):
+    require_backend(backend, device)
+    logits = random_logits(3, vocab, torch.bfloat16, device, scale=4.0)
+    logits[1, : vocab // 2] = float("-inf")
+    labels = torch.tensor([5, vocab - 1, vocab // 3 + 7], device=device)
+    ref_loss, ref_entropy, ref_weight, ref_grad = reference_ihl(logits, labels.cpu(), 2.0, 0.7, 0.5)
+    for reduction in ("mean", "none"):
+        loss, entropy, grad = run_backend(logits, labels, 2.0, 0.7, reduction, backend, high_entropy_weight=0.5)
+        expected_loss, dloss = reduce_reference(ref_loss, ref_weight, reduction)
+        # float32 sums over 128256 terms.
+        assert_close(loss, expected_loss, 2e-5, 2e-6, "loss")
+        assert_close(entropy, ref_entropy, 5e-5, 1e-5, "entropy")
+        expected_grad = dloss[:, None] * ref_grad
+        scale = expected_grad.abs().max()
+        assert_close(grad.cpu() / scale, expected_grad / scale, 0, GRAD_TOL[torch.bfloat16], "grad")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ihl_huge_logits_and_transposed_view(device, backend, dtype):
+    """|z| ~ 1e4 (near one-hot and 1e4 + O(1) rows) through a column-major view."""
+    require_backend(backend, device)
+    values = random_logits(4, 50, dtype, device, scale=1e4)
+    values[1] = (torch.randn(50, dtype=torch.float64) * 2 + 1e4).to(dtype)
+    values[2] = (torch.randn(50, dtype=torch.float64) * 2 - 1e4).to(dtype)
+    logits = values.t().contiguous().t()
+    assert logits.stride(-1) != 1
+    labels = torch.tensor([3, 17, 0, 49], device=device)
+    ref_loss, ref_entropy, ref_weight, ref_grad = reference_ihl(values, labels.cpu(), 1.0, 10.0, 0.0)
+    loss, entropy, grad = run_backend(logits, labels, 1.0, 10.0, "none", backend)
+    assert_close(loss, ref_loss * ref_weight, 1e-5, 2e-6, "loss")
+    assert_close(entropy, ref_entropy, 2e-5, 2e-6, "entropy")
+    scale = ref_grad.abs().max()
+    assert_close(grad.cpu() / scale, ref_grad / scale, 0, HUGE_LOGITS_GRAD_TOL[dtype], "grad")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ihl_runner_up_ties_take_first(device, backend):
+    """Tied runners-up: v* is the lowest index on every backend (bf16 logits tie often)."""
+    require_backend(backend, device)
+    logits = torch.tensor(
+        [[0.0, 5.0, 5.0, 1.0], [5.0, 5.0, 1.0, 5.0], [2.0, -1.0, 2.0, 2.0]], device=device
+    ).to(torch.bfloat16)
+    labels = torch.tensor([0, 1, 2], device=device)
+    ref_loss, _, _, ref_grad = reference_ihl(logits, labels.cpu(), 1.0, 100.0, 0.0)
+    loss, _, grad = run_backend(logits, labels, 1.0, 100.0, "none", backend)
+    assert_close(loss, ref_loss, 1e-5, 2e-6, "loss")
+    assert_close(grad, ref_grad, 0, GRAD_TOL[torch.bfloat16], "grad")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ihl_single_word_vocabulary(device, backend):
+    """V == 1: p_y = 1 and the max over no other word is 0, so L = 2 with zero gradient."""
+    require_backend(backend, device)
+    logits = torch.randn(4, 1, device=device)
+    labels = torch.tensor([0, 0, IGNORE, 0], device=device)
+    loss, entropy, grad = run_backend(logits, labels, 2.0, 0.5, "none", backend)
+    assert torch.equal(loss.cpu(), torch.tensor([2.0, 2.0, 0.0, 2.0]))
+    assert torch.equal(entropy.cpu(), torch.zeros(4))
+    assert torch.equal(grad.cpu(), torch.zeros(4, 1))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["all_ignored", "all_high_entropy"])
+def test_ihl_zero_total_weight(device, backend, case):
+    """Σw == 0 gives a mean of exactly 0 with zero (not NaN) gradients; the sum is 0 too."""
+    require_backend(backend, device)
+    logits = random_logits(5, 11, torch.float32, device)
+    labels = torch.randint(0, 11, (5,), device=device)
+    threshold = 0.5
+    if case == "all_ignored":
+        labels.fill_(IGNORE)
+    else:
+        threshold = float(reference_entropy(logits, 2.0).min()) - 0.1
+    for reduction in REDUCTIONS:
+        loss, entropy, grad = run_backend(logits, labels, 2.0, threshold, reduction, backend)
+        assert torch.equal(loss.cpu(), torch.zeros(loss.shape)), f"{reduction}: {loss}"
+        assert torch.equal(grad.cpu(), torch.zeros(5, 11)), f"{reduction} grad"
+        assert_close(entropy, reference_entropy(logits, 2.0), 2e-5, 2e-6, "entropy")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ihl_high_entropy_weight_and_custom_ignore_index(device, backend):
+    """All tokens high entropy with weight 0.25: the mean is the plain mean over non-ignored
+    tokens; ignore_index = 3 ignores label 3 while -100 would be out of range."""
+    require_backend(backend, device)
+    logits = random_logits(6, 9, torch.float32, device)
+    labels = torch.tensor([0, 3, 8, 3, 5, 1], device=device)
+    kept = labels.cpu() != 3
+    loss, _, _ = run_backend(logits, labels, 0.5, -1.0, "mean", backend, high_entropy_weight=0.25, ignore_index=3)
+    ref_loss, _, _, _ = reference_ihl(logits, labels.cpu(), 0.5, -1.0, 0.25, ignore_index=3)
+    assert_close(loss, ref_loss[kept].mean(), 1e-5, 2e-6, "mean")
+    with pytest.raises(ValueError, match="labels must be in"):
+        inverted_hinge_loss(logits, torch.full((6,), IGNORE, device=device), 0.5, 1.0, ignore_index=3, backend=backend)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ihl_int32_labels_and_empty(device, backend):
+    require_backend(backend, device)
+    logits = random_logits(4, 10, torch.float32, device)
+    labels = torch.tensor([1, 2, IGNORE, 9], device=device)
+    loss64, entropy64 = inverted_hinge_loss(logits, labels, 2.0, 1.0, backend=backend)
+    loss32, entropy32 = inverted_hinge_loss(logits, labels.int(), 2.0, 1.0, backend=backend)
+    assert torch.equal(loss64, loss32) and torch.equal(entropy64, entropy32)
+    empty_loss, empty_entropy = inverted_hinge_loss(
+        logits[:0], labels[:0], 2.0, 1.0, reduction="none", backend=backend
+    )
+    assert empty_loss.shape == (0,) and empty_entropy.shape == (0,)
+    mean_of_none, _ = inverted_hinge_loss(logits[:0], labels[:0], 2.0, 1.0, backend=backend)
+    assert mean_of_none.item() == 0.0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["triton", "cpp"])
+def test_ihl_strided_rows_reach_kernels_without_copy(device, backend, monkeypatch):
+    require_backend(backend, device)
+    real = ihl_module.IHL_KERNELS[backend]
+    seen = []
+
+    def forward(logits, *args):
+        seen.append((logits.data_ptr(), logits.stride()))
+        return real.forward(logits, *args)
+
+    monkeypatch.setitem(ihl_module.IHL_KERNELS, backend, IHLKernels(forward, real.backward))
+    rows = random_logits(5, 40, torch.float32, device)[:, 3:33]
+    inverted_hinge_loss(rows, torch.arange(5, device=device), 2.0, 1.0, backend=backend)
+    assert seen == [(rows.data_ptr(), (40, 1))]
+
+
+def test_ihl_eager_gradcheck():
+    """Float64 autograd of the eager reference (no ties, thresholds far from the entropies)."""
+    logits = torch.randn(5, 7, dtype=torch.float64)
+    logits[2, :3] = float("-inf")
+    logits.requires_grad_()
+    labels = torch.tensor([0, 6, 4, IGNORE, 3])
+    threshold = float(reference_entropy(logits.detach(), 2.0).median()) + 1e-3
+    for reduction in REDUCTIONS:
+        fn = lambda z: inverted_hinge_loss(  # noqa: E731
+            z, labels, 2.0, threshold, high_entropy_weight=0.4, reduction=reduction, backend="eager"
+        )[0]
+        assert torch.autograd.gradcheck(fn, (logits,))
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ihl_all_masked_row(device, backend):
+    require_backend(backend, device)
+    logits = torch.randn(3, 5, device=device)
+    logits[2] = float("-inf")
+    with pytest.raises(ValueError, match="all -inf"):
+        inverted_hinge_loss(logits, torch.tensor([0, 1, 2], device=device), 2.0, 1.0, backend=backend)
+
+
+def test_ihl_bad_input():
+    logits, labels = torch.randn(4, 6), torch.tensor([0, 5, IGNORE, 2])
+    with pytest.raises(ValueError, match="logits must have 2 dimensions"):
+        inverted_hinge_loss(logits[None], labels, 2.0, 1.0)
+    with pytest.raises(TypeError, match="logits must have dtype"):
+        inverted_hinge_loss(logits.long(), labels, 2.0, 1.0)
+    with pytest.raises(ValueError, match="non-empty vocabulary"):
+        inverted_hinge_loss(torch.randn(4, 0), labels, 2.0, 1.0)
+    with pytest.raises(TypeError, match="labels must have dtype"):
+        inverted_hinge_loss(logits, labels.float(), 2.0, 1.0)
+    with pytest.raises(TypeError, match="labels must be a torch.Tensor"):
+        inverted_hinge_loss(logits, [0, 1, 2, 3], 2.0, 1.0)
+    with pytest.raises(ValueError, match=r"labels must have shape \[T\]"):
+        inverted_hinge_loss(logits, labels[:3], 2.0, 1.0)
+    with pytest.raises(ValueError, match=r"labels must have shape \[T\]"):
+        inverted_hinge_loss(logits, labels[:, None], 2.0, 1.0)
+    for bad in (6, -1):
+        with pytest.raises(ValueError, match=r"labels must be in \[0, 6\)"):
+            inverted_hinge_loss(logits, torch.tensor([0, bad, IGNORE, 2]), 2.0, 1.0)
+    with pytest.raises(ValueError, match="q must be a finite number > 0"):
+        inverted_hinge_loss(logits, labels, 0.0, 1.0)
+    with pytest.raises(ValueError, match="q must be a finite number > 0"):
+        inverted_hinge_loss(logits, labels, -2.0, 1.0)
+    with pytest.raises(TypeError, match="threshold must be a number"):
+        inverted_hinge_loss(logits, labels, 2.0, None)
+    with pytest.raises(ValueError, match="high_entropy_weight must be >= 0"):
+        inverted_hinge_loss(logits, labels, 2.0, 1.0, high_entropy_weight=-0.5)
+    with pytest.raises(TypeError, match="ignore_index must be an int"):
+        inverted_hinge_loss(logits, labels, 2.0, 1.0, ignore_index=-100.0)
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        inverted_hinge_loss(logits, labels, 2.0, 1.0, reduction="avg")
+    with pytest.raises(ValueError, match="one device"):
+        inverted_hinge_loss(logits, labels.to("meta"), 2.0, 1.0)
