@@ -113,7 +113,6 @@ class AsymLoRALinear(nn.Module):
                 config.k_low,
                 backend=config.backend,
             )
-            weights = weights.float()  # fp64 router logits give fp64 weights; asym_lora takes fp32
         else:
             tracker.record_router_logits(self, router_logits, forced)
             experts = forced[:, None]

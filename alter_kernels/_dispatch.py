@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import warnings
 from functools import lru_cache
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -19,6 +20,14 @@ BACKENDS = ("eager", "triton", "cpp")
 
 class BackendUnavailable(RuntimeError):
     """A backend was asked for by name but cannot run here."""
+
+
+class KernelPair(NamedTuple):
+    """One backend's forward and backward functions of an op, in the split that the op's
+    autograd Function calls (each op module documents its split)."""
+
+    forward: Callable
+    backward: Callable
 
 
 @lru_cache(maxsize=None)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 
-def _token_vector(logits: torch.Tensor) -> torch.Tensor:
-    return logits.new_empty(logits.shape[0], dtype=torch.float32)
+def _token_vector(logits: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return logits.new_empty(logits.shape[0], dtype=dtype)
 
 
 def _grad_like(logits: torch.Tensor) -> torch.Tensor:
@@ -31,11 +31,12 @@ def _entropy_backward(grad_entropy, logits, entropy, lse, q):
 
 @torch.library.register_fake("alter_kernels::ihl_forward")
 def _ihl_forward(logits, labels, q, threshold, high_entropy_weight, ignore_index):
-    return tuple(_token_vector(logits) for _ in range(4))
+    loss, entropy, weight, lse = (_token_vector(logits) for _ in range(4))
+    return loss, entropy, weight, lse, _token_vector(logits, torch.int32)
 
 
 @torch.library.register_fake("alter_kernels::ihl_backward")
-def _ihl_backward(grad_loss, logits, labels, lse, ignore_index):
+def _ihl_backward(grad_loss, logits, labels, lse, runner_up, ignore_index):
     return _grad_like(logits)
 
 

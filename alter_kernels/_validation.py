@@ -34,3 +34,12 @@ def check_rows_finite_somewhere(op: str, logits: torch.Tensor) -> None:
     if logits.numel() and bool((logits == float("-inf")).all(dim=-1).any()):
         bad = (logits == float("-inf")).all(dim=-1).nonzero()[0].tolist()
         raise ValueError(f"{op}: logits row {tuple(bad)} is all -inf; its distribution is undefined")
+
+
+def check_lse_finite(op: str, lse: torch.Tensor) -> None:
+    """Reject rows whose logits were all -inf, seen by the kernels as lse == -inf.
+
+    Kernel backends check this [T] output instead of scanning the [T, V] logits again."""
+    bad = torch.isneginf(lse)
+    if bool(bad.any()):
+        raise ValueError(f"{op}: logits row {int(bad.nonzero()[0])} is all -inf; its distribution is undefined")

@@ -68,8 +68,8 @@ def _shrink(x: torch.Tensor, A: torch.Tensor, a_grad_mask: torch.Tensor | None) 
 def asym_lora_eager(x, A, B, weights, experts, scaling, a_grad_mask=None):
     """Readable reference of :func:`asym_lora` (no input checks; autograd does backward).
 
-    x [T, k], A [r, k], B [N, d, r] (one float dtype), weights [T, K] float32,
-    experts [T, K] int32 (−1 = unused slot), a_grad_mask [T] bool or None.
+    x [T, k], A [r, k], B [N, d, r] (one float dtype), weights [T, K] float32 (or
+    float64), experts [T, K] int32 (−1 = unused slot), a_grad_mask [T] bool or None.
     Returns delta [T, d] in x's dtype. Loops over experts: expert e multiplies the rows
     of h routed to it by B_e and adds them, weighted, into their tokens' outputs.
     """
@@ -369,7 +369,7 @@ class AsymLoRATriton(torch.autograd.Function):
             d_chunk = triton.cdiv(d_tiles, parts) * config.block_n_reduce
             parts = triton.cdiv(d, d_chunk)  # no empty part
             grad_h_parts = torch.zeros(parts, T * K, r, dtype=config.torch_acc_dtype, device=x.device)
-            grad_weights_parts = torch.zeros(parts, T, K, dtype=torch.float32, device=x.device)
+            grad_weights_parts = torch.zeros(parts, T, K, dtype=weights.dtype, device=x.device)
             _grouped_shrink_grad_kernel[(num_slot_blocks, parts)](
                 grad_delta, h, B, weights, sorted_ids, block_expert, num_padded, grad_h_parts, grad_weights_parts,
                 T * K, K, d, r, d_chunk, scaling_t,
@@ -407,7 +407,9 @@ def _check_inputs(x, A, B, weights, experts, scaling, a_grad_mask) -> None:
     check_tensor(_OP, "x", x, ndim=2, dtypes=FLOAT_DTYPES)
     check_tensor(_OP, "A", A, ndim=2, dtypes=FLOAT_DTYPES)
     check_tensor(_OP, "B", B, ndim=3, dtypes=FLOAT_DTYPES)
-    check_tensor(_OP, "weights", weights, ndim=2, dtypes=(torch.float32,))
+    # float64 layers may take float64 gate weights (so that a router can be gradchecked)
+    weights_dtypes = (torch.float32, torch.float64) if x.dtype == torch.float64 else (torch.float32,)
+    check_tensor(_OP, "weights", weights, ndim=2, dtypes=weights_dtypes)
     check_tensor(_OP, "experts", experts, ndim=2, dtypes=(torch.int32,))
     if a_grad_mask is not None:
         check_tensor(_OP, "a_grad_mask", a_grad_mask, ndim=1, dtypes=(torch.bool,))
@@ -448,10 +450,12 @@ def asym_lora(x, A, B, weights, experts, scaling, a_grad_mask=None, backend=None
     """Entropy-gated grouped AsymLoRA delta (forward and backward; see the module doc).
 
     x [T, k] float16/bfloat16/float32/float64, A [r, k] and B [N, d, r] of x's dtype,
-    weights [T, K] float32 gate weights, experts [T, K] int32 in [-1, N) (−1 = unused slot,
-    its weight is ignored), scaling (alpha / r) a float, a_grad_mask [T] bool or None
-    (A learns only from tokens where it is true; None = all tokens).
-    Returns delta [T, d] in x's dtype; gradients flow to x, A, B and weights.
+    weights [T, K] float32 gate weights (float32 or float64 when x is float64), experts
+    [T, K] int32 in [-1, N) (−1 = unused slot, its weight is ignored), scaling (alpha / r)
+    a float, a_grad_mask [T] bool or None (A learns only from tokens where it is true;
+    None = all tokens).
+    Returns delta [T, d] in x's dtype; gradients flow to x, A, B and weights (in the
+    weights' dtype).
     backend: "eager" | "triton" | None (see ``alter_kernels._dispatch``).
     """
     _check_inputs(x, A, B, weights, experts, scaling, a_grad_mask)

@@ -23,13 +23,18 @@ float32, the eager path in float64).
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
 
 import torch
 
-from alter_kernels._dispatch import resolve_backend
+from alter_kernels._dispatch import KernelPair, resolve_backend
 from alter_kernels._triton import tl, triton
-from alter_kernels._validation import FLOAT_DTYPES, check_rows_finite_somewhere, check_same_device, check_tensor
+from alter_kernels._validation import (
+    FLOAT_DTYPES,
+    check_lse_finite,
+    check_rows_finite_somewhere,
+    check_same_device,
+    check_tensor,
+)
 
 # Below this distance from 1 the Tsallis formula (1 - Σp^q)/(q - 1) cancels badly; use Shannon.
 SHANNON_TOLERANCE = 1e-3
@@ -62,15 +67,6 @@ def check_logits(op: str, logits, *, ndim: int | None = None) -> None:
     check_tensor(op, "logits", logits, ndim=ndim, min_ndim=1, dtypes=FLOAT_DTYPES)
     if logits.shape[-1] == 0:
         raise ValueError(f"{op}: logits must have a non-empty vocabulary (last) dimension, got shape {tuple(logits.shape)}")
-
-
-def check_lse_finite(op: str, lse: torch.Tensor) -> None:
-    """Reject rows whose logits were all -inf, seen by the kernels as lse == -inf.
-
-    Kernel backends check this [T] output instead of scanning the [T, V] logits again."""
-    bad = torch.isneginf(lse)
-    if bool(bad.any()):
-        raise ValueError(f"{op}: logits row {int(bad.nonzero()[0])} is all -inf; its distribution is undefined")
 
 
 def rows_with_unit_stride(logits: torch.Tensor) -> torch.Tensor:
@@ -242,17 +238,11 @@ def _entropy_backward_cpp(grad_entropy, logits, entropy, lse, q):
 # --------------------------------------------------------------------------- autograd
 
 
-class EntropyKernels(NamedTuple):
-    """One backend's forward/backward split (see the module docstring)."""
-
-    forward: Callable
-    backward: Callable
-
-
+# Each backend's forward/backward split (see the module docstring).
 ENTROPY_KERNELS = {
-    "eager": EntropyKernels(_entropy_forward_eager, _entropy_backward_eager),
-    "triton": EntropyKernels(_entropy_forward_triton, _entropy_backward_triton),
-    "cpp": EntropyKernels(_entropy_forward_cpp, _entropy_backward_cpp),
+    "eager": KernelPair(_entropy_forward_eager, _entropy_backward_eager),
+    "triton": KernelPair(_entropy_forward_triton, _entropy_backward_triton),
+    "cpp": KernelPair(_entropy_forward_cpp, _entropy_backward_cpp),
 }
 
 
@@ -260,7 +250,7 @@ class TsallisEntropyFunction(torch.autograd.Function):
     """Entropy of [T, V] logits (stride(-1) == 1) through a backend's kernels."""
 
     @staticmethod
-    def forward(ctx, logits, q, kernels: EntropyKernels):
+    def forward(ctx, logits, q, kernels: KernelPair):
         entropy, lse = kernels.forward(logits, q)
         check_lse_finite("tsallis_entropy", lse)
         ctx.save_for_backward(logits, entropy, lse)
@@ -283,7 +273,7 @@ class FusedLinearEntropyFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, q, chunk_size, kernels: EntropyKernels):
+    def forward(ctx, hidden, weight, q, chunk_size, kernels: KernelPair):
         # max(T, 1): with no tokens, one empty chunk still gives the outputs their dtype.
         per_chunk = [
             kernels.forward(hidden[start : start + chunk_size] @ weight.T, q)

@@ -8,9 +8,9 @@ Backends: eager (reference, plain PyTorch autograd), triton, cpp. The kernel bac
 share one split the autograd Function uses:
 
 - ``forward(logits, labels, q, threshold, high_entropy_weight, ignore_index)``
-  -> ``(loss [T] unweighted, entropy [T], weight [T], lse [T], runner_up [T] int32 or None)``,
-  one read of the logits; ``runner_up`` is v* = argmax_{v≠y} z_v (-1 when every other
-  logit is -inf), saved by triton so its backward needs a single pass (cpp finds v* again);
+  -> ``(loss [T] unweighted, entropy [T], weight [T], lse [T], runner_up [T] int32)``,
+  one read of the logits; ``runner_up`` is v* = argmax_{v≠y} z_v, saved so that the
+  backward needs no search (-1 for ignored tokens and when every other logit is -inf);
 - ``backward(grad_loss, logits, labels, lse, runner_up, ignore_index) -> grad_logits``,
   one read and one write of the logits, with ``grad_loss`` already holding the token
   weights and the mean's 1/Σw.
@@ -19,16 +19,13 @@ Ties for v* go to the lowest index on every backend.
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
-
 import torch
 
-from alter_kernels._dispatch import resolve_backend
+from alter_kernels._dispatch import KernelPair, resolve_backend
 from alter_kernels._triton import tl, triton
-from alter_kernels._validation import check_rows_finite_somewhere, check_same_device, check_tensor
+from alter_kernels._validation import check_lse_finite, check_rows_finite_somewhere, check_same_device, check_tensor
 from alter_kernels.entropy import (
     check_logits,
-    check_lse_finite,
     check_q,
     is_shannon,
     result_dtype,
@@ -117,7 +114,7 @@ if triton is not None:
         tl.store(entropy_ptr + row, entropy)
         tl.store(weight_ptr + row, tl.where(ignored, 0.0, weight))
         tl.store(lse_ptr + row, lse)
-        tl.store(runner_up_ptr + row, best_col)
+        tl.store(runner_up_ptr + row, tl.where(ignored, -1, best_col))
 
     @triton.jit
     def _ihl_backward_kernel(
@@ -176,29 +173,19 @@ def _ihl_backward_triton(grad_loss, logits, labels, lse, runner_up, ignore_index
 
 
 def _ihl_forward_cpp(logits, labels, q, threshold, high_entropy_weight, ignore_index):
-    loss, entropy, weight, lse = torch.ops.alter_kernels.ihl_forward(
-        logits, labels, q, threshold, high_entropy_weight, ignore_index
-    )
-    return loss, entropy, weight, lse, None
+    return torch.ops.alter_kernels.ihl_forward(logits, labels, q, threshold, high_entropy_weight, ignore_index)
 
 
 def _ihl_backward_cpp(grad_loss, logits, labels, lse, runner_up, ignore_index):
-    return torch.ops.alter_kernels.ihl_backward(grad_loss, logits, labels, lse, ignore_index)
+    return torch.ops.alter_kernels.ihl_backward(grad_loss, logits, labels, lse, runner_up, ignore_index)
 
 
 # --------------------------------------------------------------------------- autograd
 
-
-class IHLKernels(NamedTuple):
-    """One backend's forward/backward split (see the module docstring)."""
-
-    forward: Callable
-    backward: Callable
-
-
+# Each kernel backend's forward/backward split (see the module docstring).
 IHL_KERNELS = {
-    "triton": IHLKernels(_ihl_forward_triton, _ihl_backward_triton),
-    "cpp": IHLKernels(_ihl_forward_cpp, _ihl_backward_cpp),
+    "triton": KernelPair(_ihl_forward_triton, _ihl_backward_triton),
+    "cpp": KernelPair(_ihl_forward_cpp, _ihl_backward_cpp),
 }
 
 
@@ -207,7 +194,7 @@ class InvertedHingeLossFunction(torch.autograd.Function):
     through a backend's kernels; only the loss is differentiable."""
 
     @staticmethod
-    def forward(ctx, logits, labels, q, threshold, high_entropy_weight, ignore_index, kernels: IHLKernels):
+    def forward(ctx, logits, labels, q, threshold, high_entropy_weight, ignore_index, kernels: KernelPair):
         loss, entropy, weight, lse, runner_up = kernels.forward(
             logits, labels, q, threshold, high_entropy_weight, ignore_index
         )

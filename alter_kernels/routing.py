@@ -66,6 +66,20 @@ def route_eager(router_logits, entropy, threshold, tau_high, tau_low, k_high, k_
 if triton is not None:
 
     @triton.jit
+    def _token_tile(num_tokens, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """This program's BLOCK_T token rows (int64) and which of them exist, and the
+        column ids of its expert and slot tiles."""
+        rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        return rows.to(tl.int64), rows < num_tokens, tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_K)
+
+    @triton.jit
+    def _token_inverse_tau(entropy_ptr, rows64, row_ok, stride_entropy, threshold, inv_tau_high, inv_tau_low):
+        """(high, 1/tau) per token: high entropy iff entropy > threshold."""
+        ent = tl.load(entropy_ptr + rows64 * stride_entropy, mask=row_ok, other=0.0).to(tl.float32)
+        high = ent > threshold
+        return high, tl.where(high, inv_tau_high, inv_tau_low)
+
+    @triton.jit
     def _route_forward_kernel(
         logits_ptr, entropy_ptr, weights_ptr, experts_ptr,
         num_tokens, num_experts, stride_logits_t, stride_logits_n, stride_entropy,
@@ -73,20 +87,15 @@ if triton is not None:
         NUM_SLOTS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         """One program routes BLOCK_T tokens; each token's N logits are one padded tile row."""
-        rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-        cols = tl.arange(0, BLOCK_N)
-        slots = tl.arange(0, BLOCK_K)
-        row_ok = rows < num_tokens
-        rows64 = rows.to(tl.int64)
-
+        rows64, row_ok, cols, slots = _token_tile(num_tokens, BLOCK_T, BLOCK_N, BLOCK_K)
         x = tl.load(
             logits_ptr + rows64[:, None] * stride_logits_t + cols[None, :] * stride_logits_n,
             mask=row_ok[:, None] & (cols[None, :] < num_experts),
             other=float("-inf"),
         ).to(tl.float32)
-        ent = tl.load(entropy_ptr + rows64 * stride_entropy, mask=row_ok, other=0.0).to(tl.float32)
-        high = ent > threshold
-        inv_tau = tl.where(high, inv_tau_high, inv_tau_low)
+        high, inv_tau = _token_inverse_tau(
+            entropy_ptr, rows64, row_ok, stride_entropy, threshold, inv_tau_high, inv_tau_low
+        )
         k = tl.where(high, k_high, k_low)
 
         # Top-k by repeated argmax-and-mask; picks land in slot j of the [BLOCK_T, BLOCK_K] tiles.
@@ -121,11 +130,7 @@ if triton is not None:
         NUM_SLOTS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         """d logit_e = w_e / tau · (g_e − Σ_k w_k g_k) for kept e, 0 elsewhere; writes dense rows."""
-        rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-        cols = tl.arange(0, BLOCK_N)
-        slots = tl.arange(0, BLOCK_K)
-        row_ok = rows < num_tokens
-        rows64 = rows.to(tl.int64)
+        rows64, row_ok, cols, slots = _token_tile(num_tokens, BLOCK_T, BLOCK_N, BLOCK_K)
         slot_mask = row_ok[:, None] & (slots[None, :] < NUM_SLOTS)
 
         saved = rows64[:, None] * NUM_SLOTS + slots[None, :]
@@ -135,8 +140,9 @@ if triton is not None:
             grad_weights_ptr + rows64[:, None] * stride_grad_t + slots[None, :] * stride_grad_k,
             mask=slot_mask, other=0.0,
         ).to(tl.float32)
-        ent = tl.load(entropy_ptr + rows64 * stride_entropy, mask=row_ok, other=0.0).to(tl.float32)
-        inv_tau = tl.where(ent > threshold, inv_tau_high, inv_tau_low)
+        _, inv_tau = _token_inverse_tau(
+            entropy_ptr, rows64, row_ok, stride_entropy, threshold, inv_tau_high, inv_tau_low
+        )
 
         # slots not kept have w = 0, so they contribute nothing
         grad_slots = w * (g - tl.sum(w * g, axis=1)[:, None]) * inv_tau[:, None]

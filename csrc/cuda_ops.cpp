@@ -38,12 +38,10 @@ std::tuple<Tensor, Tensor> entropy_forward(const Tensor& logits, double q) {
   const alter_dtype dtype = cuda_logits(op, logits);
   check_q(op, q);
   const c10::cuda::CUDAGuard guard(logits.device());
-  const int64_t T = logits.size(0);
-  Tensor entropy = at::empty({T}, logits.options().dtype(at::kFloat));
-  Tensor lse = at::empty({T}, logits.options().dtype(at::kFloat));
-  check_launch(op, alter_entropy_forward_cuda(logits.const_data_ptr(), dtype, T, logits.size(1), logits.stride(0), q,
-                                              entropy.mutable_data_ptr<float>(), lse.mutable_data_ptr<float>(),
-                                              current_stream()));
+  Tensor entropy = token_output(logits), lse = token_output(logits);
+  check_launch(op, alter_entropy_forward_cuda(logits.const_data_ptr(), dtype, logits.size(0), logits.size(1),
+                                              logits.stride(0), q, entropy.mutable_data_ptr<float>(),
+                                              lse.mutable_data_ptr<float>(), current_stream()));
   return {entropy, lse};
 }
 
@@ -56,7 +54,7 @@ Tensor entropy_backward(const Tensor& grad_entropy, const Tensor& logits, const 
   const Tensor entropy_c = token_vector(op, "entropy", entropy, logits);
   const Tensor lse_c = token_vector(op, "lse", lse, logits);
   const c10::cuda::CUDAGuard guard(logits.device());
-  Tensor grad_logits = at::empty(logits.sizes(), logits.options());
+  Tensor grad_logits = logits_grad_output(logits);
   check_launch(op, alter_entropy_backward_cuda(grad_c.const_data_ptr<float>(), logits.const_data_ptr(), dtype,
                                                logits.size(0), logits.size(1), logits.stride(0),
                                                entropy_c.const_data_ptr<float>(), lse_c.const_data_ptr<float>(), q,
@@ -64,39 +62,40 @@ Tensor entropy_backward(const Tensor& grad_entropy, const Tensor& logits, const 
   return grad_logits;
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> ihl_forward(const Tensor& logits, const Tensor& labels, double q,
-                                                       double threshold, double high_entropy_weight,
-                                                       int64_t ignore_index) {
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ihl_forward(const Tensor& logits, const Tensor& labels, double q,
+                                                               double threshold, double high_entropy_weight,
+                                                               int64_t ignore_index) {
   const char* op = "ihl_forward";
   const alter_dtype dtype = cuda_logits(op, logits);
   check_q(op, q);
   const Tensor labels_c = label_vector(op, labels, logits);
   const c10::cuda::CUDAGuard guard(logits.device());
-  const int64_t T = logits.size(0);
-  const auto f32 = logits.options().dtype(at::kFloat);
-  Tensor loss = at::empty({T}, f32), entropy = at::empty({T}, f32), weight = at::empty({T}, f32),
-         lse = at::empty({T}, f32);
-  check_launch(op, alter_ihl_forward_cuda(logits.const_data_ptr(), dtype, T, logits.size(1), logits.stride(0),
-                                          labels_c.const_data_ptr<int64_t>(), q, threshold, high_entropy_weight,
-                                          ignore_index, loss.mutable_data_ptr<float>(),
+  Tensor loss = token_output(logits), entropy = token_output(logits), weight = token_output(logits),
+         lse = token_output(logits), runner_up = token_output(logits, at::kInt);
+  check_launch(op, alter_ihl_forward_cuda(logits.const_data_ptr(), dtype, logits.size(0), logits.size(1),
+                                          logits.stride(0), labels_c.const_data_ptr<int64_t>(), q, threshold,
+                                          high_entropy_weight, ignore_index, loss.mutable_data_ptr<float>(),
                                           entropy.mutable_data_ptr<float>(), weight.mutable_data_ptr<float>(),
-                                          lse.mutable_data_ptr<float>(), current_stream()));
-  return {loss, entropy, weight, lse};
+                                          lse.mutable_data_ptr<float>(), runner_up.mutable_data_ptr<int32_t>(),
+                                          current_stream()));
+  return {loss, entropy, weight, lse, runner_up};
 }
 
 Tensor ihl_backward(const Tensor& grad_loss, const Tensor& logits, const Tensor& labels, const Tensor& lse,
-                    int64_t ignore_index) {
+                    const Tensor& runner_up, int64_t ignore_index) {
   const char* op = "ihl_backward";
   const alter_dtype dtype = cuda_logits(op, logits);
   const Tensor grad_c = token_vector(op, "grad_loss", grad_loss, logits);
   const Tensor lse_c = token_vector(op, "lse", lse, logits);
   const Tensor labels_c = label_vector(op, labels, logits);
+  const Tensor runner_up_c = runner_up_vector(op, runner_up, logits);
   const c10::cuda::CUDAGuard guard(logits.device());
-  Tensor grad_logits = at::empty(logits.sizes(), logits.options());
+  Tensor grad_logits = logits_grad_output(logits);
   check_launch(op, alter_ihl_backward_cuda(grad_c.const_data_ptr<float>(), logits.const_data_ptr(), dtype,
                                            logits.size(0), logits.size(1), logits.stride(0),
                                            labels_c.const_data_ptr<int64_t>(), lse_c.const_data_ptr<float>(),
-                                           ignore_index, grad_logits.mutable_data_ptr(), current_stream()));
+                                           runner_up_c.const_data_ptr<int32_t>(), ignore_index,
+                                           grad_logits.mutable_data_ptr(), current_stream()));
   return grad_logits;
 }
 

@@ -9,7 +9,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -133,59 +132,68 @@ inline void accumulate_chunk(Stats& st, const float* z, int64_t n, float chunk_m
   add_exp_sums(z, n, static_cast<float>(st.m), static_cast<float>(q), shannon, &st.s, &st.w);
 }
 
-// Softmax statistics of one row in one read. Also returns the largest logit other than
-// row[skip] (the IHL's max_{v != y}); skip < 0 skips nothing.
-template <typename scalar_t>
-Stats row_stats(const scalar_t* row, int64_t V, bool shannon, double q, int64_t skip, float* max_other) {
-  float buf[kChunk];
-  Stats st = Stats::empty();
-  float best_other = -INFINITY;
-  for (int64_t start = 0; start < V; start += kChunk) {
-    const int64_t n = std::min(kChunk, V - start);
-    const float* z = load_chunk(row + start, n, buf);
-    const int64_t local = skip - start;
-    float chunk_max, chunk_other;
-    if (local >= 0 && local < n) {
-      chunk_other = max_without(z, n, local);
-      chunk_max = std::max(chunk_other, z[local]);
-    } else {
-      chunk_max = chunk_other = max_of(z, n);
-    }
-    best_other = std::max(best_other, chunk_other);
-    accumulate_chunk(st, z, n, chunk_max, shannon, q);
+// The IHL's v* = argmax_{v != y} z_v of a row: the largest logit other than the target
+// and its first index (ties go to the lowest index). index stays -1 when there is no
+// other finite logit (V == 1, or all others -inf: then p_{v*} = 0 and v* does not matter).
+struct RunnerUp {
+  int64_t target;
+  float value = -INFINITY;
+  int64_t index = -1;
+};
+
+// First i in [0, n) other than skip with z[i] == value (the caller knows there is one).
+inline int64_t first_index_of(const float* z, int64_t n, float value, int64_t skip) {
+  for (int64_t i = 0; i < n; ++i) {
+    if (z[i] == value && i != skip) return i;
   }
-  *max_other = best_other;
-  return st;
+  return -1;
 }
 
-// First index of the largest logit other than row[skip]; -1 when there is none (V == 1)
-// or all others are -inf (then p_{v*} = 0 and v* does not matter).
+// Softmax statistics of one row in one read; with runner_up, also its v* in the same read
+// (a chunk is scanned for the index only when its max beats the best so far).
 template <typename scalar_t>
-int64_t argmax_without(const scalar_t* row, int64_t V, int64_t skip) {
+Stats row_stats(const scalar_t* row, int64_t V, bool shannon, double q, RunnerUp* runner_up = nullptr) {
   float buf[kChunk];
-  float best = -INFINITY;
-  int64_t best_index = -1;
+  Stats st = Stats::empty();
   for (int64_t start = 0; start < V; start += kChunk) {
     const int64_t n = std::min(kChunk, V - start);
     const float* z = load_chunk(row + start, n, buf);
-    const int64_t local = skip - start;
-    const bool has_skip = local >= 0 && local < n;
-    const float chunk_max = has_skip ? max_without(z, n, local) : max_of(z, n);
-    if (chunk_max > best) {
-      best = chunk_max;
-      for (int64_t i = 0; i < n; ++i) {
-        if (z[i] == chunk_max && i != local) {
-          best_index = start + i;
-          break;
-        }
+    float chunk_max;
+    if (runner_up == nullptr) {
+      chunk_max = max_of(z, n);
+    } else {
+      const int64_t local = runner_up->target - start;
+      const bool has_target = local >= 0 && local < n;
+      const float chunk_other = has_target ? max_without(z, n, local) : max_of(z, n);
+      chunk_max = has_target ? std::max(chunk_other, z[local]) : chunk_other;
+      if (chunk_other > runner_up->value) {  // strict: ties keep the earlier index
+        runner_up->value = chunk_other;
+        runner_up->index = start + first_index_of(z, n, chunk_other, local);
       }
     }
+    accumulate_chunk(st, z, n, chunk_max, shannon, q);
   }
-  return best_index;
+  return st;
 }
 
 // Rows per task: small rows are batched so tiny inputs do not pay for threads.
 int64_t row_grain(int64_t V) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1)); }
+
+// Calls row_fn(row, grad_row, t) for every row t of logits, rows in parallel: row is the
+// logits' row t as const scalar_t*, grad_row row t of grad_logits (contiguous [T, V] of the
+// logits' dtype), or nullptr when grad_logits is undefined (the forward ops).
+template <typename RowFn>
+void for_each_row(const Tensor& logits, const Tensor& grad_logits, const RowFn& row_fn) {
+  const int64_t T = logits.size(0), V = logits.size(1), row_stride = logits.stride(0);
+  // check_logits has vetted the dtype: the name below never reaches an error message
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "alter_kernels_logits", [&] {
+    const scalar_t* in = logits.const_data_ptr<scalar_t>();
+    scalar_t* out = grad_logits.defined() ? grad_logits.mutable_data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, T, row_grain(V), [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) row_fn(in + t * row_stride, out == nullptr ? nullptr : out + t * V, t);
+    });
+  });
+}
 
 // label_vector, plus the check of label values (cheap on the CPU).
 Tensor checked_labels(const char* op, const Tensor& labels, const Tensor& logits, int64_t ignore_index) {
@@ -199,28 +207,32 @@ Tensor checked_labels(const char* op, const Tensor& labels, const Tensor& logits
   return contiguous;
 }
 
+// runner_up_vector, plus the check of its values: -1 or a column of logits.
+Tensor checked_runner_up(const char* op, const Tensor& runner_up, const Tensor& logits) {
+  Tensor contiguous = runner_up_vector(op, runner_up, logits);
+  const int64_t T = logits.size(0), V = logits.size(1);
+  const int32_t* v = contiguous.const_data_ptr<int32_t>();
+  for (int64_t t = 0; t < T; ++t) {
+    TORCH_CHECK_VALUE(v[t] >= -1 && v[t] < V, op, ": runner_up[", t, "] = ", v[t], " is outside [-1, ", V, ")");
+  }
+  return contiguous;
+}
+
 // ---------------------------------------------------------------------------------------
 // entropy
 
 std::tuple<Tensor, Tensor> entropy_forward(const Tensor& logits, double q) {
   check_logits("entropy_forward", logits);
   check_q("entropy_forward", q);
-  const int64_t T = logits.size(0), V = logits.size(1), row_stride = logits.stride(0);
+  const int64_t V = logits.size(1);
   const bool shannon = use_shannon(q);
-  Tensor entropy = at::empty({T}, logits.options().dtype(at::kFloat));
-  Tensor lse = at::empty({T}, logits.options().dtype(at::kFloat));
+  Tensor entropy = token_output(logits), lse = token_output(logits);
   float* entropy_out = entropy.mutable_data_ptr<float>();
   float* lse_out = lse.mutable_data_ptr<float>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "entropy_forward", [&] {
-    const scalar_t* base = logits.const_data_ptr<scalar_t>();
-    at::parallel_for(0, T, row_grain(V), [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        float unused_max_other;
-        const Stats st = row_stats(base + t * row_stride, V, shannon, q, -1, &unused_max_other);
-        entropy_out[t] = static_cast<float>(st.entropy(shannon, q));
-        lse_out[t] = static_cast<float>(st.lse());
-      }
-    });
+  for_each_row(logits, Tensor(), [&](const auto* row, auto* /*no gradient*/, int64_t t) {
+    const Stats st = row_stats(row, V, shannon, q);
+    entropy_out[t] = static_cast<float>(st.entropy(shannon, q));
+    lse_out[t] = static_cast<float>(st.lse());
   });
   return {entropy, lse};
 }
@@ -246,18 +258,16 @@ ALTER_SIMD_CLONES void entropy_grad_chunk(const float* z, int64_t n, float lse, 
   }
 }
 
-template <typename scalar_t>
-void entropy_backward_row(const scalar_t* row, int64_t V, float grad, float entropy, float lse, bool shannon,
-                          float q, scalar_t* out_row) {
+// Writes a gradient row chunk by chunk: fill_chunk(z, n, start, dz) computes dz[0, n) from
+// the chunk's logits z[0, n) as floats (start: the chunk's first column).
+template <typename scalar_t, typename FillChunk>
+void write_grad_row(const scalar_t* row, int64_t V, scalar_t* out_row, const FillChunk& fill_chunk) {
   float in_buf[kChunk], out_buf[kChunk];
-  // Shannon: -g p (d + H); Tsallis: a (p^q - p P_q) with a = -g q/(q-1).
-  const float scale = shannon ? -grad : -grad * q / (q - 1.0f);
-  const float offset = shannon ? entropy : 1.0f - (q - 1.0f) * entropy;
   for (int64_t start = 0; start < V; start += kChunk) {
     const int64_t n = std::min(kChunk, V - start);
     const float* z = load_chunk(row + start, n, in_buf);
     float* dz = chunk_out(out_row + start, out_buf);
-    entropy_grad_chunk(z, n, lse, scale, offset, q, shannon, dz);
+    fill_chunk(z, n, start, dz);
     store_chunk(dz, n, out_row + start);
   }
 }
@@ -267,7 +277,6 @@ Tensor entropy_backward(const Tensor& grad_entropy, const Tensor& logits, const 
   const char* op = "entropy_backward";
   check_logits(op, logits);
   check_q(op, q);
-  const int64_t T = logits.size(0), V = logits.size(1), row_stride = logits.stride(0);
   const Tensor grad_c = token_vector(op, "grad_entropy", grad_entropy, logits);
   const Tensor entropy_c = token_vector(op, "entropy", entropy, logits);
   const Tensor lse_c = token_vector(op, "lse", lse, logits);
@@ -275,15 +284,15 @@ Tensor entropy_backward(const Tensor& grad_entropy, const Tensor& logits, const 
   const float* ent = entropy_c.const_data_ptr<float>();
   const float* lse_in = lse_c.const_data_ptr<float>();
   const bool shannon = use_shannon(q);
-  Tensor grad_logits = at::empty({T, V}, logits.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "entropy_backward", [&] {
-    const scalar_t* in = logits.const_data_ptr<scalar_t>();
-    scalar_t* out = grad_logits.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, T, row_grain(V), [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        entropy_backward_row(in + t * row_stride, V, grad[t], ent[t], lse_in[t], shannon, static_cast<float>(q),
-                             out + t * V);
-      }
+  const float qf = static_cast<float>(q);
+  const int64_t V = logits.size(1);
+  Tensor grad_logits = logits_grad_output(logits);
+  for_each_row(logits, grad_logits, [&](const auto* row, auto* grad_row, int64_t t) {
+    // Shannon: -g p (d + H); Tsallis: a (p^q - p P_q) with a = -g q/(q-1).
+    const float scale = shannon ? -grad[t] : -grad[t] * qf / (qf - 1.0f);
+    const float offset = shannon ? ent[t] : 1.0f - (qf - 1.0f) * ent[t];
+    write_grad_row(row, V, grad_row, [&](const float* z, int64_t n, int64_t, float* dz) {
+      entropy_grad_chunk(z, n, lse_in[t], scale, offset, qf, shannon, dz);
     });
   });
   return grad_logits;
@@ -293,101 +302,82 @@ Tensor entropy_backward(const Tensor& grad_entropy, const Tensor& logits, const 
 // inverted hinge loss
 
 // loss = 1 + p_y - max_{v != y} p_v (0 for ignored tokens), entropy and lse of every row,
-// weight = 0 (ignored) | 1 (entropy <= threshold) | high_entropy_weight; all in one read.
-std::tuple<Tensor, Tensor, Tensor, Tensor> ihl_forward(const Tensor& logits, const Tensor& labels, double q,
-                                                       double threshold, double high_entropy_weight,
-                                                       int64_t ignore_index) {
+// weight = 0 (ignored) | 1 (entropy <= threshold) | high_entropy_weight, and the runner-up
+// v* (int32, -1 for ignored tokens and when there is none) for the backward; all in one read.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ihl_forward(const Tensor& logits, const Tensor& labels, double q,
+                                                               double threshold, double high_entropy_weight,
+                                                               int64_t ignore_index) {
   const char* op = "ihl_forward";
   check_logits(op, logits);
   check_q(op, q);
-  const int64_t T = logits.size(0), V = logits.size(1), row_stride = logits.stride(0);
+  const int64_t V = logits.size(1);
   const Tensor labels_c = checked_labels(op, labels, logits, ignore_index);
   const int64_t* y = labels_c.const_data_ptr<int64_t>();
   const bool shannon = use_shannon(q);
-  const auto f32 = logits.options().dtype(at::kFloat);
-  Tensor loss = at::empty({T}, f32), entropy = at::empty({T}, f32), weight = at::empty({T}, f32),
-         lse = at::empty({T}, f32);
+  Tensor loss = token_output(logits), entropy = token_output(logits), weight = token_output(logits),
+         lse = token_output(logits), runner_up = token_output(logits, at::kInt);
   float* loss_out = loss.mutable_data_ptr<float>();
   float* entropy_out = entropy.mutable_data_ptr<float>();
   float* weight_out = weight.mutable_data_ptr<float>();
   float* lse_out = lse.mutable_data_ptr<float>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ihl_forward", [&] {
-    const scalar_t* base = logits.const_data_ptr<scalar_t>();
-    at::parallel_for(0, T, row_grain(V), [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        const scalar_t* row = base + t * row_stride;
-        const bool ignored = y[t] == ignore_index;
-        float max_other;
-        const Stats st = row_stats(row, V, shannon, q, ignored ? -1 : y[t], &max_other);
-        const double ent = st.entropy(shannon, q), row_lse = st.lse();
-        entropy_out[t] = static_cast<float>(ent);
-        lse_out[t] = static_cast<float>(row_lse);
-        if (ignored) {
-          loss_out[t] = 0.0f;
-          weight_out[t] = 0.0f;
-        } else {
-          const double p_y = std::exp(static_cast<float>(row[y[t]]) - row_lse);
-          const double p_other = std::exp(max_other - row_lse);  // 0 when V == 1
-          loss_out[t] = static_cast<float>(1.0 + p_y - p_other);
-          weight_out[t] = ent > threshold ? static_cast<float>(high_entropy_weight) : 1.0f;
-        }
-      }
-    });
+  int32_t* runner_up_out = runner_up.mutable_data_ptr<int32_t>();
+  for_each_row(logits, Tensor(), [&](const auto* row, auto* /*no gradient*/, int64_t t) {
+    const bool ignored = y[t] == ignore_index;
+    RunnerUp other{y[t]};
+    const Stats st = row_stats(row, V, shannon, q, ignored ? nullptr : &other);
+    const double ent = st.entropy(shannon, q), row_lse = st.lse();
+    entropy_out[t] = static_cast<float>(ent);
+    lse_out[t] = static_cast<float>(row_lse);
+    runner_up_out[t] = static_cast<int32_t>(other.index);  // V < 2^31
+    if (ignored) {
+      loss_out[t] = 0.0f;
+      weight_out[t] = 0.0f;
+    } else {
+      const double p_y = std::exp(static_cast<float>(row[y[t]]) - row_lse);
+      const double p_other = std::exp(other.value - row_lse);  // 0 when there is no v*
+      loss_out[t] = static_cast<float>(1.0 + p_y - p_other);
+      weight_out[t] = ent > threshold ? static_cast<float>(high_entropy_weight) : 1.0f;
+    }
   });
-  return {loss, entropy, weight, lse};
+  return {loss, entropy, weight, lse, runner_up};
 }
 
-// dL/dz_j = g (p_y (δ_jy - p_j) - p_v* (δ_jv* - p_j)) = g (p_v* - p_y) p_j + g p_y δ_jy - g p_v* δ_jv*.
-// The row is read twice (v* = argmax_{v != y}, then the gradient); the second read of a
-// row that fits in L2 (V = 128k in float32) comes from cache.
+// dL/dz_j = g (p_y (δ_jy - p_j) - p_v* (δ_jv* - p_j)) = g (p_v* - p_y) p_j + g p_y δ_jy - g p_v* δ_jv*,
+// with v* saved by the forward: one read of the row and one write of its gradient.
 // dz = scale * e^{z - lse}
 ALTER_SIMD_CLONES void scaled_softmax_chunk(const float* z, int64_t n, float lse, float scale, float* dz) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) dz[i] = scale * exp_nonpositive(z[i] - lse);
 }
 
-template <typename scalar_t>
-void ihl_backward_row(const scalar_t* row, int64_t V, float grad, int64_t label, float lse, scalar_t* out_row) {
-  float in_buf[kChunk], out_buf[kChunk];
-  const int64_t other = argmax_without(row, V, label);
-  const float p_y = std::exp(static_cast<float>(row[label]) - lse);
-  const float p_other = other >= 0 ? std::exp(static_cast<float>(row[other]) - lse) : 0.0f;
-  const float dense = grad * (p_other - p_y);
-  for (int64_t start = 0; start < V; start += kChunk) {
-    const int64_t n = std::min(kChunk, V - start);
-    const float* z = load_chunk(row + start, n, in_buf);
-    float* dz = chunk_out(out_row + start, out_buf);
-    scaled_softmax_chunk(z, n, lse, dense, dz);
-    if (label >= start && label < start + n) dz[label - start] += grad * p_y;
-    if (other >= start && other < start + n) dz[other - start] -= grad * p_other;
-    store_chunk(dz, n, out_row + start);
-  }
-}
-
 Tensor ihl_backward(const Tensor& grad_loss, const Tensor& logits, const Tensor& labels, const Tensor& lse,
-                    int64_t ignore_index) {
+                    const Tensor& runner_up, int64_t ignore_index) {
   const char* op = "ihl_backward";
   check_logits(op, logits);
-  const int64_t T = logits.size(0), V = logits.size(1), row_stride = logits.stride(0);
   const Tensor grad_c = token_vector(op, "grad_loss", grad_loss, logits);
   const Tensor lse_c = token_vector(op, "lse", lse, logits);
   const Tensor labels_c = checked_labels(op, labels, logits, ignore_index);
+  const Tensor runner_up_c = checked_runner_up(op, runner_up, logits);
   const float* grad = grad_c.const_data_ptr<float>();
   const float* lse_in = lse_c.const_data_ptr<float>();
   const int64_t* y = labels_c.const_data_ptr<int64_t>();
-  Tensor grad_logits = at::empty({T, V}, logits.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ihl_backward", [&] {
-    const scalar_t* in = logits.const_data_ptr<scalar_t>();
-    scalar_t* out = grad_logits.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, T, row_grain(V), [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        scalar_t* out_row = out + t * V;
-        if (y[t] == ignore_index) {
-          std::fill(out_row, out_row + V, static_cast<scalar_t>(0));
-        } else {
-          ihl_backward_row(in + t * row_stride, V, grad[t], y[t], lse_in[t], out_row);
-        }
-      }
+  const int32_t* v_star = runner_up_c.const_data_ptr<int32_t>();
+  const int64_t V = logits.size(1);
+  Tensor grad_logits = logits_grad_output(logits);
+  for_each_row(logits, grad_logits, [&](const auto* row, auto* grad_row, int64_t t) {
+    using scalar_t = std::remove_pointer_t<decltype(grad_row)>;
+    const int64_t label = y[t], other = v_star[t];
+    if (label == ignore_index) {
+      std::fill(grad_row, grad_row + V, static_cast<scalar_t>(0));
+      return;
+    }
+    const float g = grad[t], row_lse = lse_in[t];
+    const float p_y = std::exp(static_cast<float>(row[label]) - row_lse);
+    const float p_other = other >= 0 ? std::exp(static_cast<float>(row[other]) - row_lse) : 0.0f;
+    write_grad_row(row, V, grad_row, [&](const float* z, int64_t n, int64_t start, float* dz) {
+      scaled_softmax_chunk(z, n, row_lse, g * (p_other - p_y), dz);
+      if (label >= start && label < start + n) dz[label - start] += g * p_y;
+      if (other >= start && other < start + n) dz[other - start] -= g * p_other;
     });
   });
   return grad_logits;

@@ -11,8 +11,10 @@ TORCH_LIBRARY(alter_kernels, m) {
   m.def("entropy_backward(Tensor grad_entropy, Tensor logits, Tensor entropy, Tensor lse, float q) -> Tensor");
   m.def(
       "ihl_forward(Tensor logits, Tensor labels, float q, float threshold, float high_entropy_weight, "
-      "int ignore_index) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("ihl_backward(Tensor grad_loss, Tensor logits, Tensor labels, Tensor lse, int ignore_index) -> Tensor");
+      "int ignore_index) -> (Tensor loss, Tensor entropy, Tensor weight, Tensor lse, Tensor runner_up)");
+  m.def(
+      "ihl_backward(Tensor grad_loss, Tensor logits, Tensor labels, Tensor lse, Tensor runner_up, "
+      "int ignore_index) -> Tensor");
   m.def("moe_align(Tensor experts, int num_experts, int block_m) -> (Tensor, Tensor, Tensor)");
 }
 

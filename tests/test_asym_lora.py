@@ -7,6 +7,7 @@ import torch
 
 from alter_kernels import BackendUnavailable, asym_lora
 from alter_kernels.asym_lora import asym_lora_eager, asym_lora_eager_dense
+from alter_kernels.routing import route_eager
 
 DEVICES = conftest.test_devices()
 
@@ -109,10 +110,10 @@ TOLERANCE = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 4e-3, tor
 NAMES = ("delta", "grad_x", "grad_A", "grad_B", "grad_weights")
 
 
-def assert_matches_reference(got, expected, dtype):
+def assert_matches_reference(got, expected, dtype, weights_dtype=torch.float32):
     tol = TOLERANCE[dtype]
     for name, value, want in zip(NAMES, got, expected):
-        assert value.dtype == (torch.float32 if name == "grad_weights" else dtype), name
+        assert value.dtype == (weights_dtype if name == "grad_weights" else dtype), name
         scale = want.abs().max().item()
         assert scale > 0, f"{name}: the reference is all zeros; the test would be vacuous"
         torch.testing.assert_close(
@@ -134,16 +135,23 @@ def test_matches_float64_reference(case, dtype, impl, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("weights_dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-def test_triton_float64_matches_reference(case, device):
-    """The triton kernels keep float64 end to end (scaling included)."""
+def test_triton_float64_matches_reference(case, weights_dtype, device):
+    """The triton kernels keep float64 end to end (scaling included), with float32 or
+    float64 gate weights."""
     conftest.require_backend("triton", device)
     x, A, B, weights, experts, mask, grad_out = make_inputs(case, torch.float64, device)
+    weights = weights.to(weights_dtype)
     scaling = 0.37  # not a power of two: a float32 scaling would show
     got = run("triton", x, A, B, weights, experts, scaling, mask, grad_out)
     want = reference(x, A, B, weights, experts, scaling, mask, grad_out)
+    if weights_dtype == torch.float64:
+        assert_matches_reference(got, want, torch.float64, weights_dtype=torch.float64)
+        return
     # grad_weights is float32 (the dtype of weights): compare it at float32 precision
     assert_matches_reference(got[:4], want[:4], torch.float64)
+    assert got[4].dtype == torch.float32
     torch.testing.assert_close(got[4].double(), want[4], atol=1e-6 * want[4].abs().max().item(), rtol=1e-6)
 
 
@@ -217,19 +225,43 @@ def test_eager_gradcheck_float64(formulation):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_triton_gradcheck_float64(device):
-    """The triton autograd Function is consistent with its own forward (x, A, B; the
-    float32 route weights are covered by the reference comparison). fast_mode: random
-    projections of the Jacobian keep the interpreter run short."""
+    """The triton autograd Function is consistent with its own forward (x, A, B and the
+    float64 gate weights). fast_mode: random projections of the Jacobian keep the
+    interpreter run short."""
     conftest.require_backend("triton", device)
     T, k, d, r, N = 7, 4, 5, 2, 3
     x = torch.randn(T, k, dtype=torch.float64, device=device, requires_grad=True)
     A = torch.randn(r, k, dtype=torch.float64, device=device, requires_grad=True)
     B = torch.randn(N, d, r, dtype=torch.float64, device=device, requires_grad=True)
-    weights = torch.rand(T, 2, device=device)
+    weights = torch.rand(T, 2, dtype=torch.float64, device=device, requires_grad=True)
     experts = torch.tensor(GRADCHECK_EXPERTS, dtype=torch.int32, device=device)
     assert torch.autograd.gradcheck(
-        lambda x, A, B: asym_lora(x, A, B, weights, experts, 0.8, backend="triton"), (x, A, B), fast_mode=True
+        lambda *t: asym_lora(*t, experts, 0.8, backend="triton"), (x, A, B, weights), fast_mode=True
     )
+
+
+def test_route_into_asym_lora_gradcheck_float64():
+    """The router's gradient through the gate weights: float64 router logits routed by the
+    eager reference of route (float64 weights) into the eager asym_lora, gradchecked in
+    float64 together with x, A and B. The logits are spaced 0.3 apart and the entropies
+    far from the threshold, so finite differences never change the selected experts."""
+    T, k, d, r, N = 6, 5, 4, 3, 5
+    entropy = torch.tensor([0.3, 2.0, 1.0, 1.5, 0.1, 3.0], dtype=torch.float64)
+    ranks = torch.stack([torch.randperm(N) for _ in range(T)]).double()
+    router_logits = (ranks * 0.3 + torch.rand(T, N, dtype=torch.float64) * 0.075).requires_grad_()
+    x = torch.randn(T, k, dtype=torch.float64, requires_grad=True)
+    A = torch.randn(r, k, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(N, d, r, dtype=torch.float64, requires_grad=True)
+
+    def delta(router_logits, x, A, B):
+        # threshold 1.2: tokens 1, 3, 5 are high entropy (top 3 at tau 0.8), the others top 2 at tau 0.5
+        weights, experts = route_eager(router_logits, entropy, 1.2, 0.8, 0.5, 3, 2)
+        assert weights.dtype == torch.float64
+        return asym_lora(x, A, B, weights, experts, 0.8, backend="eager")
+
+    assert torch.autograd.gradcheck(delta, (router_logits, x, A, B))
+    (grad_logits,) = torch.autograd.grad(delta(router_logits, x, A, B).sum(), router_logits)
+    assert grad_logits.abs().max() > 0  # the gate weights do carry gradient to the router
 
 
 def _valid_args():
@@ -250,7 +282,7 @@ BAD_INPUTS = [
     ("x", lambda a: a["x"].long(), TypeError, "x must have dtype"),
     ("A", lambda a: a["A"].double(), TypeError, "x, A and B must share one dtype"),
     ("B", lambda a: a["B"][0], ValueError, "B must have 3 dimensions"),
-    ("weights", lambda a: a["weights"].double(), TypeError, "weights must have dtype"),
+    ("weights", lambda a: a["weights"].double(), TypeError, r"weights must have dtype in \(float32\), got float64"),
     ("experts", lambda a: a["experts"].long(), TypeError, "experts must have dtype"),
     ("a_grad_mask", lambda a: a["a_grad_mask"].float(), TypeError, "a_grad_mask must have dtype"),
     ("scaling", lambda a: "2", TypeError, "scaling must be a real number"),

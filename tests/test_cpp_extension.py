@@ -1,5 +1,5 @@
-"""The compiled extension alter_kernels._C: torch.ops.alter_kernels.* against float64
-formulas written here from DESIGN.md §1, moe_align against its eager reference, input
+"""The compiled extension alter_kernels._C: torch.ops.alter_kernels.* against the float64
+references of tests/_reference.py (DESIGN.md §1), moe_align against its eager reference, input
 errors, fake kernels and torch.compile.
 
 Precision model: the reference is computed in float64 from the *same* (already rounded)
@@ -12,6 +12,15 @@ import os
 import pytest
 import torch
 
+from _reference import (
+    grid,
+    is_shannon,
+    log_softmax64,
+    reference_entropy,
+    reference_entropy_grad,
+    reference_ihl,
+    reference_lse,
+)
 from alter_kernels._dispatch import cpp_extension
 from alter_kernels.routing import moe_align_eager
 from conftest import require_backend
@@ -37,6 +46,8 @@ GRAD_TOL = {
     torch.bfloat16: dict(rtol=8e-3, atol=1e-30),
 }
 TERM_RTOL = 2e-5
+# Every device, dtype, q and vocabulary size.
+GRID = grid(device=devices_under_test(), dtype=DTYPES, q=QS, V=VOCABS)
 
 
 def test_extension_is_built_unless_disabled():
@@ -65,57 +76,44 @@ def make_logits(T, V, dtype, device, *, scale=3.0, neg_inf=True, row_pad=5):
     return base.to(dtype=dtype, device=device)[:, :V]
 
 
-def entropy_reference(z, q):
-    """(entropy, lse, p, log p) in float64 from DESIGN.md §1."""
-    z = z.double()
-    lse = torch.logsumexp(z, -1)
-    logp = z - lse[:, None]
-    p = logp.exp()
-    if abs(q - 1.0) < 1e-3:
-        entropy = -(p * logp.clamp(min=-1e300)).sum(-1)  # p log p -> 0 where p = 0
-    else:
-        entropy = (1.0 - torch.exp(q * logp).sum(-1)) / (q - 1.0)
-    return entropy, lse, p, logp
-
-
-def entropy_grad_reference(z, q, grad_entropy):
-    """dS_q/dz_j = -q/(q-1) (p_j^q - p_j P_q), dH/dz_j = -p_j (log p_j + H), times the grad.
-    Also returns the size of the terms that cancel in each entry."""
-    entropy, _, p, logp = entropy_reference(z, q)
-    g = grad_entropy.double()[:, None]
-    if abs(q - 1.0) < 1e-3:
-        log_p = logp.clamp(min=-1e300)
-        return -g * p * (log_p + entropy[:, None]), g.abs() * p * (log_p.abs() + entropy[:, None] + 1)
-    p_q = torch.exp(q * logp)
-    P_q = p_q.sum(-1, keepdim=True)
-    factor = g * q / (q - 1.0)
+def entropy_grad_terms(z, q, grad_entropy):
+    """Per entry, the size of the terms that cancel in the gradient formulas (the float32
+    error of the kernels scales with it)."""
+    entropy = reference_entropy(z, q)[:, None]
+    log_p = log_softmax64(z)
+    p = log_p.exp()
+    g = grad_entropy.double().cpu()[:, None]
+    if is_shannon(q):
+        return g.abs() * p * (log_p.clamp(min=-1e300).abs() + entropy + 1)
+    p_q = torch.exp(q * log_p)
     # the kernel gets P_q = 1 - (q-1) S from float32 S: that cancels when P_q << 1
-    P_q_size = P_q + abs(q - 1.0) * entropy.abs()[:, None]
-    return -factor * (p_q - p * P_q), factor.abs() * (p_q + p * P_q_size)
+    P_q_size = p_q.sum(-1, keepdim=True) + abs(q - 1.0) * entropy.abs()
+    return (g * q / (q - 1.0)).abs() * (p_q + p * P_q_size)
 
 
-def ihl_reference(z, labels, q, threshold, high_entropy_weight, grad_loss):
-    """loss, entropy, weight, lse and grad_logits of the inverted hinge loss in float64."""
-    entropy, lse, p, _ = entropy_reference(z, q)
-    T, V = z.shape
-    kept = labels != IGNORE
-    y = torch.where(kept, labels, 0)
+def ihl_grad_terms(z, labels, runner_up, grad_loss):
+    """Per entry, the size of the terms of g (p_y (δ_jy - p_j) - p_v* (δ_jv* - p_j))."""
+    p = log_softmax64(z).exp()
+    V = z.shape[1]
+    kept = labels.cpu() != IGNORE
+    y = torch.where(kept, labels.cpu(), 0)
     p_y = p.gather(1, y[:, None])[:, 0]
-    others = z.double().scatter(1, y[:, None], float("-inf"))
-    best_other, v_star = others.max(-1)  # first index of the max, as the kernel
-    p_other = torch.exp(best_other - lse)  # 0 for V == 1
-    loss = torch.where(kept, 1.0 + p_y - p_other, 0.0)
-    weight = torch.where(kept, torch.where(entropy > threshold, high_entropy_weight, 1.0), 0.0)
+    has_other = runner_up >= 0
+    p_other = torch.where(has_other, p.gather(1, runner_up.clamp(min=0)[:, None])[:, 0], 0.0)
     onehot_y = torch.nn.functional.one_hot(y, V).double()
-    onehot_v = torch.nn.functional.one_hot(v_star, V).double() if V > 1 else torch.zeros_like(p)
-    g = grad_loss.double()[:, None] * kept[:, None]
-    grad = g * (p_y[:, None] * (onehot_y - p) - p_other[:, None] * (onehot_v - p))
-    terms = g.abs() * (p_y + p_other)[:, None] * (p + onehot_y + onehot_v)
-    return loss, entropy, weight, lse, grad, terms
+    onehot_v = torch.nn.functional.one_hot(runner_up.clamp(min=0), V).double() * has_other[:, None]
+    g = grad_loss.double().cpu()[:, None] * kept[:, None]
+    return g.abs() * (p_y + p_other)[:, None] * (p + onehot_y + onehot_v)
 
 
 def assert_close64(actual, expected, **tol):
     torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), equal_nan=False, **tol)
+
+
+def assert_entropy_grad_close(actual, z, q, grad_entropy, dtype):
+    """assert_grad_close against the float64 entropy gradient."""
+    expected = reference_entropy_grad(z, q, grad_entropy)
+    assert_grad_close(actual, expected, entropy_grad_terms(z, q, grad_entropy), dtype)
 
 
 def assert_grad_close(actual, expected, terms, dtype):
@@ -135,35 +133,21 @@ def assert_grad_close(actual, expected, terms, dtype):
 # entropy
 
 
-@pytest.mark.parametrize("device", devices_under_test())
-@pytest.mark.parametrize("V", VOCABS)
-@pytest.mark.parametrize("q", QS)
-@pytest.mark.parametrize("dtype", DTYPES)
+@GRID
 def test_entropy_forward_backward(device, dtype, q, V):
     require_backend("cpp", device)
     T = 3 if V > 1000 else 6
     z = make_logits(T, V, dtype, device)
     entropy, lse = ops.entropy_forward(z, q)
     assert entropy.dtype == lse.dtype == torch.float32 and entropy.shape == lse.shape == (T,)
-    ref_entropy, ref_lse, _, _ = entropy_reference(z, q)
     # Tsallis q < 1 sums p^q ~ sqrt(V) terms: the error scales with |S|, hence rtol
-    assert_close64(entropy, ref_entropy, **F32_TOL)
-    assert_close64(lse, ref_lse, **F32_TOL)
+    assert_close64(entropy, reference_entropy(z, q), **F32_TOL)
+    assert_close64(lse, reference_lse(z), **F32_TOL)
 
     grad_entropy = torch.randn(T, device=device)
     grad = ops.entropy_backward(grad_entropy, z, entropy, lse, q)
     assert grad.dtype == dtype and grad.shape == (T, V) and grad.is_contiguous()
-    assert_grad_close(grad, *entropy_grad_reference(z, q, grad_entropy.cpu()), dtype)
-
-
-def test_entropy_reference_gradient_matches_autograd():
-    """The closed-form gradient used above is the derivative of the entropy formula."""
-    z = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
-    for q in QS:
-        entropy, _, _, _ = entropy_reference(z, q)
-        g = torch.randn(4, dtype=torch.float64)
-        (auto,) = torch.autograd.grad(entropy, z, g)
-        torch.testing.assert_close(entropy_grad_reference(z.detach(), q, g)[0], auto, rtol=1e-10, atol=1e-12)
+    assert_entropy_grad_close(grad, z, q, grad_entropy, dtype)
 
 
 @pytest.mark.parametrize("device", devices_under_test())
@@ -173,7 +157,7 @@ def test_entropy_near_one_uses_shannon(device):
     z = make_logits(4, 100, torch.float32, device, neg_inf=False)
     shannon, _ = ops.entropy_forward(z, 1.0)
     assert_close64(ops.entropy_forward(z, 1.0 + 5e-4)[0], shannon, rtol=0, atol=0)
-    ref, _, _, _ = entropy_reference(z, 1.0 + 2e-3)
+    ref = reference_entropy(z, 1.0 + 2e-3)
     # 1 - P_q cancels to ~2e-3 * S: float32 error of P_q is amplified by 1 / (q - 1)
     assert_close64(ops.entropy_forward(z, 1.0 + 2e-3)[0], ref, rtol=1e-3, atol=1e-3)
 
@@ -191,12 +175,11 @@ def test_entropy_masked_chunks_and_late_max(device):
     z = z.float().to(device)
     for q in QS:
         entropy, lse = ops.entropy_forward(z, q)
-        ref_entropy, ref_lse, _, _ = entropy_reference(z, q)
-        assert_close64(entropy, ref_entropy, **F32_TOL)
-        assert_close64(lse, ref_lse, **F32_TOL)
+        assert_close64(entropy, reference_entropy(z, q), **F32_TOL)
+        assert_close64(lse, reference_lse(z), **F32_TOL)
         g = torch.randn(4, device=device)
         grad = ops.entropy_backward(g, z, entropy, lse, q)
-        assert_grad_close(grad, *entropy_grad_reference(z, q, g.cpu()), torch.float32)
+        assert_entropy_grad_close(grad, z, q, g, torch.float32)
 
 
 def test_float64_logits_run_in_float32_on_cpu():
@@ -212,7 +195,7 @@ def test_entropy_grad_entropy_may_be_expanded(device):
     z = make_logits(5, 33, torch.float32, device)
     entropy, lse = ops.entropy_forward(z, 2.0)
     grad = ops.entropy_backward(torch.ones((), device=device).expand(5), z, entropy, lse, 2.0)
-    assert_grad_close(grad, *entropy_grad_reference(z, 2.0, torch.ones(5)), torch.float32)
+    assert_entropy_grad_close(grad, z, 2.0, torch.ones(5), torch.float32)
 
 
 # ----------------------------------------------------------------------------------------
@@ -230,10 +213,7 @@ def midpoint_threshold(entropy):
     return float(values[i] + values[i + 1]) / 2
 
 
-@pytest.mark.parametrize("device", devices_under_test())
-@pytest.mark.parametrize("V", VOCABS)
-@pytest.mark.parametrize("q", QS)
-@pytest.mark.parametrize("dtype", DTYPES)
+@GRID
 def test_ihl_forward_backward(device, dtype, q, V):
     require_backend("cpp", device)
     T = 4 if V > 1000 else 8
@@ -241,22 +221,24 @@ def test_ihl_forward_backward(device, dtype, q, V):
     labels = torch.randint(0, V, (T,))
     labels[2] = IGNORE
     labels = labels.to(device)
-    ref_entropy, _, _, _ = entropy_reference(z, q)
-    threshold = midpoint_threshold(ref_entropy)
+    threshold = midpoint_threshold(reference_entropy(z, q))
     grad_loss = torch.randn(T, device=device)
-    loss, entropy, weight, lse = ops.ihl_forward(z, labels, q, threshold, 0.25, IGNORE)
-    ref = ihl_reference(z, labels.cpu(), q, threshold, 0.25, grad_loss.cpu())
+    loss, entropy, weight, lse, runner_up = ops.ihl_forward(z, labels, q, threshold, 0.25, IGNORE)
+    ref = reference_ihl(z, labels, q, threshold, 0.25, IGNORE)
     for out in (loss, entropy, weight, lse):
         assert out.dtype == torch.float32 and out.shape == (T,)
-    assert_close64(loss, ref[0], **F32_TOL)
-    assert_close64(entropy, ref[1], **F32_TOL)
-    assert_close64(weight, ref[2], rtol=0, atol=0)
-    assert_close64(lse, ref[3], **F32_TOL)
+    assert_close64(loss, ref.loss, **F32_TOL)
+    assert_close64(entropy, ref.entropy, **F32_TOL)
+    assert_close64(weight, ref.weight, rtol=0, atol=0)
+    assert_close64(lse, reference_lse(z), **F32_TOL)
     assert loss[2] == 0 and weight[2] == 0
+    # v* is chosen among the same values (float32 holds every input dtype exactly): no rounding
+    assert runner_up.dtype == torch.int32 and torch.equal(runner_up.cpu().long(), ref.runner_up)
 
-    grad = ops.ihl_backward(grad_loss, z, labels, lse, IGNORE)
+    grad = ops.ihl_backward(grad_loss, z, labels, lse, runner_up, IGNORE)
     assert grad.dtype == dtype and grad.shape == (T, V)
-    assert_grad_close(grad, ref[4], ref[5], dtype)
+    expected = grad_loss.double().cpu()[:, None] * ref.grad
+    assert_grad_close(grad, expected, ihl_grad_terms(z, labels, ref.runner_up, grad_loss), dtype)
     assert (grad[2] == 0).all()
 
 
@@ -266,11 +248,12 @@ def test_ihl_vocab_of_one(device):
     require_backend("cpp", device)
     z = torch.randn(3, 1, device=device)
     labels = torch.tensor([0, IGNORE, 0], device=device)
-    loss, entropy, weight, lse = ops.ihl_forward(z, labels, 2.0, 1.2, 0.0, IGNORE)
+    loss, entropy, weight, lse, runner_up = ops.ihl_forward(z, labels, 2.0, 1.2, 0.0, IGNORE)
     assert loss.tolist() == [2.0, 0.0, 2.0]
     assert entropy.tolist() == [0.0, 0.0, 0.0] and weight.tolist() == [1.0, 0.0, 1.0]
     assert_close64(lse, z[:, 0], rtol=0, atol=0)
-    assert (ops.ihl_backward(torch.ones(3, device=device), z, labels, lse, IGNORE) == 0).all()
+    assert runner_up.tolist() == [-1, -1, -1]
+    assert (ops.ihl_backward(torch.ones(3, device=device), z, labels, lse, runner_up, IGNORE) == 0).all()
 
 
 @pytest.mark.parametrize("device", devices_under_test())
@@ -278,10 +261,11 @@ def test_ihl_custom_ignore_index(device):
     require_backend("cpp", device)
     z = make_logits(5, 11, torch.float32, device, neg_inf=False)
     labels = torch.tensor([3, -1, 0, 10, -1], device=device)
-    loss, _, weight, lse = ops.ihl_forward(z, labels, 1.0, 100.0, 0.0, -1)
+    loss, _, weight, lse, runner_up = ops.ihl_forward(z, labels, 1.0, 100.0, 0.0, -1)
     assert loss[1] == 0 and loss[4] == 0 and (loss[[0, 2, 3]] > 0).all()
     assert weight.tolist() == [1.0, 0.0, 1.0, 1.0, 0.0]
-    grad = ops.ihl_backward(torch.ones(5, device=device), z, labels, lse, -1)
+    assert runner_up[1] == -1 and runner_up[4] == -1
+    grad = ops.ihl_backward(torch.ones(5, device=device), z, labels, lse, runner_up, -1)
     assert (grad[[1, 4]] == 0).all() and (grad[[0, 2, 3]] != 0).any()
 
 
@@ -289,8 +273,7 @@ def test_ihl_custom_ignore_index(device):
 # moe_align
 
 
-@pytest.mark.parametrize("device", devices_under_test())
-@pytest.mark.parametrize("block_m", [1, 3, 16, 64])
+@grid(device=devices_under_test(), block_m=[1, 3, 16, 64])
 @pytest.mark.parametrize("T,K,N", [(0, 2, 4), (1, 1, 1), (37, 3, 5), (100, 2, 8), (257, 3, 16)])
 def test_moe_align_matches_eager(device, T, K, N, block_m):
     require_backend("cpp", device)
@@ -345,8 +328,16 @@ def test_logits_errors():
         ops.ihl_forward(z, labels[:3], 2.0, 1.2, 0.0, IGNORE)
     with pytest.raises(ValueError, match=r"ihl_forward: labels\[3\] = 6 is outside \[0, 6\)"):
         ops.ihl_forward(z, torch.tensor([0, 1, IGNORE, 6]), 2.0, 1.2, 0.0, IGNORE)
+    runner_up = torch.tensor([1, 0, -1, 0], dtype=torch.int32)
     with pytest.raises(ValueError, match=r"ihl_backward: labels\[0\] = -3 is outside"):
-        ops.ihl_backward(torch.ones(4), z, torch.tensor([-3, 1, 2, 3]), lse, IGNORE)
+        ops.ihl_backward(torch.ones(4), z, torch.tensor([-3, 1, 2, 3]), lse, runner_up, IGNORE)
+    with pytest.raises(TypeError, match="ihl_backward: runner_up must be int32"):
+        ops.ihl_backward(torch.ones(4), z, labels, lse, runner_up.long(), IGNORE)
+    with pytest.raises(ValueError, match=r"ihl_backward: runner_up must have shape \[4\]"):
+        ops.ihl_backward(torch.ones(4), z, labels, lse, runner_up[:3], IGNORE)
+    for bad in (-2, 6):
+        with pytest.raises(ValueError, match=rf"ihl_backward: runner_up\[1\] = {bad} is outside \[-1, 6\)"):
+            ops.ihl_backward(torch.ones(4), z, labels, lse, torch.tensor([1, bad, -1, 0], dtype=torch.int32), IGNORE)
 
 
 def test_moe_align_errors():
@@ -372,13 +363,14 @@ def _opcheck_cases():
     z = make_logits(3, 10, torch.float32, "cpu")
     labels = torch.tensor([1, IGNORE, 9])
     entropy, lse = ops.entropy_forward(z, 2.0)
+    runner_up = ops.ihl_forward(z, labels, 1.0, 1.2, 0.0, IGNORE)[4]
     g = torch.randn(3)
     experts = torch.randint(-1, 4, (5, 2), dtype=torch.int32)
     return [
         (ops.entropy_forward, (z, 2.0)),
         (ops.entropy_backward, (g, z, entropy, lse, 2.0)),
         (ops.ihl_forward, (z, labels, 1.0, 1.2, 0.0, IGNORE)),
-        (ops.ihl_backward, (g, z, labels, lse, IGNORE)),
+        (ops.ihl_backward, (g, z, labels, lse, runner_up, IGNORE)),
         (ops.moe_align, (experts, 4, 3)),
     ]
 

@@ -1,4 +1,5 @@
-"""tsallis_entropy and fused_linear_entropy: every backend against float64 formulas written here.
+"""tsallis_entropy and fused_linear_entropy: every backend against the float64
+formulas of tests/_reference.py.
 
 Tolerances: backends accumulate in float32 on inputs that the references read exactly
 (the references upcast the same rounded fp16/bf16 tensors), so values get float32
@@ -12,7 +13,18 @@ import torch
 
 import alter_kernels.entropy as entropy_module
 from alter_kernels import BackendUnavailable, fused_linear_entropy, tsallis_entropy
-from alter_kernels.entropy import DEFAULT_CHUNK_ELEMENTS, EntropyKernels, default_chunk_size
+from alter_kernels.entropy import DEFAULT_CHUNK_ELEMENTS, default_chunk_size
+from _reference import (
+    assert_close,
+    grid,
+    is_shannon,
+    log_softmax64,
+    random_logits,
+    reference_entropy,
+    reference_entropy_grad,
+    spy_on_kernels,
+    strided_rows,
+)
 from conftest import require_backend
 from conftest import test_devices as devices_under_test  # renamed: pytest would collect test_*
 
@@ -20,6 +32,8 @@ DEVICES = devices_under_test()
 BACKENDS = ["eager", "triton", "cpp"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 Q_VALUES = [0.5, 1.0, 1.0005, 2.0, 3.5]
+# Every device, backend, dtype, small vocabulary (one word, a few, ~1k) and q.
+SMALL_VOCAB_GRID = grid(device=DEVICES, backend=BACKENDS, dtype=DTYPES, vocab=[1, 7, 1000], q=Q_VALUES)
 # Tolerance of a gradient relative to its row's largest entry. fp16/bf16: two ulps of the
 # storage format (rounding of the result, one more for interpreter truncation). float32:
 # the kernels rebuild P_q = 1 - (q-1)·S from the saved entropy, which cancels for large q
@@ -30,73 +44,31 @@ GRAD_RTOL = {torch.float32: 1e-4, torch.float16: 2 * 2**-10, torch.bfloat16: 2 *
 # ----------------------------------------------------------------------------- references
 
 
-def reference_entropy(logits, q):
-    """Float64 entropy per row straight from DESIGN.md §1 (q within 1e-3 of 1 is Shannon)."""
-    z = logits.double()
-    p = torch.exp(z - z.max(dim=-1, keepdim=True).values)
-    p = p / p.sum(dim=-1, keepdim=True)
-    if abs(q - 1.0) < 1e-3:
-        return -torch.where(p > 0, p * torch.log(p), torch.zeros_like(p)).sum(-1)
-    return (1.0 - (p**q).sum(-1)) / (q - 1.0)
-
-
-def reference_entropy_grad(logits, q, grad_entropy):
-    """Float64 dS/dz from the closed forms: -q/(q-1)(p^q - p Σp^q), Shannon -p(log p + H)."""
-    z = logits.double()
-    p = torch.exp(z - z.max(dim=-1, keepdim=True).values)
-    p = p / p.sum(dim=-1, keepdim=True)
-    if abs(q - 1.0) < 1e-3:
-        entropy = -torch.where(p > 0, p * torch.log(p), torch.zeros_like(p)).sum(-1, keepdim=True)
-        grad = -torch.where(p > 0, p * (torch.log(p) + entropy), torch.zeros_like(p))
-    else:
-        grad = -q / (q - 1.0) * (p**q - p * (p**q).sum(-1, keepdim=True))
-    return grad_entropy.double()[..., None] * grad
-
-
 def entropy_grad_term_scale(logits, q, grad_entropy):
     """Per row [T, 1], the largest magnitude of the terms that the gradient formulas subtract:
     |g|·q/|q-1|·(p^q + p·Σp^q), Shannon |g|·p·(|log p| + H)."""
-    z = logits.double()
-    p = torch.exp(z - z.max(dim=-1, keepdim=True).values)
-    p = p / p.sum(dim=-1, keepdim=True)
-    if abs(q - 1.0) < 1e-3:
+    p = log_softmax64(logits).exp()
+    if is_shannon(q):
         log_p = torch.where(p > 0, torch.log(p), torch.zeros_like(p))
-        terms = p * (log_p.abs() + reference_entropy(z, q)[..., None])
+        terms = p * (log_p.abs() + reference_entropy(logits, q)[..., None])
     else:
         terms = q / abs(q - 1.0) * (p**q + p * (p**q).sum(-1, keepdim=True))
-    return grad_entropy.double().abs()[..., None] * terms.amax(dim=-1, keepdim=True)
+    return grad_entropy.double().cpu().abs()[..., None] * terms.amax(dim=-1, keepdim=True)
 
 
-def random_logits(rows, vocab, dtype, device, scale=3.0):
-    """Fresh random logits, rounded to ``dtype``."""
-    return (torch.randn(rows, vocab, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
-
-
-def strided_rows(logits):
-    """The same values as a non-contiguous view: rows of a wider buffer (row stride > V)."""
-    rows, vocab = logits.shape
-    wide = torch.randn(rows, vocab + 5, device=logits.device).to(logits.dtype)
-    wide[:, 2 : 2 + vocab] = logits
-    view = wide[:, 2 : 2 + vocab]
-    assert not view.is_contiguous() or rows == 1
-    return view
-
-
-def assert_close(actual, expected, rtol, atol, what):
-    actual, expected = actual.double().cpu(), expected.double().cpu()
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    assert torch.isfinite(actual).all(), f"{what}: non-finite values {actual}"
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+def test_reference_entropy_gradient_matches_autograd():
+    """The closed-form gradient of the shared reference is the derivative of its entropy."""
+    z = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
+    for q in Q_VALUES:
+        g = torch.randn(4, dtype=torch.float64)
+        (auto,) = torch.autograd.grad(reference_entropy(z, q), z, g)
+        torch.testing.assert_close(reference_entropy_grad(z.detach(), q, g), auto, rtol=1e-10, atol=1e-12)
 
 
 # ----------------------------------------------------------------------------- values
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("vocab", [1, 7, 1000])
-@pytest.mark.parametrize("q", Q_VALUES)
+@SMALL_VOCAB_GRID
 def test_entropy_matches_float64(device, backend, dtype, vocab, q):
     require_backend(backend, device)
     logits = random_logits(5, vocab, dtype, device)
@@ -110,11 +82,7 @@ def test_entropy_matches_float64(device, backend, dtype, vocab, q):
         assert torch.equal(entropy.cpu(), torch.zeros(5)), "a one-word vocabulary has zero entropy"
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("vocab", [32003, 128256])
-@pytest.mark.parametrize("q", [0.5, 1.0, 2.0])
+@grid(device=DEVICES, backend=BACKENDS, dtype=[torch.float32, torch.bfloat16], vocab=[32003, 128256], q=[0.5, 1.0, 2.0])
 def test_entropy_large_vocab(device, backend, dtype, vocab, q):
     require_backend(backend, device)
     logits = random_logits(3, vocab, dtype, device, scale=2.0)
@@ -125,10 +93,7 @@ def test_entropy_large_vocab(device, backend, dtype, vocab, q):
     assert_close(entropy, reference_entropy(logits, q), rtol=5e-5, atol=1e-5, what=f"entropy V={vocab} q={q}")
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("q", [0.5, 1.0, 3.5])
+@grid(device=DEVICES, backend=BACKENDS, dtype=DTYPES, q=[0.5, 1.0, 3.5])
 def test_entropy_huge_logits(device, backend, dtype, q):
     """|z| ~ 1e4: no overflow; shifting all logits by 1e4 leaves the entropy unchanged."""
     require_backend(backend, device)
@@ -152,8 +117,7 @@ def test_entropy_huge_logits(device, backend, dtype, q):
     assert_close(grad / scale.to(device), expected / scale, rtol=0, atol=tol, what="grad of huge logits")
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", BACKENDS)
+@grid(device=DEVICES, backend=BACKENDS)
 def test_entropy_known_values(device, backend):
     """Closed forms: uniform over n words (the rest -inf) and a one-hot row."""
     require_backend(backend, device)
@@ -169,8 +133,7 @@ def test_entropy_known_values(device, backend):
         assert entropy[2].item() == pytest.approx(reference_entropy(logits[2:3].cpu(), q).item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", BACKENDS)
+@grid(device=DEVICES, backend=BACKENDS)
 def test_entropy_leading_dims_and_views(device, backend):
     """[..., V] with leading dims; transposed (stride(-1) != 1) and strided 3-D views."""
     require_backend(backend, device)
@@ -187,23 +150,16 @@ def test_entropy_leading_dims_and_views(device, backend):
     assert tsallis_entropy(base[:0], 2.0, backend=backend).shape == (0, 6)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", ["triton", "cpp"])
+@grid(device=DEVICES, backend=["triton", "cpp"])
 def test_strided_rows_reach_kernels_without_copy(device, backend, monkeypatch):
     """Rows of a wider buffer (and [B, S, V] views that flatten to them) are not copied."""
     require_backend(backend, device)
-    real = entropy_module.ENTROPY_KERNELS[backend]
-    seen = []
-
-    def forward(logits, q):
-        seen.append((logits.data_ptr(), logits.stride()))
-        return real.forward(logits, q)
-
-    monkeypatch.setitem(entropy_module.ENTROPY_KERNELS, backend, EntropyKernels(forward, real.backward))
+    calls = spy_on_kernels(monkeypatch, entropy_module.ENTROPY_KERNELS, backend)
     wide = random_logits(12, 40, torch.float32, device)
     rows = wide[:, 3:33]
     tsallis_entropy(rows, 2.0, backend=backend)
     tsallis_entropy(rows.reshape(3, 4, 30), 2.0, backend=backend)
+    seen = [(logits.data_ptr(), logits.stride()) for logits, _ in calls["forward"]]
     assert seen == [(rows.data_ptr(), (40, 1))] * 2
 
 
@@ -224,11 +180,7 @@ def test_entropy_eager_gradcheck(q):
     assert_close(grad, reference_entropy_grad(logits.detach(), q, grad_out), 1e-10, 1e-12, "eager grad")
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("vocab", [1, 7, 1000])
-@pytest.mark.parametrize("q", Q_VALUES)
+@SMALL_VOCAB_GRID
 def test_entropy_grad_matches_float64(device, backend, dtype, vocab, q):
     require_backend(backend, device)
     values = random_logits(4, vocab, dtype, device)
@@ -244,9 +196,7 @@ def test_entropy_grad_matches_float64(device, backend, dtype, vocab, q):
     assert_close(grad / scale.to(device), expected / scale, rtol=0, atol=GRAD_RTOL[dtype], what="grad")
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("vocab", [32003, 128256])
+@grid(device=DEVICES, backend=BACKENDS, vocab=[32003, 128256])
 def test_entropy_grad_large_vocab(device, backend, vocab):
     require_backend(backend, device)
     values = random_logits(2, vocab, torch.bfloat16, device, scale=2.0)
@@ -260,8 +210,7 @@ def test_entropy_grad_large_vocab(device, backend, vocab):
         assert_close(grad / scale.to(device), expected / scale, 0, GRAD_RTOL[torch.bfloat16], f"grad V={vocab}")
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", BACKENDS)
+@grid(device=DEVICES, backend=BACKENDS)
 def test_entropy_grad_of_3d_view(device, backend):
     """The gradient reaches a [B, S, V] input through the flattening, with the input's strides."""
     require_backend(backend, device)
@@ -282,10 +231,7 @@ def fused_inputs(dtype, device, tokens=10, dim=16, vocab=37):
     return hidden, weight
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("q", [0.5, 1.0, 2.0])
+@grid(device=DEVICES, backend=BACKENDS, dtype=DTYPES, q=[0.5, 1.0, 2.0])
 def test_fused_linear_entropy_matches_float64(device, backend, dtype, q):
     require_backend(backend, device)
     hidden, weight = fused_inputs(dtype, device)
@@ -323,28 +269,21 @@ def test_fused_linear_entropy_eager_gradcheck(q):
     assert torch.autograd.gradcheck(fn, (hidden, weight))
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", BACKENDS)
+@grid(device=DEVICES, backend=BACKENDS)
 def test_fused_linear_entropy_chunk_bound(device, backend, monkeypatch):
     """Every logits tensor the entropy kernels see, forward and backward, has <= chunk_size
     rows, and the chunks cover every token once per pass."""
     require_backend(backend, device)
-    real = entropy_module.ENTROPY_KERNELS[backend]
-    seen = {"forward": [], "backward": []}
-
-    def forward(logits, q):
-        seen["forward"].append(tuple(logits.shape))
-        return real.forward(logits, q)
-
-    def backward(grad_entropy, logits, entropy, lse, q):
-        seen["backward"].append(tuple(logits.shape))
-        return real.backward(grad_entropy, logits, entropy, lse, q)
-
-    monkeypatch.setitem(entropy_module.ENTROPY_KERNELS, backend, EntropyKernels(forward, backward))
+    calls = spy_on_kernels(monkeypatch, entropy_module.ENTROPY_KERNELS, backend)
     hidden, weight = fused_inputs(torch.float32, device, tokens=11, vocab=23)
     hidden.requires_grad_()
     entropy = fused_linear_entropy(hidden, weight, 2.0, chunk_size=4, backend=backend)
     entropy.sum().backward()
+    # forward(logits, q), backward(grad_entropy, logits, entropy, lse, q)
+    seen = {
+        "forward": [tuple(args[0].shape) for args in calls["forward"]],
+        "backward": [tuple(args[1].shape) for args in calls["backward"]],
+    }
     for direction, shapes in seen.items():
         assert shapes == [(4, 23), (4, 23), (3, 23)], f"{direction} chunks {shapes}"
     assert hidden.grad is not None and weight.grad is None
@@ -353,8 +292,7 @@ def test_fused_linear_entropy_chunk_bound(device, backend, monkeypatch):
     assert default_chunk_size(10**9) == 1
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", BACKENDS)
+@grid(device=DEVICES, backend=BACKENDS)
 def test_fused_linear_entropy_default_chunk(device, backend):
     require_backend(backend, device)
     hidden, weight = fused_inputs(torch.float32, device, tokens=6, vocab=9)
@@ -365,8 +303,7 @@ def test_fused_linear_entropy_default_chunk(device, backend):
     )
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", BACKENDS)
+@grid(device=DEVICES, backend=BACKENDS)
 def test_float64_inputs_and_no_tokens(device, backend):
     """float64 in, float64 out (triton and cpp still accumulate in float32); T == 0 works."""
     require_backend(backend, device)
@@ -414,8 +351,7 @@ def test_entropy_bad_input():
         tsallis_entropy(logits, 2.0, backend="cuda")
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", BACKENDS)
+@grid(device=DEVICES, backend=BACKENDS)
 def test_entropy_all_masked_row(device, backend):
     require_backend(backend, device)
     logits = torch.randn(3, 5, device=device)

@@ -1,4 +1,5 @@
-"""inverted_hinge_loss: every backend against a float64 per-token computation written here.
+"""inverted_hinge_loss: every backend against the float64 per-token
+reference of tests/_reference.py.
 
 Tolerances: backends accumulate in float32 on the same rounded inputs the reference reads,
 so losses (in [0, 2]) and probabilities carry float32 error only (~1e-6). Gradients are
@@ -10,10 +11,11 @@ import torch
 
 import alter_kernels.ihl as ihl_module
 from alter_kernels import inverted_hinge_loss
-from alter_kernels.ihl import IHLKernels
+from _reference import (
+    assert_close, grid, random_logits, reference_entropy, reference_ihl, spy_on_kernels, strided_rows,
+)
 from conftest import require_backend
 from conftest import test_devices as devices_under_test  # renamed: pytest would collect test_*
-from test_entropy import assert_close, random_logits, reference_entropy, strided_rows
 
 DEVICES = devices_under_test()
 BACKENDS = ["eager", "triton", "cpp"]
@@ -28,34 +30,6 @@ HUGE_LOGITS_GRAD_TOL = {dtype: tol + 2e4 * 2**-24 for dtype, tol in GRAD_TOL.ite
 
 
 # ----------------------------------------------------------------------------- references
-
-
-def reference_ihl(logits, labels, q, threshold, high_entropy_weight, ignore_index=IGNORE):
-    """Float64 per token, from DESIGN.md §1: (loss [T] unweighted, entropy [T], weight [T], grad [T, V]
-    of each unweighted loss). v* is the first maximum of the other logits."""
-    z = logits.double().cpu()
-    entropy = reference_entropy(z, q)
-    p = torch.exp(z - z.max(dim=-1, keepdim=True).values)
-    p = p / p.sum(dim=-1, keepdim=True)
-    T, V = z.shape
-    loss = torch.zeros(T, dtype=torch.float64)
-    weight = torch.zeros(T, dtype=torch.float64)
-    grad = torch.zeros(T, V, dtype=torch.float64)
-    for t, y in enumerate(labels.tolist()):
-        if y == ignore_index:
-            continue
-        others = (z[t] != float("-inf")) & (torch.arange(V) != y)
-        has_others = bool(others.any())
-        if has_others:
-            runner_up = int(((z[t] == z[t][others].max()) & others).nonzero()[0])
-        p_runner_up = p[t, runner_up] if has_others else 0.0
-        loss[t] = 1.0 + p[t, y] - p_runner_up
-        weight[t] = 1.0 if entropy[t] <= threshold else high_entropy_weight
-        grad[t] = -p[t, y] * p[t] + p_runner_up * p[t]
-        grad[t, y] += p[t, y]
-        if has_others:
-            grad[t, runner_up] -= p_runner_up
-    return loss, entropy, weight, grad
 
 
 def reduce_reference(loss, weight, reduction):
@@ -112,60 +86,49 @@ def run_backend(logits, labels, q, threshold, reduction, backend, **kwargs):
 # ----------------------------------------------------------------------------- values and grads
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("vocab", [1, 7, 1000])
-@pytest.mark.parametrize("q", [0.5, 1.0, 1.0005, 2.0, 3.5])
+@grid(device=DEVICES, backend=BACKENDS, dtype=DTYPES, vocab=[1, 7, 1000], q=[0.5, 1.0, 1.0005, 2.0, 3.5])
 def test_ihl_matches_float64(device, backend, dtype, vocab, q):
     require_backend(backend, device)
     logits, labels = ihl_inputs(vocab, dtype, device)
     ignored = labels.cpu() == IGNORE
-    ref_loss, ref_entropy, ref_weight, ref_grad = reference_ihl(logits, labels.cpu(), q, 0.0, 0.0)
-    threshold = threshold_between(ref_entropy, ignored)
-    ref_loss, ref_entropy, ref_weight, ref_grad = reference_ihl(
-        logits, labels.cpu(), q, threshold, HIGH_ENTROPY_WEIGHT
-    )
-    assert (ref_weight[~ignored] == 1).any() or vocab == 1
+    threshold = threshold_between(reference_ihl(logits, labels, q, 0.0, 0.0).entropy, ignored)
+    ref = reference_ihl(logits, labels, q, threshold, HIGH_ENTROPY_WEIGHT)
+    assert (ref.weight[~ignored] == 1).any() or vocab == 1
     for reduction in REDUCTIONS:
         loss, entropy, grad = run_backend(
             logits, labels, q, threshold, reduction, backend, high_entropy_weight=HIGH_ENTROPY_WEIGHT
         )
-        expected_loss, dloss = reduce_reference(ref_loss, ref_weight, reduction)
+        expected_loss, dloss = reduce_reference(ref.loss, ref.weight, reduction)
         assert loss.dtype == torch.float32 and entropy.dtype == torch.float32
         assert not entropy.requires_grad
         # float32 probabilities; losses are O(1).
         assert_close(loss, expected_loss, 1e-5, 2e-6, f"{reduction} loss")
-        assert_close(entropy, ref_entropy, 2e-5, 2e-6, "entropy")
-        expected_grad = dloss[:, None] * ref_grad
+        assert_close(entropy, ref.entropy, 2e-5, 2e-6, "entropy")
+        expected_grad = dloss[:, None] * ref.grad
         assert grad.dtype == dtype
         scale = expected_grad.abs().max().clamp_min(1e-30)
         assert_close(grad.cpu() / scale, expected_grad / scale, 0, GRAD_TOL[dtype], f"{reduction} grad")
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("vocab", [32003, 128256])
+@grid(device=DEVICES, backend=BACKENDS, vocab=[32003, 128256])
 def test_ihl_large_vocab(device, backend, vocab):
     require_backend(backend, device)
     logits = random_logits(3, vocab, torch.bfloat16, device, scale=4.0)
     logits[1, : vocab // 2] = float("-inf")
     labels = torch.tensor([5, vocab - 1, vocab // 3 + 7], device=device)
-    ref_loss, ref_entropy, ref_weight, ref_grad = reference_ihl(logits, labels.cpu(), 2.0, 0.7, 0.5)
+    ref = reference_ihl(logits, labels, 2.0, 0.7, 0.5)
     for reduction in ("mean", "none"):
         loss, entropy, grad = run_backend(logits, labels, 2.0, 0.7, reduction, backend, high_entropy_weight=0.5)
-        expected_loss, dloss = reduce_reference(ref_loss, ref_weight, reduction)
+        expected_loss, dloss = reduce_reference(ref.loss, ref.weight, reduction)
         # float32 sums over 128256 terms.
         assert_close(loss, expected_loss, 2e-5, 2e-6, "loss")
-        assert_close(entropy, ref_entropy, 5e-5, 1e-5, "entropy")
-        expected_grad = dloss[:, None] * ref_grad
+        assert_close(entropy, ref.entropy, 5e-5, 1e-5, "entropy")
+        expected_grad = dloss[:, None] * ref.grad
         scale = expected_grad.abs().max()
         assert_close(grad.cpu() / scale, expected_grad / scale, 0, GRAD_TOL[torch.bfloat16], "grad")
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES)
+@grid(device=DEVICES, backend=BACKENDS, dtype=DTYPES)
 def test_ihl_huge_logits_and_transposed_view(device, backend, dtype):
     """|z| ~ 1e4 (near one-hot and 1e4 + O(1) rows) through a column-major view."""
     require_backend(backend, device)
@@ -175,16 +138,15 @@ def test_ihl_huge_logits_and_transposed_view(device, backend, dtype):
     logits = values.t().contiguous().t()
     assert logits.stride(-1) != 1
     labels = torch.tensor([3, 17, 0, 49], device=device)
-    ref_loss, ref_entropy, ref_weight, ref_grad = reference_ihl(values, labels.cpu(), 1.0, 10.0, 0.0)
+    ref = reference_ihl(values, labels, 1.0, 10.0, 0.0)
     loss, entropy, grad = run_backend(logits, labels, 1.0, 10.0, "none", backend)
-    assert_close(loss, ref_loss * ref_weight, 1e-5, 2e-6, "loss")
-    assert_close(entropy, ref_entropy, 2e-5, 2e-6, "entropy")
-    scale = ref_grad.abs().max()
-    assert_close(grad.cpu() / scale, ref_grad / scale, 0, HUGE_LOGITS_GRAD_TOL[dtype], "grad")
+    assert_close(loss, ref.loss * ref.weight, 1e-5, 2e-6, "loss")
+    assert_close(entropy, ref.entropy, 2e-5, 2e-6, "entropy")
+    scale = ref.grad.abs().max()
+    assert_close(grad.cpu() / scale, ref.grad / scale, 0, HUGE_LOGITS_GRAD_TOL[dtype], "grad")
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", BACKENDS)
+@grid(device=DEVICES, backend=BACKENDS)
 def test_ihl_runner_up_ties_take_first(device, backend):
     """Tied runners-up: v* is the lowest index on every backend (bf16 logits tie often)."""
     require_backend(backend, device)
@@ -192,14 +154,13 @@ def test_ihl_runner_up_ties_take_first(device, backend):
         [[0.0, 5.0, 5.0, 1.0], [5.0, 5.0, 1.0, 5.0], [2.0, -1.0, 2.0, 2.0]], device=device
     ).to(torch.bfloat16)
     labels = torch.tensor([0, 1, 2], device=device)
-    ref_loss, _, _, ref_grad = reference_ihl(logits, labels.cpu(), 1.0, 100.0, 0.0)
+    ref = reference_ihl(logits, labels, 1.0, 100.0, 0.0)
     loss, _, grad = run_backend(logits, labels, 1.0, 100.0, "none", backend)
-    assert_close(loss, ref_loss, 1e-5, 2e-6, "loss")
-    assert_close(grad, ref_grad, 0, GRAD_TOL[torch.bfloat16], "grad")
+    assert_close(loss, ref.loss, 1e-5, 2e-6, "loss")
+    assert_close(grad, ref.grad, 0, GRAD_TOL[torch.bfloat16], "grad")
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", BACKENDS)
+@grid(device=DEVICES, backend=BACKENDS)
 def test_ihl_single_word_vocabulary(device, backend):
     """V == 1: p_y = 1 and the max over no other word is 0, so L = 2 with zero gradient."""
     require_backend(backend, device)
@@ -211,9 +172,7 @@ def test_ihl_single_word_vocabulary(device, backend):
     assert torch.equal(grad.cpu(), torch.zeros(4, 1))
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", ["all_ignored", "all_high_entropy"])
+@grid(device=DEVICES, backend=BACKENDS, case=["all_ignored", "all_high_entropy"])
 def test_ihl_zero_total_weight(device, backend, case):
     """Σw == 0 gives a mean of exactly 0 with zero (not NaN) gradients; the sum is 0 too."""
     require_backend(backend, device)
@@ -231,8 +190,7 @@ def test_ihl_zero_total_weight(device, backend, case):
         assert_close(entropy, reference_entropy(logits, 2.0), 2e-5, 2e-6, "entropy")
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", BACKENDS)
+@grid(device=DEVICES, backend=BACKENDS)
 def test_ihl_high_entropy_weight_and_custom_ignore_index(device, backend):
     """All tokens high entropy with weight 0.25: the mean is the plain mean over non-ignored
     tokens; ignore_index = 3 ignores label 3 while -100 would be out of range."""
@@ -241,14 +199,13 @@ def test_ihl_high_entropy_weight_and_custom_ignore_index(device, backend):
     labels = torch.tensor([0, 3, 8, 3, 5, 1], device=device)
     kept = labels.cpu() != 3
     loss, _, _ = run_backend(logits, labels, 0.5, -1.0, "mean", backend, high_entropy_weight=0.25, ignore_index=3)
-    ref_loss, _, _, _ = reference_ihl(logits, labels.cpu(), 0.5, -1.0, 0.25, ignore_index=3)
-    assert_close(loss, ref_loss[kept].mean(), 1e-5, 2e-6, "mean")
+    ref = reference_ihl(logits, labels, 0.5, -1.0, 0.25, ignore_index=3)
+    assert_close(loss, ref.loss[kept].mean(), 1e-5, 2e-6, "mean")
     with pytest.raises(ValueError, match="labels must be in"):
         inverted_hinge_loss(logits, torch.full((6,), IGNORE, device=device), 0.5, 1.0, ignore_index=3, backend=backend)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", BACKENDS)
+@grid(device=DEVICES, backend=BACKENDS)
 def test_ihl_int32_labels_and_empty(device, backend):
     require_backend(backend, device)
     logits = random_logits(4, 10, torch.float32, device)
@@ -264,21 +221,31 @@ def test_ihl_int32_labels_and_empty(device, backend):
     assert mean_of_none.item() == 0.0
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", ["triton", "cpp"])
+@grid(device=DEVICES, backend=["triton", "cpp"])
 def test_ihl_strided_rows_reach_kernels_without_copy(device, backend, monkeypatch):
     require_backend(backend, device)
-    real = ihl_module.IHL_KERNELS[backend]
-    seen = []
-
-    def forward(logits, *args):
-        seen.append((logits.data_ptr(), logits.stride()))
-        return real.forward(logits, *args)
-
-    monkeypatch.setitem(ihl_module.IHL_KERNELS, backend, IHLKernels(forward, real.backward))
+    calls = spy_on_kernels(monkeypatch, ihl_module.IHL_KERNELS, backend)
     rows = random_logits(5, 40, torch.float32, device)[:, 3:33]
     inverted_hinge_loss(rows, torch.arange(5, device=device), 2.0, 1.0, backend=backend)
-    assert seen == [(rows.data_ptr(), (40, 1))]
+    assert [(args[0].data_ptr(), args[0].stride()) for args in calls["forward"]] == [(rows.data_ptr(), (40, 1))]
+
+
+@grid(device=DEVICES, backend=["triton", "cpp"], dtype=[torch.float32, torch.bfloat16])
+def test_ihl_forward_saves_first_runner_up(device, backend, dtype):
+    """The kernel forward saves v* for the single-pass backward: the first maximum of the
+    other logits, -1 for ignored tokens and where every other logit is -inf (bf16 ties)."""
+    require_backend(backend, device)
+    logits, labels = ihl_inputs(3000, dtype, device)
+    # three-way tie, the target first, across the CPU kernel's 1024-logit chunks
+    labels[0] = 40
+    logits[0, [40, 1100, 2500]] = logits[0].max() + 1
+    labels[5] = 7
+    logits[5, [10, 2999]] = logits[5].max() + 1
+    ref = reference_ihl(logits, labels, 2.0, 1.0, 0.0)
+    assert ref.runner_up[[0, 1, 4, 5]].tolist() == [1100, -1, -1, 10]  # 1: ignored, 4: no other finite logit
+    runner_up = ihl_module.IHL_KERNELS[backend].forward(logits, labels.long(), 2.0, 1.0, 0.0, IGNORE)[4]
+    assert runner_up.dtype == torch.int32
+    assert runner_up.cpu().tolist() == ref.runner_up.tolist()
 
 
 def test_ihl_eager_gradcheck():
@@ -298,14 +265,16 @@ def test_ihl_eager_gradcheck():
 # ----------------------------------------------------------------------------- errors
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", BACKENDS)
+@grid(device=DEVICES, backend=BACKENDS)
 def test_ihl_all_masked_row(device, backend):
+    """A row of all -inf logits is an error even when its token is ignored."""
     require_backend(backend, device)
     logits = torch.randn(3, 5, device=device)
     logits[2] = float("-inf")
-    with pytest.raises(ValueError, match="all -inf"):
-        inverted_hinge_loss(logits, torch.tensor([0, 1, 2], device=device), 2.0, 1.0, backend=backend)
+    for last_label in (2, IGNORE):
+        labels = torch.tensor([0, 1, last_label], device=device)
+        with pytest.raises(ValueError, match="all -inf"):
+            inverted_hinge_loss(logits, labels, 2.0, 1.0, backend=backend)
 
 
 def test_ihl_bad_input():

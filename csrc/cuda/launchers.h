@@ -24,16 +24,20 @@ cudaError_t alter_entropy_backward_cuda(const float* grad_entropy, const void* l
                                         int64_t V, int64_t row_stride, const float* entropy, const float* lse,
                                         double q, void* grad_logits, cudaStream_t stream);
 
-// labels [T] int64. A label neither ignore_index nor in [0, V) gives NaN loss and weight.
+// labels [T] int64. runner_up [T] int32: v* = first argmax_{v != y} z_v, -1 for ignored
+// tokens and when every other logit is -inf. A label neither ignore_index nor in [0, V)
+// gives NaN loss and weight.
 cudaError_t alter_ihl_forward_cuda(const void* logits, alter_dtype dtype, int64_t T, int64_t V, int64_t row_stride,
                                    const int64_t* labels, double q, double threshold, double high_entropy_weight,
                                    int64_t ignore_index, float* loss, float* entropy, float* weight, float* lse,
-                                   cudaStream_t stream);
+                                   int32_t* runner_up, cudaStream_t stream);
 
-// A label neither ignore_index nor in [0, V) gives a NaN gradient row.
+// runner_up as ihl_forward wrote it. A label neither ignore_index nor in [0, V), or a
+// runner_up outside [-1, V), gives a NaN gradient row.
 cudaError_t alter_ihl_backward_cuda(const float* grad_loss, const void* logits, alter_dtype dtype, int64_t T,
                                     int64_t V, int64_t row_stride, const int64_t* labels, const float* lse,
-                                    int64_t ignore_index, void* grad_logits, cudaStream_t stream);
+                                    const int32_t* runner_up, int64_t ignore_index, void* grad_logits,
+                                    cudaStream_t stream);
 
 // Most experts moe_align takes (its per-expert tables live in shared memory).
 #define ALTER_MOE_ALIGN_MAX_EXPERTS 4096

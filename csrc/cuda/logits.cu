@@ -59,19 +59,14 @@ __device__ Stats block_merge(Stats st, bool shannon, float q) {
   return st;
 }
 
-__device__ float block_max(float x) {
-  __shared__ float warp_max[kWarps];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  for (int offset = 16; offset > 0; offset >>= 1) x = fmaxf(x, __shfl_xor_sync(kFullMask, x, offset));
-  if (lane == 0) warp_max[warp] = x;
-  __syncthreads();
-  x = warp_max[0];
-  for (int w = 1; w < kWarps; ++w) x = fmaxf(x, warp_max[w]);
-  __syncthreads();
-  return x;
+// Whether (v, i) beats (value, index) in an argmax: a larger value, or an equal one at a
+// smaller index; index -1 (nothing found yet) loses to any index.
+__device__ __forceinline__ bool beats(float v, int64_t i, float value, int64_t index) {
+  return v > value || (v == value && i >= 0 && (index < 0 || i < index));
 }
 
-// (value, index) of the largest value, the smallest index among ties; index -1 if all are -inf.
+// (value, index) of the largest value over the block, the smallest index among ties;
+// index -1 if all are -inf. Every thread gets the result.
 __device__ void block_argmax(float& value, int64_t& index) {
   __shared__ float warp_value[kWarps];
   __shared__ int64_t warp_index[kWarps];
@@ -79,7 +74,7 @@ __device__ void block_argmax(float& value, int64_t& index) {
   for (int offset = 16; offset > 0; offset >>= 1) {
     const float v = __shfl_xor_sync(kFullMask, value, offset);
     const int64_t i = __shfl_xor_sync(kFullMask, index, offset);
-    if (v > value || (v == value && i >= 0 && (index < 0 || i < index))) {
+    if (beats(v, i, value, index)) {
       value = v;
       index = i;
     }
@@ -92,7 +87,7 @@ __device__ void block_argmax(float& value, int64_t& index) {
   value = warp_value[0];
   index = warp_index[0];
   for (int w = 1; w < kWarps; ++w) {
-    if (warp_value[w] > value || (warp_value[w] == value && warp_index[w] >= 0 && (index < 0 || warp_index[w] < index))) {
+    if (beats(warp_value[w], warp_index[w], value, index)) {
       value = warp_value[w];
       index = warp_index[w];
     }
@@ -138,28 +133,36 @@ __global__ void __launch_bounds__(kThreads)
 
 __device__ __forceinline__ bool label_ok(int64_t label, int64_t V) { return label >= 0 && label < V; }
 
+// One read of the row: its softmax statistics and v* = first argmax_{v != y} z_v, which
+// the backward reuses.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     ihl_forward_kernel(const scalar_t* __restrict__ logits, int64_t V, int64_t row_stride,
                        const int64_t* __restrict__ labels, float q, bool shannon, float threshold,
                        float high_entropy_weight, int64_t ignore_index, float* __restrict__ loss,
-                       float* __restrict__ entropy, float* __restrict__ weight, float* __restrict__ lse) {
+                       float* __restrict__ entropy, float* __restrict__ weight, float* __restrict__ lse,
+                       int32_t* __restrict__ runner_up) {
   const int64_t row = blockIdx.x;
   const scalar_t* z = logits + row * row_stride;
   const int64_t label = labels[row];
   Stats st = Stats::empty();
-  float max_other = -INFINITY;  // max_{v != y} z_v
+  float best = -INFINITY;  // max_{v != y} z_v
+  int64_t other = -1;      // its first index
   for (int64_t j = threadIdx.x; j < V; j += kThreads) {
     const float x = to_float(z[j]);
     add_logit(st, x, shannon, q);
-    if (j != label) max_other = fmaxf(max_other, x);
+    if (j != label && x > best) {  // strict: a thread's first index wins ties
+      best = x;
+      other = j;
+    }
   }
   st = block_merge(st, shannon, q);
-  max_other = block_max(max_other);
+  block_argmax(best, other);
   if (threadIdx.x != 0) return;
   const float s = st.entropy(shannon, q), row_lse = st.lse();
   entropy[row] = s;
   lse[row] = row_lse;
+  runner_up[row] = label == ignore_index ? -1 : static_cast<int32_t>(other);  // V < 2^31
   if (label == ignore_index) {
     loss[row] = 0.0f;
     weight[row] = 0.0f;
@@ -168,41 +171,32 @@ __global__ void __launch_bounds__(kThreads)
     weight[row] = NAN;
   } else {
     const float p_y = expf(to_float(z[label]) - row_lse);
-    const float p_other = expf(max_other - row_lse);  // 0 when V == 1
+    const float p_other = expf(best - row_lse);  // 0 when there is no v*
     loss[row] = 1.0f + p_y - p_other;
     weight[row] = s > threshold ? high_entropy_weight : 1.0f;
   }
 }
 
-// dL/dz_j = g (p_y (δ_jy - p_j) - p_v* (δ_jv* - p_j)), v* = first argmax_{v != y} z_v.
-// The row is read twice (argmax, then gradient); the second read mostly hits L2.
+// dL/dz_j = g (p_y (δ_jy - p_j) - p_v* (δ_jv* - p_j)), with v* from the forward: one read
+// of the row and one write of its gradient.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     ihl_backward_kernel(const float* __restrict__ grad_loss, const scalar_t* __restrict__ logits, int64_t V,
                         int64_t row_stride, const int64_t* __restrict__ labels, const float* __restrict__ lse,
-                        int64_t ignore_index, scalar_t* __restrict__ grad_logits) {
+                        const int32_t* __restrict__ runner_up, int64_t ignore_index,
+                        scalar_t* __restrict__ grad_logits) {
   const int64_t row = blockIdx.x;
   const scalar_t* z = logits + row * row_stride;
   scalar_t* out = grad_logits + row * V;
-  const int64_t label = labels[row];
-  if (label == ignore_index || !label_ok(label, V)) {
+  const int64_t label = labels[row], other = runner_up[row];
+  if (label == ignore_index || !label_ok(label, V) || other < -1 || other >= V) {
     const scalar_t fill = from_float<scalar_t>(label == ignore_index ? 0.0f : NAN);
     for (int64_t j = threadIdx.x; j < V; j += kThreads) out[j] = fill;
-    return;  // uniform across the block: no thread reaches the reductions
+    return;
   }
-  float best = -INFINITY;
-  int64_t other = -1;
-  for (int64_t j = threadIdx.x; j < V; j += kThreads) {
-    const float x = to_float(z[j]);
-    if (j != label && x > best) {  // strict: a thread's first index wins ties
-      best = x;
-      other = j;
-    }
-  }
-  block_argmax(best, other);
   const float g = grad_loss[row], row_lse = lse[row];
   const float p_y = expf(to_float(z[label]) - row_lse);
-  const float p_other = other >= 0 ? expf(best - row_lse) : 0.0f;
+  const float p_other = other >= 0 ? expf(to_float(z[other]) - row_lse) : 0.0f;
   for (int64_t j = threadIdx.x; j < V; j += kThreads) {
     const float p = expf(to_float(z[j]) - row_lse);
     const float value = g * (p_y * ((j == label ? 1.0f : 0.0f) - p) - p_other * ((j == other ? 1.0f : 0.0f) - p));
@@ -210,94 +204,72 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Runs kernel<scalar_t> for the element type of dtype.
-template <template <typename> class Launch, typename... Args>
-cudaError_t dispatch(alter_dtype dtype, Args... args) {
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// Calls launch(TypeTag<scalar_t>{}) for the element type of dtype and returns the launch's
+// error. T == 0 launches nothing (a grid of 0 blocks is an error).
+template <typename Launch>
+cudaError_t dispatch(alter_dtype dtype, int64_t T, const Launch& launch) {
+  if (T == 0) return cudaSuccess;
   switch (dtype) {
-    case ALTER_FLOAT32: Launch<float>::run(args...); break;
-    case ALTER_FLOAT16: Launch<__half>::run(args...); break;
-    case ALTER_BFLOAT16: Launch<__nv_bfloat16>::run(args...); break;
+    case ALTER_FLOAT32: launch(TypeTag<float>{}); break;
+    case ALTER_FLOAT16: launch(TypeTag<__half>{}); break;
+    case ALTER_BFLOAT16: launch(TypeTag<__nv_bfloat16>{}); break;
     default: return cudaErrorInvalidValue;
   }
   return cudaGetLastError();
 }
 
-template <typename scalar_t>
-struct EntropyForward {
-  static void run(const void* logits, int64_t T, int64_t V, int64_t row_stride, double q, float* entropy, float* lse,
-                  cudaStream_t stream) {
-    entropy_forward_kernel<scalar_t><<<T, kThreads, 0, stream>>>(static_cast<const scalar_t*>(logits), V, row_stride,
-                                                                 static_cast<float>(q), alter::use_shannon(q), entropy, lse);
-  }
-};
-
-template <typename scalar_t>
-struct EntropyBackward {
-  static void run(const float* grad_entropy, const void* logits, int64_t T, int64_t V, int64_t row_stride,
-                  const float* entropy, const float* lse, double q, void* grad_logits, cudaStream_t stream) {
-    entropy_backward_kernel<scalar_t><<<T, kThreads, 0, stream>>>(
-        grad_entropy, static_cast<const scalar_t*>(logits), V, row_stride, entropy, lse, static_cast<float>(q),
-        alter::use_shannon(q), static_cast<scalar_t*>(grad_logits));
-  }
-};
-
-template <typename scalar_t>
-struct IhlForward {
-  static void run(const void* logits, int64_t T, int64_t V, int64_t row_stride, const int64_t* labels, double q,
-                  double threshold, double high_entropy_weight, int64_t ignore_index, float* loss, float* entropy,
-                  float* weight, float* lse, cudaStream_t stream) {
-    ihl_forward_kernel<scalar_t><<<T, kThreads, 0, stream>>>(
-        static_cast<const scalar_t*>(logits), V, row_stride, labels, static_cast<float>(q), alter::use_shannon(q),
-        static_cast<float>(threshold), static_cast<float>(high_entropy_weight), ignore_index, loss, entropy, weight,
-        lse);
-  }
-};
-
-template <typename scalar_t>
-struct IhlBackward {
-  static void run(const float* grad_loss, const void* logits, int64_t T, int64_t V, int64_t row_stride,
-                  const int64_t* labels, const float* lse, int64_t ignore_index, void* grad_logits,
-                  cudaStream_t stream) {
-    ihl_backward_kernel<scalar_t><<<T, kThreads, 0, stream>>>(grad_loss, static_cast<const scalar_t*>(logits), V,
-                                                              row_stride, labels, lse, ignore_index,
-                                                              static_cast<scalar_t*>(grad_logits));
-  }
-};
-
 }  // namespace
-
-// T == 0 launches nothing (a grid of 0 blocks is an error).
 
 extern "C" cudaError_t alter_entropy_forward_cuda(const void* logits, alter_dtype dtype, int64_t T, int64_t V,
                                                   int64_t row_stride, double q, float* entropy, float* lse,
                                                   cudaStream_t stream) {
-  if (T == 0) return cudaSuccess;
-  return dispatch<EntropyForward>(dtype, logits, T, V, row_stride, q, entropy, lse, stream);
+  return dispatch(dtype, T, [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    entropy_forward_kernel<scalar_t><<<T, kThreads, 0, stream>>>(static_cast<const scalar_t*>(logits), V, row_stride,
+                                                                 static_cast<float>(q), alter::use_shannon(q), entropy,
+                                                                 lse);
+  });
 }
 
 extern "C" cudaError_t alter_entropy_backward_cuda(const float* grad_entropy, const void* logits, alter_dtype dtype,
                                                    int64_t T, int64_t V, int64_t row_stride, const float* entropy,
                                                    const float* lse, double q, void* grad_logits,
                                                    cudaStream_t stream) {
-  if (T == 0) return cudaSuccess;
-  return dispatch<EntropyBackward>(dtype, grad_entropy, logits, T, V, row_stride, entropy, lse, q, grad_logits,
-                                   stream);
+  return dispatch(dtype, T, [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    entropy_backward_kernel<scalar_t><<<T, kThreads, 0, stream>>>(
+        grad_entropy, static_cast<const scalar_t*>(logits), V, row_stride, entropy, lse, static_cast<float>(q),
+        alter::use_shannon(q), static_cast<scalar_t*>(grad_logits));
+  });
 }
 
 extern "C" cudaError_t alter_ihl_forward_cuda(const void* logits, alter_dtype dtype, int64_t T, int64_t V,
                                               int64_t row_stride, const int64_t* labels, double q, double threshold,
                                               double high_entropy_weight, int64_t ignore_index, float* loss,
-                                              float* entropy, float* weight, float* lse, cudaStream_t stream) {
-  if (T == 0) return cudaSuccess;
-  return dispatch<IhlForward>(dtype, logits, T, V, row_stride, labels, q, threshold, high_entropy_weight,
-                              ignore_index, loss, entropy, weight, lse, stream);
+                                              float* entropy, float* weight, float* lse, int32_t* runner_up,
+                                              cudaStream_t stream) {
+  return dispatch(dtype, T, [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    ihl_forward_kernel<scalar_t><<<T, kThreads, 0, stream>>>(
+        static_cast<const scalar_t*>(logits), V, row_stride, labels, static_cast<float>(q), alter::use_shannon(q),
+        static_cast<float>(threshold), static_cast<float>(high_entropy_weight), ignore_index, loss, entropy, weight,
+        lse, runner_up);
+  });
 }
 
 extern "C" cudaError_t alter_ihl_backward_cuda(const float* grad_loss, const void* logits, alter_dtype dtype,
                                                int64_t T, int64_t V, int64_t row_stride, const int64_t* labels,
-                                               const float* lse, int64_t ignore_index, void* grad_logits,
-                                               cudaStream_t stream) {
-  if (T == 0) return cudaSuccess;
-  return dispatch<IhlBackward>(dtype, grad_loss, logits, T, V, row_stride, labels, lse, ignore_index, grad_logits,
-                               stream);
+                                               const float* lse, const int32_t* runner_up, int64_t ignore_index,
+                                               void* grad_logits, cudaStream_t stream) {
+  return dispatch(dtype, T, [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    ihl_backward_kernel<scalar_t><<<T, kThreads, 0, stream>>>(grad_loss, static_cast<const scalar_t*>(logits), V,
+                                                              row_stride, labels, lse, runner_up, ignore_index,
+                                                              static_cast<scalar_t*>(grad_logits));
+  });
 }

@@ -1,0 +1,146 @@
+"""Float64 references of the logits ops, written from the formulas of DESIGN.md §1, and
+helpers shared by the kernel tests (test_entropy.py, test_ihl.py, test_cpp_extension.py).
+
+The references are plain float64 PyTorch on the CPU, independent of alter_kernels: they
+take the same (already rounded) logits the kernels read, on any device, and return CPU
+float64 tensors. They stay differentiable in the logits, so a test can check a closed-form
+gradient against autograd of the value.
+"""
+import itertools
+from typing import NamedTuple
+
+import pytest
+import torch
+
+from alter_kernels._dispatch import KernelPair
+
+IGNORE_INDEX = -100
+
+
+def is_shannon(q: float) -> bool:
+    """|q - 1| < 1e-3 is Shannon entropy (the Tsallis formula cancels there)."""
+    return abs(q - 1.0) < 1e-3
+
+
+def log_softmax64(logits: torch.Tensor) -> torch.Tensor:
+    """log p, p = softmax(logits) over the last dim, in float64 on the CPU (-inf where a logit is -inf)."""
+    z = logits.double().cpu()
+    return z - torch.logsumexp(z, dim=-1, keepdim=True)
+
+
+def reference_lse(logits: torch.Tensor) -> torch.Tensor:
+    """log Σ_i e^{z_i} per row, float64 on the CPU."""
+    return torch.logsumexp(logits.double().cpu(), dim=-1)
+
+
+def reference_entropy(logits: torch.Tensor, q: float) -> torch.Tensor:
+    """Entropy per row [...]: Tsallis S_q = (1 - Σ p^q)/(q - 1), Shannon H = -Σ p log p
+    (0 log 0 = 0) when |q - 1| < 1e-3."""
+    log_p = log_softmax64(logits)
+    p = log_p.exp()
+    if is_shannon(q):
+        return -torch.where(p > 0, p * log_p, 0.0).sum(-1)
+    return (1.0 - (p**q).sum(-1)) / (q - 1.0)
+
+
+def reference_entropy_grad(logits: torch.Tensor, q: float, grad_entropy: torch.Tensor) -> torch.Tensor:
+    """grad_entropy · dS/dz [..., V] from the closed forms: dS_q/dz_j = -q/(q-1)(p_j^q - p_j Σp^q),
+    dH/dz_j = -p_j (log p_j + H)."""
+    log_p = log_softmax64(logits)
+    p = log_p.exp()
+    if is_shannon(q):
+        entropy = reference_entropy(logits, q)[..., None]
+        grad = -torch.where(p > 0, p * (log_p + entropy), 0.0)
+    else:
+        p_q = p**q
+        grad = -q / (q - 1.0) * (p_q - p * p_q.sum(-1, keepdim=True))
+    return grad_entropy.double().cpu()[..., None] * grad
+
+
+class IHLReference(NamedTuple):
+    """Per token of the inverted hinge loss, float64 on the CPU."""
+
+    loss: torch.Tensor  # [T] unweighted 1 + p_y - p_v*, 0 for ignored tokens
+    entropy: torch.Tensor  # [T]
+    weight: torch.Tensor  # [T] 0 ignored, 1 if entropy <= threshold, else high_entropy_weight
+    grad: torch.Tensor  # [T, V] d loss_t / d z_t, 0 for ignored tokens
+    runner_up: torch.Tensor  # [T] int64 v*: the first maximum of the other finite logits, -1 if none
+
+
+def reference_ihl(logits, labels, q, threshold, high_entropy_weight, ignore_index=IGNORE_INDEX) -> IHLReference:
+    """The IHL of DESIGN.md §1 token by token: L = 1 + p_y - max_{v≠y} p_v (the max over no
+    other word is 0), dL/dz_j = p_y(δ_jy - p_j) - p_v*(δ_jv* - p_j)."""
+    z = logits.double().cpu()
+    p = log_softmax64(z).exp()
+    entropy = reference_entropy(z, q)
+    T, V = z.shape
+    loss = torch.zeros(T, dtype=torch.float64)
+    weight = torch.zeros(T, dtype=torch.float64)
+    grad = torch.zeros(T, V, dtype=torch.float64)
+    runner_up = torch.full((T,), -1, dtype=torch.int64)
+    for t, y in enumerate(labels.tolist()):
+        if y == ignore_index:
+            continue
+        others = (z[t] != float("-inf")) & (torch.arange(V) != y)
+        p_runner_up = 0.0
+        if bool(others.any()):
+            runner_up[t] = int(((z[t] == z[t][others].max()) & others).nonzero()[0])
+            p_runner_up = p[t, runner_up[t]]
+        loss[t] = 1.0 + p[t, y] - p_runner_up
+        weight[t] = 1.0 if entropy[t] <= threshold else high_entropy_weight
+        grad[t] = -p[t, y] * p[t] + p_runner_up * p[t]
+        grad[t, y] += p[t, y]
+        if runner_up[t] >= 0:
+            grad[t, runner_up[t]] -= p_runner_up
+    return IHLReference(loss, entropy, weight, grad, runner_up)
+
+
+# ----------------------------------------------------------------------------- inputs, checks
+
+
+def random_logits(rows, vocab, dtype, device, scale=3.0):
+    """Fresh random logits, rounded to ``dtype``."""
+    return (torch.randn(rows, vocab, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+
+
+def strided_rows(logits):
+    """The same values as a non-contiguous view: rows of a wider buffer (row stride > V)."""
+    rows, vocab = logits.shape
+    wide = torch.randn(rows, vocab + 5, device=logits.device).to(logits.dtype)
+    wide[:, 2 : 2 + vocab] = logits
+    view = wide[:, 2 : 2 + vocab]
+    assert not view.is_contiguous() or rows == 1
+    return view
+
+
+def assert_close(actual, expected, rtol, atol, what):
+    """Finite, same shape, and torch.testing.assert_close in float64 on the CPU."""
+    actual, expected = actual.double().cpu(), expected.double().cpu()
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values {actual}"
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+def grid(**axes):
+    """``pytest.mark.parametrize`` over every combination of the axes, e.g.
+    ``grid(device=DEVICES, q=[0.5, 2.0])``; ids join str() of the values."""
+    return pytest.mark.parametrize(", ".join(axes), list(itertools.product(*axes.values())), ids=str)
+
+
+def spy_on_kernels(monkeypatch, kernels: dict, backend: str) -> dict:
+    """Wrap ``kernels[backend]`` (an op module's KernelPair) for the test: every call's
+    arguments are recorded in the returned ``{"forward": [args, ...], "backward": [...]}``."""
+    real = kernels[backend]
+    calls = {"forward": [], "backward": []}
+
+    def recorded(direction, kernel):
+        def call(*args):
+            calls[direction].append(args)
+            return kernel(*args)
+
+        return call
+
+    monkeypatch.setitem(
+        kernels, backend, KernelPair(recorded("forward", real.forward), recorded("backward", real.backward))
+    )
+    return calls
