@@ -26,6 +26,8 @@ _EXPORTS = {
     "AlterRouter": "alter.layers",
     # training
     "unlearn": "alter.train",
+    "finetune": "alter.train",
+    "split_subdomains": "alter.train",
     # data
     "tofu_mini": "alter.data",
     "qa_texts": "alter.data",

@@ -1,0 +1,5 @@
+import sys
+
+from alter.cli import main
+
+sys.exit(main())

@@ -1,0 +1,768 @@
+"""Unlearning: the ALTER trainer and the baselines, in one harness.
+
+:func:`unlearn` takes a causal LM, its tokenizer, a forget set and a retain set
+(``datasets.Dataset`` with ``question``/``answer`` columns, as TOFU, or a ``text`` column,
+as WMDP/MUSE corpora) and returns the unlearned model. Methods:
+
+``"alter"``
+    The paper's method. Before training, one no-grad pass of the base model gives every
+    token's Tsallis entropy (cached for the whole run: the paper observes that token
+    entropy is stable under fine-tuning, so the layers read it through
+    ``precomputed_entropy``) and the forget set's features (mean-pooled last hidden
+    states), which k-means splits into ``num_experts - 1`` sub-domains. Each step routes
+    every token of a forget sample of sub-domain d to forget expert d and every retain
+    token to the retention expert 0 (``forced_route``), and minimizes
+    ``beta * IHL(forget, low-entropy tokens) + gamma * NLL(retain) + lam * structural +
+    routing loss``. A (at ``lr_A``) learns only from high-entropy tokens; B and the router
+    learn at ``lr_B``. After training the router gates on its own (no forced route).
+    Batches pair forget and retain samples 1:1, so each pass's routing loss is weighted
+    by its set's share of the data: the router learns the experts of the data as it is
+    (a token common to both sets goes to the retention expert when the retain set is
+    the larger), not of the balanced batches. ``router_warmup`` steps can fit the
+    routers to the sub-domains before unlearning starts.
+``"asym_lora"``
+    AsymLoRA without entropy: the same forced routes, IHL with uniform token weights,
+    A learning from every token, no structural term.
+``"lora"``
+    One plain LoRA adapter trained with the GradDiff objective, realized as AsymLoRA with
+    every token forced to expert 0 and one expert kept per token at inference.
+``"grad_ascent"``, ``"grad_diff"``, ``"npo"``
+    Full-parameter baselines as in TOFU's harness: ascent on the forget NLL; ascent on
+    the forget NLL plus descent on the retain NLL; Negative Preference Optimization
+    against the log-probabilities of the frozen starting model (computed once).
+
+The structural term of eq. 8, ``E_H[||grad_A S_q(x_t)||^2]`` over high-entropy tokens H,
+needs a double backward and one backward per token: ``structural="exact"`` computes it
+on the eager path (small models only). The default ``structural="surrogate"`` is
+``E_H[(S_q^adapted(x_t) - S_q^base(x_t))^2]``: it penalizes the same thing (the adapter
+moving the entropy of structural tokens) at the cost of one entropy read of the logits.
+
+Runs are reproducible from ``seed``: data order is a function of (seed, epoch), and a
+run with ``output_dir`` and ``save_every`` writes a checkpoint (trainable parameters,
+optimizer, step, RNG state) from which ``resume=True`` continues to the same result as
+an uninterrupted run.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.cluster.vq import kmeans2
+from tqdm.auto import tqdm
+
+from alter.config import AlterConfig
+from alter.data import IGNORE_INDEX, collate, encode_qa, encode_text
+from alter.model import (
+    adapter_parameters,
+    apply_alter,
+    forced_route,
+    precomputed_entropy,
+    router_loss,
+    save_adapter,
+)
+from alter_kernels import inverted_hinge_loss, tsallis_entropy
+
+METHODS = ("alter", "asym_lora", "lora", "grad_ascent", "grad_diff", "npo")
+ADAPTER_METHODS = ("alter", "asym_lora", "lora")
+STRUCTURAL_MODES = ("surrogate", "exact")
+CHECKPOINT_FILE = "checkpoint.pt"
+RUN_ARGS_FILE = "unlearn_args.json"
+RETENTION_EXPERT = 0
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def check_dataset(data, name: str) -> None:
+    """Raise a clear error unless ``data`` is a non-empty QA or text ``datasets.Dataset``."""
+    import datasets
+
+    if not isinstance(data, datasets.Dataset):
+        raise TypeError(f"{name} must be a datasets.Dataset, got {type(data).__name__}")
+    if len(data) == 0:
+        raise ValueError(f"{name} is empty: unlearning needs at least one example")
+    columns = set(data.column_names)
+    if not ({"question", "answer"} <= columns or "text" in columns):
+        raise ValueError(
+            f"{name} needs 'question' and 'answer' columns (QA) or a 'text' column "
+            f"(corpus); it has {sorted(columns)}"
+        )
+
+
+def model_context_length(model) -> int | None:
+    """The longest sequence the model accepts (``max_position_embeddings``), if known."""
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+def encode_dataset(tokenizer, data, name: str, max_length: int | None) -> list[dict]:
+    """Tokenize a QA or text dataset into examples for :func:`alter.data.collate`.
+
+    Each example holds ``input_ids``, ``attention_mask``, ``labels`` (int lists; QA rows
+    are labelled on the answer only, text rows on every token). An example longer than
+    ``max_length`` raises ``ValueError`` naming the split and row, because truncating it
+    would silently drop what should be forgotten or kept.
+    """
+    check_dataset(data, name)
+    qa = "question" in data.column_names and "answer" in data.column_names
+    examples = []
+    for i, row in enumerate(data):
+        try:
+            if qa:
+                example = encode_qa(tokenizer, row["question"], row["answer"], max_length)
+            else:
+                example = encode_text(tokenizer, row["text"], max_length)
+        except ValueError as exc:
+            raise ValueError(f"{name}[{i}]: {exc} (max_length defaults to the model's context)") from exc
+        examples.append(example)
+    return examples
+
+
+def _pad_id(tokenizer) -> int:
+    pad = tokenizer.pad_token_id
+    return tokenizer.eos_token_id if pad is None else pad
+
+
+def _batch(examples: list[dict], indices, pad_id: int, device) -> dict:
+    """Collate ``examples[indices]`` (right padding) onto ``device``. Per-token fields
+    other than ids and labels (the cached ``entropy``) pad with 0."""
+    batch = collate([examples[int(i)] for i in indices], pad_id)
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _model_inputs(batch: dict) -> dict:
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+# ------------------------------------------------------------------ base-model pass
+
+
+@torch.no_grad()
+def base_model_pass(model, examples: list[dict], pad_id: int, q: float, batch_size: int) -> np.ndarray:
+    """Store each token's entropy under the model in ``examples`` and return features.
+
+    Sets ``example["entropy"]``: float32 ``[len]``, the Tsallis entropy of the model's
+    next-token distribution at each position. Returns float64 ``[n, hidden]``: the
+    mean-pooled last hidden state of each example (the k-means features). Run it on the
+    base model (before patching).
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    features = []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        batch = _batch(chunk, range(len(chunk)), pad_id, device)
+        out = model(**_model_inputs(batch), output_hidden_states=True)
+        entropy = tsallis_entropy(out.logits, q).float().cpu()
+        for row, example in enumerate(chunk):
+            example["entropy"] = entropy[row, : len(example["input_ids"])].clone()
+        mask = batch["attention_mask"].unsqueeze(-1).to(torch.float64)
+        hidden = out.hidden_states[-1].to(torch.float64)
+        features.append(((hidden * mask).sum(1) / mask.sum(1)).cpu().numpy())
+    model.train(was_training)
+    return np.concatenate(features)
+
+
+def split_subdomains(features: np.ndarray, num_domains: int, seed: int = 0) -> np.ndarray:
+    """k-means split of ``features [n, D]`` into ``num_domains`` sub-domains.
+
+    Returns int64 labels ``[n]`` in ``0..num_domains-1``, the same for the same seed
+    (``scipy.cluster.vq.kmeans2`` with k-means++ initialization). With no more distinct
+    samples than domains, each distinct sample is its own sub-domain.
+    """
+    features = np.asarray(features, dtype=np.float64)
+    if features.ndim != 2 or features.shape[0] == 0:
+        raise ValueError(f"features must be a non-empty [n, D] array, got shape {features.shape}")
+    if num_domains < 1:
+        raise ValueError(f"num_domains must be >= 1, got {num_domains}")
+    if num_domains == 1:
+        return np.zeros(features.shape[0], dtype=np.int64)
+    distinct, inverse = np.unique(features, axis=0, return_inverse=True)
+    if len(distinct) <= num_domains:
+        return inverse.reshape(-1).astype(np.int64)  # each distinct sample its own sub-domain
+    _, labels = kmeans2(features, num_domains, minit="++", missing="warn", rng=np.random.default_rng(seed))
+    return labels.astype(np.int64)
+
+
+# ---------------------------------------------------------------------------- losses
+
+
+def _shift(logits: torch.Tensor, labels: torch.Tensor):
+    """Logits at position t predict the label at t + 1: flatten to ``[T, V]``, ``[T]``."""
+    return logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
+
+
+def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token NLL over labelled tokens (``labels != -100``)."""
+    flat_logits, flat_labels = _shift(logits, labels)
+    return F.cross_entropy(flat_logits.float(), flat_labels, ignore_index=IGNORE_INDEX)
+
+
+def sequence_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token log-probabilities of the labelled tokens of each sample: ``[B]``."""
+    targets = labels[:, 1:]
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    picked = logp.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return (picked * (targets != IGNORE_INDEX)).sum(-1)
+
+
+def npo_loss(logprob: torch.Tensor, ref_logprob: torch.Tensor, beta: float) -> torch.Tensor:
+    """NPO (Zhang et al., 2024): ``-(2/beta) * mean log sigmoid(-beta * log(pi/pi_ref))``."""
+    return -(2.0 / beta) * F.logsigmoid(-beta * (logprob - ref_logprob)).mean()
+
+
+def _high_entropy_tokens(batch: dict, threshold: float) -> torch.Tensor:
+    return (batch["entropy"] > threshold) & batch["attention_mask"].bool()
+
+
+def structural_surrogate(logits, batch: dict, q: float, threshold: float, backend=None) -> torch.Tensor:
+    """``E_H[(S_q^adapted - S_q^base)^2]`` over the high-entropy tokens H of the batch."""
+    high = _high_entropy_tokens(batch, threshold)
+    if not high.any():
+        return logits.new_zeros((), dtype=torch.float32)
+    adapted = tsallis_entropy(logits, q, backend=backend)
+    return ((adapted - batch["entropy"]) ** 2)[high].mean()
+
+
+def structural_exact(logits, batch: dict, q: float, threshold: float, A_params) -> torch.Tensor:
+    """``E_H[||grad_A S_q(x_t)||^2]`` (eq. 8): one double-backward per high-entropy token."""
+    high = _high_entropy_tokens(batch, threshold)
+    if not high.any():
+        return logits.new_zeros((), dtype=torch.float32)
+    adapted = tsallis_entropy(logits, q, backend="eager")
+    positions = high.nonzero().tolist()
+    total = 0.0
+    for b, t in positions:
+        grads = torch.autograd.grad(adapted[b, t], A_params, create_graph=True, allow_unused=True)
+        total = total + sum((g.to(torch.promote_types(g.dtype, torch.float32)) ** 2).sum() for g in grads if g is not None)
+    return total / len(positions)
+
+
+# -------------------------------------------------------------------------- objectives
+
+
+@dataclass
+class _AdapterRecipe:
+    """How one adapter method uses the shared AsymLoRA machinery."""
+
+    forget_loss: str  # "ihl": entropy-weighted IHL, "ihl_uniform", "nll_ascent"
+    forget_experts: str  # "subdomain": expert d for sub-domain d, "retention": expert 0
+    entropy_guided: bool  # A from high-entropy tokens only, structural term on
+
+
+_ADAPTER_RECIPES = {
+    "alter": _AdapterRecipe("ihl", "subdomain", True),
+    "asym_lora": _AdapterRecipe("ihl_uniform", "subdomain", False),
+    "lora": _AdapterRecipe("nll_ascent", "retention", False),
+}
+
+
+class _AdapterObjective:
+    """One step of an adapter method: a forget pass and a retain pass, each under its
+    forced routes and the cached base-model entropy, gradients accumulated."""
+
+    uses_retain = True
+
+    def __init__(self, model, config: AlterConfig, recipe: _AdapterRecipe, structural: str, autocast,
+                 n_forget: int, n_retain: int):
+        self.config = config
+        self.recipe = recipe
+        # Routing loss of each pass weighted by its set's share of the data (module doc).
+        total = n_forget + n_retain
+        self.route_weight = {True: 2 * n_forget / total, False: 2 * n_retain / total}
+        self.structural = structural if recipe.entropy_guided and config.lam > 0 else None
+        self.autocast = autocast
+        groups = adapter_parameters(model)
+        self.A_params, self.B_params = groups["A"], groups["B"]
+
+    def _forget_loss(self, logits, labels):
+        if self.recipe.forget_loss == "nll_ascent":
+            return -token_nll(logits, labels)
+        flat_logits, flat_labels = _shift(logits, labels)
+        weight = self.config.high_entropy_weight if self.recipe.forget_loss == "ihl" else 1.0
+        loss, _ = inverted_hinge_loss(
+            flat_logits, flat_labels, self.config.tsallis_q, self.config.entropy_threshold,
+            high_entropy_weight=weight, backend=self.config.backend,
+        )
+        return loss
+
+    def _structural(self, logits, batch):
+        cfg = self.config
+        if self.structural == "exact":
+            return structural_exact(logits, batch, cfg.tsallis_q, cfg.entropy_threshold, self.A_params)
+        return structural_surrogate(logits, batch, cfg.tsallis_q, cfg.entropy_threshold, cfg.backend)
+
+    def _pass(self, model, batch: dict, forget: bool, router_only: bool) -> dict:
+        cfg = self.config
+        with forced_route(model, batch["expert"]), precomputed_entropy(model, batch["entropy"]):
+            with self.autocast():
+                logits = model(**_model_inputs(batch)).logits
+            if router_only:
+                route = router_loss(model)
+                (self.route_weight[forget] * route).backward()
+                return {"route": route.item()}
+            if forget:
+                main = self._forget_loss(logits, batch["labels"])
+                loss = cfg.beta * main
+            else:
+                main = token_nll(logits, batch["labels"])
+                loss = cfg.gamma * main
+            route = router_loss(model)
+            loss = loss + self.route_weight[forget] * route
+            logs = {"forget" if forget else "retain": main.item(), "route": route.item()}
+            if self.structural is not None:
+                structure = self._structural(logits, batch)
+                loss = loss + cfg.lam * structure
+                logs["structural"] = structure.item()
+            # Backward inside the routing context: gradient checkpointing recomputes the
+            # forward here and must see the same routes and entropy.
+            loss.backward()
+        logs["loss"] = loss.item()
+        return logs
+
+    def _both_passes(self, model, forget: dict, retain: dict, router_only: bool) -> dict:
+        logs = self._pass(model, forget, True, router_only)
+        for key, value in self._pass(model, retain, False, router_only).items():
+            logs[key] = logs.get(key, 0.0) + value
+        return logs
+
+    def step(self, model, forget: dict, retain: dict) -> dict:
+        """Forward and backward of one unlearning step; returns its losses."""
+        return self._both_passes(model, forget, retain, router_only=False)
+
+    def router_step(self, model, forget: dict, retain: dict) -> dict:
+        """A router warm-up step: the routing loss alone, gradients for the routers only."""
+        logs = self._both_passes(model, forget, retain, router_only=True)
+        for param in self.A_params + self.B_params:
+            param.grad = None  # AdamW leaves parameters without a gradient alone
+        return logs
+
+
+class _FullParameterObjective:
+    """One step of a full-parameter baseline (gradient ascent, GradDiff, NPO)."""
+
+    def __init__(self, method: str, beta: float, gamma: float, npo_beta: float, autocast):
+        self.method = method
+        self.beta, self.gamma, self.npo_beta = beta, gamma, npo_beta
+        self.autocast = autocast
+        self.uses_retain = method == "grad_diff"
+
+    def step(self, model, forget: dict, retain: dict | None) -> dict:
+        """Forward and backward of one unlearning step; returns its losses."""
+        with self.autocast():
+            logits = model(**_model_inputs(forget)).logits
+        if self.method == "npo":
+            forget_loss = npo_loss(sequence_logprob(logits, forget["labels"]), forget["ref_logprob"], self.npo_beta)
+        else:
+            forget_loss = -token_nll(logits, forget["labels"])
+        loss = self.beta * forget_loss
+        logs = {"forget": forget_loss.item()}
+        if self.uses_retain:
+            with self.autocast():
+                retain_logits = model(**_model_inputs(retain)).logits
+            retain_loss = token_nll(retain_logits, retain["labels"])
+            loss = loss + self.gamma * retain_loss
+            logs["retain"] = retain_loss.item()
+        loss.backward()
+        logs["loss"] = loss.item()
+        return logs
+
+
+# ------------------------------------------------------------------------ the loop
+
+
+def _autocast_factory(device: torch.device, mixed_precision: bool):
+    if mixed_precision:
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def _checkpointing_on(model) -> bool:
+    # transformers 5 renamed gradient_checkpointing_* to activation_checkpointing_*.
+    name = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else "is_gradient_checkpointing"
+    return bool(getattr(model, name, False))
+
+
+def _set_checkpointing(model, on: bool) -> None:
+    """Activation checkpointing on (non-reentrant: the adapters' frozen base needs no
+    input gradients) or off."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        if on:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class _Checkpointer:
+    """Writes and reads ``output_dir/checkpoint.pt``: trainable parameters, optimizer,
+    step, RNG state, and a fingerprint of the run so that a resume with other settings
+    fails loudly instead of mixing two runs."""
+
+    def __init__(self, output_dir: str | None, fingerprint: dict):
+        self.path = None if output_dir is None else os.path.join(output_dir, CHECKPOINT_FILE)
+        self.fingerprint = fingerprint
+
+    def save(self, step: int, params: dict, optimizer) -> None:
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        state = {
+            "step": step,
+            "fingerprint": self.fingerprint,
+            "params": {name: p.detach().cpu() for name, p in params.items()},
+            "optimizer": optimizer.state_dict(),
+            "rng": _rng_state(),
+        }
+        tmp = self.path + ".tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, self.path)  # a run killed mid-write keeps the previous checkpoint
+
+    def load(self, params: dict, optimizer) -> int:
+        """Restore the latest checkpoint; returns its step (0 when there is none)."""
+        if self.path is None or not os.path.exists(self.path):
+            return 0
+        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        if state["fingerprint"] != self.fingerprint:
+            raise ValueError(
+                f"cannot resume from {self.path}: it was written by a different run "
+                f"({state['fingerprint']}), this run is {self.fingerprint}"
+            )
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(state["params"][name])
+        optimizer.load_state_dict(state["optimizer"])
+        _set_rng_state(state["rng"])
+        return state["step"]
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=generator)
+
+
+def _step_indices(step: int, n_forget: int, n_retain: int, batch_size: int, seed: int):
+    """Forget and retain example indices of global ``step``: a pure function of its
+    arguments, so that a resumed run sees the same batches without replaying RNG."""
+    per_epoch = math.ceil(n_forget / batch_size)
+    epoch, j = divmod(step, per_epoch)
+    forget_order = _epoch_order(n_forget, seed, 2 * epoch)
+    forget_ids = forget_order[j * batch_size : (j + 1) * batch_size]
+    retain_order = _epoch_order(n_retain, seed, 2 * epoch + 1)
+    retain_ids = retain_order[(torch.arange(batch_size) + j * batch_size) % n_retain] if n_retain else None
+    return forget_ids, retain_ids
+
+
+def _check_positive(name: str, value, kind=int) -> None:
+    if not isinstance(value, kind) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive {kind.__name__}, got {value!r}")
+
+
+def unlearn(
+    model,
+    tokenizer,
+    forget,
+    retain=None,
+    config: AlterConfig | None = None,
+    method: str = "alter",
+    *,
+    epochs: int = 3,
+    batch_size: int = 4,
+    lr: float = 1e-5,
+    max_steps: int | None = None,
+    max_length: int | None = None,
+    structural: str = "surrogate",
+    npo_beta: float = 0.1,
+    max_grad_norm: float | None = 1.0,
+    seed: int = 0,
+    output_dir: str | None = None,
+    save_every: int | None = None,
+    resume: bool = False,
+    mixed_precision: bool | None = None,
+    gradient_checkpointing: bool | None = None,
+    router_warmup: int = 0,
+    progress: bool = True,
+    callback: Callable[[int, dict], None] | None = None,
+):
+    """Unlearn ``forget`` from ``model`` while keeping ``retain``; returns the model.
+
+    Args:
+        model: a Hugging Face causal LM, trained in place: the adapter methods patch it
+            with ``apply_alter``; the full-parameter baselines update its weights.
+        tokenizer: its tokenizer.
+        forget, retain: ``datasets.Dataset`` with ``question``/``answer`` columns or a
+            ``text`` column. ``retain`` may be None for ``grad_ascent`` and ``npo``.
+        config: ``AlterConfig`` of the adapter methods (rank, experts, entropy threshold,
+            loss weights ``beta``/``gamma``/``lam``, ``lr_A``/``lr_B``, ...); default
+            ``AlterConfig()``. The full-parameter baselines read ``beta`` and ``gamma``.
+        method: one of ``METHODS``.
+        epochs, batch_size: passes over the forget set, and samples per batch (each
+            forget batch is paired with a retain batch of the same size).
+        lr: learning rate of the full-parameter baselines (AdamW, weight decay 0.01).
+        max_steps: stop after this many optimizer steps (default: all epochs). The data
+            order does not depend on it, so a run stopped early is a prefix of a full one.
+        max_length: longest example allowed (default: the model's context); a longer one
+            raises ``ValueError`` (it is not truncated silently).
+        structural: ``"surrogate"`` (default) or ``"exact"`` (eq. 8 by double backward,
+            eager backend; one backward per high-entropy token, so small models only).
+        npo_beta: inverse temperature of NPO.
+        max_grad_norm: gradient-norm clipping (None: off).
+        seed: seeds the adapter initialization, dropout, data order and k-means.
+        output_dir: where checkpoints and the result go: the adapter (``save_adapter``
+            format) or the model (``save_pretrained``), the tokenizer, ``unlearn_args.json``.
+        save_every: write a checkpoint every this many steps (needs ``output_dir``).
+        resume: continue from the checkpoint in ``output_dir`` if there is one.
+        mixed_precision: bf16 autocast (default: on when the model is on a GPU).
+        gradient_checkpointing: default on when the model is on a GPU.
+        router_warmup: adapter methods: optimizer steps, before unlearning, that train
+            only the routers, on the routing loss (B is still zero, so the model is the
+            base model and the routers learn the sub-domain assignment on its features).
+            Counted in ``max_steps``.
+        progress: show a tqdm progress bar.
+        callback: ``callback(step, logs)`` after every optimizer step; ``logs`` holds
+            the step's losses as floats.
+
+    The model comes back in eval mode. An adapted model routes with its trained router
+    (no forced route) and, unless ``config.entropy_source`` is ``"precomputed"``, gets
+    its token entropy from ``"lagged"`` tracking: a prepass for whole sequences (as
+    ``"prepass"`` does) and the lagged entropy for tokens decoded by ``model.generate``.
+    """
+    config = _check_unlearn_args(config, method, retain, structural, epochs, batch_size, max_steps,
+                                 save_every, output_dir, resume, router_warmup)
+    device = next(model.parameters()).device
+    on_gpu = device.type == "cuda"
+    autocast = _autocast_factory(device, on_gpu if mixed_precision is None else mixed_precision)
+    max_length = model_context_length(model) if max_length is None else max_length
+    pad_id = _pad_id(tokenizer)
+    forget_examples = encode_dataset(tokenizer, forget, "forget", max_length)
+    retain_examples = encode_dataset(tokenizer, retain, "retain", max_length) if retain is not None else []
+    torch.manual_seed(seed)
+
+    if method in ADAPTER_METHODS:
+        optimizer, objective = _setup_adapter_method(
+            model, config, method, forget_examples, retain_examples, pad_id, batch_size, structural, seed, autocast)
+    else:
+        if method == "npo":
+            _store_reference_logprob(model, forget_examples, pad_id, batch_size)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+        objective = _FullParameterObjective(method, config.beta, config.gamma, npo_beta, autocast)
+
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    steps_per_epoch = math.ceil(len(forget_examples) / batch_size)
+    total_steps = router_warmup + epochs * steps_per_epoch
+    total_steps = total_steps if max_steps is None else min(max_steps, total_steps)
+    fingerprint = {"method": method, "seed": seed, "batch_size": batch_size, "router_warmup": router_warmup,
+                   "n_forget": len(forget_examples), "n_retain": len(retain_examples)}
+    checkpointer = _Checkpointer(output_dir, fingerprint)
+    start_step = checkpointer.load(trainable, optimizer) if resume else 0
+
+    checkpointing = (on_gpu if gradient_checkpointing is None else gradient_checkpointing) and not _checkpointing_on(model)
+    if checkpointing:
+        _set_checkpointing(model, True)
+    attention = getattr(model.config, "_attn_implementation", None)
+    if structural == "exact" and attention not in (None, "eager"):
+        # Fused attention kernels (SDPA, flash) have no double backward.
+        model.set_attn_implementation("eager")
+    model.train()
+    bar = tqdm(total=total_steps, initial=start_step, desc=f"unlearn [{method}]", disable=not progress)
+    for step in range(start_step, total_steps):
+        forget_ids, retain_ids = _step_indices(step, len(forget_examples), len(retain_examples), batch_size, seed)
+        forget_batch = _batch(forget_examples, forget_ids, pad_id, device)
+        retain_batch = _batch(retain_examples, retain_ids, pad_id, device) if objective.uses_retain else None
+        optimizer.zero_grad(set_to_none=True)
+        if step < router_warmup:
+            logs = objective.router_step(model, forget_batch, retain_batch)
+        else:
+            logs = objective.step(model, forget_batch, retain_batch)
+        if not all(math.isfinite(v) for v in logs.values()):
+            raise FloatingPointError(f"unlearn: non-finite loss at step {step + 1}: {logs}")
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(list(trainable.values()), max_grad_norm)
+        optimizer.step()
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items()})
+        if callback is not None:
+            callback(step + 1, logs)
+        if save_every is not None and (step + 1) % save_every == 0:
+            checkpointer.save(step + 1, trainable, optimizer)
+    bar.close()
+    if checkpointing:
+        _set_checkpointing(model, False)
+    if model.config._attn_implementation != attention:
+        model.set_attn_implementation(attention)
+    model.eval()
+    if output_dir is not None:
+        _save_result(model, tokenizer, output_dir, method,
+                     {"method": method, "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
+                      "structural": structural, "npo_beta": npo_beta, "router_warmup": router_warmup,
+                      "steps": total_steps})
+    return model
+
+
+def _check_unlearn_args(config, method, retain, structural, epochs, batch_size, max_steps, save_every,
+                        output_dir, resume, router_warmup) -> AlterConfig:
+    """Validate :func:`unlearn`'s arguments; returns the config to train with."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if config is None:
+        config = AlterConfig()
+    elif not isinstance(config, AlterConfig):
+        raise TypeError(f"config must be an AlterConfig, got {type(config).__name__}")
+    if structural not in STRUCTURAL_MODES:
+        raise ValueError(f"structural must be one of {STRUCTURAL_MODES}, got {structural!r}")
+    if structural == "exact":
+        if config.backend not in (None, "eager"):
+            raise ValueError(f"structural='exact' needs the eager backend, but config.backend is {config.backend!r}")
+        config = dataclasses.replace(config, backend="eager")
+    _check_positive("epochs", epochs)
+    _check_positive("batch_size", batch_size)
+    if max_steps is not None:
+        _check_positive("max_steps", max_steps)
+    if save_every is not None:
+        _check_positive("save_every", save_every)
+        if output_dir is None:
+            raise ValueError("save_every needs output_dir, where the checkpoints go")
+    if resume and output_dir is None:
+        raise ValueError("resume=True needs output_dir, where the checkpoint is")
+    if not isinstance(router_warmup, int) or isinstance(router_warmup, bool) or router_warmup < 0:
+        raise ValueError(f"router_warmup must be an int >= 0, got {router_warmup!r}")
+    if router_warmup and method not in ADAPTER_METHODS:
+        raise ValueError(f"router_warmup is for the adapter methods {ADAPTER_METHODS}; {method!r} has no router")
+    if retain is None and method not in ("grad_ascent", "npo"):
+        raise ValueError(f"method {method!r} needs a retain set (retain is None)")
+    return config
+
+
+def _setup_adapter_method(model, config, method, forget_examples, retain_examples, pad_id, batch_size,
+                          structural, seed, autocast):
+    """Base-model pass (entropy cache, sub-domains), patching, optimizer and objective."""
+    recipe = _ADAPTER_RECIPES[method]
+    features = base_model_pass(model, forget_examples, pad_id, config.tsallis_q, batch_size)
+    base_model_pass(model, retain_examples, pad_id, config.tsallis_q, batch_size)
+    if recipe.forget_experts == "subdomain":
+        subdomain = split_subdomains(features, config.num_experts - 1, seed)
+        for example, domain in zip(forget_examples, subdomain):
+            example["expert"] = int(domain) + 1
+    else:
+        for example in forget_examples:
+            example["expert"] = RETENTION_EXPERT
+    for example in retain_examples:
+        example["expert"] = RETENTION_EXPERT
+
+    changes = {}
+    if config.entropy_source == "prepass":
+        changes["entropy_source"] = "lagged"  # prepass on whole sequences, and generate() works
+    if not recipe.entropy_guided:
+        changes["a_learns_from_high_entropy_only"] = False
+    if method == "lora":
+        # One adapter: each token keeps only its top expert, which the router learns is 0.
+        changes.update(k_high=1, k_low=1)
+    config = dataclasses.replace(config, **changes)
+    apply_alter(model, config)
+    groups = adapter_parameters(model)
+    optimizer = torch.optim.AdamW(
+        [{"params": groups["A"], "lr": config.lr_A}, {"params": groups["B"] + groups["router"], "lr": config.lr_B}],
+        weight_decay=0.0,
+    )
+    objective = _AdapterObjective(model, config, recipe, structural, autocast, len(forget_examples), len(retain_examples))
+    return optimizer, objective
+
+
+def _save_result(model, tokenizer, output_dir: str, method: str, args: dict) -> None:
+    os.makedirs(output_dir, exist_ok=True)
+    if method in ADAPTER_METHODS:
+        save_adapter(model, output_dir)
+    else:
+        model.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    with open(os.path.join(output_dir, RUN_ARGS_FILE), "w") as f:
+        json.dump(args, f, indent=2)
+
+
+@torch.no_grad()
+def _store_reference_logprob(model, examples: list[dict], pad_id: int, batch_size: int) -> None:
+    """Set ``example["ref_logprob"]``: the sequence log-probability of the labelled tokens
+    under the frozen starting model (NPO's reference), computed once."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        batch = _batch(chunk, range(len(chunk)), pad_id, device)
+        logprob = sequence_logprob(model(**_model_inputs(batch)).logits, batch["labels"]).cpu()
+        for example, value in zip(chunk, logprob.tolist()):
+            example["ref_logprob"] = value
+    model.train(was_training)
+
+
+# ----------------------------------------------------------------- memorization
+
+
+def finetune(
+    model,
+    tokenizer,
+    data,
+    *,
+    epochs: int = 10,
+    batch_size: int = 8,
+    lr: float = 1e-3,
+    seed: int = 0,
+    max_length: int | None = None,
+    progress: bool = True,
+    callback: Callable[[int, dict], None] | None = None,
+):
+    """Full-parameter next-token training on ``data`` (QA or text ``datasets.Dataset``).
+
+    Used to build TOFU-style target and retain models (memorize the facts) before
+    unlearning. AdamW with linear decay; returns the model in eval mode.
+    """
+    _check_positive("epochs", epochs)
+    _check_positive("batch_size", batch_size)
+    device = next(model.parameters()).device
+    pad_id = _pad_id(tokenizer)
+    examples = encode_dataset(tokenizer, data, "data", model_context_length(model) if max_length is None else max_length)
+    torch.manual_seed(seed)
+    steps_per_epoch = math.ceil(len(examples) / batch_size)
+    total = epochs * steps_per_epoch
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - s / total)
+    model.train()
+    bar = tqdm(total=total, desc="finetune", disable=not progress)
+    for step in range(total):
+        epoch, j = divmod(step, steps_per_epoch)
+        ids = _epoch_order(len(examples), seed, epoch)[j * batch_size : (j + 1) * batch_size]
+        batch = _batch(examples, ids, pad_id, device)
+        loss = token_nll(model(**_model_inputs(batch)).logits, batch["labels"])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3g}")
+        if callback is not None:
+            callback(step + 1, {"loss": loss.item()})
+    bar.close()
+    model.eval()
+    return model

@@ -1,0 +1,130 @@
+"""The ``alter`` command line: help of every subcommand, a tiny ``alter unlearn`` and
+``alter eval`` round trip on files the test writes, bench delegation and bad input."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from alter.cli import main
+from alter.data import tofu_mini
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models: threads only add contention on a shared CPU.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """TOFU-schema files: forget as JSON lines, the other splits as JSON lists."""
+    folder = tmp_path_factory.mktemp("data")
+    data = tofu_mini(num_authors=4, facts_per_author=1, forget_fraction=0.5, num_perturbed=2, seed=2)
+    for name in ("forget", "retain", "real_authors", "world_facts"):
+        rows = data[name].select(range(min(2, len(data[name])))).to_list()
+        if name == "forget":
+            (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        else:
+            (folder / f"{name}.json").write_text(json.dumps(rows))
+    return folder
+
+
+@pytest.mark.parametrize("command, flag", [("demo", "--quick"), ("unlearn", "--forget"), ("eval", "--retain-metrics")])
+def test_subcommand_help(command, flag, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert f"usage: alter {command}" in out and flag in out
+
+
+def test_top_level_help_lists_the_subcommands():
+    # Through `python -m alter`, which also checks alter/__main__.py.
+    out = subprocess.run([sys.executable, "-m", "alter", "--help"], capture_output=True, text=True, check=True).stdout
+    for command in ("demo", "unlearn", "eval", "bench"):
+        assert command in out
+
+
+def test_bench_is_delegated(monkeypatch):
+    import alter.bench
+
+    seen = []
+    monkeypatch.setattr(alter.bench, "main", lambda argv: seen.append(argv) or 0)
+    assert main(["bench", "--quick", "--out", "somewhere"]) == 0
+    assert main(["bench", "--help"]) == 0
+    assert seen == [["--quick", "--out", "somewhere"], ["--help"]]
+
+
+def test_bench_missing_gives_a_clear_message(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "alter.bench", None)  # import alter.bench raises ImportError
+    assert main(["bench"]) == 2
+    assert "alter bench is not available" in capsys.readouterr().err
+
+
+def test_unlearn_then_eval_tiny(data_dir, tmp_path, capsys):
+    out = tmp_path / "alter_out"
+    forget, retain = str(data_dir / "forget.jsonl"), str(data_dir / "retain.json")
+    assert main(["unlearn", "--model", "tiny", "--forget", forget, "--retain", retain, "--out", str(out),
+                 "--max-steps", "2", "--batch-size", "2", "--rank", "2", "--num-experts", "3", "--quiet"]) == 0
+    run = json.loads((out / "unlearn_args.json").read_text())
+    assert run["method"] == "alter" and run["steps"] == 2
+    adapter_config = json.loads((out / "adapter_config.json").read_text())
+    assert adapter_config["r"] == 2 and adapter_config["num_experts"] == 3
+    assert (out / "adapter_model.safetensors").exists() and (out / "base_model" / "config.json").exists()
+
+    metrics_file = tmp_path / "metrics" / "m.json"
+    assert main(["eval", "--model", str(out), "--data", str(data_dir), "--out", str(metrics_file)]) == 0
+    metrics = json.loads(metrics_file.read_text())
+    assert metrics["forget_quality"] is None  # no retain model given
+    assert 0.0 <= metrics["model_utility"] <= 1.0 and len(metrics["forget_truth_ratios"]) == 2
+
+    # The same model as its own "retain model": identical truth ratios, KS p-value 1.
+    again = tmp_path / "again.json"
+    assert main(["eval", "--model", str(out), "--data", str(data_dir), "--retain-metrics", str(metrics_file),
+                 "--out", str(again)]) == 0
+    assert json.loads(again.read_text())["forget_quality"] == pytest.approx(1.0)
+
+
+def test_unlearn_full_parameter_baseline_without_retain(data_dir, tmp_path):
+    out = tmp_path / "ga"
+    assert main(["unlearn", "--model", "tiny", "--forget", str(data_dir / "forget.jsonl"), "--method", "grad_ascent",
+                 "--out", str(out), "--max-steps", "1", "--quiet"]) == 0
+    assert (out / "model.safetensors").exists() and not (out / "adapter_config.json").exists()
+
+
+def test_bad_data_file_is_a_clear_error(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "no question here"}) + "\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["unlearn", "--model", "tiny", "--forget", str(bad), "--retain", str(bad), "--out", str(tmp_path / "o")])
+    assert exit_info.value.code == 2
+    assert "forget needs 'question' and 'answer' columns" in capsys.readouterr().err
+
+    with pytest.raises(SystemExit):
+        main(["unlearn", "--model", "tiny", "--forget", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")])
+    assert "no such data file" in capsys.readouterr().err
+
+    bad.write_text("{not json\n")
+    with pytest.raises(SystemExit):
+        main(["unlearn", "--model", "tiny", "--forget", str(bad), "--out", str(tmp_path / "o")])
+    assert "not JSON or JSON lines" in capsys.readouterr().err
+
+
+def test_demo_quick_writes_table_and_plot(tmp_path, monkeypatch, capsys):
+    """The demo pipeline end to end at toy size (the real run is `make demo`)."""
+    import alter.demo
+
+    monkeypatch.setattr(alter.demo, "DEMO_DATA", {"num_authors": 4, "facts_per_author": 1, "forget_fraction": 0.5})
+    monkeypatch.setattr(alter.demo, "DEMO_FINETUNE", {"epochs": 5, "batch_size": 8, "lr": 3e-3})
+    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    methods = [row["method"] for row in results["rows"]]
+    assert methods == ["retain", "target", "alter", "asym_lora", "lora", "grad_ascent", "grad_diff", "npo"]
+    assert (tmp_path / "tradeoff.png").stat().st_size > 0
+    out = capsys.readouterr().out
+    assert "forget quality" in out and "model utility" in out

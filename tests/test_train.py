@@ -1,0 +1,382 @@
+"""The unlearning harness (alter.train): every method end to end on a tiny Llama, resume,
+bad input, the k-means split, and the loss terms against float64 references."""
+import math
+
+import datasets
+import numpy as np
+import pytest
+import torch
+
+from alter.config import AlterConfig
+from alter.data import qa_texts, tofu_mini
+from alter.model import adapter_parameters, alter_layers, apply_alter, is_patched
+from alter.tiny import build_tokenizer, tiny_llama
+from alter.train import (
+    ADAPTER_METHODS,
+    METHODS,
+    finetune,
+    npo_loss,
+    sequence_logprob,
+    split_subdomains,
+    structural_exact,
+    structural_surrogate,
+    token_nll,
+    unlearn,
+)
+from alter_kernels import tsallis_entropy
+
+CONFIG = AlterConfig(r=4, num_experts=3)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # The tiny model's ops are too small for threads; on a shared or xdist-loaded CPU,
+    # extra threads only spin against each other (measured 10-100x slower).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data():
+    # 6 authors x 2 facts, 2 of them forgotten: 4 forget rows, 8 retain rows.
+    return tofu_mini(num_authors=6, facts_per_author=2, forget_fraction=0.34, seed=1)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(data):
+    return build_tokenizer(qa_texts(data) + ["some corpus text about a forgotten author ."])
+
+
+def small_model(tokenizer, **kwargs):
+    """A 1-layer Llama (hidden 32): a handful of steps take well under a second."""
+    args = dict(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=48, max_position_embeddings=64, seed=3)
+    return tiny_llama(tokenizer, **{**args, **kwargs})
+
+
+def run(model, tokenizer, data, method, **kwargs):
+    logs = []
+    kwargs.setdefault("config", CONFIG)
+    kwargs.setdefault("batch_size", 2)
+    unlearn(model, tokenizer, data["forget"], data["retain"], method=method, max_steps=2,
+            progress=False, callback=lambda step, log: logs.append(log), **kwargs)
+    return logs
+
+
+def trainable_state(model):
+    if is_patched(model):
+        return {k: v.detach().clone() for k, v in model.named_parameters() if "lora_" in k or "router" in k}
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+# ----------------------------------------------------------------------- end to end
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_end_to_end(method, data, tokenizer):
+    model = small_model(tokenizer)
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    logs = run(model, tokenizer, data, method)
+    assert len(logs) == 2
+    assert all(math.isfinite(v) for log in logs for v in log.values()), logs
+    assert "forget" in logs[0] and ("retain" in logs[0]) == (method not in ("grad_ascent", "npo"))
+    assert not model.training
+    if method in ADAPTER_METHODS:
+        assert is_patched(model)
+        assert model.alter_tracker.forced_experts is None  # the trained router gates from now on
+        assert model.alter_config.entropy_source == "lagged"  # generate() works
+        groups = adapter_parameters(model)
+        # B starts at zero and the router at zero: both must have moved.
+        assert any(b.abs().sum() > 0 for b in groups["B"])
+        assert any(p.abs().sum() > 0 for p in groups["router"])
+        # The base weights are frozen.
+        for name, p in model.named_parameters():
+            if "base_layer" in name:
+                assert torch.equal(p, before[name.replace(".base_layer", "")])
+    else:
+        assert any(not torch.equal(p, before[k]) for k, p in model.named_parameters())
+    prompt = tokenizer(["Question: " + data["forget"][0]["question"] + "\nAnswer:"], return_tensors="pt")
+    out = model.generate(**prompt, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert out.shape == (1, prompt["input_ids"].shape[1] + 4) or out[0, -1] == tokenizer.eos_token_id
+
+
+def test_method_settings_reach_the_adapter(data, tokenizer):
+    """asym_lora and lora let A learn from every token; lora keeps one expert per token;
+    alter keeps A to the high-entropy tokens."""
+    configs = {}
+    for method in ADAPTER_METHODS:
+        model = small_model(tokenizer)
+        run(model, tokenizer, data, method)
+        configs[method] = model.alter_config
+    assert configs["alter"].a_learns_from_high_entropy_only
+    assert not configs["asym_lora"].a_learns_from_high_entropy_only
+    assert not configs["lora"].a_learns_from_high_entropy_only
+    assert (configs["lora"].k_high, configs["lora"].k_low) == (1, 1)
+
+
+def test_text_corpora(tokenizer):
+    """Forget and retain sets with a text column (WMDP/MUSE corpora) train too."""
+    forget = datasets.Dataset.from_dict({"text": ["some corpus text about a forgotten author ."] * 3})
+    retain = datasets.Dataset.from_dict({"text": ["Question: Where was", "some corpus text ."]})
+    model = small_model(tokenizer)
+    logs = []
+    unlearn(model, tokenizer, forget, retain, CONFIG, "alter", batch_size=2, max_steps=2, progress=False,
+            callback=lambda step, log: logs.append(log))
+    assert len(logs) == 2 and all(math.isfinite(v) for log in logs for v in log.values())
+
+
+def test_structural_exact_runs_and_restores_attention(data, tokenizer):
+    model = small_model(tokenizer)
+    attention = model.config._attn_implementation
+    # threshold 0.5: a random model is high-entropy everywhere, so H is not empty.
+    config = AlterConfig(r=4, num_experts=3, entropy_threshold=0.5, lam=1.0)
+    one_row = {split: data[split].select([0]) for split in ("forget", "retain")}  # a double backward per token
+    logs = run(model, tokenizer, one_row, "alter", config=config, structural="exact", batch_size=1)
+    assert logs[0]["structural"] == 0.0  # B = 0 at the first step: S_q does not depend on A
+    assert logs[1]["structural"] > 0.0 and math.isfinite(logs[1]["structural"])
+    assert model.config._attn_implementation == attention
+
+
+def test_router_warmup_trains_only_the_routers(data, tokenizer):
+    model = small_model(tokenizer)
+    initial = small_model(tokenizer)
+    logs = run(model, tokenizer, data, "alter", router_warmup=2)  # max_steps=2: warm-up only
+    assert set(logs[0]) == {"route"} and logs[1]["route"] < logs[0]["route"]
+    groups = adapter_parameters(model)
+    assert all(torch.equal(b, torch.zeros_like(b)) for b in groups["B"])
+    assert any(p.abs().sum() > 0 for p in groups["router"])
+    torch.manual_seed(0)  # unlearn(seed=0) initializes the adapters after seeding
+    apply_alter(initial, model.alter_config)
+    for name, layer in alter_layers(model).items():
+        assert torch.equal(layer.lora_A, alter_layers(initial)[name].lora_A)
+    with pytest.raises(ValueError, match="router_warmup is for the adapter methods"):
+        run(small_model(tokenizer), tokenizer, data, "grad_diff", router_warmup=1)
+
+
+def test_mixed_precision_and_gradient_checkpointing_on_cpu(data, tokenizer):
+    """The GPU defaults (bf16 autocast, checkpointing with backward inside the routing
+    context) run on the CPU too."""
+    model = small_model(tokenizer)
+    logs = run(model, tokenizer, data, "alter", mixed_precision=True, gradient_checkpointing=True)
+    assert all(math.isfinite(v) for log in logs for v in log.values()), logs
+    assert not model.is_activation_checkpointing  # switched off again afterwards
+    assert any(b.abs().sum() > 0 for b in adapter_parameters(model)["B"])
+
+
+def test_same_seed_same_result(data, tokenizer):
+    results = []
+    for _ in range(2):
+        model = small_model(tokenizer)
+        run(model, tokenizer, data, "alter")
+        results.append(trainable_state(model))
+    for key in results[0]:
+        assert torch.equal(results[0][key], results[1][key]), key
+
+
+# ---------------------------------------------------------------------------- resume
+
+
+@pytest.mark.parametrize("method", ["alter", "grad_diff"])
+def test_resume_matches_uninterrupted_run(method, data, tokenizer, tmp_path):
+    # Dropout on, so that the RNG state must be restored too.
+    config = AlterConfig(r=4, num_experts=3, dropout=0.1)
+    common = dict(config=config, method=method, batch_size=2, epochs=2, progress=False, lr=1e-3)
+
+    full = small_model(tokenizer)
+    unlearn(full, tokenizer, data["forget"], data["retain"], **common)
+
+    stopped = small_model(tokenizer)
+    unlearn(stopped, tokenizer, data["forget"], data["retain"], max_steps=3, output_dir=str(tmp_path),
+            save_every=3, **common)
+    assert (tmp_path / "checkpoint.pt").exists()
+    resumed = small_model(tokenizer)  # a fresh process would start from the base model again
+    steps = []
+    unlearn(resumed, tokenizer, data["forget"], data["retain"], output_dir=str(tmp_path), resume=True,
+            callback=lambda step, log: steps.append(step), **common)
+    assert steps == [4]  # 4 forget rows / batch 2 x 2 epochs = 4 steps, 3 already done
+
+    want, got = trainable_state(full), trainable_state(resumed)
+    assert want.keys() == got.keys()
+    for key in want:
+        # Same ops in the same order on the CPU: bitwise equal.
+        assert torch.equal(want[key], got[key]), key
+
+
+def test_resume_refuses_another_run(data, tokenizer, tmp_path):
+    model = small_model(tokenizer)
+    run(model, tokenizer, data, "alter", output_dir=str(tmp_path), save_every=1)
+    with pytest.raises(ValueError, match="different run"):
+        run(small_model(tokenizer), tokenizer, data, "asym_lora", output_dir=str(tmp_path), resume=True)
+
+
+def test_output_dir_holds_a_loadable_adapter(data, tokenizer, tmp_path):
+    from alter.model import load_adapter
+
+    model = small_model(tokenizer)
+    run(model, tokenizer, data, "alter", output_dir=str(tmp_path))
+    assert (tmp_path / "adapter_model.safetensors").exists() and (tmp_path / "unlearn_args.json").exists()
+    loaded = load_adapter(small_model(tokenizer), str(tmp_path))
+    for name, layer in alter_layers(model).items():
+        assert torch.equal(layer.lora_B, alter_layers(loaded)[name].lora_B)
+
+
+# ------------------------------------------------------------------------- bad input
+
+
+def test_bad_input_raises_clear_errors(data, tokenizer):
+    model = small_model(tokenizer)
+    forget, retain = data["forget"], data["retain"]
+
+    def call(**kwargs):
+        args = dict(forget=forget, retain=retain, config=CONFIG, method="alter", progress=False)
+        unlearn(model, tokenizer, **{**args, **kwargs})
+
+    with pytest.raises(ValueError, match="'question' and 'answer' columns .* or a 'text' column"):
+        call(forget=forget.remove_columns("answer"))
+    with pytest.raises(ValueError, match="retain is empty"):
+        call(retain=retain.select([]))
+    with pytest.raises(TypeError, match="forget must be a datasets.Dataset"):
+        call(forget=[{"question": "q", "answer": "a"}])
+    with pytest.raises(ValueError, match="method must be one of"):
+        call(method="magic")
+    with pytest.raises(ValueError, match="needs a retain set"):
+        call(retain=None)
+    with pytest.raises(TypeError, match="config must be an AlterConfig"):
+        call(config={"r": 4})
+    with pytest.raises(ValueError, match="structural must be one of"):
+        call(structural="approximate")
+    with pytest.raises(ValueError, match="structural='exact' needs the eager backend"):
+        call(config=AlterConfig(r=4, num_experts=3, backend="triton"), structural="exact")
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        call(batch_size=0)
+    with pytest.raises(ValueError, match="save_every needs output_dir"):
+        call(save_every=1)
+    long_answer = " ".join(["Lisbon"] * 80)  # 64-token context
+    too_long = datasets.Dataset.from_list([{"question": "Where was it?", "answer": long_answer}] + list(forget))
+    with pytest.raises(ValueError, match=r"forget\[0\]: .*more than max_length=64"):
+        call(forget=too_long)
+    assert not is_patched(model)  # nothing was done to the model
+
+
+# -------------------------------------------------------------------------- k-means
+
+
+def test_split_subdomains_is_deterministic_and_finds_clusters():
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(3, 7)) * 20
+    truth = np.repeat(np.arange(3), [5, 6, 4])
+    features = centers[truth] + rng.normal(size=(15, 7))
+    labels = split_subdomains(features, 3, seed=5)
+    assert np.array_equal(labels, split_subdomains(features, 3, seed=5))
+    assert labels.dtype == np.int64 and set(labels) == {0, 1, 2}
+    # The same partition as the true blobs (up to renaming the clusters).
+    pairs = set(zip(truth.tolist(), labels.tolist()))
+    assert len(pairs) == 3
+    assert np.array_equal(split_subdomains(features, 1), np.zeros(15, dtype=np.int64))
+    assert np.array_equal(np.sort(split_subdomains(features[:2], 3)), np.array([0, 1]))
+    # Duplicates (e.g. a repeated text) are one sub-domain; no k-means on too few points.
+    assert len(set(split_subdomains(features[[0, 0, 0, 1]], 3).tolist())) == 2
+    with pytest.raises(ValueError, match="features must be a non-empty"):
+        split_subdomains(np.zeros((0, 3)), 2)
+
+
+def test_split_subdomains_on_noise_depends_only_on_the_seed():
+    features = np.random.default_rng(1).normal(size=(23, 5))
+    assert np.array_equal(split_subdomains(features, 4, seed=9), split_subdomains(features.copy(), 4, seed=9))
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def _random_batch(B=3, L=7, V=11, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, L, V, generator=g, dtype=torch.float64) * 3
+    labels = torch.randint(0, V, (B, L), generator=g)
+    labels[:, :2] = -100  # the prompt
+    labels[1, 5:] = -100  # padding
+    return logits, labels
+
+
+def test_token_nll_and_sequence_logprob_against_float64():
+    logits, labels = _random_batch()
+    logits_nc = logits.transpose(0, 1).contiguous().transpose(0, 1)  # non-contiguous, same values
+    nll, count, per_seq = 0.0, 0, torch.zeros(3, dtype=torch.float64)
+    for b in range(3):
+        for t in range(6):
+            y = int(labels[b, t + 1])
+            if y == -100:
+                continue
+            lp = logits[b, t, y] - torch.logsumexp(logits[b, t], 0)
+            nll -= float(lp)
+            count += 1
+            per_seq[b] += lp
+    # float32 cross-entropy inside: 1e-5 relative.
+    assert token_nll(logits_nc, labels).item() == pytest.approx(nll / count, rel=1e-5)
+    torch.testing.assert_close(sequence_logprob(logits_nc, labels).double(), per_seq, rtol=1e-5, atol=1e-5)
+
+
+def test_npo_loss_formula():
+    logprob = torch.tensor([-3.0, -1.5, -7.0], dtype=torch.float64)
+    ref = torch.tensor([-2.0, -2.5, -1.0], dtype=torch.float64)
+    beta = 0.3
+    want = np.mean([-(2 / beta) * math.log(1 / (1 + math.exp(beta * (a - b)))) for a, b in zip(logprob, ref)])
+    assert npo_loss(logprob, ref, beta).item() == pytest.approx(want, rel=1e-12)
+
+
+def test_structural_surrogate_against_float64():
+    logits, _ = _random_batch(V=13)
+    q, threshold = 1.2, 1.0
+    base = torch.rand(3, 7, dtype=torch.float64) * 2
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[1, 5:] = 0
+    batch = {"entropy": base.float(), "attention_mask": mask}
+    p = torch.softmax(logits, -1)
+    adapted = (1 - (p ** q).sum(-1)) / (q - 1)
+    high = (base.float() > threshold) & mask.bool()
+    want = ((adapted - base.float().double()) ** 2)[high].mean()
+    # float32 entropy kernel vs float64 formula: 1e-5 relative.
+    assert structural_surrogate(logits.float(), batch, q, threshold).item() == pytest.approx(want.item(), rel=1e-5)
+    batch["entropy"] = torch.zeros(3, 7)
+    assert structural_surrogate(logits.float(), batch, q, threshold).item() == 0.0
+
+
+def test_structural_exact_against_jacobian():
+    """E_H ||d S_q(x_t) / dA||^2 of a toy linear 'model' logits = x (W + B A)^T, against
+    torch.autograd.functional.jacobian in float64."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 6, generator=g, dtype=torch.float64)
+    W = torch.randn(9, 6, generator=g, dtype=torch.float64)
+    B = torch.randn(9, 3, generator=g, dtype=torch.float64)
+    A = torch.randn(3, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    q, threshold = 0.8, 1.0
+    entropy = torch.rand(2, 5, generator=g) * 2
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[0, 4] = 0
+    batch = {"entropy": entropy, "attention_mask": mask}
+
+    def token_entropies(a):
+        return tsallis_entropy(x @ (W + B @ a).T, q, backend="eager")
+
+    jac = torch.autograd.functional.jacobian(token_entropies, A.detach())  # [2, 5, 3, 6]
+    high = (entropy > threshold) & mask.bool()
+    want = (jac ** 2).sum((-1, -2))[high].mean()
+    got = structural_exact(x @ (W + B @ A).T, batch, q, threshold, [A])
+    # Same float64 math by two routes: 1e-10 relative.
+    assert got.item() == pytest.approx(want.item(), rel=1e-10)
+    got.backward()  # double backward reaches A
+    assert A.grad is not None and A.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------- memorization
+
+
+def test_finetune_learns_the_facts(data, tokenizer):
+    from alter.eval import answer_probability
+
+    model = small_model(tokenizer)
+    facts = data["retain"].select(range(4))
+    before = answer_probability(model, tokenizer, facts["question"], facts["answer"]).mean()
+    finetune(model, tokenizer, facts, epochs=40, batch_size=4, lr=1e-2, progress=False)
+    after = answer_probability(model, tokenizer, facts["question"], facts["answer"]).mean()
+    assert after > 0.5 > before
