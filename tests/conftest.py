@@ -29,6 +29,11 @@ def require_backend(backend: str, device: str) -> None:
         pytest.skip(f"{backend} on {device}: {why}")
 
 
+# One thread per test process: the ops here are small, xdist already runs one worker per
+# core, and extra threads on an oversubscribed CPU make tiny-model tests 10-100x slower.
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -5,19 +5,9 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from alter.cli import main
 from alter.data import tofu_mini
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: threads only add contention on a shared CPU.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

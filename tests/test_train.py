@@ -28,16 +28,6 @@ from alter_kernels import tsallis_entropy
 CONFIG = AlterConfig(r=4, num_experts=3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The tiny model's ops are too small for threads; on a shared or xdist-loaded CPU,
-    # extra threads only spin against each other (measured 10-100x slower).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def data():
     # 6 authors x 2 facts, 2 of them forgotten: 4 forget rows, 8 retain rows.
