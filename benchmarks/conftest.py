@@ -1,2 +1,34 @@
-"""The benchmark suite runs real kernels: no Triton interpreter here (on a CPU the
-suite benchmarks the eager path against the compiled extension)."""
+"""Setup of the benchmark suite: it times real kernels, so the Triton interpreter is
+refused on a GPU, and GPU memory left over by one case is released before the next
+(the eager logits cases hold tens of GB of temporaries at Llama-3 sizes)."""
+import gc
+import os
+
+import pytest
+import torch
+
+from alter.bench import bench_device
+from alter_kernels import available_backends
+
+
+def pytest_configure(config):
+    if bench_device().type == "cuda" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise pytest.UsageError(
+            "benchmarks/: TRITON_INTERPRET is set, so Triton would run in the interpreter; unset it "
+            "(and run benchmarks/ apart from tests/, whose conftest sets it)"
+        )
+
+
+def pytest_report_header(config):
+    device = bench_device()
+    quick = os.environ.get("ALTER_BENCH_QUICK", "0") == "1"
+    usable = [name for name, why in available_backends(device).items() if why is None]
+    return f"alter bench: device {device}, {'quick' if quick else 'full'} sizes, backends {usable}"
+
+
+@pytest.fixture(autouse=True)
+def _release_memory():
+    yield
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

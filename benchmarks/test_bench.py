@@ -2,28 +2,55 @@
 case timed in the same run so that ratios to the eager path are meaningful.
 
     pytest benchmarks/                      # CPU shapes on a CPU, Llama-3-8B shapes on a GPU
-    ALTER_BENCH_QUICK=1 pytest benchmarks/  # CI sizes
+    ALTER_BENCH_QUICK=1 pytest benchmarks/  # CI sizes, two rounds
     alter bench                              # runs this suite and prints one table
 
-Timings are reported, never asserted.
+Each result carries its peak memory (see ``alter.bench``) in ``extra_info``. Timings are
+reported, never asserted.
 """
 import os
+import time
+from functools import lru_cache
 
 import pytest
-import torch
 
-from alter.bench import all_cases, bench_device, measure_ceilings, peak_memory_bytes
-from alter_kernels._dispatch import BACKENDS, unavailable_reason
+from alter.bench import (
+    DEADLINE_ENV,
+    all_cases,
+    bench_device,
+    cpu_peak_memory_bytes,
+    cuda_peak_memory_bytes,
+    measure_ceilings,
+    synchronize,
+    variant_unavailable,
+)
 
 QUICK = os.environ.get("ALTER_BENCH_QUICK", "0") == "1"
 DEVICE = bench_device()
-ROUNDS = 2 if QUICK else (20 if DEVICE.type == "cuda" else 5)
 CASES = all_cases(DEVICE, QUICK)
+DEADLINE = float(os.environ.get(DEADLINE_ENV) or "inf")
 
 
-def _sync():
+def _rounds(case) -> int:
+    if QUICK:
+        return 2
     if DEVICE.type == "cuda":
-        torch.cuda.synchronize(DEVICE)
+        return 10 if case.model_level else 20
+    return 5
+
+
+@lru_cache(maxsize=None)
+def _cpu_peaks(case) -> dict:
+    """Every variant of a case in one memory subprocess: one process start per case."""
+    return cpu_peak_memory_bytes(case, QUICK)
+
+
+def test_ceilings(benchmark):
+    """Roofline ceilings, measured first, in the same run as the ops (GPU only)."""
+    if DEVICE.type != "cuda":
+        pytest.skip("roofline ceilings are measured on a GPU only")
+    benchmark.extra_info["ceilings"] = measure_ceilings(DEVICE)
+    benchmark.pedantic(lambda: None, rounds=1)
 
 
 @pytest.mark.parametrize(
@@ -31,20 +58,24 @@ def _sync():
     [pytest.param(c, i, v, id=f"{c.name}::{v}") for c in CASES for i, v in enumerate(c.variants)],
 )
 def test_bench(benchmark, case, index, variant):
-    if variant in BACKENDS:
-        why = unavailable_reason(variant, DEVICE)
-        if why:
-            pytest.skip(f"{variant} on {DEVICE.type}: {why}")
-    # memory first: it builds its own inputs (in a subprocess on the CPU) and frees them
-    peak_bytes = peak_memory_bytes(case, variant, DEVICE, QUICK)
+    if time.time() > DEADLINE:
+        pytest.skip("the time budget (alter bench --budget) is spent")
+    why = variant_unavailable(variant, DEVICE)
+    if why:
+        pytest.skip(f"{variant} on {DEVICE.type}: {why}")
+    # memory first: it builds its own inputs and frees them (in a subprocess on the CPU)
+    if DEVICE.type == "cuda":
+        peak_bytes = cuda_peak_memory_bytes(case, variant, DEVICE)
+    else:
+        peak_bytes = _cpu_peaks(case)[variant]
     step = case.build(variant, DEVICE)
 
     def run():
         step()
-        _sync()
+        synchronize(DEVICE)
 
     benchmark.group = case.name
-    benchmark.pedantic(run, warmup_rounds=2 if DEVICE.type == "cuda" else 1, rounds=ROUNDS, iterations=1)
+    benchmark.pedantic(run, warmup_rounds=2 if DEVICE.type == "cuda" else 1, rounds=_rounds(case), iterations=1)
     benchmark.extra_info.update(
         case=case.name,
         group=case.group,
@@ -55,12 +86,3 @@ def test_bench(benchmark, case, index, variant):
         bytes_moved=case.bytes_moved,
         flops=case.flops,
     )
-
-
-def test_ceilings(benchmark):
-    """Roofline ceilings, measured in the same run as the ops (GPU only)."""
-    if DEVICE.type != "cuda":
-        pytest.skip("roofline ceilings are measured on a GPU only")
-    ceilings = measure_ceilings(DEVICE)
-    benchmark.extra_info["ceilings"] = ceilings
-    benchmark.pedantic(lambda: None, rounds=1)
