@@ -109,7 +109,7 @@ def cmd_unlearn(args) -> int:
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, max_steps=args.max_steps,
         structural=args.structural, seed=args.seed, output_dir=args.out,
         save_every=args.save_every, resume=args.resume, router_warmup=args.router_warmup,
-        progress=not args.quiet,
+        router_lr=args.router_lr, progress=not args.quiet,
     )
     run_file = os.path.join(args.out, RUN_ARGS_FILE)
     run = _read_json(run_file)
@@ -200,8 +200,18 @@ def cmd_eval(args) -> int:
 def cmd_demo(args) -> int:
     from alter.demo import run_demo
 
-    run_demo(args.out, seed=args.seed, quick=args.quick)
+    run_demo(args.out, seed=args.seed, quick=args.quick, methods=args.methods)
     return 0
+
+
+def _method_list(text: str) -> tuple[str, ...]:
+    from alter.train import METHODS
+
+    methods = tuple(m.strip() for m in text.split(",") if m.strip())
+    unknown = [m for m in methods if m not in METHODS]
+    if not methods or unknown:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {unknown or text!r}; choose from {','.join(METHODS)}")
+    return methods
 
 
 def cmd_bench(argv: list[str]) -> int:
@@ -228,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quick", action="store_true", help="smaller data and fewer steps (a smoke run)")
+    demo.add_argument("--methods", type=_method_list, default=METHODS, metavar="M1,M2",
+                      help=f"comma-separated unlearning methods to run (default: all of {','.join(METHODS)})")
     demo.set_defaults(func=cmd_demo)
 
     un = sub.add_parser("unlearn", help="unlearn a forget set from a model",
@@ -244,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     un.add_argument("--max-steps", type=int)
     un.add_argument("--lr", type=float, default=1e-5, help="learning rate of the full-parameter baselines")
     un.add_argument("--lr-a", type=float, help="learning rate of A (default 1e-5)")
-    un.add_argument("--lr-b", type=float, help="learning rate of the B experts and router (default 1e-3)")
+    un.add_argument("--lr-b", type=float, help="learning rate of the B experts (default 1e-3)")
+    un.add_argument("--router-lr", type=float, help="learning rate of the routers (default: --lr-b)")
     un.add_argument("--beta", type=float, help="forget loss weight")
     un.add_argument("--gamma", type=float, help="retain loss weight")
     un.add_argument("--lam", type=float, help="structural term weight")

@@ -102,7 +102,9 @@ class AsymLoRALinear(nn.Module):
         entropy = tracker.token_entropy(num_tokens, x.device)
         router_logits = self.router(tokens, entropy)
         forced = tracker.token_experts(num_tokens, x.device)
-        if forced is None:
+        if forced is not None:
+            tracker.record_router_logits(self, router_logits, forced)
+        if forced is None or not tracker.gate_forced:
             weights, experts = route(
                 router_logits,
                 entropy,
@@ -114,7 +116,6 @@ class AsymLoRALinear(nn.Module):
                 backend=config.backend,
             )
         else:
-            tracker.record_router_logits(self, router_logits, forced)
             experts = forced[:, None]
             weights = torch.ones(num_tokens, 1, dtype=torch.float32, device=x.device)
         a_grad_mask = None

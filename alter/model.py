@@ -104,22 +104,25 @@ def adapter_parameters(model: nn.Module) -> dict[str, list[nn.Parameter]]:
 
 
 @contextlib.contextmanager
-def forced_route(model: nn.Module, experts):
+def forced_route(model: nn.Module, experts, gate: bool = True):
     """Context: every token of sample i goes to expert ``experts[i]`` with weight 1.
 
     experts: [B] integers in [0, num_experts) (a tensor or a sequence), B the batch of
     the forwards run inside. The router logits of those forwards are recorded for
-    :func:`router_loss`. With gradient checkpointing, call ``backward`` inside the
-    context too: the recomputed forward must see the same routes.
+    :func:`router_loss`. With ``gate=False`` the routes are not forced (the router gates
+    as at inference) and ``experts`` are only router_loss's targets. With gradient
+    checkpointing, call ``backward`` inside the context too: the recomputed forward must
+    see the same routes.
     """
-    with _tracker(model, "forced_route").forced(experts):
+    with _tracker(model, "forced_route").forced(experts, gate):
         yield
 
 
-def router_loss(model: nn.Module) -> torch.Tensor:
+def router_loss(model: nn.Module, token_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy of the router logits of the last forward against its forced experts,
-    averaged over non-padding tokens and over layers (a scalar with gradient to the routers)."""
-    return _tracker(model, "router_loss").router_loss()
+    averaged over non-padding tokens and over layers (a scalar with gradient to the routers).
+    ``token_mask`` ([B, L] bool, optional): only these tokens count (e.g. answer tokens)."""
+    return _tracker(model, "router_loss").router_loss(token_mask)
 
 
 @contextlib.contextmanager

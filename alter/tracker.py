@@ -60,6 +60,8 @@ class EntropyTracker:
         self.adapters_enabled = True
         self.entropy: torch.Tensor | None = None
         self.forced_experts: torch.Tensor | None = None
+        # False: forced_experts are router_loss targets only; the router gates on its own.
+        self.gate_forced = True
         # [B, L] bool from a 2D attention_mask: padding does not count in router_loss.
         self.token_mask: torch.Tensor | None = None
         # layer -> (router logits [T, N], forced expert [T], token mask [T] or None). Keyed
@@ -110,15 +112,19 @@ class EntropyTracker:
             self.entropy, self._entropy_given = saved
 
     @contextlib.contextmanager
-    def forced(self, experts):
-        """Context: every token of sample i goes to expert ``experts[i]`` with weight 1."""
+    def forced(self, experts, gate: bool = True):
+        """Context: every token of sample i goes to expert ``experts[i]`` with weight 1.
+        With ``gate=False`` the router gates as at inference and ``experts`` are only the
+        targets of :meth:`router_loss`."""
+        if not isinstance(gate, bool):
+            raise TypeError(f"forced_route: gate must be a bool, got {gate!r}")
         experts = self._check_experts(experts)
-        saved = self.forced_experts
-        self.forced_experts = experts
+        saved = self.forced_experts, self.gate_forced
+        self.forced_experts, self.gate_forced = experts, gate
         try:
             yield self
         finally:
-            self.forced_experts = saved
+            self.forced_experts, self.gate_forced = saved
 
     @contextlib.contextmanager
     def adapters_disabled(self):
@@ -191,11 +197,12 @@ class EntropyTracker:
             mask = mask.reshape(-1).to(router_logits.device) if mask.numel() == experts.numel() else None
         self.router_records[layer] = (router_logits, experts.long(), mask)
 
-    def router_loss(self) -> torch.Tensor:
+    def router_loss(self, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Cross-entropy of the recorded router logits against the forced experts.
 
         Averaged over the (non-padding) tokens of each layer, then over layers. Gradients
-        reach each layer's router weight and entropy weight.
+        reach each layer's router weight and entropy weight. ``token_mask`` ([B, L] bool,
+        the forward's token shape) restricts the tokens that count further.
         """
         if not self.router_records:
             raise RuntimeError(
@@ -203,6 +210,14 @@ class EntropyTracker:
             )
         losses = []
         for logits, experts, mask in self.router_records.values():
+            if token_mask is not None:
+                if token_mask.numel() != experts.numel():
+                    raise ValueError(
+                        f"router_loss: token_mask has {token_mask.numel()} tokens (shape {tuple(token_mask.shape)}) "
+                        f"but the last forward had {experts.numel()}"
+                    )
+                keep = token_mask.reshape(-1).to(device=logits.device, dtype=torch.bool)
+                mask = keep if mask is None else mask & keep
             per_token = F.cross_entropy(logits.float(), experts, reduction="none")
             if mask is None:
                 losses.append(per_token.mean())

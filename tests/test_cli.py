@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+import alter.demo
 from alter.cli import main
 from alter.data import tofu_mini
 
@@ -60,9 +61,10 @@ def test_unlearn_then_eval_tiny(data_dir, tmp_path, capsys):
     out = tmp_path / "alter_out"
     forget, retain = str(data_dir / "forget.jsonl"), str(data_dir / "retain.json")
     assert main(["unlearn", "--model", "tiny", "--forget", forget, "--retain", retain, "--out", str(out),
-                 "--max-steps", "2", "--batch-size", "2", "--rank", "2", "--num-experts", "3", "--quiet"]) == 0
+                 "--max-steps", "2", "--batch-size", "2", "--rank", "2", "--num-experts", "3",
+                 "--router-lr", "0.02", "--quiet"]) == 0
     run = json.loads((out / "unlearn_args.json").read_text())
-    assert run["method"] == "alter" and run["steps"] == 2
+    assert run["method"] == "alter" and run["steps"] == 2 and run["router_lr"] == 0.02
     adapter_config = json.loads((out / "adapter_config.json").read_text())
     assert adapter_config["r"] == 2 and adapter_config["num_experts"] == 3
     assert (out / "adapter_model.safetensors").exists() and (out / "base_model" / "config.json").exists()
@@ -107,8 +109,6 @@ def test_bad_data_file_is_a_clear_error(tmp_path, capsys):
 
 def test_demo_quick_writes_table_and_plot(tmp_path, monkeypatch, capsys):
     """The demo pipeline end to end at toy size (the real run is `make demo`)."""
-    import alter.demo
-
     monkeypatch.setattr(alter.demo, "DEMO_DATA", {"num_authors": 4, "facts_per_author": 1, "forget_fraction": 0.5})
     monkeypatch.setattr(alter.demo, "DEMO_FINETUNE", {"epochs": 5, "batch_size": 8, "lr": 3e-3})
     assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
@@ -118,3 +118,22 @@ def test_demo_quick_writes_table_and_plot(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "tradeoff.png").stat().st_size > 0
     out = capsys.readouterr().out
     assert "forget quality" in out and "model utility" in out
+
+
+def test_demo_runs_only_the_chosen_methods(tmp_path, monkeypatch):
+    import alter.demo
+
+    monkeypatch.setattr(alter.demo, "DEMO_DATA", {"num_authors": 4, "facts_per_author": 1, "forget_fraction": 0.5})
+    monkeypatch.setattr(alter.demo, "DEMO_FINETUNE", {"epochs": 2, "batch_size": 8, "lr": 3e-3})
+    assert main(["demo", "--quick", "--methods", "npo,grad_ascent", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [row["method"] for row in results["rows"]] == ["retain", "target", "npo", "grad_ascent"]
+    assert sorted(results["unlearn"]) == ["grad_ascent", "npo"]
+
+
+def test_demo_rejects_unknown_methods(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--methods", "alter,sgd", "--out", str(tmp_path)])
+    assert "unknown method(s) ['sgd']" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="methods must be among"):
+        alter.demo.run_demo(str(tmp_path), methods=["sgd"])

@@ -9,11 +9,13 @@ import torch
 
 from alter.config import AlterConfig
 from alter.data import qa_texts, tofu_mini
-from alter.model import adapter_parameters, alter_layers, apply_alter, is_patched
+import alter.train
+from alter.model import adapter_parameters, alter_layers, apply_alter, forced_route, is_patched, router_loss
 from alter.tiny import build_tokenizer, tiny_llama
 from alter.train import (
     ADAPTER_METHODS,
     METHODS,
+    answer_positions,
     finetune,
     npo_loss,
     sequence_logprob,
@@ -142,6 +144,109 @@ def test_router_warmup_trains_only_the_routers(data, tokenizer):
         assert torch.equal(layer.lora_A, alter_layers(initial)[name].lora_A)
     with pytest.raises(ValueError, match="router_warmup is for the adapter methods"):
         run(small_model(tokenizer), tokenizer, data, "grad_diff", router_warmup=1)
+
+
+def test_forget_routing_loss_counts_only_answer_positions(data, tokenizer, monkeypatch):
+    """The forget pass teaches the router on the positions that predict the answer; the
+    retain pass on every token."""
+    seen = []
+
+    def recording_router_loss(model, token_mask=None):
+        seen.append(token_mask)
+        return router_loss(model, token_mask)
+
+    monkeypatch.setattr(alter.train, "router_loss", recording_router_loss)
+    run(small_model(tokenizer), tokenizer, data, "alter", router_warmup=1)  # a warm-up step, then a training step
+    assert len(seen) == 4  # forget and retain pass of each step
+    for forget_mask, retain_mask in (seen[0:2], seen[2:4]):
+        assert retain_mask is None
+        assert forget_mask.dtype == torch.bool and 0 < int(forget_mask.sum()) < forget_mask.numel()
+
+
+def test_router_loss_token_mask_against_float64():
+    """router_loss(model, token_mask): per-layer cross-entropy over the masked,
+    non-padding tokens, then the mean over layers."""
+    config = AlterConfig(r=4, num_experts=3)
+    model = apply_alter(tiny_llama(37, hidden_size=24, num_layers=1, num_heads=2, intermediate_size=40, seed=5), config)
+    torch.manual_seed(1)
+    for layer in alter_layers(model).values():  # fresh routers are zero: give them logits to check
+        torch.nn.init.normal_(layer.router.weight, std=0.5)
+        torch.nn.init.normal_(layer.router.entropy_weight, std=0.5)
+    inputs = {}
+    for name, layer in alter_layers(model).items():
+        layer.register_forward_hook(lambda m, args, out, name=name: inputs.__setitem__(name, args[0]))
+    ids = torch.randint(0, 37, (2, 9))
+    attention = torch.ones_like(ids)
+    attention[1, 6:] = 0  # padding never counts
+    token_mask = torch.rand(2, 9, generator=torch.Generator().manual_seed(2)) > 0.4
+    experts = torch.tensor([2, 1])
+    with forced_route(model, experts):
+        model(input_ids=ids, attention_mask=attention)
+        loss = router_loss(model, token_mask)
+        with pytest.raises(ValueError, match="token_mask has 9 tokens"):
+            router_loss(model, token_mask[0])
+    entropy = model.alter_tracker.entropy.reshape(-1).double()
+    keep = (token_mask & attention.bool()).reshape(-1)
+    targets = experts.repeat_interleave(9)[keep]
+    expected = []
+    for name, layer in alter_layers(model).items():
+        x = inputs[name].reshape(-1, layer.in_features).double()
+        logits = x @ layer.router.weight.double().t() + entropy[:, None] * layer.router.entropy_weight.double()
+        expected.append(torch.nn.functional.cross_entropy(logits[keep], targets))
+    # float32 logits against float64: a few ulps of a sum of ~10 terms of order 1.
+    torch.testing.assert_close(loss.double(), torch.stack(expected).mean(), rtol=1e-5, atol=1e-6)
+
+
+def test_routing_pass_gates_like_inference_and_trains_only_the_routers(data, tokenizer):
+    """forced_route(gate=False): the model computes what it computes without a forced
+    route (the routers gate), while router_loss still has its targets."""
+    model = apply_alter(small_model(tokenizer), CONFIG)
+    torch.manual_seed(4)
+    for layer in alter_layers(model).values():  # non-zero experts and routers: routes matter
+        torch.nn.init.normal_(layer.lora_B, std=0.5)
+        torch.nn.init.normal_(layer.router.weight, std=0.5)
+    model.eval()
+    ids = torch.randint(0, len(tokenizer), (2, 6))
+    with torch.no_grad():
+        gated = model(input_ids=ids).logits
+        with forced_route(model, [1, 2], gate=False):
+            targets_only = model(input_ids=ids).logits
+            assert router_loss(model).item() > 0
+        with forced_route(model, [1, 2]):
+            forced = model(input_ids=ids).logits
+    torch.testing.assert_close(targets_only, gated, rtol=0, atol=0)
+    assert not torch.allclose(forced, gated)  # a forced route is another function
+    with pytest.raises(TypeError, match="gate must be a bool"):
+        with forced_route(model, [1, 2], gate="no"):
+            pass
+
+    model = small_model(tokenizer)
+    logs = run(model, tokenizer, data, "alter", router_warmup=1)  # a warm-up step, then a training step
+    assert set(logs[0]) == {"route"} and {"forget", "retain", "route", "loss"} <= set(logs[1])
+    # The routing passes freeze A and B while they run and hand them back trainable.
+    assert all(p.requires_grad for group in adapter_parameters(model).values() for p in group)
+
+
+def test_router_lr_sets_the_router_group_and_is_validated(data, tokenizer, monkeypatch):
+    optimizers = []
+    original = torch.optim.AdamW
+
+    def recording_adamw(*args, **kwargs):
+        optimizers.append(original(*args, **kwargs))
+        return optimizers[-1]
+
+    monkeypatch.setattr(torch.optim, "AdamW", recording_adamw)
+    model = small_model(tokenizer)
+    run(model, tokenizer, data, "alter", router_lr=0.25)
+    groups = adapter_parameters(model)
+    lr_of = {id(p): group["lr"] for group in optimizers[0].param_groups for p in group["params"]}
+    assert {lr_of[id(p)] for p in groups["router"]} == {0.25}
+    assert {lr_of[id(p)] for p in groups["B"]} == {CONFIG.lr_B}
+    assert {lr_of[id(p)] for p in groups["A"]} == {CONFIG.lr_A}
+    with pytest.raises(ValueError, match="router_lr must be a positive number"):
+        run(small_model(tokenizer), tokenizer, data, "alter", router_lr=0.0)
+    with pytest.raises(ValueError, match="router_lr is for the adapter methods"):
+        run(small_model(tokenizer), tokenizer, data, "npo", router_lr=1e-2)
 
 
 def test_mixed_precision_and_gradient_checkpointing_on_cpu(data, tokenizer):
@@ -304,6 +409,16 @@ def test_token_nll_and_sequence_logprob_against_float64():
     # float32 cross-entropy inside: 1e-5 relative.
     assert token_nll(logits_nc, labels).item() == pytest.approx(nll / count, rel=1e-5)
     torch.testing.assert_close(sequence_logprob(logits_nc, labels).double(), per_seq, rtol=1e-5, atol=1e-5)
+
+
+def test_answer_positions_predict_the_labels():
+    _, labels = _random_batch()
+    positions = answer_positions(labels)
+    expected = torch.zeros_like(positions)
+    for b in range(labels.shape[0]):
+        for t in range(labels.shape[1] - 1):
+            expected[b, t] = bool(labels[b, t + 1] != -100)
+    assert torch.equal(positions, expected) and positions.any() and not positions.all()
 
 
 def test_npo_loss_formula():
