@@ -58,7 +58,7 @@ setup(
         "torch>=2.4",
         "triton>=3.6; platform_system == 'Linux'",
         "numpy",
-        "transformers>=4.45",
+        "transformers>=5.0",
         "datasets>=2.19",
         "safetensors",
         "scipy",

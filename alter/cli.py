@@ -55,8 +55,13 @@ def _vocabulary_texts(*sets) -> list[str]:
 def _load_model(path: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path)
+    from alter.data import _hub_reachable
+
+    # A hub name with no hub in reach: the local cache only, failing at once instead of
+    # after transformers' retries (most of a minute).
+    local_only = not os.path.isdir(path) and not _hub_reachable()
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=local_only)
     return model, tokenizer
 
 
@@ -84,6 +89,7 @@ def _alter_config(args):
 def cmd_unlearn(args) -> int:
     import torch
 
+    from alter.config import read_json
     from alter.train import RUN_ARGS_FILE, check_dataset, unlearn
 
     forget = read_records(args.forget)
@@ -112,7 +118,7 @@ def cmd_unlearn(args) -> int:
         router_lr=args.router_lr, progress=not args.quiet,
     )
     run_file = os.path.join(args.out, RUN_ARGS_FILE)
-    run = _read_json(run_file)
+    run = read_json(run_file)
     run["base_model"] = base_model
     with open(run_file, "w") as f:
         json.dump(run, f, indent=2)
@@ -131,7 +137,7 @@ def load_unlearned(path: str, base_model: str | None = None):
     """
     from transformers import AutoTokenizer
 
-    from alter.config import ADAPTER_CONFIG_NAME
+    from alter.config import ADAPTER_CONFIG_NAME, read_json
     from alter.model import load_adapter
     from alter.train import RUN_ARGS_FILE
 
@@ -141,17 +147,12 @@ def load_unlearned(path: str, base_model: str | None = None):
         return _load_model(path)
     if base_model is None:
         run_file = os.path.join(path, RUN_ARGS_FILE)
-        base_model = _read_json(run_file).get("base_model") if os.path.exists(run_file) else None
+        base_model = read_json(run_file).get("base_model") if os.path.exists(run_file) else None
         if base_model is None:
             raise ValueError(f"{path} holds an adapter but no {RUN_ARGS_FILE} naming its base model: pass --base-model")
     model, _ = _load_model(base_model)
     load_adapter(model, path)
     return model, AutoTokenizer.from_pretrained(path)
-
-
-def _read_json(path: str) -> dict:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
 
 
 def _tofu_data(spec: str, seed: int):
@@ -176,13 +177,14 @@ def _tofu_data(spec: str, seed: int):
 def cmd_eval(args) -> int:
     import torch
 
+    from alter.config import read_json
     from alter.eval import evaluate_tofu
 
     model, tokenizer = load_unlearned(args.model, args.base_model)
     model.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     retain_ratios = None
     if args.retain_metrics:
-        retain_ratios = _read_json(args.retain_metrics).get("forget_truth_ratios")
+        retain_ratios = read_json(args.retain_metrics).get("forget_truth_ratios")
         if retain_ratios is None:
             raise ValueError(f"--retain-metrics: {args.retain_metrics} has no 'forget_truth_ratios'")
     metrics = evaluate_tofu(model, tokenizer, _tofu_data(args.data, args.seed), retain_model_truth_ratios=retain_ratios)
@@ -304,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError) as exc:
+    except (ValueError, TypeError, OSError) as exc:  # OSError: missing files, models transformers cannot load
         parser.exit(2, f"alter {args.command}: error: {exc}\n")
 
 

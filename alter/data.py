@@ -429,6 +429,14 @@ def _check_schema(ds: datasets.Dataset, required: Sequence[str], what: str) -> N
         raise ValueError(f"{what}: the dataset is empty")
 
 
+def _check_string_lists(ds: datasets.Dataset, column: str, what: str) -> None:
+    """``column`` holds lists of strings (Arrow columns are typed: one check covers every
+    row). A CSV column of one string each would otherwise be scored character by character."""
+    feature = ds.features[column]
+    if getattr(getattr(feature, "feature", None), "dtype", None) not in ("string", "large_string"):
+        raise ValueError(f"{what}: column {column!r} must hold lists of strings, got {feature}")
+
+
 def _check_choice(name: str, value: str, allowed: Iterable[str], fn: str) -> None:
     allowed = tuple(allowed)
     if value not in allowed:
@@ -451,8 +459,11 @@ def load_tofu(config: str = "forget10", path=None, split: str = "train") -> data
         required.append("perturbed_answer")
         if not config.startswith(("real_authors", "world_facts")):
             required.append("paraphrased_answer")
-    return _load("locuslab/TOFU", config, split, path, [config, f"{config}/{split}"], required,
-                 f"load_tofu({config!r})")
+    what = f"load_tofu({config!r})"
+    ds = _load("locuslab/TOFU", config, split, path, [config, f"{config}/{split}"], required, what)
+    if "perturbed_answer" in required:
+        _check_string_lists(ds, "perturbed_answer", what)
+    return ds
 
 
 _WMDP_CONFIGS = ("wmdp-bio", "wmdp-cyber", "wmdp-chem")

@@ -19,6 +19,7 @@ NLL of x given the question)``:
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -169,9 +170,14 @@ def _answer_losses(model, tokenizer, dataset, reference: str, batch_size: int):
     """Mean token NLL of each row's ``reference`` answer (``[n]``) and of each of its
     perturbed answers (list of ``[m_i]`` arrays), scored in one pass."""
     questions = list(dataset["question"])
-    perturbed = [list(p) for p in dataset["perturbed_answer"]]
-    if any(len(p) == 0 for p in perturbed):
-        raise ValueError(f"row {next(i for i, p in enumerate(perturbed) if not p)}: perturbed_answer is empty")
+    perturbed = []
+    for i, answers in enumerate(dataset["perturbed_answer"]):
+        # A bare string would be scored character by character.
+        if not isinstance(answers, (list, tuple)) or not all(isinstance(a, str) for a in answers):
+            raise TypeError(f"row {i}: perturbed_answer must be a list of strings, got {answers!r:.80}")
+        if not answers:
+            raise ValueError(f"row {i}: perturbed_answer is empty")
+        perturbed.append(list(answers))
     flat_questions = questions + [q for q, answers in zip(questions, perturbed) for _ in answers]
     flat_answers = list(dataset[reference]) + [a for answers in perturbed for a in answers]
     losses = _mean_answer_nll(model, tokenizer, flat_questions, flat_answers, batch_size)
@@ -256,12 +262,12 @@ def rouge_l_recall(model, tokenizer, questions: Sequence[str], answers: Sequence
 # --------------------------------------------------------------------------------------
 
 
-def _check_samples(fn: str, name: str, values) -> np.ndarray:
+def _check_samples(fn: str, name: str, values, allow_inf: bool = False) -> np.ndarray:
     array = np.asarray(values, dtype=np.float64)
     if array.ndim != 1 or array.size == 0:
         raise ValueError(f"{fn}: {name} must be a non-empty 1-D sequence of numbers, got shape {array.shape}")
-    if not np.isfinite(array).all():
-        raise ValueError(f"{fn}: {name} contains NaN or infinite values")
+    if np.isnan(array).any() or (not allow_inf and np.isinf(array).any()):
+        raise ValueError(f"{fn}: {name} contains NaN{'' if allow_inf else ' or infinite'} values")
     return array
 
 
@@ -269,10 +275,16 @@ def forget_quality(unlearned_truth_ratios, retain_truth_ratios) -> float:
     """TOFU forget quality: the p-value of the two-sample Kolmogorov-Smirnov test
     (``scipy.stats.ks_2samp``) between the unlearned model's and a retain model's truth
     ratios on the forget set. High (near 1): indistinguishable from never having trained
-    on the forget set."""
-    unlearned = _check_samples("forget_quality", "unlearned_truth_ratios", unlearned_truth_ratios)
-    retain = _check_samples("forget_quality", "retain_truth_ratios", retain_truth_ratios)
-    return float(stats.ks_2samp(unlearned, retain).pvalue)
+    on the forget set. Ratios are >= 0; ``inf`` is accepted (``exp`` of a loss gap beyond
+    709 nats overflows after aggressive unlearning, and the test only uses ranks)."""
+    samples = []
+    for name, values in (("unlearned_truth_ratios", unlearned_truth_ratios),
+                         ("retain_truth_ratios", retain_truth_ratios)):
+        array = _check_samples("forget_quality", name, values, allow_inf=True)
+        if (array < 0).any():
+            raise ValueError(f"forget_quality: {name} must be >= 0 (truth ratios are ratios of probabilities)")
+        samples.append(array)
+    return float(stats.ks_2samp(*samples).pvalue)
 
 
 def model_utility(components: Mapping[str, float]) -> float:
@@ -393,15 +405,23 @@ def evaluate_tofu(model, tokenizer, data, retain_model_truth_ratios=None, batch_
 
 def _last_token_logprobs(model, tokenizer, prompt_ids: Sequence[list[int]], candidates: np.ndarray,
                          batch_size: int) -> np.ndarray:
-    """Log-probabilities ``[n, C]`` of the candidate next tokens after each prompt."""
+    """Log-probabilities ``[n, C]`` of the candidate next tokens after each prompt.
+
+    Position ids count real tokens only, when the model takes them: models with absolute
+    position embeddings (GPT-2, OPT) would otherwise score a left-padded prompt
+    differently from the same prompt alone (RoPE models would not: RoPE is relative)."""
     device, pad_id = _device(model), _pad_id(tokenizer)
+    takes_positions = "position_ids" in inspect.signature(model.forward).parameters
     encoded = [{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in prompt_ids]
     scores = np.zeros(candidates.shape, dtype=np.float64)
     with _evaluating(model):
         for indices, chunk in _batches(encoded, batch_size, "mcq_accuracy"):
             batch = collate(chunk, pad_id, padding_side="left")  # the last position is the prompt's end
-            logits = _logits(model(input_ids=batch["input_ids"].to(device),
-                                   attention_mask=batch["attention_mask"].to(device)))
+            mask = batch["attention_mask"].to(device)
+            inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": mask}
+            if takes_positions:  # a left-padded row starts at position 0, as it would alone
+                inputs["position_ids"] = (mask.cumsum(dim=1) - 1).clamp(min=0)
+            logits = _logits(model(**inputs))
             logprobs = torch.log_softmax(logits[:, -1].float(), dim=-1)
             rows = torch.as_tensor(candidates[indices], device=logprobs.device)
             scores[indices] = logprobs.gather(1, rows).double().cpu().numpy()

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import transformers
 
 import alter.demo
 from alter.cli import main
@@ -81,6 +82,16 @@ def test_unlearn_then_eval_tiny(data_dir, tmp_path, capsys):
                  "--out", str(again)]) == 0
     assert json.loads(again.read_text())["forget_quality"] == pytest.approx(1.0)
 
+    # Retain metrics that are not a metrics object: a clear error, exit 2, no traceback.
+    ratios_only = tmp_path / "ratios.json"
+    ratios_only.write_text(json.dumps(metrics["forget_truth_ratios"]))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--model", str(out), "--data", str(data_dir), "--retain-metrics", str(ratios_only),
+              "--out", str(again)])
+    assert exit_info.value.code == 2
+    assert "expected a JSON object, got list" in capsys.readouterr().err
+
 
 def test_unlearn_full_parameter_baseline_without_retain(data_dir, tmp_path):
     out = tmp_path / "ga"
@@ -105,6 +116,34 @@ def test_bad_data_file_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["unlearn", "--model", "tiny", "--forget", str(bad), "--out", str(tmp_path / "o")])
     assert "not JSON or JSON lines" in capsys.readouterr().err
+
+
+def test_model_that_cannot_be_loaded_is_a_clear_error(data_dir, tmp_path, capsys, monkeypatch):
+    empty = tmp_path / "not_a_model"
+    empty.mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["unlearn", "--model", str(empty), "--forget", str(data_dir / "forget.jsonl"), "--method", "grad_ascent",
+              "--out", str(tmp_path / "o")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "alter unlearn: error:" in err and "Traceback" not in err
+
+    # A hub name with the hub out of reach: the local cache only, so a clear error at once.
+    monkeypatch.setattr("alter.data._hub_reachable", lambda timeout=3.0: False)
+    asked = []
+
+    def not_cached(name, **kwargs):  # what transformers raises for a name it cannot fetch
+        asked.append(kwargs.get("local_files_only"))
+        raise OSError(f"{name} is not in the local cache")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", not_cached)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", not_cached)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["unlearn", "--model", "no-such-org/no-such-model", "--forget", str(data_dir / "forget.jsonl"),
+              "--method", "grad_ascent", "--out", str(tmp_path / "o")])
+    assert exit_info.value.code == 2
+    assert "alter unlearn: error: no-such-org/no-such-model is not in the local cache" in capsys.readouterr().err
+    assert asked == [True]  # the cache only: no hub retries (they take most of a minute)
 
 
 def test_demo_quick_writes_table_and_plot(tmp_path, monkeypatch, capsys):

@@ -273,6 +273,9 @@ def test_load_tofu_rejects_bad_data(tmp_path):
         (tmp_path / name).write_text(text)
         with pytest.raises(ValueError, match=r"load_tofu\('forget01'\): .*the dataset is empty"):
             D.load_tofu("forget01", path=tmp_path / name)
+    (tmp_path / "world_facts_perturbed.csv").write_text("question,answer,perturbed_answer\nWhere?,Here.,There.\n")
+    with pytest.raises(ValueError, match=r"column 'perturbed_answer' must hold lists of strings"):
+        D.load_tofu("world_facts_perturbed", path=tmp_path)
     with pytest.raises(FileNotFoundError, match="no data file.*retain99"):
         D.load_tofu("retain99", path=tmp_path)
     with pytest.raises(FileNotFoundError, match="does not exist"):

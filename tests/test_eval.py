@@ -183,6 +183,15 @@ def test_likelihood_rejects_bad_input(data, tokenizer):
         E.answer_probability(model, tokenizer, ["Who wrote Emma?"], ["Homer."], batch_size=0)
     with pytest.raises(ValueError, match=r"lacks column\(s\) \['paraphrased_answer'\]"):
         E.truth_ratio(model, tokenizer, data["retain"].remove_columns("paraphrased_answer"))
+    # A local file with one wrong answer as a bare string instead of a list of strings.
+    one_string = datasets.Dataset.from_list([{"question": "Who wrote Emma?", "answer": "Emma was written by Homer.",
+                                              "perturbed_answer": "Emma was written by Homer."}])
+    with pytest.raises(TypeError, match="row 0: perturbed_answer must be a list of strings"):
+        E.truth_ratio(model, tokenizer, one_string, reference="answer")
+    no_wrong = datasets.Dataset.from_list([{"question": "Who wrote Emma?", "answer": "Emma was written by Homer.",
+                                            "perturbed_answer": w} for w in (["Homer."], [])])
+    with pytest.raises(ValueError, match="row 1: perturbed_answer is empty"):
+        E.truth_ratio(model, tokenizer, no_wrong, reference="answer")
     short = tiny_llama(tokenizer, hidden_size=16, num_layers=1, num_heads=2, max_position_embeddings=8)
     with pytest.raises(ValueError, match=r"Who wrote Emma\?.*max_length=8"):
         E.answer_probability(short, tokenizer, ["Who wrote Emma?"], ["Emma was written by Homer."])
@@ -271,10 +280,20 @@ def test_forget_quality_is_the_ks_test_p_value():
     assert E.forget_quality(np.arange(10) + 0.5, np.arange(10) + 100.0) == pytest.approx(2 / math.comb(20, 10))
 
 
-@pytest.mark.parametrize("bad,match", [([], "non-empty"), ([[1.0, 2.0]], "1-D"), ([1.0, float("nan")], "NaN")])
+def test_forget_quality_accepts_overflowed_ratios():
+    # R = exp(loss gap) is inf past a 709-nat gap (aggressive gradient ascent); KS uses ranks only.
+    unlearned, retain = [0.2, float("inf"), 3.0, float("inf")], [0.5, 0.7, 1.1]
+    expected = stats.ks_2samp([0.2, 1e300, 3.0, 1e300], retain).pvalue
+    assert E.forget_quality(unlearned, retain) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("bad,match", [([], "non-empty"), ([[1.0, 2.0]], "1-D"), ([1.0, float("nan")], "NaN"),
+                                       ([1.0, -0.5], ">= 0")])
 def test_forget_quality_rejects_bad_samples(bad, match):
     with pytest.raises(ValueError, match=match):
         E.forget_quality(bad, [0.5, 0.7])
+    with pytest.raises(ValueError, match=match):
+        E.forget_quality([0.5, 0.7], bad)
 
 
 def test_model_utility_is_the_harmonic_mean():
@@ -415,6 +434,21 @@ def test_mcq_accuracy_matches_float64(tokenizer, with_eos):
         expected = reference_mcq_predictions(tok, table, MCQ_ROWS, with_eos)
         accuracy = np.mean([p == r["answer"] for p, r in zip(expected, MCQ_ROWS)])
         assert E.mcq_accuracy(BagOfWordsLM(table), tok, mcq_dataset(), batch_size=2) == pytest.approx(accuracy)
+
+
+def test_mcq_scores_of_left_padded_prompts_match_single_prompts(tokenizer):
+    # GPT-2 has absolute position embeddings: a left-padded prompt is scored like the same
+    # prompt alone only when the position ids skip the padding.
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=128))
+    prompts = [tokenizer(format_mcq(r["question"], r["choices"]))["input_ids"] for r in MCQ_ROWS]
+    assert len({len(p) for p in prompts}) > 1  # the batch is padded
+    letters = np.array([tokenizer.convert_tokens_to_ids([" A", " B", " C", " D"])] * len(prompts))
+    alone = E._last_token_logprobs(model, tokenizer, prompts, letters, batch_size=1)
+    batched = E._last_token_logprobs(model, tokenizer, prompts, letters, batch_size=len(prompts))
+    np.testing.assert_allclose(batched, alone, rtol=1e-5, atol=1e-5)  # float32 logits, same positions
 
 
 def test_mcq_accuracy_rejects_bad_input(tokenizer):
