@@ -61,8 +61,9 @@ class AsymLoRALinear(nn.Module):
     and ``router.entropy_weight`` [N] (zeros). They are float32 when the base layer is
     fp16/bf16 (stable optimiser updates, as PEFT does) and the base dtype otherwise.
 
-    forward(x [..., in]) -> [..., out] in x's dtype; the adapter runs in x's dtype (the
-    parameters are cast to it). Per-token entropy and forced routes come from the
+    forward(x [..., in]) -> [..., out] in the base layer's output dtype (x's dtype, or the
+    autocast dtype under autocast); the adapter runs in x's dtype (the parameters are
+    cast to it). Per-token entropy and forced routes come from the
     tracker, in the token order of ``x.reshape(-1, in)``. In training mode, with
     ``config.a_learns_from_high_entropy_only``, lora_A learns only from tokens whose
     entropy exceeds ``config.entropy_threshold``.

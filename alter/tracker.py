@@ -208,15 +208,19 @@ class EntropyTracker:
             raise RuntimeError(
                 "router_loss: no router logits were recorded; run a forward inside forced_route(model, experts) first"
             )
+        if token_mask is not None:
+            first_logits, first_experts, _ = next(iter(self.router_records.values()))
+            if token_mask.numel() != first_experts.numel():
+                raise ValueError(
+                    f"router_loss: token_mask has {token_mask.numel()} tokens (shape {tuple(token_mask.shape)}) "
+                    f"but the last forward had {first_experts.numel()}"
+                )
+            # One copy to the layers' device, not one per layer.
+            token_mask = token_mask.reshape(-1).to(device=first_logits.device, dtype=torch.bool)
         losses = []
         for logits, experts, mask in self.router_records.values():
             if token_mask is not None:
-                if token_mask.numel() != experts.numel():
-                    raise ValueError(
-                        f"router_loss: token_mask has {token_mask.numel()} tokens (shape {tuple(token_mask.shape)}) "
-                        f"but the last forward had {experts.numel()}"
-                    )
-                keep = token_mask.reshape(-1).to(device=logits.device, dtype=torch.bool)
+                keep = token_mask.to(logits.device)
                 mask = keep if mask is None else mask & keep
             per_token = F.cross_entropy(logits.float(), experts, reduction="none")
             if mask is None:
@@ -246,7 +250,8 @@ class EntropyTracker:
             return
         self.router_records.clear()
         inputs = _named_inputs(model, args, kwargs)
-        batch, seq_len = _token_shape(inputs)
+        tokens = _token_input(inputs)
+        batch, seq_len = tokens.shape[0], tokens.shape[1]
         mask = inputs.get("attention_mask")
         is_2d_mask = isinstance(mask, torch.Tensor) and tuple(mask.shape) == (batch, seq_len)
         self.token_mask = mask.bool() if is_2d_mask else None
@@ -254,12 +259,17 @@ class EntropyTracker:
             raise ValueError(
                 f"forced_route: experts were given for {self.forced_experts.numel()} samples but the batch has {batch}"
             )
+        # Move what the caller gave to the input's device once per forward, not once per
+        # layer: a host-to-device copy blocks the host (hundreds of layers in a large model).
+        if self.forced_experts is not None:
+            self.forced_experts = self.forced_experts.to(tokens.device)
         if self._entropy_given:
             if tuple(self.entropy.shape) != (batch, seq_len):
                 raise ValueError(
                     f"precomputed entropy has shape {tuple(self.entropy.shape)} but the input has shape "
                     f"{(batch, seq_len)} (batch, seq_len)"
                 )
+            self.entropy = self.entropy.to(tokens.device)
             return
         if not self.adapters_enabled:
             return
@@ -290,7 +300,7 @@ class EntropyTracker:
     def _after_forward(self, model: nn.Module, args: tuple, kwargs: dict, output) -> None:
         if self._in_prepass or self.config.entropy_source != "lagged":
             return
-        logits = output.logits if hasattr(output, "logits") else output[0]
+        logits = _output_logits(output)
         with torch.no_grad():
             self.lagged_entropy = tsallis_entropy(
                 logits[:, -1].detach(), self.config.tsallis_q, backend=self.config.backend
@@ -354,14 +364,20 @@ def _named_inputs(model: nn.Module, args: tuple, kwargs: dict) -> dict:
     return inputs
 
 
-def _token_shape(inputs: dict) -> tuple[int, int]:
-    if inputs.get("input_ids") is not None:
-        ids = inputs["input_ids"]
-        return ids.shape[0], ids.shape[-1]
-    if inputs.get("inputs_embeds") is not None:
-        embeds = inputs["inputs_embeds"]
-        return embeds.shape[0], embeds.shape[1]
+def _token_input(inputs: dict) -> torch.Tensor:
+    """The forward's ``input_ids`` [B, L] or else ``inputs_embeds`` [B, L, D]."""
+    for key in ("input_ids", "inputs_embeds"):
+        if isinstance(inputs.get(key), torch.Tensor):
+            return inputs[key]
     raise ValueError("the patched model needs input_ids or inputs_embeds to know its tokens")
+
+
+def _output_logits(output) -> torch.Tensor:
+    """The logits [B, L, V] of a causal LM's output; a ``return_dict=False`` tuple starts
+    with the loss when labels were given, so take its first 3-D tensor."""
+    if hasattr(output, "logits"):
+        return output.logits
+    return next(t for t in output if isinstance(t, torch.Tensor) and t.dim() == 3)
 
 
 def _cache_length(inputs: dict) -> int:

@@ -204,8 +204,11 @@ def split_subdomains(features: np.ndarray, num_domains: int, seed: int = 0) -> n
 
 
 def _shift(logits: torch.Tensor, labels: torch.Tensor):
-    """Logits at position t predict the label at t + 1: flatten to ``[T, V]``, ``[T]``."""
-    return logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
+    """Logits at position t predict the label at t + 1: ``[B·L, V]`` and ``[B·L]``, the
+    last position of each sample ignored. The labels move, not the logits, so that the
+    logits stay a view (``logits[:, :-1]`` would copy all ``[T, V]`` of them)."""
+    shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    return logits.reshape(-1, logits.shape[-1]), shifted.reshape(-1)
 
 
 def answer_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -242,10 +245,9 @@ def _high_entropy_tokens(batch: dict, threshold: float) -> torch.Tensor:
 def structural_surrogate(logits, batch: dict, q: float, threshold: float, backend=None) -> torch.Tensor:
     """``E_H[(S_q^adapted - S_q^base)^2]`` over the high-entropy tokens H of the batch."""
     high = _high_entropy_tokens(batch, threshold)
-    if not high.any():
-        return logits.new_zeros((), dtype=torch.float32)
     adapted = tsallis_entropy(logits, q, backend=backend)
-    return ((adapted - batch["entropy"]) ** 2)[high].mean()
+    # A masked mean, not [high].mean(): no host sync, and 0 when H is empty.
+    return ((adapted - batch["entropy"]) ** 2 * high).sum() / high.sum().clamp_min(1)
 
 
 def structural_exact(logits, batch: dict, q: float, threshold: float, A_params) -> torch.Tensor:
@@ -325,7 +327,7 @@ class _AdapterObjective:
         # the forget experts. Every token of a retain sample teaches the retention expert.
         return answer_positions(batch["labels"]) if forget else None
 
-    def _routing_pass(self, model, batch: dict, forget: bool) -> float:
+    def _routing_pass(self, model, batch: dict, forget: bool) -> torch.Tensor:
         """Routing loss of the routers gating on their own, as at inference, with gradients
         for the routers only. Under forced routes a router would learn to recognize the
         forget experts' own effect on the layers below it, which is absent at inference
@@ -342,7 +344,7 @@ class _AdapterObjective:
         finally:
             for param in adapters:
                 param.requires_grad_(True)
-        return route.item()
+        return route.detach()
 
     def _pass(self, model, batch: dict, forget: bool) -> dict:
         cfg = self.config
@@ -355,27 +357,31 @@ class _AdapterObjective:
             else:
                 main = token_nll(logits, batch["labels"])
                 loss = cfg.gamma * main
-            logs = {"forget" if forget else "retain": main.item()}
+            logs = {"forget" if forget else "retain": main.detach()}
             if self.structural is not None:
                 structure = self._structural(logits, batch)
                 loss = loss + cfg.lam * structure
-                logs["structural"] = structure.item()
+                logs["structural"] = structure.detach()
             # Backward inside the routing context: gradient checkpointing recomputes the
             # forward here and must see the same routes and entropy.
             loss.backward()
-        logs["loss"] = loss.item()
+        logs["loss"] = loss.detach()
         return logs
 
     def step(self, model, forget: dict, retain: dict) -> dict:
         """Forward and backward of one unlearning step; returns its losses."""
         logs = self._pass(model, forget, True)
         for key, value in self._pass(model, retain, False).items():
-            logs[key] = logs.get(key, 0.0) + value
-        return {**logs, **self.router_step(model, forget, retain)}
+            logs[key] = logs[key] + value if key in logs else value
+        logs["route"] = self._route_losses(model, forget, retain)
+        return _floats(logs)
 
     def router_step(self, model, forget: dict, retain: dict) -> dict:
         """The routing loss alone (a router warm-up step), gradients for the routers only."""
-        return {"route": self._routing_pass(model, forget, True) + self._routing_pass(model, retain, False)}
+        return _floats({"route": self._route_losses(model, forget, retain)})
+
+    def _route_losses(self, model, forget: dict, retain: dict) -> torch.Tensor:
+        return self._routing_pass(model, forget, True) + self._routing_pass(model, retain, False)
 
 
 class _FullParameterObjective:
@@ -396,16 +402,23 @@ class _FullParameterObjective:
         else:
             forget_loss = -token_nll(logits, forget["labels"])
         loss = self.beta * forget_loss
-        logs = {"forget": forget_loss.item()}
+        logs = {"forget": forget_loss.detach()}
         if self.uses_retain:
             with self.autocast():
                 retain_logits = model(**_model_inputs(retain)).logits
             retain_loss = token_nll(retain_logits, retain["labels"])
             loss = loss + self.gamma * retain_loss
-            logs["retain"] = retain_loss.item()
+            logs["retain"] = retain_loss.detach()
         loss.backward()
-        logs["loss"] = loss.item()
-        return logs
+        logs["loss"] = loss.detach()
+        return _floats(logs)
+
+
+def _floats(logs: dict[str, torch.Tensor]) -> dict[str, float]:
+    """A step's scalar losses as floats, read with one device-to-host copy (each
+    ``.item()`` would stall the host until the device drains its queue)."""
+    values = torch.stack([value.float() for value in logs.values()]).tolist()
+    return dict(zip(logs, values))
 
 
 # ------------------------------------------------------------------------ the loop
@@ -616,7 +629,8 @@ def unlearn(
     total_steps = router_warmup + epochs * steps_per_epoch
     total_steps = total_steps if max_steps is None else min(max_steps, total_steps)
     fingerprint = {"method": method, "seed": seed, "batch_size": batch_size, "router_warmup": router_warmup,
-                   "n_forget": len(forget_examples), "n_retain": len(retain_examples)}
+                   "n_forget": len(forget_examples), "n_retain": len(retain_examples),
+                   "config": config.to_dict(), "lr": lr, "router_lr": router_lr, "structural": structural}
     checkpointer = _Checkpointer(output_dir, fingerprint)
     start_step = checkpointer.load(trainable, optimizer) if resume else 0
 
@@ -807,10 +821,11 @@ def finetune(
         loss.backward()
         optimizer.step()
         schedule.step()
+        value = loss.item()
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3g}")
+        bar.set_postfix(loss=f"{value:.3g}")
         if callback is not None:
-            callback(step + 1, {"loss": loss.item()})
+            callback(step + 1, {"loss": value})
     bar.close()
     model.eval()
     return model

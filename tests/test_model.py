@@ -13,6 +13,7 @@ from alter.config import AlterConfig
 from conftest import require_backend
 from conftest import test_devices as devices_under_test  # renamed: pytest would collect test_*
 from alter.layers import AsymLoRALinear
+from alter.tracker import EntropyTracker
 from alter.model import (
     adapter_parameters,
     alter_layers,
@@ -416,6 +417,30 @@ def test_precomputed_entropy_replaces_the_prepass():
         assert torch.equal(model(input_ids=ids).logits, prepass_logits)
     with precomputed_entropy(model, base_entropy.flip(-1)):  # other entropies route differently
         assert not torch.allclose(model(input_ids=ids).logits, prepass_logits)
+
+
+@pytest.mark.parametrize("device", devices_under_test())
+def test_given_entropy_and_routes_reach_the_layers_without_per_layer_copies(device, monkeypatch):
+    """Entropy and forced experts given on the CPU move to the input's device once per
+    forward: every layer reads the tracker's own tensors (a per-layer host-to-device copy
+    blocks the host once per layer on a GPU). On a CPU-only run the device is the same and
+    the check still pins the single shared tensor."""
+    model = apply_alter(tiny_model().to(device), alter_config(entropy_source="precomputed"))
+    tracker = model.alter_tracker
+    seen = []
+    read_entropy = EntropyTracker.token_entropy
+
+    def token_entropy(self, num_tokens, layer_device):
+        entropy = read_entropy(self, num_tokens, layer_device)
+        seen.append(entropy.data_ptr() == self.entropy.data_ptr() and self.forced_experts.device == layer_device)
+        return entropy
+
+    monkeypatch.setattr(EntropyTracker, "token_entropy", token_entropy)
+    ids = tokens().to(device)
+    with precomputed_entropy(model, torch.rand(BATCH, SEQ) * 3), forced_route(model, [1, 0]):
+        model(input_ids=ids)
+        assert tracker.entropy.device == ids.device and tracker.forced_experts.device == ids.device
+    assert len(seen) == len(alter_layers(model)) and all(seen), seen
 
 
 def test_precomputed_entropy_of_the_wrong_shape_is_refused():

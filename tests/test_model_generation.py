@@ -63,3 +63,14 @@ def test_fresh_lagged_adapter_generates_what_the_base_model_generates():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     tracker = model.alter_tracker
     torch.testing.assert_close(tracker.lagged_entropy.double(), tsallis64(out.logits[-1]), rtol=1e-5, atol=1e-5)
+
+
+def test_lagged_entropy_from_a_tuple_output_with_a_loss():
+    """return_dict=False with labels returns (loss, logits, ...): the lagged entropy is
+    that of the logits, not an index error on the 0-d loss."""
+    model = apply_alter(tiny_model(), alter_config(entropy_source="lagged"))
+    ids = tokens()
+    loss, logits = model(input_ids=ids, labels=ids, return_dict=False)[:2]
+    assert loss.dim() == 0
+    # float32 entropy kernel against the float64 formula.
+    torch.testing.assert_close(model.alter_tracker.lagged_entropy.double(), tsallis64(logits[:, -1]), rtol=1e-5, atol=1e-5)

@@ -1,5 +1,6 @@
 """The unlearning harness (alter.train): every method end to end on a tiny Llama, resume,
 bad input, the k-means split, and the loss terms against float64 references."""
+import dataclasses
 import math
 
 import datasets
@@ -25,7 +26,7 @@ from alter.train import (
     token_nll,
     unlearn,
 )
-from alter_kernels import tsallis_entropy
+from alter_kernels import inverted_hinge_loss, tsallis_entropy
 
 CONFIG = AlterConfig(r=4, num_experts=3)
 
@@ -71,8 +72,10 @@ def test_every_method_end_to_end(method, data, tokenizer):
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
     logs = run(model, tokenizer, data, method)
     assert len(logs) == 2
-    assert all(math.isfinite(v) for log in logs for v in log.values()), logs
+    assert all(type(v) is float and math.isfinite(v) for log in logs for v in log.values()), logs  # the callback contract
     assert "forget" in logs[0] and ("retain" in logs[0]) == (method not in ("grad_ascent", "npo"))
+    if method in ADAPTER_METHODS:
+        assert {"forget", "retain", "loss", "route"} <= set(logs[0])
     assert not model.training
     if method in ADAPTER_METHODS:
         assert is_patched(model)
@@ -303,6 +306,10 @@ def test_resume_refuses_another_run(data, tokenizer, tmp_path):
     run(model, tokenizer, data, "alter", output_dir=str(tmp_path), save_every=1)
     with pytest.raises(ValueError, match="different run"):
         run(small_model(tokenizer), tokenizer, data, "asym_lora", output_dir=str(tmp_path), resume=True)
+    # Another adapter shape (or any other setting) is the same refusal, not a shape error from copy_.
+    other = dataclasses.replace(CONFIG, r=CONFIG.r + 1)
+    with pytest.raises(ValueError, match="different run"):
+        run(small_model(tokenizer), tokenizer, data, "alter", config=other, output_dir=str(tmp_path), resume=True)
 
 
 def test_output_dir_holds_a_loadable_adapter(data, tokenizer, tmp_path):
@@ -409,6 +416,28 @@ def test_token_nll_and_sequence_logprob_against_float64():
     # float32 cross-entropy inside: 1e-5 relative.
     assert token_nll(logits_nc, labels).item() == pytest.approx(nll / count, rel=1e-5)
     torch.testing.assert_close(sequence_logprob(logits_nc, labels).double(), per_seq, rtol=1e-5, atol=1e-5)
+
+
+def test_shift_keeps_the_logits_a_view_and_pairs_each_position_with_the_next_label():
+    """The forget and retain losses read the logits without a [T, V] copy; the IHL over
+    the shifted pairs is the mean over labelled tokens of 1 + p_y - max_{v != y} p_v."""
+    logits, labels = _random_batch()
+    flat_logits, flat_labels = alter.train._shift(logits, labels)
+    assert flat_logits.data_ptr() == logits.data_ptr() and flat_logits._is_view()
+    B, L, V = logits.shape
+    expected = torch.cat([labels[:, 1:], torch.full((B, 1), -100)], dim=1).reshape(-1)
+    assert torch.equal(flat_labels, expected)
+    p = torch.softmax(logits, -1)
+    hinge = []
+    for b in range(B):
+        for t in range(L - 1):
+            y = int(labels[b, t + 1])
+            if y != -100:
+                others = torch.cat([p[b, t, :y], p[b, t, y + 1 :]])
+                hinge.append(1 + p[b, t, y] - others.max())
+    loss, _ = inverted_hinge_loss(flat_logits.float(), flat_labels, 1.2, 1.0, high_entropy_weight=1.0, backend="eager")
+    # float32 softmax against the float64 loop: 1e-5 relative.
+    assert loss.item() == pytest.approx(torch.stack(hinge).mean().item(), rel=1e-5)
 
 
 def test_answer_positions_predict_the_labels():
