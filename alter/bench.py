@@ -345,7 +345,9 @@ def _train_step_case(device: torch.device, quick: bool) -> BenchCase:
             [{"params": groups["A"], "lr": cfg.lr_A}, {"params": groups["B"] + groups["router"], "lr": cfg.lr_B}]
         )
         vocab = model.config.vocab_size
-        labels = input_ids[:, 1:]
+        # Position t predicts token t + 1: the labels shift (the last position is ignored),
+        # not the logits, which stay a view as in alter.train.
+        labels = F.pad(input_ids[:, 1:], (0, 1), value=-100)
         forget_rows = torch.arange(batch, device=dev)[:, None] < max(batch // 2, 1)
         ignore = torch.full_like(labels, -100)
         forget_labels = torch.where(forget_rows, labels, ignore).reshape(-1)
@@ -354,7 +356,7 @@ def _train_step_case(device: torch.device, quick: bool) -> BenchCase:
 
         def step():
             with forced_route(model, experts):
-                logits = model(input_ids).logits[:, :-1].reshape(-1, vocab)
+                logits = model(input_ids).logits.reshape(-1, vocab)
                 forget, _ = inverted_hinge_loss(
                     logits, forget_labels, cfg.tsallis_q, cfg.entropy_threshold,
                     high_entropy_weight=cfg.high_entropy_weight, backend=cfg.backend,
