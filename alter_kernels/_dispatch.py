@@ -8,6 +8,7 @@ saying why, instead of failing inside a kernel.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from functools import lru_cache
@@ -44,6 +45,17 @@ def triton_import_error() -> str | None:
 def triton_interpret() -> bool:
     """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def device_guard(device: torch.device):
+    """Context making ``device`` the current CUDA device around a Triton launch.
+
+    Triton launches on the current device (and its current stream); tensors on another
+    GPU, as in a model split over GPUs (``device_map="auto"``), would be read from the
+    wrong device. A no-op for CPU tensors (the interpreter)."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 @lru_cache(maxsize=None)

@@ -36,15 +36,16 @@ Formulations:
 """
 from __future__ import annotations
 
+import math
 import numbers
 from functools import lru_cache
 
 import torch
 
-from alter_kernels._dispatch import resolve_backend, triton_interpret
+from alter_kernels._dispatch import device_guard, resolve_backend, triton_interpret
 from alter_kernels._triton import tl, triton
 from alter_kernels._validation import FLOAT_DTYPES, check_same_device, check_tensor
-from alter_kernels.routing import moe_align
+from alter_kernels.routing import moe_align_unchecked
 
 _OP = "asym_lora"
 _IMPLEMENTED = ("eager", "triton")
@@ -343,12 +344,13 @@ class AsymLoRATriton(torch.autograd.Function):
         scaling_t = torch.full((1,), scaling, dtype=config.torch_acc_dtype, device=x.device)
         out = torch.empty(T, d, dtype=x.dtype, device=x.device)
         grid = (triton.cdiv(T, config.block_tokens), triton.cdiv(d, config.block_n_expand))
-        _gated_expand_kernel[grid](
-            h, B, weights, experts, scaling_t, out,
-            T, K, N, d, r,
-            h.stride(0), h.stride(1), B.stride(0), B.stride(1), B.stride(2), out.stride(0), out.stride(1),
-            BLOCK_K=triton.next_power_of_2(K), **config.meta(config.block_tokens, config.block_n_expand),
-        )
+        with device_guard(x.device):
+            _gated_expand_kernel[grid](
+                h, B, weights, experts, scaling_t, out,
+                T, K, N, d, r,
+                h.stride(0), h.stride(1), B.stride(0), B.stride(1), B.stride(2), out.stride(0), out.stride(1),
+                BLOCK_K=triton.next_power_of_2(K), **config.meta(config.block_tokens, config.block_n_expand),
+            )
         ctx.save_for_backward(x, A, B, weights, experts, h, scaling_t, a_grad_mask)
         ctx.config = config
         return out
@@ -360,7 +362,8 @@ class AsymLoRATriton(torch.autograd.Function):
         config = ctx.config
         T, K = experts.shape
         N, d, r = B.shape
-        sorted_ids, block_expert, num_padded = moe_align(experts, N, config.block_slots)
+        # experts were validated by the forward: no second check (a device sync per layer)
+        sorted_ids, block_expert, num_padded = moe_align_unchecked(experts, N, config.block_slots)
         num_slot_blocks = block_expert.numel()
         grad_x = grad_A = grad_B = grad_weights = None
         if need_x or need_A or need_weights:
@@ -370,13 +373,14 @@ class AsymLoRATriton(torch.autograd.Function):
             parts = triton.cdiv(d, d_chunk)  # no empty part
             grad_h_parts = torch.zeros(parts, T * K, r, dtype=config.torch_acc_dtype, device=x.device)
             grad_weights_parts = torch.zeros(parts, T, K, dtype=weights.dtype, device=x.device)
-            _grouped_shrink_grad_kernel[(num_slot_blocks, parts)](
-                grad_delta, h, B, weights, sorted_ids, block_expert, num_padded, grad_h_parts, grad_weights_parts,
-                T * K, K, d, r, d_chunk, scaling_t,
-                grad_delta.stride(0), grad_delta.stride(1), h.stride(0), h.stride(1),
-                B.stride(0), B.stride(1), B.stride(2),
-                **config.meta(config.block_slots, config.block_n_reduce),
-            )
+            with device_guard(x.device):
+                _grouped_shrink_grad_kernel[(num_slot_blocks, parts)](
+                    grad_delta, h, B, weights, sorted_ids, block_expert, num_padded, grad_h_parts, grad_weights_parts,
+                    T * K, K, d, r, d_chunk, scaling_t,
+                    grad_delta.stride(0), grad_delta.stride(1), h.stride(0), h.stride(1),
+                    B.stride(0), B.stride(1), B.stride(2),
+                    **config.meta(config.block_slots, config.block_n_reduce),
+                )
             grad_weights = grad_weights_parts.sum(dim=0)
             grad_h = grad_h_parts.view(parts, T, K, r).sum(dim=(0, 2)).to(x.dtype)
             if need_x:
@@ -390,12 +394,13 @@ class AsymLoRATriton(torch.autograd.Function):
             parts = config.num_parts(N * d_tiles, triton.cdiv(num_slot_blocks, N))
             grad_B_parts = torch.empty(parts, N, d, r, dtype=config.torch_acc_dtype, device=B.device)
             first_block, num_blocks = _expert_block_ranges(block_expert, num_padded, config.block_slots, N)
-            _expert_grad_kernel[(N, d_tiles, parts)](
-                grad_delta, h, weights, sorted_ids, first_block, num_blocks, grad_B_parts,
-                T * K, K, d, r, parts, scaling_t,
-                grad_delta.stride(0), grad_delta.stride(1), h.stride(0), h.stride(1),
-                **config.meta(config.block_slots, config.block_n_reduce),
-            )
+            with device_guard(B.device):
+                _expert_grad_kernel[(N, d_tiles, parts)](
+                    grad_delta, h, weights, sorted_ids, first_block, num_blocks, grad_B_parts,
+                    T * K, K, d, r, parts, scaling_t,
+                    grad_delta.stride(0), grad_delta.stride(1), h.stride(0), h.stride(1),
+                    **config.meta(config.block_slots, config.block_n_reduce),
+                )
             grad_B = grad_B_parts.sum(dim=0).to(B.dtype)
         return grad_x, grad_A, grad_B, grad_weights if need_weights else None, None, None, None
 
@@ -415,6 +420,8 @@ def _check_inputs(x, A, B, weights, experts, scaling, a_grad_mask) -> None:
         check_tensor(_OP, "a_grad_mask", a_grad_mask, ndim=1, dtypes=(torch.bool,))
     if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
         raise TypeError(f"{_OP}: scaling must be a real number, got {type(scaling).__name__}")
+    if not math.isfinite(scaling):
+        raise ValueError(f"{_OP}: scaling must be finite, got {scaling}")
     if A.dtype != x.dtype or B.dtype != x.dtype:
         raise TypeError(
             f"{_OP}: x, A and B must share one dtype, got x {x.dtype}, A {A.dtype}, B {B.dtype}"

@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from alter_kernels._dispatch import KernelPair, resolve_backend
+from alter_kernels._dispatch import KernelPair, device_guard, resolve_backend
 from alter_kernels._triton import tl, triton
 from alter_kernels._validation import (
     FLOAT_DTYPES,
@@ -207,9 +207,10 @@ def _entropy_forward_triton(logits: torch.Tensor, q: float):
     entropy = torch.empty(T, dtype=torch.float32, device=logits.device)
     lse = torch.empty(T, dtype=torch.float32, device=logits.device)
     if T:
-        _entropy_forward_kernel[(T,)](
-            logits, logits.stride(0), entropy, lse, V, q, SHANNON=is_shannon(q), **row_kernel_config(V)
-        )
+        with device_guard(logits.device):
+            _entropy_forward_kernel[(T,)](
+                logits, logits.stride(0), entropy, lse, V, q, SHANNON=is_shannon(q), **row_kernel_config(V)
+            )
     return entropy, lse
 
 
@@ -217,10 +218,11 @@ def _entropy_backward_triton(grad_entropy, logits, entropy, lse, q):
     T, V = logits.shape
     grad_logits = torch.empty((T, V), dtype=logits.dtype, device=logits.device)
     if T:
-        _entropy_backward_kernel[(T,)](
-            grad_entropy, logits, logits.stride(0), entropy, lse, grad_logits, grad_logits.stride(0), V, q,
-            SHANNON=is_shannon(q), **row_kernel_config(V),
-        )
+        with device_guard(logits.device):
+            _entropy_backward_kernel[(T,)](
+                grad_entropy, logits, logits.stride(0), entropy, lse, grad_logits, grad_logits.stride(0), V, q,
+                SHANNON=is_shannon(q), **row_kernel_config(V),
+            )
     return grad_logits
 
 

@@ -19,9 +19,11 @@ Ties for v* go to the lowest index on every backend.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
-from alter_kernels._dispatch import KernelPair, resolve_backend
+from alter_kernels._dispatch import KernelPair, device_guard, resolve_backend
 from alter_kernels._triton import tl, triton
 from alter_kernels._validation import check_lse_finite, check_rows_finite_somewhere, check_same_device, check_tensor
 from alter_kernels.entropy import (
@@ -150,11 +152,12 @@ def _ihl_forward_triton(logits, labels, q, threshold, high_entropy_weight, ignor
     loss, entropy, weight, lse = (torch.empty(T, dtype=torch.float32, device=logits.device) for _ in range(4))
     runner_up = torch.empty(T, dtype=torch.int32, device=logits.device)
     if T:
-        _ihl_forward_kernel[(T,)](
-            logits, logits.stride(0), labels, loss, entropy, weight, lse, runner_up,
-            V, q, threshold, high_entropy_weight, ignore_index,
-            SHANNON=is_shannon(q), **row_kernel_config(V),
-        )
+        with device_guard(logits.device):
+            _ihl_forward_kernel[(T,)](
+                logits, logits.stride(0), labels, loss, entropy, weight, lse, runner_up,
+                V, q, threshold, high_entropy_weight, ignore_index,
+                SHANNON=is_shannon(q), **row_kernel_config(V),
+            )
     return loss, entropy, weight, lse, runner_up
 
 
@@ -162,10 +165,11 @@ def _ihl_backward_triton(grad_loss, logits, labels, lse, runner_up, ignore_index
     T, V = logits.shape
     grad_logits = torch.empty((T, V), dtype=logits.dtype, device=logits.device)
     if T:
-        _ihl_backward_kernel[(T,)](
-            grad_loss, logits, logits.stride(0), labels, lse, runner_up, grad_logits, grad_logits.stride(0),
-            V, ignore_index, **row_kernel_config(V),
-        )
+        with device_guard(logits.device):
+            _ihl_backward_kernel[(T,)](
+                grad_loss, logits, logits.stride(0), labels, lse, runner_up, grad_logits, grad_logits.stride(0),
+                V, ignore_index, **row_kernel_config(V),
+            )
     return grad_logits
 
 
@@ -238,7 +242,7 @@ def inverted_hinge_loss(
       ``ignore_index``.
     Token t: ``L_t = 1 + p_y - max_{v≠y} p_v`` (the max over no other entry is 0), weight
     ``w_t`` = 0 if ignored, 1 if its Tsallis-q entropy ``S_t <= threshold``, else
-    ``high_entropy_weight`` (>= 0).
+    ``high_entropy_weight`` (finite, >= 0; threshold: any number but NaN).
     reduction: "mean" -> Σ w_t L_t / Σ w_t (exactly 0, with zero gradient, when Σ w_t == 0);
       "sum" -> Σ w_t L_t; "none" -> [T] w_t L_t.
     Returns ``(loss, entropy)``: loss float32 (float64 for float64 logits), differentiable
@@ -254,8 +258,12 @@ def inverted_hinge_loss(
     q = check_q(op, q)
     threshold = _check_number(op, "threshold", threshold)
     high_entropy_weight = _check_number(op, "high_entropy_weight", high_entropy_weight)
+    if math.isnan(threshold):
+        raise ValueError(f"{op}: threshold must not be NaN (±inf are allowed: every token high / low)")
     if not high_entropy_weight >= 0:
         raise ValueError(f"{op}: high_entropy_weight must be >= 0, got {high_entropy_weight}")
+    if math.isinf(high_entropy_weight):
+        raise ValueError(f"{op}: high_entropy_weight must be finite, got {high_entropy_weight}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"{op}: ignore_index must be an int, got {type(ignore_index).__name__}")
     if reduction not in REDUCTIONS:

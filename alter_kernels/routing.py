@@ -17,7 +17,7 @@ import numbers
 
 import torch
 
-from alter_kernels._dispatch import resolve_backend
+from alter_kernels._dispatch import device_guard, resolve_backend
 from alter_kernels._triton import tl, triton
 from alter_kernels._validation import FLOAT_DTYPES, check_same_device, check_tensor
 
@@ -178,12 +178,13 @@ class _RouteTriton(torch.autograd.Function):
         experts = torch.empty(num_tokens, num_slots, dtype=torch.int32, device=router_logits.device)
         meta, grid = _route_launch_config(num_tokens, num_experts, num_slots)
         if num_tokens:
-            _route_forward_kernel[grid](
-                router_logits, entropy, weights, experts,
-                num_tokens, num_experts, router_logits.stride(0), router_logits.stride(1), entropy.stride(0),
-                float(threshold), 1.0 / tau_high, 1.0 / tau_low, k_high, k_low,
-                NUM_SLOTS=num_slots, **meta,
-            )
+            with device_guard(router_logits.device):
+                _route_forward_kernel[grid](
+                    router_logits, entropy, weights, experts,
+                    num_tokens, num_experts, router_logits.stride(0), router_logits.stride(1), entropy.stride(0),
+                    float(threshold), 1.0 / tau_high, 1.0 / tau_low, k_high, k_low,
+                    NUM_SLOTS=num_slots, **meta,
+                )
         ctx.mark_non_differentiable(experts)
         ctx.save_for_backward(weights, experts, entropy)
         ctx.threshold, ctx.inv_tau = float(threshold), (1.0 / tau_high, 1.0 / tau_low)
@@ -198,12 +199,13 @@ class _RouteTriton(torch.autograd.Function):
         grad_logits = torch.empty(ctx.logits_shape, dtype=ctx.logits_dtype, device=weights.device)
         meta, grid = _route_launch_config(num_tokens, num_experts, num_slots)
         if num_tokens:
-            _route_backward_kernel[grid](
-                grad_weights, weights, experts, entropy, grad_logits,
-                num_tokens, num_experts, grad_weights.stride(0), grad_weights.stride(1), entropy.stride(0),
-                ctx.threshold, *ctx.inv_tau,
-                NUM_SLOTS=num_slots, **meta,
-            )
+            with device_guard(weights.device):
+                _route_backward_kernel[grid](
+                    grad_weights, weights, experts, entropy, grad_logits,
+                    num_tokens, num_experts, grad_weights.stride(0), grad_weights.stride(1), entropy.stride(0),
+                    ctx.threshold, *ctx.inv_tau,
+                    NUM_SLOTS=num_slots, **meta,
+                )
         return grad_logits, None, None, None, None, None, None
 
 
@@ -339,13 +341,19 @@ def moe_align(experts, num_experts, block_m, backend=None):
     num_experts = _check_int(op, "num_experts", num_experts, low=1)
     block_m = _check_int(op, "block_m", block_m, low=1)
     if experts.numel():
-        lowest, highest = int(experts.min()), int(experts.max())
+        lowest, highest = (int(v) for v in torch.aminmax(experts))  # one device sync
         if lowest < -1 or highest >= num_experts:
             bad = lowest if lowest < -1 else highest
             raise ValueError(
                 f"{op}: experts holds expert id {bad}, outside [-1, num_experts) = [-1, {num_experts})"
             )
-    name = resolve_backend(op, backend, experts.device, implemented=("eager", "cpp"))
+    return moe_align_unchecked(experts, num_experts, block_m, backend)
+
+
+def moe_align_unchecked(experts: torch.Tensor, num_experts: int, block_m: int, backend=None):
+    """:func:`moe_align` without its input checks, for callers that have validated
+    ``experts`` already (the asym_lora backward): on a GPU the value check is a device sync."""
+    name = resolve_backend("moe_align", backend, experts.device, implemented=("eager", "cpp"))
     if name == "cpp":
         return tuple(torch.ops.alter_kernels.moe_align(experts, num_experts, block_m))
     return moe_align_eager(experts, num_experts, block_m)

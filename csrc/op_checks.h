@@ -24,7 +24,7 @@ inline void check_logits(const char* op, const at::Tensor& logits) {
   TORCH_CHECK_VALUE(logits.dim() == 2, op, ": logits must be a 2-D [T, V] tensor, got shape ", logits.sizes());
   const at::ScalarType type = logits.scalar_type();
   TORCH_CHECK_TYPE(type == at::kFloat || type == at::kHalf || type == at::kBFloat16 || type == at::kDouble, op,
-                   ": logits must be a floating-point tensor (float32, float16 or bfloat16), got ", type);
+                   ": logits must be a floating-point tensor (float32, float16, bfloat16 or float64), got ", type);
   TORCH_CHECK_VALUE(logits.size(1) >= 1, op, ": logits must have at least one column (V >= 1), got shape ",
                     logits.sizes());
   TORCH_CHECK_VALUE(logits.size(1) == 1 || logits.stride(1) == 1, op,

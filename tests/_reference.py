@@ -1,5 +1,6 @@
 """Float64 references of the logits ops, written from the formulas of DESIGN.md §1, and
-helpers shared by the kernel tests (test_entropy.py, test_ihl.py, test_cpp_extension.py).
+helpers shared by the kernel tests (test_entropy.py, test_ihl.py, test_routing.py,
+test_cpp_extension.py).
 
 The references are plain float64 PyTorch on the CPU, independent of alter_kernels: they
 take the same (already rounded) logits the kernels read, on any device, and return CPU
@@ -144,3 +145,52 @@ def spy_on_kernels(monkeypatch, kernels: dict, backend: str) -> dict:
         kernels, backend, KernelPair(recorded("forward", real.forward), recorded("backward", real.backward))
     )
     return calls
+
+
+_HOPPER_COMPILE = r"""
+import importlib, json, sys
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+for spec in json.loads(sys.stdin.read()):
+    fn = getattr(importlib.import_module(spec["module"]), spec["kernel"])
+    constexprs = {name: getattr(tl, value[3:]) if isinstance(value, str) and value.startswith("tl.") else value
+                  for name, value in spec["constexprs"].items()}
+    signature = {name: "constexpr" if name in constexprs else spec["signature"].get(name, "i32")
+                 for name in fn.arg_names}
+    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": spec["num_warps"]})
+    assert compiled.asm["cubin"], spec
+    assert spec.get("ptx_contains", "") in compiled.asm["ptx"], spec
+print("ok")
+"""
+
+
+def assert_compiles_for_hopper(specs: list[dict]) -> None:
+    """Compile Triton kernels for sm_90 (PTX, then cubin by the ptxas that ships with
+    triton), so that errors only a GPU build shows (layouts, shared memory, dot shapes) show
+    on a CPU machine too. Each spec: module, kernel, signature (argument -> triton type;
+    unlisted arguments are i32), constexprs (a string "tl.<name>" stands for that triton
+    dtype), num_warps, and optionally ptx_contains (an instruction the PTX must use). Runs
+    in a subprocess without TRITON_INTERPRET (which conftest sets for this process)."""
+    import importlib.util
+    import json
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    spec = importlib.util.find_spec("triton")
+    if spec is None:
+        pytest.skip("triton is not installed")
+    if not (pathlib.Path(spec.origin).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+        pytest.skip("this triton build ships no ptxas")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    done = subprocess.run(
+        [sys.executable, "-c", _HOPPER_COMPILE], input=json.dumps(specs), env=env,
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]

@@ -1,13 +1,15 @@
 """asym_lora: every backend against a plain float64 per-token loop, forward and gradients."""
+import importlib
 from dataclasses import dataclass
 
 import conftest
 import pytest
 import torch
 
-from alter_kernels import BackendUnavailable, asym_lora
+from alter_kernels import BackendUnavailable, asym_lora, route
 from alter_kernels.asym_lora import asym_lora_eager, asym_lora_eager_dense
 from alter_kernels.routing import route_eager
+from _reference import assert_compiles_for_hopper
 
 DEVICES = conftest.test_devices()
 
@@ -155,6 +157,32 @@ def test_triton_float64_matches_reference(case, weights_dtype, device):
     torch.testing.assert_close(got[4].double(), want[4], atol=1e-6 * want[4].abs().max().item(), rtol=1e-6)
 
 
+# Shapes for the GPU tile sizes: more than 4096 slots (64-slot blocks in the backward),
+# T and d not multiples of the 64 x 128 output tiles, and the largest rank in use (64).
+GPU_TILE_CASES = [
+    Case("gpu_tiles", T=1400, k=40, d=150, r=8, N=8, K=3, routes="random", masked=True),
+    Case("gpu_tiles_r64", T=90, k=24, d=131, r=64, N=5, K=2, routes="sparse", masked=True),
+]
+
+
+@pytest.mark.parametrize("case", GPU_TILE_CASES, ids=lambda c: c.name)
+def test_triton_gpu_tile_sizes_in_the_interpreter(case, monkeypatch):
+    """The interpreter runs smaller tiles than a GPU (_KernelConfig); here the kernels run
+    with the GPU's tile sizes (float32 tiles, which the interpreter computes exactly), so
+    the masks and offsets of the configuration users get are checked on the CPU too."""
+    if "cpu" not in DEVICES:
+        pytest.skip("a GPU run uses the GPU tile sizes in test_matches_float64_reference")
+    conftest.require_backend("triton", "cpu")
+    kernels = importlib.import_module("alter_kernels.asym_lora")
+    monkeypatch.setattr(kernels, "triton_interpret", lambda: False)
+    config = kernels._KernelConfig(torch.device("cpu"), torch.float32, case.T * case.K, case.r)
+    assert (config.block_tokens, config.block_n_expand, config.block_n_reduce) == (64, 128, 64)
+    assert config.block_slots == (64 if case.T * case.K >= 4096 else 16)
+    x, A, B, weights, experts, mask, grad_out = make_inputs(case, torch.float32, "cpu")
+    got = run("triton", x, A, B, weights, experts, 1.3, mask, grad_out)
+    assert_matches_reference(got, reference(x, A, B, weights, experts, 1.3, mask, grad_out), torch.float32)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", ["eager", "triton"])
 def test_empty_batch(impl, device):
@@ -189,6 +217,44 @@ def test_a_grad_mask_blocks_masked_out_tokens(impl, device):
     assert base[1][~mask].abs().amax(dim=1).min() > 0  # masked-out tokens still get dx
     none_masked = run(impl, x, A, B, weights, experts, 1.0, torch.zeros_like(mask), grad_out)
     assert not none_masked[2].any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_triton_backward_has_no_host_sync(device):
+    """The backward re-validates nothing (the forward checked the routes) and groups the
+    slots with the compiled moe_align on the GPU: no device-to-host sync per layer."""
+    if device != "cuda":
+        pytest.skip("host syncs exist only with a GPU")
+    conftest.require_backend("triton", device)
+    conftest.require_backend("cpp", device)
+    x, A, B, weights, experts, mask, grad_out = make_inputs(CASES[0], torch.bfloat16, device)
+    x, A, B, weights = (t.detach().requires_grad_() for t in (x, A, B, weights))
+    delta = asym_lora(x, A, B, weights, experts, 1.0, mask, backend="triton")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        grads = torch.autograd.grad(delta, (x, A, B, weights), grad_out)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(g is not None for g in grads)
+
+
+def test_triton_on_a_gpu_that_is_not_the_current_one():
+    """A model split over GPUs runs layers on cuda:1 while cuda:0 is current: the kernels
+    must launch on the tensors' GPU (route and asym_lora, forward and backward)."""
+    if "cuda" not in DEVICES or torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    conftest.require_backend("triton", "cuda")
+    torch.cuda.set_device(0)
+    x, A, B, weights, experts, mask, grad_out = make_inputs(CASES[0], torch.float32, "cuda:1")
+    logits = torch.randn(CASES[0].T, CASES[0].N, device="cuda:1")
+    entropy = torch.rand(CASES[0].T, device="cuda:1") * 2
+    routed = route(logits, entropy, 1.0, 0.8, 0.5, 3, 1, backend="triton")
+    expected = route(logits, entropy, 1.0, 0.8, 0.5, 3, 1, backend="eager")
+    torch.testing.assert_close(routed, expected, rtol=1e-5, atol=1e-6)  # float32 rounding of the softmax
+    got = run("triton", x, A, B, weights, experts, 1.7, mask, grad_out)
+    assert all(t.device == torch.device("cuda:1") for t in got)
+    assert_matches_reference(got, reference(x, A, B, weights, experts, 1.7, mask, grad_out), torch.float32)
 
 
 GRADCHECK_EXPERTS = [[0, 2], [1, -1], [2, 2], [-1, -1], [0, 1], [1, 0], [2, -1]]
@@ -286,6 +352,8 @@ BAD_INPUTS = [
     ("experts", lambda a: a["experts"].long(), TypeError, "experts must have dtype"),
     ("a_grad_mask", lambda a: a["a_grad_mask"].float(), TypeError, "a_grad_mask must have dtype"),
     ("scaling", lambda a: "2", TypeError, "scaling must be a real number"),
+    ("scaling", lambda a: float("nan"), ValueError, "scaling must be finite, got nan"),
+    ("scaling", lambda a: float("inf"), ValueError, "scaling must be finite, got inf"),
     ("A", lambda a: torch.randn(2, 7), ValueError, r"A must be \[r, k=4\]"),
     ("B", lambda a: torch.randn(3, 3, 5), ValueError, r"B must be \[N, d, r=2\]"),
     ("weights", lambda a: a["weights"][:, :1], ValueError, "weights .* and experts .* must have one shape"),
@@ -316,55 +384,41 @@ def test_rank_zero_and_bad_backend_raise():
         asym_lora(**_valid_args(), backend="cpp")
 
 
-HOPPER_COMPILE = r"""
-import sys
-import triton
-import triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-
-import alter_kernels.asym_lora  # noqa: F401  (the package re-exports the function under this name)
-kernels = sys.modules["alter_kernels.asym_lora"]
-INDEX_POINTERS = {"experts_ptr", "sorted_ids_ptr", "block_expert_ptr", "num_padded_ptr",
-                  "expert_first_block_ptr", "expert_num_blocks_ptr"}
-for data, dot, precision in (("bf16", tl.bfloat16, "tf32"), ("fp32", tl.float32, "ieee")):
-    pointers = dict.fromkeys(INDEX_POINTERS, "*i32")
-    for name in ("weights_ptr", "scaling_ptr", "grad_h_parts_ptr", "grad_weights_parts_ptr", "grad_B_parts_ptr"):
-        pointers[name] = "*fp32"
-    for fn, block_n in ((kernels._gated_expand_kernel, 128), (kernels._grouped_shrink_grad_kernel, 64),
-                        (kernels._expert_grad_kernel, 64)):
-        constexprs = dict(BLOCK_M=64, BLOCK_N=block_n, BLOCK_R=16, BLOCK_K=4,
-                          DOT_DTYPE=dot, DOT_PRECISION=precision, ACC_DTYPE=tl.float32)
-        constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
-        signature = {
-            name: "constexpr" if name in constexprs else pointers.get(name, "*" + data) if name.endswith("_ptr") else "i32"
-            for name in fn.arg_names
-        }
-        source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-        assert compiled.asm["cubin"], fn.__name__
-        if data == "bf16":
-            assert "wgmma" in compiled.asm["ptx"], f"{fn.__name__}: bf16 tiles should use Hopper tensor cores"
-print("ok")
-"""
-
-
 def test_kernels_compile_for_hopper():
-    """The interpreter never lowers the kernels; compile them for sm_90 (PTX, then cubin by
-    the ptxas that ships with triton) so GPU-only errors show up on a CPU machine too.
-    Runs in a subprocess without TRITON_INTERPRET (set for this process by conftest)."""
-    import importlib.util
-    import os
-    import pathlib
-    import subprocess
-    import sys
-
-    spec = importlib.util.find_spec("triton")
-    if spec is None:
-        pytest.skip("triton is not installed")
-    if not (pathlib.Path(spec.origin).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
-        pytest.skip("this triton build ships no ptxas")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    done = subprocess.run([sys.executable, "-c", HOPPER_COMPILE], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+    """The interpreter never lowers the kernels: compile them for sm_90 with the GPU tile
+    sizes (_KernelConfig), each dtype's tiles, ranks up to 64 (BLOCK_R 16, and 64 for bf16
+    and fp32) and both slot block sizes; bf16 and fp16 tiles must use tensor cores
+    (Hopper's wgmma for 64-row tiles; 16-row tiles, too small for a warpgroup, get mma)."""
+    index_pointers = ("experts_ptr", "sorted_ids_ptr", "block_expert_ptr", "num_padded_ptr",
+                      "expert_first_block_ptr", "expert_num_blocks_ptr")
+    tiles = (  # data dtype, dot dtype, input precision, accumulator dtype, tensor cores
+        ("bf16", "tl.bfloat16", "tf32", "fp32", True),
+        ("fp16", "tl.float16", "tf32", "fp32", True),
+        ("fp32", "tl.float32", "ieee", "fp32", False),
+        ("fp64", "tl.float64", "tf32", "fp64", False),
+    )
+    kernels = (  # kernel, token or slot block, feature block
+        ("_gated_expand_kernel", 64, 128),
+        ("_grouped_shrink_grad_kernel", 64, 64),
+        ("_grouped_shrink_grad_kernel", 16, 64),
+        ("_expert_grad_kernel", 64, 64),
+        ("_expert_grad_kernel", 16, 64),
+    )
+    specs = []
+    for data, dot, precision, acc, tensor_cores in tiles:
+        signature = dict.fromkeys(index_pointers, "*i32")
+        signature.update(weights_ptr="*fp32", grad_weights_parts_ptr="*fp32")
+        for name in ("scaling_ptr", "grad_h_parts_ptr", "grad_B_parts_ptr"):
+            signature[name] = "*" + acc
+        for name in ("h_ptr", "B_ptr", "out_ptr", "grad_ptr"):
+            signature[name] = "*" + data
+        for block_r in (16, 64) if data in ("bf16", "fp32") else (16,):  # fp16, fp64: as bf16, fp32
+            for kernel, block_m, block_n in kernels:
+                constexprs = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, DOT_DTYPE=dot,
+                                  DOT_PRECISION=precision, ACC_DTYPE="tl.float" + acc[2:])
+                if kernel == "_gated_expand_kernel":
+                    constexprs["BLOCK_K"] = 4
+                specs.append(dict(module="alter_kernels.asym_lora", kernel=kernel, signature=signature,
+                                  constexprs=constexprs, num_warps=4,
+                                  ptx_contains=("wgmma" if block_m == 64 else "mma") if tensor_cores else ""))
+    assert_compiles_for_hopper(specs)

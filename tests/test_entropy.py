@@ -12,10 +12,11 @@ import pytest
 import torch
 
 import alter_kernels.entropy as entropy_module
-from alter_kernels import BackendUnavailable, fused_linear_entropy, tsallis_entropy
+from alter_kernels import BackendUnavailable, fused_linear_entropy, inverted_hinge_loss, tsallis_entropy
 from alter_kernels.entropy import DEFAULT_CHUNK_ELEMENTS, default_chunk_size
 from _reference import (
     assert_close,
+    assert_compiles_for_hopper,
     grid,
     is_shannon,
     log_softmax64,
@@ -389,3 +390,43 @@ def test_named_backend_unavailable_is_clear(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(BackendUnavailable, match="triton"):
         tsallis_entropy(torch.randn(2, 3), 2.0, backend="triton")
+
+
+def test_entropy_kernels_compile_for_hopper():
+    """The interpreter never lowers the kernels: compile them for sm_90 with the launch
+    config of a Llama-3 vocabulary (BLOCK_V 4096, 8 warps), each logits dtype, Tsallis and
+    Shannon."""
+    config = entropy_module.row_kernel_config(128256)
+    num_warps, constexprs = config["num_warps"], {"BLOCK_V": config["BLOCK_V"]}
+    specs = []
+    for data in ("bf16", "fp16", "fp32"):
+        for shannon in (False, True):
+            signature = {
+                "logits_ptr": "*" + data, "grad_logits_ptr": "*" + data, "grad_entropy_ptr": "*fp32",
+                "entropy_ptr": "*fp32", "lse_ptr": "*fp32", "q": "fp32",
+            }
+            for kernel in ("_entropy_forward_kernel", "_entropy_backward_kernel"):
+                specs.append(dict(module="alter_kernels.entropy", kernel=kernel, signature=signature,
+                                  constexprs=dict(constexprs, SHANNON=shannon), num_warps=num_warps))
+    assert_compiles_for_hopper(specs)
+
+
+def test_triton_on_a_gpu_that_is_not_the_current_one():
+    """A model split over GPUs computes on cuda:1 while cuda:0 is current: the kernels must
+    launch on the tensors' GPU (entropy and the inverted hinge loss, forward and backward)."""
+    if "cuda" not in DEVICES or torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    require_backend("triton", "cuda")
+    torch.cuda.set_device(0)
+    logits = random_logits(6, 1000, torch.float32, "cuda:1").requires_grad_()
+    labels = torch.randint(0, 1000, (6,), device="cuda:1")
+    for op in (
+        lambda backend: tsallis_entropy(logits, 2.0, backend=backend).sum(),
+        lambda backend: inverted_hinge_loss(logits, labels, 2.0, 10.0, backend=backend)[0],
+    ):
+        value = op("triton")
+        (grad,) = torch.autograd.grad(value, logits)
+        want = op("eager")
+        (want_grad,) = torch.autograd.grad(want, logits)
+        torch.testing.assert_close(value, want, rtol=1e-5, atol=1e-6)  # float32 summation order
+        torch.testing.assert_close(grad, want_grad, rtol=1e-5, atol=1e-6)

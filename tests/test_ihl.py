@@ -12,7 +12,7 @@ import torch
 import alter_kernels.ihl as ihl_module
 from alter_kernels import inverted_hinge_loss
 from _reference import (
-    assert_close, grid, random_logits, reference_entropy, reference_ihl, spy_on_kernels, strided_rows,
+    assert_close, assert_compiles_for_hopper, grid, random_logits, reference_entropy, reference_ihl, spy_on_kernels, strided_rows,
 )
 from conftest import require_backend
 from conftest import test_devices as devices_under_test  # renamed: pytest would collect test_*
@@ -304,9 +304,34 @@ def test_ihl_bad_input():
         inverted_hinge_loss(logits, labels, 2.0, None)
     with pytest.raises(ValueError, match="high_entropy_weight must be >= 0"):
         inverted_hinge_loss(logits, labels, 2.0, 1.0, high_entropy_weight=-0.5)
+    with pytest.raises(ValueError, match="high_entropy_weight must be finite, got inf"):
+        inverted_hinge_loss(logits, labels, 2.0, 1.0, high_entropy_weight=float("inf"))
+    with pytest.raises(ValueError, match="threshold must not be NaN"):
+        inverted_hinge_loss(logits, labels, 2.0, float("nan"))
     with pytest.raises(TypeError, match="ignore_index must be an int"):
         inverted_hinge_loss(logits, labels, 2.0, 1.0, ignore_index=-100.0)
     with pytest.raises(ValueError, match="reduction must be one of"):
         inverted_hinge_loss(logits, labels, 2.0, 1.0, reduction="avg")
     with pytest.raises(ValueError, match="one device"):
         inverted_hinge_loss(logits, labels.to("meta"), 2.0, 1.0)
+
+
+def test_ihl_kernels_compile_for_hopper():
+    """The interpreter never lowers the kernels: compile them for sm_90 with the launch
+    config of a Llama-3 vocabulary (BLOCK_V 4096, 8 warps), each logits dtype."""
+    config = ihl_module.row_kernel_config(128256)
+    num_warps, block_v = config["num_warps"], config["BLOCK_V"]
+    specs = []
+    for data in ("bf16", "fp16", "fp32"):
+        signature = {
+            "logits_ptr": "*" + data, "grad_logits_ptr": "*" + data, "labels_ptr": "*i64",
+            "loss_ptr": "*fp32", "entropy_ptr": "*fp32", "weight_ptr": "*fp32", "lse_ptr": "*fp32",
+            "runner_up_ptr": "*i32", "grad_loss_ptr": "*fp32",
+            "q": "fp32", "threshold": "fp32", "high_entropy_weight": "fp32",
+        }
+        for shannon in (False, True):
+            specs.append(dict(module="alter_kernels.ihl", kernel="_ihl_forward_kernel", signature=signature,
+                              constexprs={"BLOCK_V": block_v, "SHANNON": shannon}, num_warps=num_warps))
+        specs.append(dict(module="alter_kernels.ihl", kernel="_ihl_backward_kernel", signature=signature,
+                          constexprs={"BLOCK_V": block_v}, num_warps=num_warps))
+    assert_compiles_for_hopper(specs)

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from alter_kernels import BackendUnavailable, moe_align, route
-from alter_kernels.routing import route_eager
+from alter_kernels.routing import _route_launch_config, route_eager
+from _reference import assert_compiles_for_hopper
 from conftest import require_backend
 from conftest import test_devices as devices_under_test  # renamed: pytest would collect test_*
 
@@ -368,3 +369,22 @@ def test_moe_align_edge_cases(device, backend):
 def test_moe_align_rejects_bad_input(experts, num_experts, block_m, error, match):
     with pytest.raises(error, match=match):
         moe_align(experts, num_experts, block_m)
+
+
+def test_route_kernels_compile_for_hopper():
+    """The interpreter never lowers the kernels: compile them for sm_90 with their launch
+    configs (from 2 to 64 experts, 1 to 4 slots), each logits dtype."""
+    specs = []
+    for data in ("bf16", "fp16", "fp32"):
+        signature = {
+            "logits_ptr": "*" + data, "grad_logits_ptr": "*" + data, "entropy_ptr": "*fp32",
+            "weights_ptr": "*fp32", "grad_weights_ptr": "*fp32", "experts_ptr": "*i32",
+            "threshold": "fp32", "inv_tau_high": "fp32", "inv_tau_low": "fp32",
+        }
+        for num_experts, num_slots in ((2, 1), (8, 3), (64, 4)):
+            meta, _ = _route_launch_config(8192, num_experts, num_slots)
+            num_warps = meta.pop("num_warps")
+            for kernel in ("_route_forward_kernel", "_route_backward_kernel"):
+                specs.append(dict(module="alter_kernels.routing", kernel=kernel, signature=signature,
+                                  constexprs=dict(meta, NUM_SLOTS=num_slots), num_warps=num_warps))
+    assert_compiles_for_hopper(specs)
