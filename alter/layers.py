@@ -131,6 +131,7 @@ class AsymLoRALinear(nn.Module):
             self.scaling,
             a_grad_mask=a_grad_mask,
             backend=config.backend,
+            check_expert_ids=False,  # route() output or a forced route the tracker validated
         )
         return result + delta.reshape(*x.shape[:-1], self.out_features).to(result.dtype)
 

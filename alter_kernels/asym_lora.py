@@ -408,7 +408,7 @@ class AsymLoRATriton(torch.autograd.Function):
 # --------------------------------------------------------------------------- public op
 
 
-def _check_inputs(x, A, B, weights, experts, scaling, a_grad_mask) -> None:
+def _check_inputs(x, A, B, weights, experts, scaling, a_grad_mask, check_expert_ids) -> None:
     check_tensor(_OP, "x", x, ndim=2, dtypes=FLOAT_DTYPES)
     check_tensor(_OP, "A", A, ndim=2, dtypes=FLOAT_DTYPES)
     check_tensor(_OP, "B", B, ndim=3, dtypes=FLOAT_DTYPES)
@@ -446,14 +446,14 @@ def _check_inputs(x, A, B, weights, experts, scaling, a_grad_mask) -> None:
         )
     if a_grad_mask is not None and a_grad_mask.shape[0] != T:
         raise ValueError(f"{_OP}: a_grad_mask must be [T={T}], got {tuple(a_grad_mask.shape)}")
-    if experts.numel():
+    if check_expert_ids and experts.numel():
         lowest, highest = (int(v) for v in torch.aminmax(experts))
         bad = lowest if lowest < -1 else highest if highest >= N else None
         if bad is not None:
             raise ValueError(f"{_OP}: experts holds id {bad}, outside [-1, {N}) for N={N} experts")
 
 
-def asym_lora(x, A, B, weights, experts, scaling, a_grad_mask=None, backend=None):
+def asym_lora(x, A, B, weights, experts, scaling, a_grad_mask=None, backend=None, check_expert_ids=True):
     """Entropy-gated grouped AsymLoRA delta (forward and backward; see the module doc).
 
     x [T, k] float16/bfloat16/float32/float64, A [r, k] and B [N, d, r] of x's dtype,
@@ -464,8 +464,11 @@ def asym_lora(x, A, B, weights, experts, scaling, a_grad_mask=None, backend=None
     Returns delta [T, d] in x's dtype; gradients flow to x, A, B and weights (in the
     weights' dtype).
     backend: "eager" | "triton" | None (see ``alter_kernels._dispatch``).
+    check_expert_ids: verify that every id is in [-1, N), which costs one host sync on a
+    GPU. Callers whose ids are in range by construction (the output of ``route``, a
+    validated forced route: ``AsymLoRALinear``) pass False to keep the forward sync-free.
     """
-    _check_inputs(x, A, B, weights, experts, scaling, a_grad_mask)
+    _check_inputs(x, A, B, weights, experts, scaling, a_grad_mask, check_expert_ids)
     chosen = resolve_backend(_OP, backend, x.device, _IMPLEMENTED)
     if chosen == "triton":
         return AsymLoRATriton.apply(x, A, B, weights, experts, float(scaling), a_grad_mask)

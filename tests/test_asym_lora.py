@@ -373,6 +373,19 @@ def test_bad_input_raises(name, corrupt, error, message):
         asym_lora(**args)
 
 
+def test_expert_id_check_can_be_skipped_by_callers_with_valid_ids(monkeypatch):
+    """check_expert_ids=False skips only the range check (its host sync on a GPU): the
+    result is the same and the shape checks still run."""
+    args = _valid_args()
+    expected = asym_lora(**args)
+    calls = []
+    monkeypatch.setattr(torch, "aminmax", lambda *a, **k: calls.append(a) or (_ for _ in ()).throw(AssertionError))
+    torch.testing.assert_close(asym_lora(**args, check_expert_ids=False), expected, rtol=0, atol=0)
+    assert calls == []
+    with pytest.raises(ValueError, match=r"experts must be \[T=5, K>=1\]"):
+        asym_lora(**{**args, "experts": args["experts"][:4]}, check_expert_ids=False)
+
+
 def test_rank_zero_and_bad_backend_raise():
     args = _valid_args()
     args["A"], args["B"] = torch.randn(0, 4), torch.randn(3, 3, 0)
