@@ -31,8 +31,11 @@ def check_same_device(op: str, **tensors) -> torch.device:
 
 def check_rows_finite_somewhere(op: str, logits: torch.Tensor) -> None:
     """Reject rows whose every logit is -inf: their softmax is undefined."""
-    if logits.numel() and bool((logits == float("-inf")).all(dim=-1).any()):
-        bad = (logits == float("-inf")).all(dim=-1).nonzero()[0].tolist()
+    if not logits.numel():
+        return
+    all_masked = (logits == float("-inf")).all(dim=-1)
+    if bool(all_masked.any()):
+        bad = all_masked.nonzero()[0].tolist()
         raise ValueError(f"{op}: logits row {tuple(bad)} is all -inf; its distribution is undefined")
 
 
