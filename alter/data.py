@@ -345,8 +345,10 @@ def encode_completion(tokenizer, prompt: str, completion: str, max_length: int |
     ``labels`` = -100 on the prompt. Raises ``ValueError`` naming the prompt when the
     sequence is longer than ``max_length`` tokens (``None``: no limit).
     """
-    prompt_ids = tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
-    input_ids = tokenizer(prompt + completion, add_special_tokens=add_special_tokens)["input_ids"]
+    # Only a departure from the default is passed on: minimal tokenizers take no keyword.
+    kwargs = {} if add_special_tokens else {"add_special_tokens": False}
+    prompt_ids = tokenizer(prompt, **kwargs)["input_ids"]
+    input_ids = tokenizer(prompt + completion, **kwargs)["input_ids"]
     input_ids = _with_eos(tokenizer, input_ids) if add_eos else input_ids
     _check_length(input_ids, max_length, prompt)
     # Subword tokenizers can merge across the prompt/completion boundary: the completion

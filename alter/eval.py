@@ -523,10 +523,11 @@ def _token_statistics(model, tokenizer, encoded: Sequence[dict], batch_size: int
         logp = logp_all.gather(1, targets[:, None])[:, 0]
         n = len(targets) - 1 if len(targets) and targets[-1].item() == eos else len(targets)
         p = logp_all[:n].exp()
-        # p * log p is 0 where p is 0 (-inf logits), not NaN.
-        p_logp = torch.where(p > 0, p * logp_all[:n], torch.zeros_like(p))
-        mu = p_logp.sum(-1)
-        var = (torch.where(p > 0, p_logp * logp_all[:n], torch.zeros_like(p))).sum(-1) - mu ** 2
+        # Tokens of probability 0 (-inf logits) add 0, not NaN (0 * -inf).
+        mu = torch.where(p > 0, p * logp_all[:n], 0.0).sum(-1)
+        # sum p (log p - mu)^2 equals sum p (log p)^2 - mu^2 without its float32 cancellation.
+        centered = torch.where(p > 0, logp_all[:n] - mu[:, None], 0.0)
+        var = (p * centered ** 2).sum(-1)
         stats_out[i] = {
             "logp": logp.double().cpu().numpy(),
             "token_logp": logp[:n].double().cpu().numpy(),
