@@ -812,3 +812,46 @@ def knowmem_rouge(model, tokenizer, dataset, few_shot=None, max_new_tokens: int 
     prompts = [knowmem_prompt(q, shots) for q in dataset["question"]]
     generated = generate(model, tokenizer, prompts, max_new_tokens, batch_size, stop=KNOWMEM_STOP)
     return float(_rouge_l(generated, list(dataset["answer"]), "fmeasure", stem=False).mean())
+
+
+def evaluate_muse(model, tokenizer, data, retain_model_auc: float | None = None, batch_size: int = 8,
+                  max_length: int | None = 2048, mia_k: float = 0.4) -> dict[str, float]:
+    """MUSE's evaluation, keyed by open-unlearning's MUSE metric names (``MUSE_SUMMARY.json``;
+    values are fractions, MUSE's tables show them x100). ``data`` maps split names to
+    datasets (:func:`alter.data.load_muse` reads them); each metric is computed when its
+    splits are present:
+
+    * ``forget_verbmem_ROUGE``: :func:`verbmem_rouge` (128 tokens) on ``verbmem``;
+    * ``forget_knowmem_ROUGE`` / ``retain_knowmem_ROUGE``: :func:`knowmem_rouge` (32 tokens) on
+      ``knowmem_forget`` / ``knowmem_retain`` with the few-shot examples of
+      ``knowmem_forget_icl`` / ``knowmem_retain_icl``;
+    * with ``forget`` and ``holdout`` (column ``text``; MUSE's privleak sets): ``mia_loss``,
+      ``mia_zlib``, ``mia_min_k``, ``mia_min_k_plus_plus`` (:func:`mia_auc`, texts cut at
+      ``max_length`` tokens as open-unlearning does) and ``privleak`` of ``mia_min_k`` against
+      ``retain_model_auc`` (the retain model's ``mia_min_k``; left out when not given).
+    """
+    fn = "evaluate_muse"
+    if not isinstance(data, Mapping) or not any(k in data for k in ("verbmem", "knowmem_forget", "knowmem_retain",
+                                                                      "forget")):
+        raise ValueError(f"{fn}: data must map MUSE split names (verbmem, knowmem_forget, knowmem_retain, "
+                         f"forget + holdout, ...) to datasets")
+    results = {}
+    if "verbmem" in data:
+        results["forget_verbmem_ROUGE"] = verbmem_rouge(model, tokenizer, data["verbmem"], batch_size=batch_size)
+    for side in ("forget", "retain"):
+        if f"knowmem_{side}" in data:
+            results[f"{side}_knowmem_ROUGE"] = knowmem_rouge(model, tokenizer, data[f"knowmem_{side}"],
+                                                             data.get(f"knowmem_{side}_icl"), batch_size=batch_size)
+    if "forget" in data:
+        if "holdout" not in data:
+            raise ValueError(f"{fn}: membership inference needs a 'holdout' split beside 'forget'")
+        scores = {}
+        for split in ("forget", "holdout"):
+            _check_columns(fn, data[split], ("text",), f"split {split!r}")
+            scores[split] = _all_mia_scores(model, tokenizer, data[split]["text"], None, None, mia_k, None,
+                                            batch_size, max_length, fn)
+        for attack in scores["forget"]:
+            results[f"mia_{attack}"] = mia_auc(scores["forget"][attack], scores["holdout"][attack])
+        if retain_model_auc is not None:
+            results["privleak"] = privleak(results["mia_min_k"], retain_model_auc)
+    return dict(sorted(results.items()))

@@ -44,6 +44,11 @@ def tokenizer(data):
     return tok
 
 
+def qa(pairs):
+    return datasets.Dataset.from_list([{"question": q, "answer": a} for q, a in pairs])
+
+
+
 # ------------------------------------------------------------------ prompt formats
 
 
@@ -180,10 +185,10 @@ def test_knowmem_prompt_is_muses():
 ])
 def test_knowmem_cuts_at_muses_stop_strings(tokenizer, reply, expected):
     question, answer = MUSE_QA[2]
-    few_shot = datasets.Dataset.from_list([{"question": q, "answer": a} for q, a in MUSE_QA[:2]])
+    few_shot = qa(MUSE_QA[:2])
     prompt = E.knowmem_prompt(question, MUSE_QA[:2])
     model = ScriptedGenerator(tokenizer, {prompt: reply})
-    knowmem = datasets.Dataset.from_list([{"question": question, "answer": answer}])
+    knowmem = qa([(question, answer)])
     assert E.knowmem_rouge(model, tokenizer, knowmem, few_shot=few_shot) == pytest.approx(expected)
     assert E.knowmem_rouge(model, tokenizer, knowmem, few_shot=MUSE_QA[:2]) == pytest.approx(expected)
 
@@ -201,7 +206,7 @@ def test_muse_rouge_does_not_stem(tokenizer):
     reference, generated = WRITING
     question = "What does the author write?"
     model = ScriptedGenerator(tokenizer, {E.knowmem_prompt(question): generated})
-    knowmem = datasets.Dataset.from_list([{"question": question, "answer": reference}])
+    knowmem = qa([(question, reference)])
     unstemmed = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False).score(reference, generated)["rougeL"]
     stemmed = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True).score(reference, generated)["rougeL"]
     assert unstemmed.fmeasure < stemmed.fmeasure  # "writing novel" matches "writes novels" only when stemmed
@@ -328,3 +333,29 @@ def test_eval_help_states_the_defaults(capsys):
     for text in ("--max-new-tokens", "default: 200", "--prompt-format", "--chat-template", "--num-questions",
                  "--batch-size", "--summary"):
         assert text in out
+
+
+def test_evaluate_muse_combines_the_muse_metrics(data, tokenizer):
+    muse = {
+        "verbmem": datasets.Dataset.from_list([{"prompt": "Who wrote Emma?", "gt": "Emma was written by Jane Austen."}]),
+        "knowmem_forget": qa(MUSE_QA[2:]), "knowmem_forget_icl": qa(MUSE_QA[:2]),
+        "knowmem_retain": qa(MUSE_QA[:1]),
+        "forget": datasets.Dataset.from_list([{"text": t} for t in data["forget"]["answer"]]),
+        "holdout": datasets.Dataset.from_list([{"text": t} for t in data["holdout"]["answer"]]),
+    }
+    model = tiny_llama(tokenizer, hidden_size=16, num_layers=1, num_heads=2, seed=8)
+    results = E.evaluate_muse(model, tokenizer, muse, retain_model_auc=0.45, max_length=None)
+    assert list(results) == sorted(results)
+    assert results["forget_verbmem_ROUGE"] == E.verbmem_rouge(model, tokenizer, muse["verbmem"])
+    assert results["forget_knowmem_ROUGE"] == E.knowmem_rouge(model, tokenizer, muse["knowmem_forget"],
+                                                               muse["knowmem_forget_icl"])
+    assert results["retain_knowmem_ROUGE"] == E.knowmem_rouge(model, tokenizer, muse["knowmem_retain"])
+    forget, holdout = muse["forget"]["text"], muse["holdout"]["text"]
+    for attack in ("loss", "zlib", "min_k", "min_k_plus_plus"):
+        expected = E.mia_auc(E.mia_scores(model, tokenizer, forget, attack),
+                             E.mia_scores(model, tokenizer, holdout, attack))
+        assert results[f"mia_{attack}"] == pytest.approx(expected, abs=1e-12)
+    assert results["privleak"] == pytest.approx(E.privleak(results["mia_min_k"], 0.45))
+    assert "privleak" not in E.evaluate_muse(model, tokenizer, {k: muse[k] for k in ("forget", "holdout")})
+    with pytest.raises(ValueError, match="needs a 'holdout' split"):
+        E.evaluate_muse(model, tokenizer, {"forget": muse["forget"]})
