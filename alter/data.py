@@ -587,16 +587,19 @@ _MUSE_SPLITS = {
     "raw": ("forget", "retain1", "retain2", "holdout"),
     "verbmem": ("forget",),
     "knowmem": ("forget_qa", "retain_qa", "forget_qa_icl", "retain_qa_icl"),
+    "privleak": ("forget", "retain", "holdout"),
 }
-_MUSE_COLUMNS = {"raw": ("text",), "verbmem": ("prompt", "gt"), "knowmem": ("question", "answer")}
+_MUSE_COLUMNS = {"raw": ("text",), "verbmem": ("prompt", "gt"), "knowmem": ("question", "answer"),
+                 "privleak": ("text",)}
 
 
 def load_muse(corpus: str = "News", subset: str = "raw", split: str | None = None, path=None) -> datasets.Dataset:
     """A MUSE subset (``muse-bench/MUSE-News`` or ``MUSE-Books``).
 
     ``subset="raw"`` (splits forget, retain1, retain2, holdout; column ``text``),
-    ``"verbmem"`` (split forget; ``prompt``, ``gt``) or ``"knowmem"`` (splits forget_qa,
-    retain_qa and their ``_icl`` sets; ``question``, ``answer``). ``split=None`` is the
+    ``"verbmem"`` (split forget; ``prompt``, ``gt``), ``"knowmem"`` (splits forget_qa,
+    retain_qa and their ``_icl`` sets; ``question``, ``answer``) or ``"privleak"`` (the
+    membership-inference texts: splits forget, retain, holdout; ``text``). ``split=None`` is the
     subset's first split. ``path``: a data file, or a folder (the corpus) holding
     ``{subset}/{split}.*`` or hub shards ``{subset}/{split}-*.parquet``.
     """

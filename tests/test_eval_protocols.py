@@ -335,6 +335,14 @@ def test_eval_help_states_the_defaults(capsys):
         assert text in out
 
 
+def test_load_muse_reads_the_privleak_texts(tmp_path):
+    from alter.data import load_muse
+
+    (tmp_path / "privleak").mkdir()
+    (tmp_path / "privleak" / "holdout.jsonl").write_text('{"text": "t1"}\n{"text": "t2"}\n')
+    assert load_muse("News", "privleak", "holdout", path=tmp_path)["text"] == ["t1", "t2"]
+
+
 def test_evaluate_muse_combines_the_muse_metrics(data, tokenizer):
     muse = {
         "verbmem": datasets.Dataset.from_list([{"prompt": "Who wrote Emma?", "gt": "Emma was written by Jane Austen."}]),
