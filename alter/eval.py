@@ -1,5 +1,8 @@
-"""Evaluation of unlearning: TOFU metrics, multiple-choice accuracy (WMDP, MMLU) and MUSE
-memorization (definitions in ``shared/DATASETS.md``).
+"""Evaluation of unlearning: TOFU metrics, multiple-choice accuracy (WMDP, MMLU), MUSE
+memorization, membership inference and extraction metrics (definitions in
+``shared/DATASETS.md``; each function cites its formula), in the settings of TOFU,
+open-unlearning, MUSE and lm-evaluation-harness (prompt formats, generation length, stop
+strings, stemming), with open-unlearning's metric names for its summary layout.
 
 Every function takes any causal LM that ``model(input_ids=..., attention_mask=...)``
 answers with logits (an ALTER-patched model included) and its tokenizer; generation uses
