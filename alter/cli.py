@@ -257,6 +257,7 @@ def cmd_bench(argv: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from alter.data import PROMPT_FORMATS
     from alter.train import METHODS, STRUCTURAL_MODES
 
     parser = argparse.ArgumentParser(prog="alter", description="ALTER: token-entropy-guided unlearning of LLMs.")
@@ -313,8 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--base-model", help="base model of an adapter directory (default: the one it records)")
     ev.add_argument("--data", default="tofu_mini",
                     help="'tofu_mini' (default) or a folder of TOFU-schema files forget/retain/real_authors/"
-                         "world_facts .json or .jsonl (question, answer, paraphrased_answer, perturbed_answer), and holdout "
-                         "(question, answer) for membership inference")
+                         "world_facts .json or .jsonl (question, answer, paraphrased_answer, perturbed_answer), "
+                         "and holdout (question, answer) for membership inference")
     ev.add_argument("--retain-metrics", help="metrics JSON of a retain model (from alter eval): gives forget quality "
                                              "and, with a holdout split, privleak")
     ev.add_argument("--seed", type=int, default=0, help="seed of tofu_mini")
@@ -324,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "(default: TOFU_SUMMARY.json beside --out)")
     ev.add_argument("--max-new-tokens", type=_positive_int, default=200,
                     help="greedy answer length for ROUGE (default: 200, as TOFU and open-unlearning)")
-    ev.add_argument("--prompt-format", choices=("plain", "llama2-inst", "chat"),
+    ev.add_argument("--prompt-format", choices=PROMPT_FORMATS,
                     help="how questions are prompted: 'plain' (default; 'Question: ...\\nAnswer:', as alter unlearn "
                          "trains), 'llama2-inst' ('[INST] ... [/INST]', TOFU's Llama-2) or 'chat' (the tokenizer's "
                          "chat template, open-unlearning's instruct models)")

@@ -345,7 +345,8 @@ def test_load_muse_reads_the_privleak_texts(tmp_path):
 
 def test_evaluate_muse_combines_the_muse_metrics(data, tokenizer):
     muse = {
-        "verbmem": datasets.Dataset.from_list([{"prompt": "Who wrote Emma?", "gt": "Emma was written by Jane Austen."}]),
+        "verbmem": datasets.Dataset.from_list([{"prompt": "Who wrote Emma?",
+                                                "gt": "Emma was written by Jane Austen."}]),
         "knowmem_forget": qa(MUSE_QA[2:]), "knowmem_forget_icl": qa(MUSE_QA[:2]),
         "knowmem_retain": qa(MUSE_QA[:1]),
         "forget": datasets.Dataset.from_list([{"text": t} for t in data["forget"]["answer"]]),
