@@ -605,7 +605,8 @@ def mia_scores(model, tokenizer, texts: Sequence[str], attack: str, questions: S
     ``prompt_format``) and only the answer tokens and EOS are scored, as open-unlearning does
     on TOFU; without, the whole text (and EOS) is, as MUSE does on its corpora (texts longer
     than ``max_length`` tokens are cut there when it is given; open-unlearning uses 2048).
-    With ``log p_t`` the log-probability of scored token t under greedy teacher forcing:
+    ``texts`` (and ``questions``): ``n`` strings. With ``log p_t = log p(x_t | x_<t)`` the
+    model's log-probability of scored token t given the tokens before it:
 
     * ``"loss"`` (Yeom et al. 2018): ``-mean_t log p_t`` over the scored tokens, EOS included;
     * ``"zlib"`` (Carlini et al. 2021): the loss divided by ``len(zlib.compress(text))``, the
@@ -617,6 +618,9 @@ def mia_scores(model, tokenizer, texts: Sequence[str], attack: str, questions: S
       ``sigma_t^2 = sum_v p(v) (log p(v))^2 - mu_t^2`` (clamped at 1e-6) over the vocabulary
       at position t;
     * ``"reference"`` (Carlini et al. 2022): the loss minus ``reference_model``'s loss.
+
+    MUSE's own privleak code scores texts without EOS (LOSS, ZLib differ slightly from the
+    above; Min-K%, its privleak attack, leaves the EOS out here too).
     """
     fn = "mia_scores"
     if attack not in MIA_ATTACKS:
