@@ -32,6 +32,8 @@ _EXPORTS = {
     "tofu_mini": "alter.data",
     "qa_texts": "alter.data",
     "format_qa": "alter.data",
+    "format_mcq": "alter.data",
+    "PromptFormat": "alter.data",
     "encode_qa": "alter.data",
     "collate": "alter.data",
     "load_tofu": "alter.data",
@@ -51,6 +53,15 @@ _EXPORTS = {
     "mcq_accuracy": "alter.eval",
     "verbmem_rouge": "alter.eval",
     "knowmem_rouge": "alter.eval",
+    "knowmem_prompt": "alter.eval",
+    "generate": "alter.eval",
+    "mia_scores": "alter.eval",
+    "mia_auc": "alter.eval",
+    "privleak": "alter.eval",
+    "extraction_strength": "alter.eval",
+    "exact_memorization": "alter.eval",
+    "evaluate_muse": "alter.eval",
+    "open_unlearning_summary": "alter.eval",
 }
 
 __all__ = sorted(_EXPORTS)

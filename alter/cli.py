@@ -178,21 +178,39 @@ def cmd_eval(args) -> int:
     import torch
 
     from alter.config import read_json
-    from alter.eval import evaluate_tofu
+    from alter.data import PromptFormat
+    from alter.eval import evaluate_tofu, open_unlearning_summary
 
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_unlearned(args.model, args.base_model)
-    model.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    retain_ratios = None
+    model.to(device)
+    reference_model = None
+    if args.reference_model:
+        reference_model, _ = load_unlearned(args.reference_model)
+        reference_model.to(device)
+    retain_ratios, retain_auc = None, None
     if args.retain_metrics:
-        retain_ratios = read_json(args.retain_metrics).get("forget_truth_ratios")
+        retain = read_json(args.retain_metrics)
+        retain_ratios, retain_auc = retain.get("forget_truth_ratios"), retain.get("mia_min_k")
         if retain_ratios is None:
             raise ValueError(f"--retain-metrics: {args.retain_metrics} has no 'forget_truth_ratios'")
-    metrics = evaluate_tofu(model, tokenizer, _tofu_data(args.data, args.seed), retain_model_truth_ratios=retain_ratios)
+    style = "chat" if args.chat_template else args.prompt_format
+    if args.chat_template and args.prompt_format not in (None, "chat"):
+        raise ValueError(f"--chat-template contradicts --prompt-format {args.prompt_format}")
+    fmt = PromptFormat(style or "plain", args.system_prompt)
+    metrics = evaluate_tofu(model, tokenizer, _tofu_data(args.data, args.seed), retain_model_truth_ratios=retain_ratios,
+                            batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, prompt_format=fmt,
+                            num_questions=args.num_questions, retain_model_auc=retain_auc,
+                            reference_model=reference_model)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(metrics, f, indent=2)
+    summary_file = args.summary or os.path.join(os.path.dirname(os.path.abspath(args.out)), "TOFU_SUMMARY.json")
+    with open(summary_file, "w") as f:
+        json.dump(open_unlearning_summary(metrics), f, indent=4)
     shown = {k: metrics[k] for k in ("forget_quality", "model_utility", "forget_rouge", "retain_rouge")}
     print(json.dumps(shown, indent=2))
+    print(f"metrics written to {args.out}; open-unlearning summary to {summary_file}")
     return 0
 
 
@@ -204,6 +222,16 @@ def cmd_demo(args) -> int:
 
     run_demo(args.out, seed=args.seed, quick=args.quick, methods=args.methods)
     return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
 
 
 def _method_list(text: str) -> tuple[str, ...]:
@@ -229,6 +257,7 @@ def cmd_bench(argv: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from alter.data import PROMPT_FORMATS
     from alter.train import METHODS, STRUCTURAL_MODES
 
     parser = argparse.ArgumentParser(prog="alter", description="ALTER: token-entropy-guided unlearning of LLMs.")
@@ -285,11 +314,29 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--base-model", help="base model of an adapter directory (default: the one it records)")
     ev.add_argument("--data", default="tofu_mini",
                     help="'tofu_mini' (default) or a folder of TOFU-schema files forget/retain/real_authors/"
-                         "world_facts .json or .jsonl (question, answer, paraphrased_answer, perturbed_answer)")
-    ev.add_argument("--retain-metrics", help="metrics JSON of a retain model (from alter eval): gives forget quality")
+                         "world_facts .json or .jsonl (question, answer, paraphrased_answer, perturbed_answer), "
+                         "and holdout (question, answer) for membership inference")
+    ev.add_argument("--retain-metrics", help="metrics JSON of a retain model (from alter eval): gives forget quality "
+                                             "and, with a holdout split, privleak")
     ev.add_argument("--seed", type=int, default=0, help="seed of tofu_mini")
     ev.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     ev.add_argument("--out", required=True, help="metrics JSON file to write")
+    ev.add_argument("--summary", help="also the metrics in open-unlearning's summary layout, written here "
+                                      "(default: TOFU_SUMMARY.json beside --out)")
+    ev.add_argument("--max-new-tokens", type=_positive_int, default=200,
+                    help="greedy answer length for ROUGE (default: 200, as TOFU and open-unlearning)")
+    ev.add_argument("--prompt-format", choices=PROMPT_FORMATS,
+                    help="how questions are prompted: 'plain' (default; 'Question: ...\\nAnswer:', as alter unlearn "
+                         "trains), 'llama2-inst' ('[INST] ... [/INST]', TOFU's Llama-2) or 'chat' (the tokenizer's "
+                         "chat template, open-unlearning's instruct models)")
+    ev.add_argument("--chat-template", action="store_true", help="same as --prompt-format chat")
+    ev.add_argument("--system-prompt", help="system turn of the chat template (open-unlearning's Llama-3 models: "
+                                            "'You are a helpful assistant.')")
+    ev.add_argument("--num-questions", type=_positive_int,
+                    help="evaluate the first N questions of each split (TOFU's ds_size: 300; default: all)")
+    ev.add_argument("--batch-size", type=_positive_int, default=16, help="evaluation batch size (default: 16)")
+    ev.add_argument("--reference-model", help="model directory for the reference membership-inference attack "
+                                              "(e.g. the retain model): adds mia_reference")
     ev.set_defaults(func=cmd_eval)
 
     bench = sub.add_parser("bench", help="kernel and training-step benchmarks (see alter bench --help)", add_help=False)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import random
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 from urllib.parse import urlparse
@@ -224,15 +225,101 @@ def format_qa(question: str, answer: str | None = None) -> str:
     return prompt if answer is None else f"{prompt} {answer}"
 
 
+PROMPT_FORMATS = ("plain", "llama2-inst", "chat")
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How a question is put to a model, for evaluation against other harnesses.
+
+    * ``"plain"``: :func:`format_qa`, the project's own (training uses it);
+    * ``"llama2-inst"``: ``"[INST] {question} [/INST]"`` followed directly by the answer, as
+      TOFU's Llama-2 configuration (``question_start_tag "[INST] "``, ``question_end_tag
+      " [/INST]"``, ``answer_tag ""``) and open-unlearning's ``Llama-2-7b-chat-hf`` template;
+    * ``"chat"``: the tokenizer's chat template (``apply_chat_template``) with one user turn,
+      after a system turn when ``system_prompt`` is set, as open-unlearning does for models
+      with ``apply_chat_template: True``. ``template_kwargs`` go to the template (e.g.
+      ``{"date_string": "10 Apr 2025"}``, open-unlearning's for Llama-3).
+    """
+
+    style: str = "plain"
+    system_prompt: str | None = None
+    template_kwargs: tuple = ()  # (name, value) pairs: the dataclass stays hashable
+
+    def __post_init__(self):
+        _check_choice("style", self.style, PROMPT_FORMATS, "PromptFormat")
+        if self.style != "chat" and (self.system_prompt is not None or self.template_kwargs):
+            raise ValueError(f"PromptFormat: system_prompt and template_kwargs apply to the 'chat' style, "
+                             f"not {self.style!r}")
+
+    @property
+    def add_special_tokens(self) -> bool:
+        """Whether the tokenizer adds its special tokens (BOS): a chat template writes its own."""
+        return self.style != "chat"
+
+    def _chat(self, tokenizer, messages, generation_prompt: bool) -> str:
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError("PromptFormat('chat'): the tokenizer has no chat template; "
+                             "use the 'plain' or 'llama2-inst' format")
+        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt is not None else []
+        return tokenizer.apply_chat_template(system + messages, tokenize=False,
+                                             add_generation_prompt=generation_prompt,
+                                             **dict(self.template_kwargs))
+
+    def prompt(self, tokenizer, question: str) -> str:
+        """The text put to the model before its answer."""
+        if self.style == "plain":
+            return format_qa(question)
+        if self.style == "llama2-inst":
+            return f"[INST] {question} [/INST]"
+        return self._chat(tokenizer, [{"role": "user", "content": question}], True)
+
+    def completion(self, tokenizer, question: str, answer: str) -> str:
+        """The text that follows :meth:`prompt` when the model gives ``answer`` (for the chat
+        style, the answer and the template's end-of-turn marks)."""
+        prompt = self.prompt(tokenizer, question)
+        if self.style == "plain":
+            full = format_qa(question, answer)
+        elif self.style == "llama2-inst":
+            full = prompt + answer
+        else:
+            full = self._chat(tokenizer, [{"role": "user", "content": question},
+                                          {"role": "assistant", "content": answer}], False)
+        if not full.startswith(prompt):
+            raise ValueError("PromptFormat('chat'): the chat template renders a conversation that does not "
+                             "start with its own generation prompt; it cannot be scored answer by answer")
+        return full[len(prompt):]
+
+
+def prompt_format_of(spec: str | PromptFormat | None) -> PromptFormat:
+    """A :class:`PromptFormat` from itself, a style name, or None (``"plain"``)."""
+    if spec is None:
+        return PromptFormat()
+    if isinstance(spec, PromptFormat):
+        return spec
+    if isinstance(spec, str):
+        return PromptFormat(spec)
+    raise TypeError(f"prompt_format must be a style in {PROMPT_FORMATS} or a PromptFormat, got {spec!r}")
+
+
 MCQ_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
-def format_mcq(question: str, choices: Sequence[str]) -> str:
+def format_mcq(question: str, choices: Sequence[str], subject: str | None = None) -> str:
     """The zero-shot multiple-choice prompt (WMDP, MMLU)
     ``"{question}\\nA. {choice 0}\\nB. {choice 1}\\nC. …\\nD. …\\nAnswer:"``; the answer is
-    scored as the continuation ``" A"``, ``" B"``, ..."""
+    scored as the continuation ``" A"``, ``" B"``, ...
+
+    With a ``subject``, the prompt of lm-evaluation-harness's MMLU and WMDP tasks: the header
+    ``"The following are multiple choice questions (with answers) about {subject}.\\n\\n"``
+    (underscores of the subject read as spaces, as MMLU's subject names are written) and the
+    question stripped of outer whitespace."""
+    header = ""
+    if subject is not None:
+        header = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
+        question = question.strip()
     lines = [question] + [f"{letter}. {choice}" for letter, choice in zip(MCQ_LETTERS, choices)]
-    return "\n".join(lines) + "\nAnswer:"
+    return header + "\n".join(lines) + "\nAnswer:"
 
 
 def _with_eos(tokenizer, ids: list[int]) -> list[int]:
@@ -249,16 +336,19 @@ def _check_length(ids: list[int], max_length: int, what: str) -> None:
 
 
 def encode_completion(tokenizer, prompt: str, completion: str, max_length: int | None,
-                      add_eos: bool = True) -> dict[str, list[int]]:
+                      add_eos: bool = True, add_special_tokens: bool = True) -> dict[str, list[int]]:
     """Token ids of ``prompt + completion`` (plus EOS when ``add_eos``), labelled on the
-    completion only.
+    completion only. ``add_special_tokens=False`` for text that already holds them (a
+    rendered chat template).
 
     Returns ``dict(input_ids, attention_mask, labels)`` of equal-length int lists with
     ``labels`` = -100 on the prompt. Raises ``ValueError`` naming the prompt when the
     sequence is longer than ``max_length`` tokens (``None``: no limit).
     """
-    prompt_ids = tokenizer(prompt)["input_ids"]
-    input_ids = tokenizer(prompt + completion)["input_ids"]
+    # Only a departure from the default is passed on: minimal tokenizers take no keyword.
+    kwargs = {} if add_special_tokens else {"add_special_tokens": False}
+    prompt_ids = tokenizer(prompt, **kwargs)["input_ids"]
+    input_ids = tokenizer(prompt + completion, **kwargs)["input_ids"]
     input_ids = _with_eos(tokenizer, input_ids) if add_eos else input_ids
     _check_length(input_ids, max_length, prompt)
     # Subword tokenizers can merge across the prompt/completion boundary: the completion
@@ -270,16 +360,19 @@ def encode_completion(tokenizer, prompt: str, completion: str, max_length: int |
     return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
 
 
-def encode_qa(tokenizer, question: str, answer: str, max_length: int | None) -> dict[str, list[int]]:
-    """Token ids of ``format_qa(question, answer)`` plus EOS, for training or scoring the answer.
+def encode_qa(tokenizer, question: str, answer: str, max_length: int | None,
+              prompt_format: str | PromptFormat | None = None) -> dict[str, list[int]]:
+    """Token ids of ``format_qa(question, answer)`` (or of another :class:`PromptFormat`)
+    plus EOS, for training or scoring the answer.
 
     Returns ``dict(input_ids, attention_mask, labels)`` of equal-length int lists;
     ``labels`` is -100 on the prompt, so only the answer tokens (and EOS) are learned or
     scored. Raises ``ValueError`` naming the question when the example is longer than
     ``max_length`` tokens (``None``: no limit).
     """
-    prompt = format_qa(question)
-    return encode_completion(tokenizer, prompt, format_qa(question, answer)[len(prompt):], max_length)
+    fmt = prompt_format_of(prompt_format)
+    return encode_completion(tokenizer, fmt.prompt(tokenizer, question), fmt.completion(tokenizer, question, answer),
+                             max_length, add_special_tokens=fmt.add_special_tokens)
 
 
 def encode_text(tokenizer, text: str, max_length: int | None, truncate: bool = False) -> dict[str, list[int]]:
@@ -494,16 +587,19 @@ _MUSE_SPLITS = {
     "raw": ("forget", "retain1", "retain2", "holdout"),
     "verbmem": ("forget",),
     "knowmem": ("forget_qa", "retain_qa", "forget_qa_icl", "retain_qa_icl"),
+    "privleak": ("forget", "retain", "holdout"),
 }
-_MUSE_COLUMNS = {"raw": ("text",), "verbmem": ("prompt", "gt"), "knowmem": ("question", "answer")}
+_MUSE_COLUMNS = {"raw": ("text",), "verbmem": ("prompt", "gt"), "knowmem": ("question", "answer"),
+                 "privleak": ("text",)}
 
 
 def load_muse(corpus: str = "News", subset: str = "raw", split: str | None = None, path=None) -> datasets.Dataset:
     """A MUSE subset (``muse-bench/MUSE-News`` or ``MUSE-Books``).
 
     ``subset="raw"`` (splits forget, retain1, retain2, holdout; column ``text``),
-    ``"verbmem"`` (split forget; ``prompt``, ``gt``) or ``"knowmem"`` (splits forget_qa,
-    retain_qa and their ``_icl`` sets; ``question``, ``answer``). ``split=None`` is the
+    ``"verbmem"`` (split forget; ``prompt``, ``gt``), ``"knowmem"`` (splits forget_qa,
+    retain_qa and their ``_icl`` sets; ``question``, ``answer``) or ``"privleak"`` (the
+    membership-inference texts: splits forget, retain, holdout; ``text``). ``split=None`` is the
     subset's first split. ``path``: a data file, or a folder (the corpus) holding
     ``{subset}/{split}.*`` or hub shards ``{subset}/{split}-*.parquet``.
     """

@@ -71,7 +71,8 @@ def test_unlearn_then_eval_tiny(data_dir, tmp_path, capsys):
     assert (out / "adapter_model.safetensors").exists() and (out / "base_model" / "config.json").exists()
 
     metrics_file = tmp_path / "metrics" / "m.json"
-    assert main(["eval", "--model", str(out), "--data", str(data_dir), "--out", str(metrics_file)]) == 0
+    assert main(["eval", "--model", str(out), "--data", str(data_dir), "--out", str(metrics_file),
+                 "--max-new-tokens", "8"]) == 0  # short: the default, 200 tokens, takes seconds here
     metrics = json.loads(metrics_file.read_text())
     assert metrics["forget_quality"] is None  # no retain model given
     assert 0.0 <= metrics["model_utility"] <= 1.0 and len(metrics["forget_truth_ratios"]) == 2
@@ -79,7 +80,7 @@ def test_unlearn_then_eval_tiny(data_dir, tmp_path, capsys):
     # The same model as its own "retain model": identical truth ratios, KS p-value 1.
     again = tmp_path / "again.json"
     assert main(["eval", "--model", str(out), "--data", str(data_dir), "--retain-metrics", str(metrics_file),
-                 "--out", str(again)]) == 0
+                 "--out", str(again), "--max-new-tokens", "8"]) == 0
     assert json.loads(again.read_text())["forget_quality"] == pytest.approx(1.0)
 
     # Retain metrics that are not a metrics object: a clear error, exit 2, no traceback.

@@ -250,7 +250,7 @@ def test_muse_rouge_f1_known_strings(tokenizer):
     # knowmem: answer "paris" (1 word), generated "the capital of france is paris" (6): P 1/6, R 1, F1 2/7.
     question = "What is the capital of France?"
     knowmem = datasets.Dataset.from_list([{"question": question, "answer": "Paris"}])
-    model = ScriptedGenerator(tokenizer, {format_qa(question): "The capital of France is Paris."})
+    model = ScriptedGenerator(tokenizer, {E.knowmem_prompt(question): "The capital of France is Paris."})
     assert E.knowmem_rouge(model, tokenizer, knowmem) == pytest.approx(2 / 7)
     with pytest.raises(ValueError, match=r"lacks column\(s\) \['gt'\]"):
         E.verbmem_rouge(model, tokenizer, verbmem.remove_columns("gt"))
