@@ -5,9 +5,11 @@
 //   s = sum_i e^{z_i - m}
 //   w = sum_i e^{q (z_i - m)}            (Tsallis)
 //   w = sum_i e^{z_i - m} (z_i - m)      (Shannon)
-// from which, with p = softmax(z):  lse = m + log s,
+// from which, with p = softmax(z):  p_i = e^{(z_i - m) - log s},
 //   Tsallis S_q = (1 - P_q) / (q - 1),  P_q = sum_i p_i^q = w / s^q,
 //   Shannon H   = log s - w / s.
+// The kernels save m and log s apart, never lse = m + log s: z - m is exact in float32,
+// while m + log s is rounded at the logits' magnitude (an error ~|z| 2^-24 in every p).
 // An empty set (or one of only -inf logits) has m = -inf and s = w = 0.
 #pragma once
 
@@ -55,7 +57,10 @@ struct SoftmaxStats {
     w += other.w;
   }
 
-  ALTER_HD acc_t lse() const { return m + std::log(s); }
+  ALTER_HD acc_t log_sum() const { return std::log(s); }
+
+  // p_i of a logit z of the row (0 for -inf).
+  ALTER_HD acc_t prob(acc_t z) const { return std::exp((z - m) - log_sum()); }
 
   ALTER_HD acc_t entropy(bool shannon, acc_t q) const {
     if (shannon) return std::log(s) - w / s;

@@ -29,9 +29,12 @@ def log_softmax64(logits: torch.Tensor) -> torch.Tensor:
     return z - torch.logsumexp(z, dim=-1, keepdim=True)
 
 
-def reference_lse(logits: torch.Tensor) -> torch.Tensor:
-    """log Σ_i e^{z_i} per row, float64 on the CPU."""
-    return torch.logsumexp(logits.double().cpu(), dim=-1)
+def reference_max_and_log_sum(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(m, log Σ_i e^{z_i - m}) per row, float64 on the CPU: the row statistics the kernel
+    forwards save for their backward."""
+    z = logits.double().cpu()
+    row_max = z.amax(dim=-1)
+    return row_max, torch.logsumexp(z - row_max[..., None], dim=-1)
 
 
 def reference_entropy(logits: torch.Tensor, q: float) -> torch.Tensor:
