@@ -173,6 +173,49 @@ def test_route_minus_inf_logits_are_never_kept(device, backend):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", ROUTE_BACKENDS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_route_rejects_nan_and_plus_inf_logits(device, backend, bad):
+    """NaN / +inf router logits are a ValueError on every backend (before: eager dropped a
+    NaN row, triton picked an expert); -inf still means "expert unavailable"."""
+    require_backend(backend, device)
+    logits, entropy = random_route_inputs(7, 5, torch.float32, device)
+    route(logits, entropy, THRESHOLD, TAU_HIGH, TAU_LOW, 3, 1, backend=backend)  # holds -inf: fine
+    logits[4, 2] = bad
+    with pytest.raises(ValueError, match=rf"route: router_logits\[4, 2\] = {bad}.*-inf marks an unavailable expert"):
+        route(logits, entropy, THRESHOLD, TAU_HIGH, TAU_LOW, 3, 1, backend=backend)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_route_unchecked_nan_and_plus_inf_rows_agree_across_backends(device, dtype):
+    """check_finite=False (the layers' sync-free path): every backend ranks NaN as +inf
+    (lowest index first among them) and gives such a row NaN in every weight, so it reaches
+    the layer output instead of being dropped; other rows are routed as usual."""
+    require_backend("triton", device)
+    inf, nan = float("inf"), float("nan")
+    logits = torch.randn(6, 5, dtype=torch.float64).to(device=device, dtype=dtype)
+    logits[1, 3] = nan
+    logits[2, [0, 4]] = torch.tensor([inf, nan], dtype=dtype)
+    logits[3] = nan
+    logits[4, 1] = -inf
+    entropy = torch.tensor([2.0, 2.0, 2.0, 0.5, 2.0, 0.5], device=device)
+    results = {
+        backend: route(logits, entropy, THRESHOLD, TAU_HIGH, TAU_LOW, 3, 1, backend=backend, check_finite=False)
+        for backend in ROUTE_BACKENDS
+    }
+    (w_eager, e_eager), (w_triton, e_triton) = results["eager"], results["triton"]
+    assert torch.equal(e_eager, e_triton)
+    assert e_eager[1, 0] == 3 and e_eager[2, :2].tolist() == [0, 4] and e_eager[3].tolist() == [0, -1, -1]
+    bad = torch.tensor([False, True, True, True, False, False], device=device)
+    assert bool(w_eager[bad].isnan().all()) and bool(w_triton[bad].isnan().all())
+    good = route(logits[~bad], entropy[~bad], THRESHOLD, TAU_HIGH, TAU_LOW, 3, 1, backend="eager")
+    for weights, experts in results.values():
+        assert torch.equal(experts[~bad], good[1])
+        torch.testing.assert_close(weights[~bad], good[0], rtol=1e-6, atol=1e-6)  # fp32 softmax
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ROUTE_BACKENDS)
 def test_route_large_logits_at_low_temperature_do_not_overflow(device, backend):
     require_backend(backend, device)
     num_tokens = 19
