@@ -305,6 +305,20 @@ def route(router_logits, entropy, threshold, tau_high, tau_low, k_high, k_low, b
 
 # ------------------------------------------------------------------------- moe_align
 
+INT32_MAX = 2**31 - 1
+
+
+def moe_align_capacity(numel: int, num_experts: int, block_m: int) -> int:
+    """Blocks of ``sorted_ids`` in the worst case, ceil((T·K + N·(block_m − 1)) / block_m).
+
+    Raises ValueError, with the compiled kernels' message, when the padded length does not
+    fit the int32 outputs (checked before anything is allocated)."""
+    max_padded = numel + num_experts * (block_m - 1)
+    max_blocks = -(-max_padded // block_m)
+    if max_blocks * block_m > INT32_MAX:
+        raise ValueError(f"moe_align: T*K + num_experts*(block_m - 1) = {max_padded} does not fit in int32")
+    return max_blocks
+
 
 def moe_align_eager(experts: torch.Tensor, num_experts: int, block_m: int):
     """Eager reference of :func:`moe_align`.
@@ -320,10 +334,9 @@ def moe_align_eager(experts: torch.Tensor, num_experts: int, block_m: int):
     Slots with expert −1 are left out.
     """
     numel = experts.numel()
+    max_blocks = moe_align_capacity(numel, num_experts, block_m)
     device = experts.device
     flat = experts.reshape(-1).long()
-    max_padded = numel + num_experts * (block_m - 1)
-    max_blocks = -(-max_padded // block_m)
     sorted_ids = torch.full((max_blocks * block_m,), numel, dtype=torch.int32, device=device)
     block_expert = torch.full((max_blocks,), -1, dtype=torch.int32, device=device)
 

@@ -414,6 +414,19 @@ def test_moe_align_rejects_bad_input(experts, num_experts, block_m, error, match
         moe_align(experts, num_experts, block_m)
 
 
+@pytest.mark.parametrize("backend", ["eager", "cpp"])
+@pytest.mark.parametrize("num_tokens,num_experts,block_m", [(2, 2, 2**30), (2**20, 2**11, 2**20)])
+def test_moe_align_rejects_sizes_past_int32(backend, num_tokens, num_experts, block_m):
+    """Padded sizes past int32 are the same ValueError on every backend, before any
+    allocation (eager used to allocate 8 GiB and more where cpp raised)."""
+    require_backend(backend, "cpu")
+    experts = torch.zeros(num_tokens, 2, dtype=torch.int32).expand(num_tokens, 2)
+    max_padded = num_tokens * 2 + num_experts * (block_m - 1)
+    match = rf"moe_align: T\*K \+ num_experts\*\(block_m - 1\) = {max_padded} does not fit in int32"
+    with pytest.raises(ValueError, match=match):
+        moe_align(experts, num_experts, block_m, backend=backend)
+
+
 def test_route_kernels_compile_for_hopper():
     """The interpreter never lowers the kernels: compile them for sm_90 with their launch
     configs (from 2 to 64 experts, 1 to 4 slots), each logits dtype."""
