@@ -17,6 +17,7 @@ from alter_kernels.entropy import DEFAULT_CHUNK_ELEMENTS, default_chunk_size
 from _reference import (
     assert_close,
     assert_compiles_for_hopper,
+    entropy_grad_term_scale,
     grid,
     is_shannon,
     log_softmax64,
@@ -43,18 +44,6 @@ GRAD_RTOL = {torch.float32: 1e-4, torch.float16: 2 * 2**-10, torch.bfloat16: 2 *
 
 
 # ----------------------------------------------------------------------------- references
-
-
-def entropy_grad_term_scale(logits, q, grad_entropy):
-    """Per row [T, 1], the largest magnitude of the terms that the gradient formulas subtract:
-    |g|·q/|q-1|·(p^q + p·Σp^q), Shannon |g|·p·(|log p| + H)."""
-    p = log_softmax64(logits).exp()
-    if is_shannon(q):
-        log_p = torch.where(p > 0, torch.log(p), torch.zeros_like(p))
-        terms = p * (log_p.abs() + reference_entropy(logits, q)[..., None])
-    else:
-        terms = q / abs(q - 1.0) * (p**q + p * (p**q).sum(-1, keepdim=True))
-    return grad_entropy.double().cpu().abs()[..., None] * terms.amax(dim=-1, keepdim=True)
 
 
 def test_reference_entropy_gradient_matches_autograd():

@@ -12,7 +12,8 @@ import torch
 import alter_kernels.ihl as ihl_module
 from alter_kernels import inverted_hinge_loss
 from _reference import (
-    assert_close, assert_compiles_for_hopper, grid, random_logits, reference_entropy, reference_ihl, spy_on_kernels, strided_rows,
+    assert_close, assert_compiles_for_hopper, grid, random_logits, reduce_reference, reference_entropy, reference_ihl,
+    spy_on_kernels, strided_rows, threshold_between,
 )
 from conftest import require_backend
 from conftest import test_devices as devices_under_test  # renamed: pytest would collect test_*
@@ -26,32 +27,7 @@ HIGH_ENTROPY_WEIGHT = 0.3
 GRAD_TOL = {torch.float32: 1e-5, torch.float16: 2 * 2**-10, torch.bfloat16: 2 * 2**-7}
 
 
-# ----------------------------------------------------------------------------- references
-
-
-def reduce_reference(loss, weight, reduction):
-    """Reduced float64 loss and d(reduced)/d(per-token loss) as a [T] vector (all-ones upstream)."""
-    weighted = loss * weight
-    if reduction == "none":
-        return weighted, weight
-    if reduction == "sum":
-        return weighted.sum(), weight
-    total = weight.sum()
-    if total == 0:
-        return torch.zeros((), dtype=torch.float64), torch.zeros_like(weight)
-    return weighted.sum() / total, weight / total
-
-
-def threshold_between(entropy, ignored):
-    """A threshold in the widest gap between the kept tokens' entropies, so float32 error
-    cannot move a token across it and both weights occur."""
-    values = sorted(entropy[~ignored].tolist())
-    if values[-1] - values[0] < 1e-3:  # e.g. V == 1: every entropy is 0
-        return values[-1] + 1.0
-    gaps = [(values[i + 1] - values[i], i) for i in range(len(values) - 1)]
-    gap, i = max(gaps)
-    assert gap > 1e-3, f"entropies too close to split: {values}"
-    return (values[i] + values[i + 1]) / 2
+# ----------------------------------------------------------------------------- inputs
 
 
 def ihl_inputs(vocab, dtype, device, scale=3.0):

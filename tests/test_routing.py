@@ -6,7 +6,7 @@ import torch
 
 from alter_kernels import BackendUnavailable, moe_align, route
 from alter_kernels.routing import _route_launch_config, route_eager
-from _reference import assert_compiles_for_hopper
+from _reference import assert_compiles_for_hopper, reference_moe_align, reference_route, reference_route_grad
 from conftest import require_backend
 from conftest import test_devices as devices_under_test  # renamed: pytest would collect test_*
 
@@ -20,41 +20,6 @@ ROUTE_SHAPES = [(n, kh, kl) for n in (2, 5, 8, 64) for kh, kl in K_PAIRS if kh <
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def reference_route(logits, entropy, threshold, tau_high, tau_low, k_high, k_low):
-    """Per-token float64 routing, straight from DESIGN.md §1: (weights [T, K] f64, experts [T, K] i64)."""
-    num_tokens, num_experts = logits.shape
-    num_slots = max(k_high, k_low)
-    weights = torch.zeros(num_tokens, num_slots, dtype=torch.float64)
-    experts = torch.full((num_tokens, num_slots), -1, dtype=torch.int64)
-    for t in range(num_tokens):
-        values = logits[t].double().tolist()
-        high = float(entropy[t]) > threshold
-        tau, k = (tau_high, k_high) if high else (tau_low, k_low)
-        by_logit = sorted(range(num_experts), key=lambda e: (-values[e], e))
-        chosen = [e for e in by_logit[:k] if values[e] != -math.inf]
-        if not chosen:
-            continue
-        top = values[chosen[0]]
-        exps = [math.exp((values[e] - top) / tau) for e in chosen]
-        for j, e in enumerate(chosen):
-            weights[t, j] = exps[j] / sum(exps)
-            experts[t, j] = e
-    return weights, experts
-
-
-def reference_route_grad(weights, experts, entropy, threshold, tau_high, tau_low, grad_weights, num_experts):
-    """d logit_e = w_e / tau · (g_e − Σ_k w_k g_k) for each kept expert e, in float64."""
-    grad = torch.zeros(weights.shape[0], num_experts, dtype=torch.float64)
-    for t in range(weights.shape[0]):
-        tau = tau_high if float(entropy[t]) > threshold else tau_low
-        w, g = weights[t].double(), grad_weights[t].double()
-        dot = float((w * g).sum())
-        for j, e in enumerate(experts[t].tolist()):
-            if e >= 0:
-                grad[t, e] += float(w[j]) / tau * (float(g[j]) - dot)
-    return grad
 
 
 def random_route_inputs(num_tokens, num_experts, dtype, device):
@@ -321,24 +286,6 @@ def test_route_rejects_unknown_backend():
 
 
 # ------------------------------------------------------------------------- moe_align
-
-
-def reference_moe_align(experts, num_experts, block_m):
-    """Plain loop over experts and slots, from the contract in moe_align_eager's docstring."""
-    flat = experts.flatten().tolist()
-    numel = len(flat)
-    ids, block_expert = [], []
-    for e in range(num_experts):
-        group = [i for i, x in enumerate(flat) if x == e]
-        while len(group) % block_m:
-            group.append(numel)
-        ids += group
-        block_expert += [e] * (len(group) // block_m)
-    num_padded = len(ids)
-    capacity = -(-(numel + num_experts * (block_m - 1)) // block_m)
-    ids += [numel] * (capacity * block_m - num_padded)
-    block_expert += [-1] * (capacity - len(block_expert))
-    return ids, block_expert, num_padded
 
 
 def random_experts(num_tokens, num_slots, num_experts, device):
