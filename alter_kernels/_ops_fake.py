@@ -21,11 +21,11 @@ def _grad_like(logits: torch.Tensor) -> torch.Tensor:
 
 @torch.library.register_fake("alter_kernels::entropy_forward")
 def _entropy_forward(logits, q):
-    return _token_vector(logits), _token_vector(logits), _token_vector(logits)
+    return tuple(_token_vector(logits) for _ in range(4))
 
 
 @torch.library.register_fake("alter_kernels::entropy_backward")
-def _entropy_backward(grad_entropy, logits, entropy, row_max, log_sum, q):
+def _entropy_backward(grad_entropy, logits, entropy, row_max, log_sum, power_sum, q):
     return _grad_like(logits)
 
 

@@ -111,7 +111,7 @@ if triton is not None:
             better = block_best > best
             best_col = tl.where(better, start + block_col, best_col)
             best = tl.where(better, block_best, best)
-        entropy, log_s = entropy_from_stats(s, acc, q, SHANNON)
+        entropy, log_s, _ = entropy_from_stats(s, acc, q, SHANNON)
         # exp((z - m) - log s) as in the backward, not exp(z - lse): lse = m + log s is
         # rounded at the logits' magnitude.
         p_target = tl.exp((tl.load(row_ptr + tl.where(ignored, 0, label)).to(tl.float32) - m) - log_s)

@@ -33,21 +33,22 @@ alter_dtype cuda_logits(const char* op, const Tensor& logits) {
 
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
-std::tuple<Tensor, Tensor, Tensor> entropy_forward(const Tensor& logits, double q) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> entropy_forward(const Tensor& logits, double q) {
   const char* op = "entropy_forward";
   const alter_dtype dtype = cuda_logits(op, logits);
   check_q(op, q);
   const c10::cuda::CUDAGuard guard(logits.device());
-  Tensor entropy = token_output(logits), row_max = token_output(logits), log_sum = token_output(logits);
+  Tensor entropy = token_output(logits), row_max = token_output(logits), log_sum = token_output(logits),
+         power_sum = token_output(logits);
   check_launch(op, alter_entropy_forward_cuda(logits.const_data_ptr(), dtype, logits.size(0), logits.size(1),
                                               logits.stride(0), q, entropy.mutable_data_ptr<float>(),
                                               row_max.mutable_data_ptr<float>(), log_sum.mutable_data_ptr<float>(),
-                                              current_stream()));
-  return {entropy, row_max, log_sum};
+                                              power_sum.mutable_data_ptr<float>(), current_stream()));
+  return {entropy, row_max, log_sum, power_sum};
 }
 
 Tensor entropy_backward(const Tensor& grad_entropy, const Tensor& logits, const Tensor& entropy,
-                        const Tensor& row_max, const Tensor& log_sum, double q) {
+                        const Tensor& row_max, const Tensor& log_sum, const Tensor& power_sum, double q) {
   const char* op = "entropy_backward";
   const alter_dtype dtype = cuda_logits(op, logits);
   check_q(op, q);
@@ -55,13 +56,14 @@ Tensor entropy_backward(const Tensor& grad_entropy, const Tensor& logits, const 
   const Tensor entropy_c = token_vector(op, "entropy", entropy, logits);
   const Tensor max_c = token_vector(op, "row_max", row_max, logits);
   const Tensor log_sum_c = token_vector(op, "log_sum", log_sum, logits);
+  const Tensor power_sum_c = token_vector(op, "power_sum", power_sum, logits);
   const c10::cuda::CUDAGuard guard(logits.device());
   Tensor grad_logits = logits_grad_output(logits);
   check_launch(op, alter_entropy_backward_cuda(grad_c.const_data_ptr<float>(), logits.const_data_ptr(), dtype,
                                                logits.size(0), logits.size(1), logits.stride(0),
                                                entropy_c.const_data_ptr<float>(), max_c.const_data_ptr<float>(),
-                                               log_sum_c.const_data_ptr<float>(), q, grad_logits.mutable_data_ptr(),
-                                               current_stream()));
+                                               log_sum_c.const_data_ptr<float>(), power_sum_c.const_data_ptr<float>(),
+                                               q, grad_logits.mutable_data_ptr(), current_stream()));
   return grad_logits;
 }
 

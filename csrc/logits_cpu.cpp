@@ -221,25 +221,28 @@ Tensor checked_runner_up(const char* op, const Tensor& runner_up, const Tensor& 
 // ---------------------------------------------------------------------------------------
 // entropy
 
-std::tuple<Tensor, Tensor, Tensor> entropy_forward(const Tensor& logits, double q) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> entropy_forward(const Tensor& logits, double q) {
   check_logits("entropy_forward", logits);
   check_q("entropy_forward", q);
   const int64_t V = logits.size(1);
   const bool shannon = use_shannon(q);
-  Tensor entropy = token_output(logits), row_max = token_output(logits), log_sum = token_output(logits);
+  Tensor entropy = token_output(logits), row_max = token_output(logits), log_sum = token_output(logits),
+         power_sum = token_output(logits);
   float* entropy_out = entropy.mutable_data_ptr<float>();
   float* max_out = row_max.mutable_data_ptr<float>();
   float* log_sum_out = log_sum.mutable_data_ptr<float>();
+  float* power_sum_out = power_sum.mutable_data_ptr<float>();
   for_each_row(logits, Tensor(), [&](const auto* row, auto* /*no gradient*/, int64_t t) {
     const Stats st = row_stats(row, V, shannon, q);
     entropy_out[t] = static_cast<float>(st.entropy(shannon, q));
     max_out[t] = static_cast<float>(st.m);  // a logit as float: exact
     log_sum_out[t] = static_cast<float>(st.log_sum());
+    power_sum_out[t] = static_cast<float>(st.power_sum(shannon, q));
   });
-  return {entropy, row_max, log_sum};
+  return {entropy, row_max, log_sum, power_sum};
 }
 
-// Tsallis: dS/dz_j = -q/(q-1) (p_j^q - p_j P_q), P_q = 1 - (q-1) S.
+// Tsallis: dS/dz_j = -q/(q-1) (p_j^q - p_j P_q), P_q saved by the forward.
 // Shannon: dH/dz_j = -p_j (log p_j + H).  p_j = e^{(z_j - m) - log s}; both times grad_entropy.
 // dz = scale * p (max(d, floor) + offset) (Shannon) or scale * (p^q - p * offset)
 // (Tsallis), with d = (z - m) - log s (z - m exact, see softmax_stats.h), p = e^d.
@@ -275,7 +278,7 @@ void write_grad_row(const scalar_t* row, int64_t V, scalar_t* out_row, const Fil
 }
 
 Tensor entropy_backward(const Tensor& grad_entropy, const Tensor& logits, const Tensor& entropy,
-                        const Tensor& row_max, const Tensor& log_sum, double q) {
+                        const Tensor& row_max, const Tensor& log_sum, const Tensor& power_sum, double q) {
   const char* op = "entropy_backward";
   check_logits(op, logits);
   check_q(op, q);
@@ -283,10 +286,12 @@ Tensor entropy_backward(const Tensor& grad_entropy, const Tensor& logits, const 
   const Tensor entropy_c = token_vector(op, "entropy", entropy, logits);
   const Tensor max_c = token_vector(op, "row_max", row_max, logits);
   const Tensor log_sum_c = token_vector(op, "log_sum", log_sum, logits);
+  const Tensor power_sum_c = token_vector(op, "power_sum", power_sum, logits);
   const float* grad = grad_c.const_data_ptr<float>();
   const float* ent = entropy_c.const_data_ptr<float>();
   const float* max_in = max_c.const_data_ptr<float>();
   const float* log_sum_in = log_sum_c.const_data_ptr<float>();
+  const float* power_sum_in = power_sum_c.const_data_ptr<float>();
   const bool shannon = use_shannon(q);
   const float qf = static_cast<float>(q);
   const int64_t V = logits.size(1);
@@ -294,7 +299,7 @@ Tensor entropy_backward(const Tensor& grad_entropy, const Tensor& logits, const 
   for_each_row(logits, grad_logits, [&](const auto* row, auto* grad_row, int64_t t) {
     // Shannon: -g p (d + H); Tsallis: a (p^q - p P_q) with a = -g q/(q-1).
     const float scale = shannon ? -grad[t] : -grad[t] * qf / (qf - 1.0f);
-    const float offset = shannon ? ent[t] : 1.0f - (qf - 1.0f) * ent[t];
+    const float offset = shannon ? ent[t] : power_sum_in[t];
     write_grad_row(row, V, grad_row, [&](const float* z, int64_t n, int64_t, float* dz) {
       entropy_grad_chunk(z, n, max_in[t], log_sum_in[t], scale, offset, qf, shannon, dz);
     });

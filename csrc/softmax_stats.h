@@ -6,7 +6,8 @@
 //   w = sum_i e^{q (z_i - m)}            (Tsallis)
 //   w = sum_i e^{z_i - m} (z_i - m)      (Shannon)
 // from which, with p = softmax(z):  p_i = e^{(z_i - m) - log s},
-//   Tsallis S_q = (1 - P_q) / (q - 1),  P_q = sum_i p_i^q = w / s^q,
+//   Tsallis S_q = (1 - P_q) / (q - 1),  P_q = sum_i p_i^q = w / s^q (the backward takes P_q
+//     itself: 1 - (q - 1) S in float32 loses (q - 1) ulp(S) / P_q),
 //   Shannon H   = log s - w / s.
 // The kernels save m and log s apart, never lse = m + log s: z - m is exact in float32,
 // while m + log s is rounded at the logits' magnitude (an error ~|z| 2^-24 in every p).
@@ -62,9 +63,12 @@ struct SoftmaxStats {
   // p_i of a logit z of the row (0 for -inf).
   ALTER_HD acc_t prob(acc_t z) const { return std::exp((z - m) - log_sum()); }
 
+  // P_q = sum_i p_i^q; 1 for Shannon (q == 1).
+  ALTER_HD acc_t power_sum(bool shannon, acc_t q) const { return shannon ? acc_t(1) : w / std::pow(s, q); }
+
   ALTER_HD acc_t entropy(bool shannon, acc_t q) const {
     if (shannon) return std::log(s) - w / s;
-    return (acc_t(1) - w / std::pow(s, q)) / (q - acc_t(1));
+    return (acc_t(1) - power_sum(shannon, q)) / (q - acc_t(1));
   }
 };
 

@@ -138,24 +138,28 @@ def test_entropy_forward_backward(device, dtype, q, V):
     require_backend("cpp", device)
     T = 3 if V > 1000 else 6
     z = make_logits(T, V, dtype, device)
-    entropy, row_max, log_sum = ops.entropy_forward(z, q)
-    for out in (entropy, row_max, log_sum):
+    entropy, *row_stats = ops.entropy_forward(z, q)
+    for out in (entropy, *row_stats):
         assert out.dtype == torch.float32 and out.shape == (T,)
     # Tsallis q < 1 sums p^q ~ sqrt(V) terms: the error scales with |S|, hence rtol
     assert_close64(entropy, reference_entropy(z, q), **F32_TOL)
-    assert_row_stats(row_max, log_sum, z)
+    assert_row_stats(z, *row_stats, q=q)
 
     grad_entropy = torch.randn(T, device=device)
-    grad = ops.entropy_backward(grad_entropy, z, entropy, row_max, log_sum, q)
+    grad = ops.entropy_backward(grad_entropy, z, entropy, *row_stats, q)
     assert grad.dtype == dtype and grad.shape == (T, V) and grad.is_contiguous()
     assert_entropy_grad_close(grad, z, q, grad_entropy, dtype)
 
 
-def assert_row_stats(row_max, log_sum, z):
-    """The row max is one of the logits (exact); log Σ e^{z - m} carries float32 error."""
+def assert_row_stats(z, row_max, log_sum, power_sum=None, q=None):
+    """The row max is one of the logits (exact); log Σ e^{z - m} and P_q = Σ p^q (1 for
+    Shannon; entropy_forward only) carry float32 error."""
     expected_max, expected_log_sum = reference_max_and_log_sum(z)
     assert_close64(row_max, expected_max, rtol=0, atol=0)
     assert_close64(log_sum, expected_log_sum, **F32_TOL)
+    if power_sum is not None:
+        expected_power_sum = torch.ones(z.shape[0]) if is_shannon(q) else (log_softmax64(z).exp() ** q).sum(-1)
+        assert_close64(power_sum, expected_power_sum, **F32_TOL)
 
 
 @pytest.mark.parametrize("device", devices_under_test())
@@ -182,11 +186,11 @@ def test_entropy_masked_chunks_and_late_max(device):
     z[3, 2999] = 40.0
     z = z.float().to(device)
     for q in QS:
-        entropy, row_max, log_sum = ops.entropy_forward(z, q)
+        entropy, *row_stats = ops.entropy_forward(z, q)
         assert_close64(entropy, reference_entropy(z, q), **F32_TOL)
-        assert_row_stats(row_max, log_sum, z)
+        assert_row_stats(z, *row_stats, q=q)
         g = torch.randn(4, device=device)
-        grad = ops.entropy_backward(g, z, entropy, row_max, log_sum, q)
+        grad = ops.entropy_backward(g, z, entropy, *row_stats, q)
         assert_entropy_grad_close(grad, z, q, g, torch.float32)
 
 
@@ -201,8 +205,8 @@ def test_entropy_grad_entropy_may_be_expanded(device):
     """Autograd hands expanded (stride 0) gradients, e.g. from entropy.sum()."""
     require_backend("cpp", device)
     z = make_logits(5, 33, torch.float32, device)
-    entropy, row_max, log_sum = ops.entropy_forward(z, 2.0)
-    grad = ops.entropy_backward(torch.ones((), device=device).expand(5), z, entropy, row_max, log_sum, 2.0)
+    entropy, *row_stats = ops.entropy_forward(z, 2.0)
+    grad = ops.entropy_backward(torch.ones((), device=device).expand(5), z, entropy, *row_stats, 2.0)
     assert_entropy_grad_close(grad, z, 2.0, torch.ones(5), torch.float32)
 
 
@@ -238,7 +242,7 @@ def test_ihl_forward_backward(device, dtype, q, V):
     assert_close64(loss, ref.loss, **F32_TOL)
     assert_close64(entropy, ref.entropy, **F32_TOL)
     assert_close64(weight, ref.weight, rtol=0, atol=0)
-    assert_row_stats(row_max, log_sum, z)
+    assert_row_stats(z, row_max, log_sum)
     assert loss[2] == 0 and weight[2] == 0
     # v* is chosen among the same values (float32 holds every input dtype exactly): no rounding
     assert runner_up.dtype == torch.int32 and torch.equal(runner_up.cpu().long(), ref.runner_up)
@@ -326,14 +330,16 @@ def test_logits_errors():
         ops.entropy_forward(torch.randn(4, 0), 2.0)
     with pytest.raises(ValueError, match="entropy_forward: q must be a finite number > 0"):
         ops.entropy_forward(z, 0.0)
-    entropy, row_max, log_sum = ops.entropy_forward(z, 2.0)
+    entropy, row_max, log_sum, power_sum = ops.entropy_forward(z, 2.0)
     with pytest.raises(ValueError, match=r"entropy_backward: grad_entropy must have shape \[4\]"):
-        ops.entropy_backward(torch.ones(5), z, entropy, row_max, log_sum, 2.0)
+        ops.entropy_backward(torch.ones(5), z, entropy, row_max, log_sum, power_sum, 2.0)
     with pytest.raises(TypeError, match="entropy_backward: row_max must be float32"):
-        ops.entropy_backward(torch.ones(4), z, entropy, row_max.double(), log_sum, 2.0)
+        ops.entropy_backward(torch.ones(4), z, entropy, row_max.double(), log_sum, power_sum, 2.0)
     with pytest.raises(ValueError, match=r"entropy_backward: log_sum must have shape \[4\]"):
-        ops.entropy_backward(torch.ones(4), z, entropy, row_max, log_sum[:2], 2.0)
-    stats = (row_max, log_sum)
+        ops.entropy_backward(torch.ones(4), z, entropy, row_max, log_sum[:2], power_sum, 2.0)
+    with pytest.raises(TypeError, match="entropy_backward: power_sum must be float32"):
+        ops.entropy_backward(torch.ones(4), z, entropy, row_max, log_sum, power_sum.half(), 2.0)
+    max_and_log_sum = (row_max, log_sum)  # what ihl_backward takes
     labels = torch.tensor([0, 1, IGNORE, 5])
     with pytest.raises(TypeError, match="ihl_forward: labels must be int64"):
         ops.ihl_forward(z, labels.int(), 2.0, 1.2, 0.0, IGNORE)
@@ -343,14 +349,14 @@ def test_logits_errors():
         ops.ihl_forward(z, torch.tensor([0, 1, IGNORE, 6]), 2.0, 1.2, 0.0, IGNORE)
     runner_up = torch.tensor([1, 0, -1, 0], dtype=torch.int32)
     with pytest.raises(ValueError, match=r"ihl_backward: labels\[0\] = -3 is outside"):
-        ops.ihl_backward(torch.ones(4), z, torch.tensor([-3, 1, 2, 3]), *stats, runner_up, IGNORE)
+        ops.ihl_backward(torch.ones(4), z, torch.tensor([-3, 1, 2, 3]), *max_and_log_sum, runner_up, IGNORE)
     with pytest.raises(TypeError, match="ihl_backward: runner_up must be int32"):
-        ops.ihl_backward(torch.ones(4), z, labels, *stats, runner_up.long(), IGNORE)
+        ops.ihl_backward(torch.ones(4), z, labels, *max_and_log_sum, runner_up.long(), IGNORE)
     with pytest.raises(ValueError, match=r"ihl_backward: runner_up must have shape \[4\]"):
-        ops.ihl_backward(torch.ones(4), z, labels, *stats, runner_up[:3], IGNORE)
+        ops.ihl_backward(torch.ones(4), z, labels, *max_and_log_sum, runner_up[:3], IGNORE)
     for bad in (-2, 6):
         with pytest.raises(ValueError, match=rf"ihl_backward: runner_up\[1\] = {bad} is outside \[-1, 6\)"):
-            ops.ihl_backward(torch.ones(4), z, labels, *stats, torch.tensor([1, bad, -1, 0], dtype=torch.int32), IGNORE)
+            ops.ihl_backward(torch.ones(4), z, labels, *max_and_log_sum, torch.tensor([1, bad, -1, 0], dtype=torch.int32), IGNORE)
 
 
 def test_moe_align_errors():
@@ -375,13 +381,14 @@ def test_moe_align_errors():
 def _opcheck_cases():
     z = make_logits(3, 10, torch.float32, "cpu")
     labels = torch.tensor([1, IGNORE, 9])
-    entropy, row_max, log_sum = ops.entropy_forward(z, 2.0)
+    entropy, *row_stats = ops.entropy_forward(z, 2.0)
+    row_max, log_sum = row_stats[:2]
     runner_up = ops.ihl_forward(z, labels, 1.0, 1.2, 0.0, IGNORE)[5]
     g = torch.randn(3)
     experts = torch.randint(-1, 4, (5, 2), dtype=torch.int32)
     return [
         (ops.entropy_forward, (z, 2.0)),
-        (ops.entropy_backward, (g, z, entropy, row_max, log_sum, 2.0)),
+        (ops.entropy_backward, (g, z, entropy, *row_stats, 2.0)),
         (ops.ihl_forward, (z, labels, 1.0, 1.2, 0.0, IGNORE)),
         (ops.ihl_backward, (g, z, labels, row_max, log_sum, runner_up, IGNORE)),
         (ops.moe_align, (experts, 4, 3)),
@@ -397,8 +404,8 @@ def test_opcheck_schemas_and_fake_kernels():
 
 def test_torch_compile_fullgraph():
     def token_scores(z):
-        entropy, row_max, log_sum = torch.ops.alter_kernels.entropy_forward(z, 2.0)
-        return entropy * 2.0 + row_max + log_sum
+        entropy, row_max, log_sum, power_sum = torch.ops.alter_kernels.entropy_forward(z, 2.0)
+        return entropy * 2.0 + row_max + log_sum * power_sum
 
     z = make_logits(5, 37, torch.float32, "cpu")
     compiled = torch.compile(token_scores, fullgraph=True, backend="aot_eager")

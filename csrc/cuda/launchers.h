@@ -14,16 +14,18 @@ extern "C" {
 typedef enum { ALTER_FLOAT32 = 0, ALTER_FLOAT16 = 1, ALTER_BFLOAT16 = 2 } alter_dtype;
 
 // logits [T, V] with rows row_stride elements apart, unit stride along V.
-// entropy, row_max, log_sum: [T] float32; row_max is the max m of the row and log_sum is
-// log sum_i e^{z_i - m} (kept apart: p = e^{(z - m) - log_sum} is exact at any |z|).
+// entropy, row_max, log_sum, power_sum: [T] float32; row_max is the max m of the row and
+// log_sum is log sum_i e^{z_i - m} (kept apart: p = e^{(z - m) - log_sum} is exact at any
+// |z|); power_sum is P_q = sum_i p_i^q (1 for Shannon).
 cudaError_t alter_entropy_forward_cuda(const void* logits, alter_dtype dtype, int64_t T, int64_t V,
                                        int64_t row_stride, double q, float* entropy, float* row_max, float* log_sum,
-                                       cudaStream_t stream);
+                                       float* power_sum, cudaStream_t stream);
 
 // grad_logits [T, V] contiguous, of logits' dtype.
 cudaError_t alter_entropy_backward_cuda(const float* grad_entropy, const void* logits, alter_dtype dtype, int64_t T,
                                         int64_t V, int64_t row_stride, const float* entropy, const float* row_max,
-                                        const float* log_sum, double q, void* grad_logits, cudaStream_t stream);
+                                        const float* log_sum, const float* power_sum, double q, void* grad_logits,
+                                        cudaStream_t stream);
 
 // labels [T] int64. runner_up [T] int32: v* = first argmax_{v != y} z_v, -1 for ignored
 // tokens and when every other logit is -inf. A label neither ignore_index nor in [0, V)

@@ -100,7 +100,8 @@ __global__ void __launch_bounds__(kThreads) entropy_forward_kernel(const scalar_
                                                                    int64_t row_stride, float q, bool shannon,
                                                                    float* __restrict__ entropy,
                                                                    float* __restrict__ row_max,
-                                                                   float* __restrict__ log_sum) {
+                                                                   float* __restrict__ log_sum,
+                                                                   float* __restrict__ power_sum) {
   const scalar_t* z = logits + blockIdx.x * row_stride;
   Stats st = Stats::empty();
   for (int64_t j = threadIdx.x; j < V; j += kThreads) add_logit(st, to_float(z[j]), shannon, q);
@@ -109,24 +110,26 @@ __global__ void __launch_bounds__(kThreads) entropy_forward_kernel(const scalar_
     entropy[blockIdx.x] = st.entropy(shannon, q);
     row_max[blockIdx.x] = st.m;
     log_sum[blockIdx.x] = st.log_sum();
+    power_sum[blockIdx.x] = st.power_sum(shannon, q);
   }
 }
 
-// Tsallis: dS/dz_j = -q/(q-1) (p_j^q - p_j P_q), P_q = 1 - (q-1) S;
+// Tsallis: dS/dz_j = -q/(q-1) (p_j^q - p_j P_q), P_q saved by the forward;
 // Shannon: dH/dz_j = -p_j (log p_j + H); p_j = e^{(z_j - m) - log s} (z - m exact, see
 // softmax_stats.h); times grad_entropy.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     entropy_backward_kernel(const float* __restrict__ grad_entropy, const scalar_t* __restrict__ logits, int64_t V,
                             int64_t row_stride, const float* __restrict__ entropy,
-                            const float* __restrict__ row_max, const float* __restrict__ log_sum, float q,
-                            bool shannon, scalar_t* __restrict__ grad_logits) {
+                            const float* __restrict__ row_max, const float* __restrict__ log_sum,
+                            const float* __restrict__ power_sum, float q, bool shannon,
+                            scalar_t* __restrict__ grad_logits) {
   const int64_t row = blockIdx.x;
   const scalar_t* z = logits + row * row_stride;
   scalar_t* out = grad_logits + row * V;
   const float g = grad_entropy[row], s = entropy[row], m = row_max[row], log_s = log_sum[row];
   const float scale = shannon ? -g : -g * q / (q - 1.0f);
-  const float offset = shannon ? s : 1.0f - (q - 1.0f) * s;
+  const float offset = shannon ? s : power_sum[row];
   for (int64_t j = threadIdx.x; j < V; j += kThreads) {
     const float d = (to_float(z[j]) - m) - log_s;
     const float p = expf(d);  // 0 for -inf logits
@@ -233,23 +236,24 @@ cudaError_t dispatch(alter_dtype dtype, int64_t T, const Launch& launch) {
 
 extern "C" cudaError_t alter_entropy_forward_cuda(const void* logits, alter_dtype dtype, int64_t T, int64_t V,
                                                   int64_t row_stride, double q, float* entropy, float* row_max,
-                                                  float* log_sum, cudaStream_t stream) {
+                                                  float* log_sum, float* power_sum, cudaStream_t stream) {
   return dispatch(dtype, T, [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
     entropy_forward_kernel<scalar_t><<<T, kThreads, 0, stream>>>(static_cast<const scalar_t*>(logits), V, row_stride,
                                                                  static_cast<float>(q), alter::use_shannon(q), entropy,
-                                                                 row_max, log_sum);
+                                                                 row_max, log_sum, power_sum);
   });
 }
 
 extern "C" cudaError_t alter_entropy_backward_cuda(const float* grad_entropy, const void* logits, alter_dtype dtype,
                                                    int64_t T, int64_t V, int64_t row_stride, const float* entropy,
-                                                   const float* row_max, const float* log_sum, double q,
-                                                   void* grad_logits, cudaStream_t stream) {
+                                                   const float* row_max, const float* log_sum,
+                                                   const float* power_sum, double q, void* grad_logits,
+                                                   cudaStream_t stream) {
   return dispatch(dtype, T, [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
     entropy_backward_kernel<scalar_t><<<T, kThreads, 0, stream>>>(
-        grad_entropy, static_cast<const scalar_t*>(logits), V, row_stride, entropy, row_max, log_sum,
+        grad_entropy, static_cast<const scalar_t*>(logits), V, row_stride, entropy, row_max, log_sum, power_sum,
         static_cast<float>(q), alter::use_shannon(q), static_cast<scalar_t*>(grad_logits));
   });
 }
