@@ -7,7 +7,6 @@ imported alter_kernels with TRITON_INTERPRET=1, see conftest)."""
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
@@ -15,44 +14,36 @@ from alter_kernels._dispatch import triton_import_error
 
 pytestmark = pytest.mark.skipif(triton_import_error() is not None, reason="triton is not installed")
 
-_SET_AFTER_IMPORT = """
+_PRELUDE = """
 import os
 import torch
 import alter_kernels as ak
 
+def assert_triton_unavailable(call, reason):
+    assert reason in (ak.available_backends("cpu")["triton"] or ""), ak.available_backends("cpu")
+    try:
+        call()
+    except ak.BackendUnavailable as exc:
+        assert reason in str(exc), exc
+    else:
+        raise AssertionError(f"triton ran where it cannot: {reason}")
+"""
+
+_SET_AFTER_IMPORT = """
 os.environ["TRITON_INTERPRET"] = "1"  # too late: the kernels were built for the GPU
-reason = ak.available_backends("cpu")["triton"]
-assert reason is not None and "after alter_kernels was imported" in reason, reason
-try:
-    ak.tsallis_entropy(torch.randn(3, 5), 2.0, backend="triton")
-except ak.BackendUnavailable as exc:
-    assert "after alter_kernels was imported" in str(exc), exc
-else:
-    raise AssertionError("triton ran kernels built for the GPU on CPU tensors")
+late = "set after alter_kernels was imported"
+assert_triton_unavailable(lambda: ak.tsallis_entropy(torch.randn(3, 5), 2.0, backend="triton"), late)
 os.environ["ALTER_BACKEND"] = "triton"
-try:
-    ak.inverted_hinge_loss(torch.randn(3, 5), torch.tensor([0, 1, 2]), 2.0, 1.0)
-except ak.BackendUnavailable as exc:
-    assert "after alter_kernels was imported" in str(exc), exc
-else:
-    raise AssertionError("ALTER_BACKEND=triton ran kernels built for the GPU")
+assert_triton_unavailable(
+    lambda: ak.inverted_hinge_loss(torch.randn(3, 5), torch.tensor([0, 1, 2]), 2.0, 1.0), late
+)
 print("ok")
 """
 
 _UNSET_AFTER_IMPORT = """
-import os
-import torch
-import alter_kernels as ak
-
 del os.environ["TRITON_INTERPRET"]  # the interpreter reads it while it runs, and fails without it
-reason = ak.available_backends("cpu")["triton"]
-assert reason is not None and "unset after alter_kernels was imported" in reason, reason
-try:
-    ak.tsallis_entropy(torch.randn(3, 5), 2.0, backend="triton")
-except ak.BackendUnavailable as exc:
-    assert "unset after alter_kernels was imported" in str(exc), exc
-else:
-    raise AssertionError("the interpreter ran without TRITON_INTERPRET")
+unset = "unset after alter_kernels was imported"
+assert_triton_unavailable(lambda: ak.tsallis_entropy(torch.randn(3, 5), 2.0, backend="triton"), unset)
 os.environ["TRITON_INTERPRET"] = "1"  # set again: the interpreted kernels run
 logits = torch.randn(4, 7)
 torch.testing.assert_close(
@@ -70,6 +61,6 @@ def test_triton_availability_when_interpret_changes_after_import(script, interpr
     if interpret_at_import is not None:
         env["TRITON_INTERPRET"] = interpret_at_import
     done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(script)], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", _PRELUDE + script], env=env, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
