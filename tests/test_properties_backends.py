@@ -124,7 +124,7 @@ def matrices(draw, max_rows: int, max_cols: int, dtypes=DTYPES, min_cols: int = 
     return Case(values, layout, generator)
 
 
-@bounded(max_examples=25)
+@bounded(max_examples=80)
 @given(case=matrices(max_rows=7, max_cols=90), q=st.sampled_from([0.5, 1.0, 2.0, 3.5]))
 def test_tsallis_entropy_backends_match_float64(case, q):
     values, dtype = case.values, case.values.dtype
@@ -143,7 +143,7 @@ def test_tsallis_entropy_backends_match_float64(case, q):
         assert_grad_close(grad, expected_grad, term_scale, f"{backend} entropy grad")
 
 
-@bounded(max_examples=25)
+@bounded(max_examples=80)
 @given(
     case=matrices(max_rows=8, max_cols=90),
     q=st.sampled_from([0.5, 1.0, 2.0]),
@@ -192,7 +192,7 @@ def route_cases(draw):
     return case, k_high, k_low, tau_low
 
 
-@bounded(max_examples=30)
+@bounded(max_examples=80)
 @given(args=route_cases())
 def test_route_backends_match_float64(args):
     case, k_high, k_low, tau_low = args
@@ -218,7 +218,7 @@ def test_route_backends_match_float64(args):
         assert_close(grad.cpu() / grad_scale, ref_grad / grad_scale, 0, tol, f"{backend} route grad")
 
 
-@bounded(max_examples=30)
+@bounded(max_examples=80)
 @given(
     rows=st.integers(0, 40),
     slots=st.integers(1, 4),
