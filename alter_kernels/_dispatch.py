@@ -43,8 +43,32 @@ def triton_import_error() -> str | None:
 
 
 def triton_interpret() -> bool:
-    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when the Triton kernels run in the CPU interpreter: ``TRITON_INTERPRET=1`` was
+    set when alter_kernels was imported (see ``alter_kernels._triton``)."""
+    from alter_kernels._triton import INTERPRETED
+
+    return INTERPRETED
+
+
+def triton_interpreter_mismatch() -> str | None:
+    """Why the CPU interpreter cannot run the kernels although one of the two moments asked
+    for it: ``TRITON_INTERPRET`` now differs from when alter_kernels was imported (the
+    kernels were built for the GPU; or the interpreter, which reads the variable again
+    while it runs, would fail). None when there is no such mismatch."""
+    import triton
+
+    now = bool(triton.knobs.runtime.interpret)
+    if now and not triton_interpret():
+        return (
+            "TRITON_INTERPRET=1 was set after alter_kernels was imported, so its triton kernels were "
+            "built for the GPU; set it before importing alter_kernels to run them in the CPU interpreter"
+        )
+    if triton_interpret() and not now:
+        return (
+            "TRITON_INTERPRET was unset after alter_kernels was imported with it; the interpreted triton "
+            "kernels need it set while they run"
+        )
+    return None
 
 
 def device_guard(device: torch.device):
@@ -93,11 +117,15 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
             return err
         if device.type == "cuda":
             return None
-        if device.type == "cpu" and triton_interpret():
-            return None
+        if device.type == "cpu":
+            mismatch = triton_interpreter_mismatch()
+            if mismatch:
+                return mismatch
+            if triton_interpret():
+                return None
         return (
             f"triton kernels need CUDA tensors (got {device.type}); set TRITON_INTERPRET=1 "
-            "before importing triton to run them in the CPU interpreter"
+            "before importing alter_kernels to run them in the CPU interpreter"
         )
     if backend == "cpp":
         if cpp_extension() is None:

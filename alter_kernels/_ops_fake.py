@@ -21,22 +21,22 @@ def _grad_like(logits: torch.Tensor) -> torch.Tensor:
 
 @torch.library.register_fake("alter_kernels::entropy_forward")
 def _entropy_forward(logits, q):
-    return _token_vector(logits), _token_vector(logits)
+    return tuple(_token_vector(logits) for _ in range(4))
 
 
 @torch.library.register_fake("alter_kernels::entropy_backward")
-def _entropy_backward(grad_entropy, logits, entropy, lse, q):
+def _entropy_backward(grad_entropy, logits, entropy, row_max, log_sum, power_sum, q):
     return _grad_like(logits)
 
 
 @torch.library.register_fake("alter_kernels::ihl_forward")
 def _ihl_forward(logits, labels, q, threshold, high_entropy_weight, ignore_index):
-    loss, entropy, weight, lse = (_token_vector(logits) for _ in range(4))
-    return loss, entropy, weight, lse, _token_vector(logits, torch.int32)
+    loss, entropy, weight, row_max, log_sum = (_token_vector(logits) for _ in range(5))
+    return loss, entropy, weight, row_max, log_sum, _token_vector(logits, torch.int32)
 
 
 @torch.library.register_fake("alter_kernels::ihl_backward")
-def _ihl_backward(grad_loss, logits, labels, lse, runner_up, ignore_index):
+def _ihl_backward(grad_loss, logits, labels, row_max, log_sum, runner_up, ignore_index):
     return _grad_like(logits)
 
 

@@ -39,10 +39,10 @@ def check_rows_finite_somewhere(op: str, logits: torch.Tensor) -> None:
         raise ValueError(f"{op}: logits row {tuple(bad)} is all -inf; its distribution is undefined")
 
 
-def check_lse_finite(op: str, lse: torch.Tensor) -> None:
-    """Reject rows whose logits were all -inf, seen by the kernels as lse == -inf.
+def check_row_max_finite(op: str, row_max: torch.Tensor) -> None:
+    """Reject rows whose logits were all -inf, seen by the kernels as a row max of -inf.
 
     Kernel backends check this [T] output instead of scanning the [T, V] logits again."""
-    bad = torch.isneginf(lse)
+    bad = torch.isneginf(row_max)
     if bool(bad.any()):
         raise ValueError(f"{op}: logits row {int(bad.nonzero()[0])} is all -inf; its distribution is undefined")

@@ -12,10 +12,14 @@ Backends (DESIGN.md §1-2):
 - cpp: ``torch.ops.alter_kernels.entropy_forward / entropy_backward``.
 
 Every backend also offers the split the autograd Functions use,
-``forward(logits [T, V], q) -> (entropy [T], lse [T])`` and
-``backward(grad_entropy [T], logits, entropy, lse, q) -> grad_logits [T, V]``:
-the forward saves only two numbers per row, and the backward rebuilds
-``p = exp(z - lse)`` and ``P_q = Σ p^q = 1 - (q - 1)·S``.
+``forward(logits [T, V], q) -> (entropy [T], row_max [T], log_sum [T], power_sum [T])`` and
+``backward(grad_entropy [T], logits, entropy, row_max, log_sum, power_sum, q) -> grad_logits [T, V]``:
+the forward saves per row the max ``m``, ``log s = log Σ e^{z - m}`` and
+``P_q = Σ p^q`` (1 for Shannon), and the backward rebuilds ``p = exp((z - m) - log s)``.
+What is saved is what keeps the gradient exact in float32: ``z - m`` is exact, while one
+saved ``lse = m + log s`` would be rounded at the logits' magnitude (at |z| ~ 1e4 a
+relative error ~1e-3 in every p); ``P_q`` rebuilt as ``1 - (q - 1)·S`` from the float32
+entropy would lose ``(q - 1)·ulp(S)/P_q`` (1e-4 for near-uniform rows of 32k words at q = 2).
 
 Entropy is float32 (float64 for float64 logits; triton and cpp then still accumulate in
 float32, the eager path in float64).
@@ -30,7 +34,7 @@ from alter_kernels._dispatch import KernelPair, device_guard, resolve_backend
 from alter_kernels._triton import tl, triton
 from alter_kernels._validation import (
     FLOAT_DTYPES,
-    check_lse_finite,
+    check_row_max_finite,
     check_rows_finite_somewhere,
     check_same_device,
     check_tensor,
@@ -94,22 +98,33 @@ def tsallis_entropy_eager(logits: torch.Tensor, q: float) -> torch.Tensor:
     return (1.0 - (q * log_p).exp().sum(-1)) / (q - 1.0)
 
 
+def row_max_and_log_sum(z: torch.Tensor):
+    """(m, log Σ e^{z - m}) per row of [T, V] logits (m = -inf for rows of all -inf)."""
+    row_max = z.amax(dim=-1)
+    shift = torch.where(row_max == float("-inf"), 0.0, row_max)  # -inf - (-inf) would be nan
+    return row_max, torch.log(torch.exp(z - shift[:, None]).sum(-1))
+
+
 def _entropy_forward_eager(logits: torch.Tensor, q: float):
-    """Eager version of the kernel forward: (entropy [T], lse [T])."""
+    """Eager version of the kernel forward: (entropy, row_max, log_sum, power_sum), each [T]."""
     z = logits.to(result_dtype(logits.dtype))
-    return tsallis_entropy_eager(z, q), torch.logsumexp(z, dim=-1)
+    row_max, log_sum = row_max_and_log_sum(z)
+    if is_shannon(q):
+        power_sum = torch.ones_like(log_sum)
+    else:
+        power_sum = torch.exp(q * ((z - row_max[:, None]) - log_sum[:, None])).sum(-1)
+    return tsallis_entropy_eager(z, q), row_max, log_sum, power_sum
 
 
-def _entropy_backward_eager(grad_entropy, logits, entropy, lse, q):
+def _entropy_backward_eager(grad_entropy, logits, entropy, row_max, log_sum, power_sum, q):
     """Eager version of the kernel backward, from the closed forms of DESIGN.md §1:
-    dS/dz_j = -q/(q-1)·(p_j^q - p_j·P_q) with P_q = 1 - (q-1)·S, dH/dz_j = -p_j(log p_j + H)."""
+    dS/dz_j = -q/(q-1)·(p_j^q - p_j·P_q), dH/dz_j = -p_j(log p_j + H)."""
     z = logits.to(result_dtype(logits.dtype))
-    log_p = z - lse[:, None]
+    log_p = (z - row_max[:, None]) - log_sum[:, None]
     p = log_p.exp()
     if is_shannon(q):
         grad = -p * (log_p.masked_fill(z == float("-inf"), 0.0) + entropy[:, None])
     else:
-        power_sum = 1.0 - (q - 1.0) * entropy
         grad = -q / (q - 1.0) * ((q * log_p).exp() - p * power_sum[:, None])
     return (grad_entropy[:, None] * grad).to(logits.dtype)
 
@@ -140,19 +155,20 @@ if triton is not None:
         return m_new, s, acc
 
     @triton.jit
-    def entropy_from_stats(m, s, acc, q, SHANNON: tl.constexpr):
-        """(entropy, lse) of a row from its final online stats."""
+    def entropy_from_stats(s, acc, q, SHANNON: tl.constexpr):
+        """(entropy, log s, P_q = Σ p^q (1 for Shannon)) of a row from its final online stats."""
         log_s = tl.log(s)
         if SHANNON:
             entropy = log_s - acc / s
+            power_sum = 1.0
         else:
-            # P_q = u / s^q
-            entropy = (1.0 - acc * tl.exp(-q * log_s)) / (q - 1.0)
-        return entropy, m + log_s
+            power_sum = acc * tl.exp(-q * log_s)  # u / s^q
+            entropy = (1.0 - power_sum) / (q - 1.0)
+        return entropy, log_s, power_sum
 
     @triton.jit
     def _entropy_forward_kernel(
-        logits_ptr, logits_row_stride, entropy_ptr, lse_ptr, V, q,
+        logits_ptr, logits_row_stride, entropy_ptr, row_max_ptr, log_sum_ptr, power_sum_ptr, V, q,
         SHANNON: tl.constexpr, BLOCK_V: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
@@ -165,13 +181,15 @@ if triton is not None:
             cols = start + offsets
             z = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
             m, s, acc = online_entropy_update(z, m, s, acc, q, SHANNON)
-        entropy, lse = entropy_from_stats(m, s, acc, q, SHANNON)
+        entropy, log_s, power_sum = entropy_from_stats(s, acc, q, SHANNON)
         tl.store(entropy_ptr + row, entropy)
-        tl.store(lse_ptr + row, lse)
+        tl.store(row_max_ptr + row, m)
+        tl.store(log_sum_ptr + row, log_s)
+        tl.store(power_sum_ptr + row, power_sum)
 
     @triton.jit
     def _entropy_backward_kernel(
-        grad_entropy_ptr, logits_ptr, logits_row_stride, entropy_ptr, lse_ptr,
+        grad_entropy_ptr, logits_ptr, logits_row_stride, entropy_ptr, row_max_ptr, log_sum_ptr, power_sum_ptr,
         grad_logits_ptr, grad_row_stride, V, q,
         SHANNON: tl.constexpr, BLOCK_V: tl.constexpr,
     ):
@@ -180,13 +198,15 @@ if triton is not None:
         grad_row_ptr = grad_logits_ptr + row * grad_row_stride
         grad = tl.load(grad_entropy_ptr + row)
         entropy = tl.load(entropy_ptr + row)
-        lse = tl.load(lse_ptr + row)
-        power_sum = 1.0 - (q - 1.0) * entropy
+        m = tl.load(row_max_ptr + row)
+        log_s = tl.load(log_sum_ptr + row)
+        power_sum = tl.load(power_sum_ptr + row)
         offsets = tl.arange(0, BLOCK_V)
         for start in range(0, V, BLOCK_V):
             cols = start + offsets
             mask = cols < V
-            log_p = tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32) - lse
+            # (z - m) - log s, not z - (m + log s): z - m is exact, m + log s is not
+            log_p = (tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32) - m) - log_s
             p = tl.exp(log_p)
             if SHANNON:
                 # p == 0 (masked logit) contributes 0; 0 * log 0 would be nan.
@@ -204,23 +224,24 @@ def row_kernel_config(V: int) -> dict:
 
 def _entropy_forward_triton(logits: torch.Tensor, q: float):
     T, V = logits.shape
-    entropy = torch.empty(T, dtype=torch.float32, device=logits.device)
-    lse = torch.empty(T, dtype=torch.float32, device=logits.device)
+    entropy, row_max, log_sum, power_sum = (torch.empty(T, dtype=torch.float32, device=logits.device) for _ in range(4))
     if T:
         with device_guard(logits.device):
             _entropy_forward_kernel[(T,)](
-                logits, logits.stride(0), entropy, lse, V, q, SHANNON=is_shannon(q), **row_kernel_config(V)
+                logits, logits.stride(0), entropy, row_max, log_sum, power_sum, V, q,
+                SHANNON=is_shannon(q), **row_kernel_config(V),
             )
-    return entropy, lse
+    return entropy, row_max, log_sum, power_sum
 
 
-def _entropy_backward_triton(grad_entropy, logits, entropy, lse, q):
+def _entropy_backward_triton(grad_entropy, logits, entropy, row_max, log_sum, power_sum, q):
     T, V = logits.shape
     grad_logits = torch.empty((T, V), dtype=logits.dtype, device=logits.device)
     if T:
         with device_guard(logits.device):
             _entropy_backward_kernel[(T,)](
-                grad_entropy, logits, logits.stride(0), entropy, lse, grad_logits, grad_logits.stride(0), V, q,
+                grad_entropy, logits, logits.stride(0), entropy, row_max, log_sum, power_sum,
+                grad_logits, grad_logits.stride(0), V, q,
                 SHANNON=is_shannon(q), **row_kernel_config(V),
             )
     return grad_logits
@@ -233,8 +254,8 @@ def _entropy_forward_cpp(logits: torch.Tensor, q: float):
     return torch.ops.alter_kernels.entropy_forward(logits, q)
 
 
-def _entropy_backward_cpp(grad_entropy, logits, entropy, lse, q):
-    return torch.ops.alter_kernels.entropy_backward(grad_entropy, logits, entropy, lse, q)
+def _entropy_backward_cpp(grad_entropy, logits, entropy, row_max, log_sum, power_sum, q):
+    return torch.ops.alter_kernels.entropy_backward(grad_entropy, logits, entropy, row_max, log_sum, power_sum, q)
 
 
 # --------------------------------------------------------------------------- autograd
@@ -253,18 +274,18 @@ class TsallisEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, q, kernels: KernelPair):
-        entropy, lse = kernels.forward(logits, q)
-        check_lse_finite("tsallis_entropy", lse)
-        ctx.save_for_backward(logits, entropy, lse)
+        entropy, *row_stats = kernels.forward(logits, q)  # row_max, log_sum, power_sum
+        check_row_max_finite("tsallis_entropy", row_stats[0])
+        ctx.save_for_backward(logits, entropy, *row_stats)
         ctx.q, ctx.kernels = q, kernels
         return entropy
 
     @staticmethod
     def backward(ctx, grad_entropy):
-        logits, entropy, lse = ctx.saved_tensors
+        logits, entropy, *row_stats = ctx.saved_tensors
         # The incoming gradient may be an expanded view (stride 0), e.g. from .sum().
         grad_entropy = grad_entropy.to(entropy.dtype).contiguous()
-        return ctx.kernels.backward(grad_entropy, logits, entropy, lse, ctx.q), None, None
+        return ctx.kernels.backward(grad_entropy, logits, entropy, *row_stats, ctx.q), None, None
 
 
 class FusedLinearEntropyFunction(torch.autograd.Function):
@@ -281,15 +302,14 @@ class FusedLinearEntropyFunction(torch.autograd.Function):
             kernels.forward(hidden[start : start + chunk_size] @ weight.T, q)
             for start in range(0, max(hidden.shape[0], 1), chunk_size)
         ]
-        entropy = torch.cat([chunk_entropy for chunk_entropy, _ in per_chunk])
-        lse = torch.cat([chunk_lse for _, chunk_lse in per_chunk])
-        ctx.save_for_backward(hidden, weight, entropy, lse)
+        entropy, *row_stats = (torch.cat(stats) for stats in zip(*per_chunk))
+        ctx.save_for_backward(hidden, weight, entropy, *row_stats)
         ctx.q, ctx.chunk_size, ctx.kernels = q, chunk_size, kernels
         return entropy
 
     @staticmethod
     def backward(ctx, grad_entropy):
-        hidden, weight, entropy, lse = ctx.saved_tensors
+        hidden, weight, entropy, *row_stats = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[:2]
         grad_entropy = grad_entropy.to(entropy.dtype).contiguous()
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
@@ -300,7 +320,7 @@ class FusedLinearEntropyFunction(torch.autograd.Function):
             chunk = slice(start, start + step)
             hidden_chunk = hidden[chunk]
             grad_logits = ctx.kernels.backward(
-                grad_entropy[chunk], hidden_chunk @ weight.T, entropy[chunk], lse[chunk], ctx.q
+                grad_entropy[chunk], hidden_chunk @ weight.T, entropy[chunk], *(stat[chunk] for stat in row_stats), ctx.q
             )
             if need_hidden:
                 grad_hidden[chunk] = grad_logits @ weight

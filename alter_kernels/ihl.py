@@ -8,12 +8,16 @@ Backends: eager (reference, plain PyTorch autograd), triton, cpp. The kernel bac
 share one split the autograd Function uses:
 
 - ``forward(logits, labels, q, threshold, high_entropy_weight, ignore_index)``
-  -> ``(loss [T] unweighted, entropy [T], weight [T], lse [T], runner_up [T] int32)``,
+  -> ``(loss [T] unweighted, entropy [T], weight [T], row_max [T], log_sum [T], runner_up [T] int32)``,
   one read of the logits; ``runner_up`` is v* = argmax_{v≠y} z_v, saved so that the
   backward needs no search (-1 for ignored tokens and when every other logit is -inf);
-- ``backward(grad_loss, logits, labels, lse, runner_up, ignore_index) -> grad_logits``,
+- ``backward(grad_loss, logits, labels, row_max, log_sum, runner_up, ignore_index) -> grad_logits``,
   one read and one write of the logits, with ``grad_loss`` already holding the token
   weights and the mean's 1/Σw.
+
+Probabilities are ``p = exp((z - m) - log s)`` with the row max ``m`` and
+``log s = log Σ e^{z - m}`` kept apart (see ``alter_kernels.entropy``): exact for logits of
+any magnitude, so ties stay ties.
 
 Ties for v* go to the lowest index on every backend.
 """
@@ -25,7 +29,7 @@ import torch
 
 from alter_kernels._dispatch import KernelPair, device_guard, resolve_backend
 from alter_kernels._triton import tl, triton
-from alter_kernels._validation import check_lse_finite, check_rows_finite_somewhere, check_same_device, check_tensor
+from alter_kernels._validation import check_row_max_finite, check_rows_finite_somewhere, check_same_device, check_tensor
 from alter_kernels.entropy import (
     check_logits,
     check_q,
@@ -84,7 +88,7 @@ if triton is not None:
     @triton.jit
     def _ihl_forward_kernel(
         logits_ptr, logits_row_stride, labels_ptr,
-        loss_ptr, entropy_ptr, weight_ptr, lse_ptr, runner_up_ptr,
+        loss_ptr, entropy_ptr, weight_ptr, row_max_ptr, log_sum_ptr, runner_up_ptr,
         V, q, threshold, high_entropy_weight, ignore_index,
         SHANNON: tl.constexpr, BLOCK_V: tl.constexpr,
     ):
@@ -107,20 +111,22 @@ if triton is not None:
             better = block_best > best
             best_col = tl.where(better, start + block_col, best_col)
             best = tl.where(better, block_best, best)
-        entropy, lse = entropy_from_stats(m, s, acc, q, SHANNON)
-        # exp(z - m)/s, not exp(z - lse): lse = m + log s is rounded at the logits' magnitude.
-        p_target = tl.exp(tl.load(row_ptr + tl.where(ignored, 0, label)).to(tl.float32) - m) / s
-        p_runner_up = tl.exp(best - m) / s
+        entropy, log_s, _ = entropy_from_stats(s, acc, q, SHANNON)
+        # exp((z - m) - log s) as in the backward, not exp(z - lse): lse = m + log s is
+        # rounded at the logits' magnitude.
+        p_target = tl.exp((tl.load(row_ptr + tl.where(ignored, 0, label)).to(tl.float32) - m) - log_s)
+        p_runner_up = tl.exp((best - m) - log_s)
         weight = tl.where(entropy <= threshold, 1.0, high_entropy_weight)
         tl.store(loss_ptr + row, tl.where(ignored, 0.0, 1.0 + p_target - p_runner_up))
         tl.store(entropy_ptr + row, entropy)
         tl.store(weight_ptr + row, tl.where(ignored, 0.0, weight))
-        tl.store(lse_ptr + row, lse)
+        tl.store(row_max_ptr + row, m)
+        tl.store(log_sum_ptr + row, log_s)
         tl.store(runner_up_ptr + row, tl.where(ignored, -1, best_col))
 
     @triton.jit
     def _ihl_backward_kernel(
-        grad_loss_ptr, logits_ptr, logits_row_stride, labels_ptr, lse_ptr, runner_up_ptr,
+        grad_loss_ptr, logits_ptr, logits_row_stride, labels_ptr, row_max_ptr, log_sum_ptr, runner_up_ptr,
         grad_logits_ptr, grad_row_stride, V, ignore_index,
         BLOCK_V: tl.constexpr,
     ):
@@ -130,17 +136,19 @@ if triton is not None:
         label = tl.load(labels_ptr + row)
         ignored = label == ignore_index
         runner_up = tl.load(runner_up_ptr + row)
-        lse = tl.load(lse_ptr + row)
+        m = tl.load(row_max_ptr + row)
+        log_s = tl.load(log_sum_ptr + row)
         grad = tl.where(ignored, 0.0, tl.load(grad_loss_ptr + row))
-        p_target = tl.exp(tl.load(row_ptr + tl.where(ignored, 0, label)).to(tl.float32) - lse)
+        # p = exp((z - m) - log s): z - m is exact (see the module docstring)
+        p_target = tl.exp((tl.load(row_ptr + tl.where(ignored, 0, label)).to(tl.float32) - m) - log_s)
         p_runner_up = tl.where(
-            runner_up >= 0, tl.exp(tl.load(row_ptr + tl.maximum(runner_up, 0)).to(tl.float32) - lse), 0.0
+            runner_up >= 0, tl.exp((tl.load(row_ptr + tl.maximum(runner_up, 0)).to(tl.float32) - m) - log_s), 0.0
         )
         offsets = tl.arange(0, BLOCK_V)
         for start in range(0, V, BLOCK_V):
             cols = start + offsets
             mask = cols < V
-            p = tl.exp(tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32) - lse)
+            p = tl.exp((tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32) - m) - log_s)
             # dL/dz_j = p_y(δ_jy - p_j) - p_v*(δ_jv* - p_j)
             d = (p_runner_up - p_target) * p
             d += tl.where(cols == label, p_target, 0.0) - tl.where(cols == runner_up, p_runner_up, 0.0)
@@ -149,25 +157,25 @@ if triton is not None:
 
 def _ihl_forward_triton(logits, labels, q, threshold, high_entropy_weight, ignore_index):
     T, V = logits.shape
-    loss, entropy, weight, lse = (torch.empty(T, dtype=torch.float32, device=logits.device) for _ in range(4))
+    loss, entropy, weight, row_max, log_sum = (torch.empty(T, dtype=torch.float32, device=logits.device) for _ in range(5))
     runner_up = torch.empty(T, dtype=torch.int32, device=logits.device)
     if T:
         with device_guard(logits.device):
             _ihl_forward_kernel[(T,)](
-                logits, logits.stride(0), labels, loss, entropy, weight, lse, runner_up,
+                logits, logits.stride(0), labels, loss, entropy, weight, row_max, log_sum, runner_up,
                 V, q, threshold, high_entropy_weight, ignore_index,
                 SHANNON=is_shannon(q), **row_kernel_config(V),
             )
-    return loss, entropy, weight, lse, runner_up
+    return loss, entropy, weight, row_max, log_sum, runner_up
 
 
-def _ihl_backward_triton(grad_loss, logits, labels, lse, runner_up, ignore_index):
+def _ihl_backward_triton(grad_loss, logits, labels, row_max, log_sum, runner_up, ignore_index):
     T, V = logits.shape
     grad_logits = torch.empty((T, V), dtype=logits.dtype, device=logits.device)
     if T:
         with device_guard(logits.device):
             _ihl_backward_kernel[(T,)](
-                grad_loss, logits, logits.stride(0), labels, lse, runner_up, grad_logits, grad_logits.stride(0),
+                grad_loss, logits, logits.stride(0), labels, row_max, log_sum, runner_up, grad_logits, grad_logits.stride(0),
                 V, ignore_index, **row_kernel_config(V),
             )
     return grad_logits
@@ -180,8 +188,8 @@ def _ihl_forward_cpp(logits, labels, q, threshold, high_entropy_weight, ignore_i
     return torch.ops.alter_kernels.ihl_forward(logits, labels, q, threshold, high_entropy_weight, ignore_index)
 
 
-def _ihl_backward_cpp(grad_loss, logits, labels, lse, runner_up, ignore_index):
-    return torch.ops.alter_kernels.ihl_backward(grad_loss, logits, labels, lse, runner_up, ignore_index)
+def _ihl_backward_cpp(grad_loss, logits, labels, row_max, log_sum, runner_up, ignore_index):
+    return torch.ops.alter_kernels.ihl_backward(grad_loss, logits, labels, row_max, log_sum, runner_up, ignore_index)
 
 
 # --------------------------------------------------------------------------- autograd
@@ -199,20 +207,20 @@ class InvertedHingeLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, q, threshold, high_entropy_weight, ignore_index, kernels: KernelPair):
-        loss, entropy, weight, lse, runner_up = kernels.forward(
+        loss, entropy, weight, row_max, log_sum, runner_up = kernels.forward(
             logits, labels, q, threshold, high_entropy_weight, ignore_index
         )
-        check_lse_finite("inverted_hinge_loss", lse)
-        ctx.save_for_backward(logits, labels, lse, runner_up)
+        check_row_max_finite("inverted_hinge_loss", row_max)
+        ctx.save_for_backward(logits, labels, row_max, log_sum, runner_up)
         ctx.ignore_index, ctx.kernels = ignore_index, kernels
         ctx.mark_non_differentiable(entropy, weight)
         return loss, entropy, weight
 
     @staticmethod
     def backward(ctx, grad_loss, grad_entropy, grad_weight):
-        logits, labels, lse, runner_up = ctx.saved_tensors
-        grad_loss = grad_loss.to(lse.dtype).contiguous()
-        grad_logits = ctx.kernels.backward(grad_loss, logits, labels, lse, runner_up, ctx.ignore_index)
+        logits, labels, row_max, log_sum, runner_up = ctx.saved_tensors
+        grad_loss = grad_loss.to(log_sum.dtype).contiguous()
+        grad_logits = ctx.kernels.backward(grad_loss, logits, labels, row_max, log_sum, runner_up, ctx.ignore_index)
         return grad_logits, None, None, None, None, None, None
 
 

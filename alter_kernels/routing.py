@@ -9,6 +9,9 @@ keeps its top ``k_high`` experts at temperature ``tau_high``, else its top ``k_l
 ``tau_low``. Kept experts are ordered by descending logit (ties: lower index first) and
 weighted by the softmax of ``logit / tau`` over the kept ones. A ``-inf`` router logit
 marks an expert as unavailable: it is never kept (its slot stays weight 0, expert -1).
+NaN and ``+inf`` router logits are a ValueError; callers that skip that check (it costs a
+host sync on a GPU) get the same answer from every backend: NaN ranks as ``+inf`` and the
+row's weights are all NaN, so the NaN reaches the layer output instead of vanishing.
 """
 from __future__ import annotations
 
@@ -40,6 +43,8 @@ def route_eager(router_logits, entropy, threshold, tau_high, tau_low, k_high, k_
     fp32 (fp64 for fp64 logits) and experts [T, K] int32, K = max(k_high, k_low).
     """
     logits = router_logits.to(_route_compute_dtype(router_logits.dtype))
+    # NaN ranks as +inf (as in the triton kernel); the shift by +inf below makes the row NaN.
+    logits = torch.where(torch.isnan(logits), float("inf"), logits)
     num_slots = max(k_high, k_low)
     high = entropy.float() > threshold
     tau = torch.tensor([tau_low, tau_high], dtype=logits.dtype, device=logits.device)[high.long()]  # [T]
@@ -57,8 +62,10 @@ def route_eager(router_logits, entropy, threshold, tau_high, tau_low, k_high, k_
     shift = top_logits[:, :1].detach()
     scaled = torch.where(kept, (top_logits - shift) / tau[:, None], float("-inf"))
     exp = torch.exp(scaled)  # 0 in slots not kept
-    # A row with no kept slot (all logits -inf) gets all-zero weights instead of 0/0.
-    weights = exp / exp.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(exp.dtype).tiny)
+    # A row with no kept slot (all logits -inf) gets all-zero weights instead of 0/0; a NaN
+    # sum (a +inf logit) stays NaN.
+    denom = exp.sum(dim=-1, keepdim=True)
+    weights = exp / torch.where(denom == 0, 1.0, denom)
     experts = torch.where(kept, top_experts, -1).to(torch.int32)
     return weights, experts
 
@@ -93,6 +100,7 @@ if triton is not None:
             mask=row_ok[:, None] & (cols[None, :] < num_experts),
             other=float("-inf"),
         ).to(tl.float32)
+        x = tl.where(x != x, float("inf"), x)  # NaN ranks as +inf, as on the eager path
         high, inv_tau = _token_inverse_tau(
             entropy_ptr, rows64, row_ok, stride_entropy, threshold, inv_tau_high, inv_tau_low
         )
@@ -115,7 +123,8 @@ if triton is not None:
         shift = tl.where(row_max > float("-inf"), row_max, 0.0)
         exp = tl.exp2((top - shift[:, None]) * (inv_tau * 1.4426950408889634)[:, None])
         denom = tl.sum(exp, axis=1)
-        weights = exp / tl.where(denom > 0.0, denom, 1.0)[:, None]
+        # no kept slot: all-zero weights; a NaN sum (a +inf logit) keeps the row NaN
+        weights = exp / tl.where(denom == 0.0, 1.0, denom)[:, None]
 
         out = rows64[:, None] * NUM_SLOTS + slots[None, :]
         out_mask = row_ok[:, None] & (slots[None, :] < NUM_SLOTS)
@@ -230,7 +239,18 @@ def _check_int(op: str, name: str, value, *, low: int, high: int | None = None) 
     return value
 
 
-def route(router_logits, entropy, threshold, tau_high, tau_low, k_high, k_low, backend=None):
+def check_router_logits_finite(op: str, router_logits: torch.Tensor) -> None:
+    """Raise ValueError at the first NaN or +inf router logit (one host sync on a GPU)."""
+    bad = torch.isnan(router_logits) | torch.isposinf(router_logits)
+    if bool(bad.any()):
+        t, e = bad.nonzero()[0].tolist()
+        raise ValueError(
+            f"{op}: router_logits[{t}, {e}] = {float(router_logits[t, e])}; router logits must be "
+            "finite or -inf (-inf marks an unavailable expert)"
+        )
+
+
+def route(router_logits, entropy, threshold, tau_high, tau_low, k_high, k_low, backend=None, check_finite=True):
     """Entropy-gated top-k routing (DESIGN.md §1, eq. 7 and 9 of the paper).
 
     Args:
@@ -240,6 +260,9 @@ def route(router_logits, entropy, threshold, tau_high, tau_low, k_high, k_low, b
         tau_high, tau_low: softmax temperatures (> 0) of high- and low-entropy tokens.
         k_high, k_low: experts kept by high- and low-entropy tokens, 1 <= k_low <= k_high <= N.
         backend: "eager" | "triton" | None (see ``_dispatch``); triton needs N <= 64.
+        check_finite: raise ValueError if a router logit is NaN or +inf (one host sync on
+            a GPU). With False (``AsymLoRALinear``'s sync-free forward) every backend still
+            answers alike: NaN ranks as +inf and such a row gets NaN in every weight.
 
     Returns:
         weights [T, K] float32 and experts [T, K] int32, K = max(k_high, k_low): the kept
@@ -263,6 +286,8 @@ def route(router_logits, entropy, threshold, tau_high, tau_low, k_high, k_low, b
     tau_low = _check_real(op, "tau_low", tau_low, positive=True)
     k_high = _check_int(op, "k_high", k_high, low=1, high=min(num_experts, MAX_EXPERTS_PER_TOKEN))
     k_low = _check_int(op, "k_low", k_low, low=1, high=k_high)
+    if check_finite:
+        check_router_logits_finite(op, router_logits)
 
     name = resolve_backend(op, backend, device, implemented=("eager", "triton"))
     if name == "triton" and num_experts > MAX_TRITON_EXPERTS:
@@ -280,6 +305,20 @@ def route(router_logits, entropy, threshold, tau_high, tau_low, k_high, k_low, b
 
 # ------------------------------------------------------------------------- moe_align
 
+INT32_MAX = 2**31 - 1
+
+
+def moe_align_capacity(numel: int, num_experts: int, block_m: int) -> int:
+    """Blocks of ``sorted_ids`` in the worst case, ceil((T·K + N·(block_m − 1)) / block_m).
+
+    Raises ValueError, with the compiled kernels' message, when the padded length does not
+    fit the int32 outputs (checked before anything is allocated)."""
+    max_padded = numel + num_experts * (block_m - 1)
+    max_blocks = -(-max_padded // block_m)
+    if max_blocks * block_m > INT32_MAX:
+        raise ValueError(f"moe_align: T*K + num_experts*(block_m - 1) = {max_padded} does not fit in int32")
+    return max_blocks
+
 
 def moe_align_eager(experts: torch.Tensor, num_experts: int, block_m: int):
     """Eager reference of :func:`moe_align`.
@@ -295,10 +334,9 @@ def moe_align_eager(experts: torch.Tensor, num_experts: int, block_m: int):
     Slots with expert −1 are left out.
     """
     numel = experts.numel()
+    max_blocks = moe_align_capacity(numel, num_experts, block_m)
     device = experts.device
     flat = experts.reshape(-1).long()
-    max_padded = numel + num_experts * (block_m - 1)
-    max_blocks = -(-max_padded // block_m)
     sorted_ids = torch.full((max_blocks * block_m,), numel, dtype=torch.int32, device=device)
     block_expert = torch.full((max_blocks,), -1, dtype=torch.int32, device=device)
 

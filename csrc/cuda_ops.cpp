@@ -33,69 +33,76 @@ alter_dtype cuda_logits(const char* op, const Tensor& logits) {
 
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
-std::tuple<Tensor, Tensor> entropy_forward(const Tensor& logits, double q) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> entropy_forward(const Tensor& logits, double q) {
   const char* op = "entropy_forward";
   const alter_dtype dtype = cuda_logits(op, logits);
   check_q(op, q);
   const c10::cuda::CUDAGuard guard(logits.device());
-  Tensor entropy = token_output(logits), lse = token_output(logits);
+  Tensor entropy = token_output(logits), row_max = token_output(logits), log_sum = token_output(logits),
+         power_sum = token_output(logits);
   check_launch(op, alter_entropy_forward_cuda(logits.const_data_ptr(), dtype, logits.size(0), logits.size(1),
                                               logits.stride(0), q, entropy.mutable_data_ptr<float>(),
-                                              lse.mutable_data_ptr<float>(), current_stream()));
-  return {entropy, lse};
+                                              row_max.mutable_data_ptr<float>(), log_sum.mutable_data_ptr<float>(),
+                                              power_sum.mutable_data_ptr<float>(), current_stream()));
+  return {entropy, row_max, log_sum, power_sum};
 }
 
-Tensor entropy_backward(const Tensor& grad_entropy, const Tensor& logits, const Tensor& entropy, const Tensor& lse,
-                        double q) {
+Tensor entropy_backward(const Tensor& grad_entropy, const Tensor& logits, const Tensor& entropy,
+                        const Tensor& row_max, const Tensor& log_sum, const Tensor& power_sum, double q) {
   const char* op = "entropy_backward";
   const alter_dtype dtype = cuda_logits(op, logits);
   check_q(op, q);
   const Tensor grad_c = token_vector(op, "grad_entropy", grad_entropy, logits);
   const Tensor entropy_c = token_vector(op, "entropy", entropy, logits);
-  const Tensor lse_c = token_vector(op, "lse", lse, logits);
+  const Tensor max_c = token_vector(op, "row_max", row_max, logits);
+  const Tensor log_sum_c = token_vector(op, "log_sum", log_sum, logits);
+  const Tensor power_sum_c = token_vector(op, "power_sum", power_sum, logits);
   const c10::cuda::CUDAGuard guard(logits.device());
   Tensor grad_logits = logits_grad_output(logits);
   check_launch(op, alter_entropy_backward_cuda(grad_c.const_data_ptr<float>(), logits.const_data_ptr(), dtype,
                                                logits.size(0), logits.size(1), logits.stride(0),
-                                               entropy_c.const_data_ptr<float>(), lse_c.const_data_ptr<float>(), q,
-                                               grad_logits.mutable_data_ptr(), current_stream()));
+                                               entropy_c.const_data_ptr<float>(), max_c.const_data_ptr<float>(),
+                                               log_sum_c.const_data_ptr<float>(), power_sum_c.const_data_ptr<float>(),
+                                               q, grad_logits.mutable_data_ptr(), current_stream()));
   return grad_logits;
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ihl_forward(const Tensor& logits, const Tensor& labels, double q,
-                                                               double threshold, double high_entropy_weight,
-                                                               int64_t ignore_index) {
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ihl_forward(const Tensor& logits, const Tensor& labels,
+                                                                       double q, double threshold,
+                                                                       double high_entropy_weight,
+                                                                       int64_t ignore_index) {
   const char* op = "ihl_forward";
   const alter_dtype dtype = cuda_logits(op, logits);
   check_q(op, q);
   const Tensor labels_c = label_vector(op, labels, logits);
   const c10::cuda::CUDAGuard guard(logits.device());
   Tensor loss = token_output(logits), entropy = token_output(logits), weight = token_output(logits),
-         lse = token_output(logits), runner_up = token_output(logits, at::kInt);
+         row_max = token_output(logits), log_sum = token_output(logits), runner_up = token_output(logits, at::kInt);
   check_launch(op, alter_ihl_forward_cuda(logits.const_data_ptr(), dtype, logits.size(0), logits.size(1),
                                           logits.stride(0), labels_c.const_data_ptr<int64_t>(), q, threshold,
                                           high_entropy_weight, ignore_index, loss.mutable_data_ptr<float>(),
                                           entropy.mutable_data_ptr<float>(), weight.mutable_data_ptr<float>(),
-                                          lse.mutable_data_ptr<float>(), runner_up.mutable_data_ptr<int32_t>(),
-                                          current_stream()));
-  return {loss, entropy, weight, lse, runner_up};
+                                          row_max.mutable_data_ptr<float>(), log_sum.mutable_data_ptr<float>(),
+                                          runner_up.mutable_data_ptr<int32_t>(), current_stream()));
+  return {loss, entropy, weight, row_max, log_sum, runner_up};
 }
 
-Tensor ihl_backward(const Tensor& grad_loss, const Tensor& logits, const Tensor& labels, const Tensor& lse,
-                    const Tensor& runner_up, int64_t ignore_index) {
+Tensor ihl_backward(const Tensor& grad_loss, const Tensor& logits, const Tensor& labels, const Tensor& row_max,
+                    const Tensor& log_sum, const Tensor& runner_up, int64_t ignore_index) {
   const char* op = "ihl_backward";
   const alter_dtype dtype = cuda_logits(op, logits);
   const Tensor grad_c = token_vector(op, "grad_loss", grad_loss, logits);
-  const Tensor lse_c = token_vector(op, "lse", lse, logits);
+  const Tensor max_c = token_vector(op, "row_max", row_max, logits);
+  const Tensor log_sum_c = token_vector(op, "log_sum", log_sum, logits);
   const Tensor labels_c = label_vector(op, labels, logits);
   const Tensor runner_up_c = runner_up_vector(op, runner_up, logits);
   const c10::cuda::CUDAGuard guard(logits.device());
   Tensor grad_logits = logits_grad_output(logits);
   check_launch(op, alter_ihl_backward_cuda(grad_c.const_data_ptr<float>(), logits.const_data_ptr(), dtype,
                                            logits.size(0), logits.size(1), logits.stride(0),
-                                           labels_c.const_data_ptr<int64_t>(), lse_c.const_data_ptr<float>(),
-                                           runner_up_c.const_data_ptr<int32_t>(), ignore_index,
-                                           grad_logits.mutable_data_ptr(), current_stream()));
+                                           labels_c.const_data_ptr<int64_t>(), max_c.const_data_ptr<float>(),
+                                           log_sum_c.const_data_ptr<float>(), runner_up_c.const_data_ptr<int32_t>(),
+                                           ignore_index, grad_logits.mutable_data_ptr(), current_stream()));
   return grad_logits;
 }
 

@@ -221,38 +221,43 @@ Tensor checked_runner_up(const char* op, const Tensor& runner_up, const Tensor& 
 // ---------------------------------------------------------------------------------------
 // entropy
 
-std::tuple<Tensor, Tensor> entropy_forward(const Tensor& logits, double q) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> entropy_forward(const Tensor& logits, double q) {
   check_logits("entropy_forward", logits);
   check_q("entropy_forward", q);
   const int64_t V = logits.size(1);
   const bool shannon = use_shannon(q);
-  Tensor entropy = token_output(logits), lse = token_output(logits);
+  Tensor entropy = token_output(logits), row_max = token_output(logits), log_sum = token_output(logits),
+         power_sum = token_output(logits);
   float* entropy_out = entropy.mutable_data_ptr<float>();
-  float* lse_out = lse.mutable_data_ptr<float>();
+  float* max_out = row_max.mutable_data_ptr<float>();
+  float* log_sum_out = log_sum.mutable_data_ptr<float>();
+  float* power_sum_out = power_sum.mutable_data_ptr<float>();
   for_each_row(logits, Tensor(), [&](const auto* row, auto* /*no gradient*/, int64_t t) {
     const Stats st = row_stats(row, V, shannon, q);
     entropy_out[t] = static_cast<float>(st.entropy(shannon, q));
-    lse_out[t] = static_cast<float>(st.lse());
+    max_out[t] = static_cast<float>(st.m);  // a logit as float: exact
+    log_sum_out[t] = static_cast<float>(st.log_sum());
+    power_sum_out[t] = static_cast<float>(st.power_sum(shannon, q));
   });
-  return {entropy, lse};
+  return {entropy, row_max, log_sum, power_sum};
 }
 
-// Tsallis: dS/dz_j = -q/(q-1) (p_j^q - p_j P_q), P_q = 1 - (q-1) S.
-// Shannon: dH/dz_j = -p_j (log p_j + H).  p_j = e^{z_j - lse}; both times grad_entropy.
+// Tsallis: dS/dz_j = -q/(q-1) (p_j^q - p_j P_q), P_q saved by the forward.
+// Shannon: dH/dz_j = -p_j (log p_j + H).  p_j = e^{(z_j - m) - log s}; both times grad_entropy.
 // dz = scale * p (max(d, floor) + offset) (Shannon) or scale * (p^q - p * offset)
-// (Tsallis), with d = z - lse, p = e^d.
-ALTER_SIMD_CLONES void entropy_grad_chunk(const float* z, int64_t n, float lse, float scale, float offset, float q,
-                                          bool shannon, float* dz) {
+// (Tsallis), with d = (z - m) - log s (z - m exact, see softmax_stats.h), p = e^d.
+ALTER_SIMD_CLONES void entropy_grad_chunk(const float* z, int64_t n, float m, float log_s, float scale, float offset,
+                                          float q, bool shannon, float* dz) {
   if (shannon) {
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
-      const float d = z[i] - lse;
+      const float d = (z[i] - m) - log_s;
       dz[i] = scale * exp_nonpositive(d) * (std::max(d, kExpFloor) + offset);
     }
   } else {
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
-      const float d = z[i] - lse;
+      const float d = (z[i] - m) - log_s;
       dz[i] = scale * (exp_nonpositive(q * d) - exp_nonpositive(d) * offset);
     }
   }
@@ -272,17 +277,21 @@ void write_grad_row(const scalar_t* row, int64_t V, scalar_t* out_row, const Fil
   }
 }
 
-Tensor entropy_backward(const Tensor& grad_entropy, const Tensor& logits, const Tensor& entropy, const Tensor& lse,
-                        double q) {
+Tensor entropy_backward(const Tensor& grad_entropy, const Tensor& logits, const Tensor& entropy,
+                        const Tensor& row_max, const Tensor& log_sum, const Tensor& power_sum, double q) {
   const char* op = "entropy_backward";
   check_logits(op, logits);
   check_q(op, q);
   const Tensor grad_c = token_vector(op, "grad_entropy", grad_entropy, logits);
   const Tensor entropy_c = token_vector(op, "entropy", entropy, logits);
-  const Tensor lse_c = token_vector(op, "lse", lse, logits);
+  const Tensor max_c = token_vector(op, "row_max", row_max, logits);
+  const Tensor log_sum_c = token_vector(op, "log_sum", log_sum, logits);
+  const Tensor power_sum_c = token_vector(op, "power_sum", power_sum, logits);
   const float* grad = grad_c.const_data_ptr<float>();
   const float* ent = entropy_c.const_data_ptr<float>();
-  const float* lse_in = lse_c.const_data_ptr<float>();
+  const float* max_in = max_c.const_data_ptr<float>();
+  const float* log_sum_in = log_sum_c.const_data_ptr<float>();
+  const float* power_sum_in = power_sum_c.const_data_ptr<float>();
   const bool shannon = use_shannon(q);
   const float qf = static_cast<float>(q);
   const int64_t V = logits.size(1);
@@ -290,9 +299,9 @@ Tensor entropy_backward(const Tensor& grad_entropy, const Tensor& logits, const 
   for_each_row(logits, grad_logits, [&](const auto* row, auto* grad_row, int64_t t) {
     // Shannon: -g p (d + H); Tsallis: a (p^q - p P_q) with a = -g q/(q-1).
     const float scale = shannon ? -grad[t] : -grad[t] * qf / (qf - 1.0f);
-    const float offset = shannon ? ent[t] : 1.0f - (qf - 1.0f) * ent[t];
+    const float offset = shannon ? ent[t] : power_sum_in[t];
     write_grad_row(row, V, grad_row, [&](const float* z, int64_t n, int64_t, float* dz) {
-      entropy_grad_chunk(z, n, lse_in[t], scale, offset, qf, shannon, dz);
+      entropy_grad_chunk(z, n, max_in[t], log_sum_in[t], scale, offset, qf, shannon, dz);
     });
   });
   return grad_logits;
@@ -301,12 +310,13 @@ Tensor entropy_backward(const Tensor& grad_entropy, const Tensor& logits, const 
 // ---------------------------------------------------------------------------------------
 // inverted hinge loss
 
-// loss = 1 + p_y - max_{v != y} p_v (0 for ignored tokens), entropy and lse of every row,
+// loss = 1 + p_y - max_{v != y} p_v (0 for ignored tokens), entropy, max and log-sum of every row,
 // weight = 0 (ignored) | 1 (entropy <= threshold) | high_entropy_weight, and the runner-up
 // v* (int32, -1 for ignored tokens and when there is none) for the backward; all in one read.
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ihl_forward(const Tensor& logits, const Tensor& labels, double q,
-                                                               double threshold, double high_entropy_weight,
-                                                               int64_t ignore_index) {
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ihl_forward(const Tensor& logits, const Tensor& labels,
+                                                                       double q, double threshold,
+                                                                       double high_entropy_weight,
+                                                                       int64_t ignore_index) {
   const char* op = "ihl_forward";
   check_logits(op, logits);
   check_q(op, q);
@@ -315,51 +325,55 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ihl_forward(const Tensor& log
   const int64_t* y = labels_c.const_data_ptr<int64_t>();
   const bool shannon = use_shannon(q);
   Tensor loss = token_output(logits), entropy = token_output(logits), weight = token_output(logits),
-         lse = token_output(logits), runner_up = token_output(logits, at::kInt);
+         row_max = token_output(logits), log_sum = token_output(logits), runner_up = token_output(logits, at::kInt);
   float* loss_out = loss.mutable_data_ptr<float>();
   float* entropy_out = entropy.mutable_data_ptr<float>();
   float* weight_out = weight.mutable_data_ptr<float>();
-  float* lse_out = lse.mutable_data_ptr<float>();
+  float* max_out = row_max.mutable_data_ptr<float>();
+  float* log_sum_out = log_sum.mutable_data_ptr<float>();
   int32_t* runner_up_out = runner_up.mutable_data_ptr<int32_t>();
   for_each_row(logits, Tensor(), [&](const auto* row, auto* /*no gradient*/, int64_t t) {
     const bool ignored = y[t] == ignore_index;
     RunnerUp other{y[t]};
     const Stats st = row_stats(row, V, shannon, q, ignored ? nullptr : &other);
-    const double ent = st.entropy(shannon, q), row_lse = st.lse();
+    const double ent = st.entropy(shannon, q);
     entropy_out[t] = static_cast<float>(ent);
-    lse_out[t] = static_cast<float>(row_lse);
+    max_out[t] = static_cast<float>(st.m);  // a logit as float: exact
+    log_sum_out[t] = static_cast<float>(st.log_sum());
     runner_up_out[t] = static_cast<int32_t>(other.index);  // V < 2^31
     if (ignored) {
       loss_out[t] = 0.0f;
       weight_out[t] = 0.0f;
     } else {
-      const double p_y = std::exp(static_cast<float>(row[y[t]]) - row_lse);
-      const double p_other = std::exp(other.value - row_lse);  // 0 when there is no v*
+      const double p_y = st.prob(static_cast<float>(row[y[t]]));
+      const double p_other = st.prob(other.value);  // 0 when there is no v*
       loss_out[t] = static_cast<float>(1.0 + p_y - p_other);
       weight_out[t] = ent > threshold ? static_cast<float>(high_entropy_weight) : 1.0f;
     }
   });
-  return {loss, entropy, weight, lse, runner_up};
+  return {loss, entropy, weight, row_max, log_sum, runner_up};
 }
 
 // dL/dz_j = g (p_y (δ_jy - p_j) - p_v* (δ_jv* - p_j)) = g (p_v* - p_y) p_j + g p_y δ_jy - g p_v* δ_jv*,
 // with v* saved by the forward: one read of the row and one write of its gradient.
-// dz = scale * e^{z - lse}
-ALTER_SIMD_CLONES void scaled_softmax_chunk(const float* z, int64_t n, float lse, float scale, float* dz) {
+// dz = scale * e^{(z - m) - log s}
+ALTER_SIMD_CLONES void scaled_softmax_chunk(const float* z, int64_t n, float m, float log_s, float scale, float* dz) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) dz[i] = scale * exp_nonpositive(z[i] - lse);
+  for (int64_t i = 0; i < n; ++i) dz[i] = scale * exp_nonpositive((z[i] - m) - log_s);
 }
 
-Tensor ihl_backward(const Tensor& grad_loss, const Tensor& logits, const Tensor& labels, const Tensor& lse,
-                    const Tensor& runner_up, int64_t ignore_index) {
+Tensor ihl_backward(const Tensor& grad_loss, const Tensor& logits, const Tensor& labels, const Tensor& row_max,
+                    const Tensor& log_sum, const Tensor& runner_up, int64_t ignore_index) {
   const char* op = "ihl_backward";
   check_logits(op, logits);
   const Tensor grad_c = token_vector(op, "grad_loss", grad_loss, logits);
-  const Tensor lse_c = token_vector(op, "lse", lse, logits);
+  const Tensor max_c = token_vector(op, "row_max", row_max, logits);
+  const Tensor log_sum_c = token_vector(op, "log_sum", log_sum, logits);
   const Tensor labels_c = checked_labels(op, labels, logits, ignore_index);
   const Tensor runner_up_c = checked_runner_up(op, runner_up, logits);
   const float* grad = grad_c.const_data_ptr<float>();
-  const float* lse_in = lse_c.const_data_ptr<float>();
+  const float* max_in = max_c.const_data_ptr<float>();
+  const float* log_sum_in = log_sum_c.const_data_ptr<float>();
   const int64_t* y = labels_c.const_data_ptr<int64_t>();
   const int32_t* v_star = runner_up_c.const_data_ptr<int32_t>();
   const int64_t V = logits.size(1);
@@ -371,11 +385,11 @@ Tensor ihl_backward(const Tensor& grad_loss, const Tensor& logits, const Tensor&
       std::fill(grad_row, grad_row + V, static_cast<scalar_t>(0));
       return;
     }
-    const float g = grad[t], row_lse = lse_in[t];
-    const float p_y = std::exp(static_cast<float>(row[label]) - row_lse);
-    const float p_other = other >= 0 ? std::exp(static_cast<float>(row[other]) - row_lse) : 0.0f;
+    const float g = grad[t], m = max_in[t], log_s = log_sum_in[t];
+    const float p_y = std::exp((static_cast<float>(row[label]) - m) - log_s);
+    const float p_other = other >= 0 ? std::exp((static_cast<float>(row[other]) - m) - log_s) : 0.0f;
     write_grad_row(row, V, grad_row, [&](const float* z, int64_t n, int64_t start, float* dz) {
-      scaled_softmax_chunk(z, n, row_lse, g * (p_other - p_y), dz);
+      scaled_softmax_chunk(z, n, m, log_s, g * (p_other - p_y), dz);
       if (label >= start && label < start + n) dz[label - start] += g * p_y;
       if (other >= start && other < start + n) dz[other - start] -= g * p_other;
     });

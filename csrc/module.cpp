@@ -7,14 +7,22 @@
 TORCH_LIBRARY(alter_kernels, m) {
   // torch imports this module for the fake kernels when tracing needs them.
   m.set_python_module("alter_kernels._ops_fake");
-  m.def("entropy_forward(Tensor logits, float q) -> (Tensor, Tensor)");
-  m.def("entropy_backward(Tensor grad_entropy, Tensor logits, Tensor entropy, Tensor lse, float q) -> Tensor");
+  // row_max and log_sum: the max m of each row and log sum_i e^{z_i - m}, saved apart so
+  // that the backward rebuilds p = e^{(z - m) - log_sum} exactly for logits of any size;
+  // power_sum: P_q = sum_i p_i^q (1 for Shannon), which 1 - (q - 1) S would give inexactly.
+  m.def(
+      "entropy_forward(Tensor logits, float q) -> (Tensor entropy, Tensor row_max, Tensor log_sum, "
+      "Tensor power_sum)");
+  m.def(
+      "entropy_backward(Tensor grad_entropy, Tensor logits, Tensor entropy, Tensor row_max, Tensor log_sum, "
+      "Tensor power_sum, float q) -> Tensor");
   m.def(
       "ihl_forward(Tensor logits, Tensor labels, float q, float threshold, float high_entropy_weight, "
-      "int ignore_index) -> (Tensor loss, Tensor entropy, Tensor weight, Tensor lse, Tensor runner_up)");
+      "int ignore_index) -> (Tensor loss, Tensor entropy, Tensor weight, Tensor row_max, Tensor log_sum, "
+      "Tensor runner_up)");
   m.def(
-      "ihl_backward(Tensor grad_loss, Tensor logits, Tensor labels, Tensor lse, Tensor runner_up, "
-      "int ignore_index) -> Tensor");
+      "ihl_backward(Tensor grad_loss, Tensor logits, Tensor labels, Tensor row_max, Tensor log_sum, "
+      "Tensor runner_up, int ignore_index) -> Tensor");
   m.def("moe_align(Tensor experts, int num_experts, int block_m) -> (Tensor, Tensor, Tensor)");
 }
 

@@ -5,9 +5,12 @@
 //   s = sum_i e^{z_i - m}
 //   w = sum_i e^{q (z_i - m)}            (Tsallis)
 //   w = sum_i e^{z_i - m} (z_i - m)      (Shannon)
-// from which, with p = softmax(z):  lse = m + log s,
-//   Tsallis S_q = (1 - P_q) / (q - 1),  P_q = sum_i p_i^q = w / s^q,
+// from which, with p = softmax(z):  p_i = e^{(z_i - m) - log s},
+//   Tsallis S_q = (1 - P_q) / (q - 1),  P_q = sum_i p_i^q = w / s^q (the backward takes P_q
+//     itself: 1 - (q - 1) S in float32 loses (q - 1) ulp(S) / P_q),
 //   Shannon H   = log s - w / s.
+// The kernels save m and log s apart, never lse = m + log s: z - m is exact in float32,
+// while m + log s is rounded at the logits' magnitude (an error ~|z| 2^-24 in every p).
 // An empty set (or one of only -inf logits) has m = -inf and s = w = 0.
 #pragma once
 
@@ -55,11 +58,17 @@ struct SoftmaxStats {
     w += other.w;
   }
 
-  ALTER_HD acc_t lse() const { return m + std::log(s); }
+  ALTER_HD acc_t log_sum() const { return std::log(s); }
+
+  // p_i of a logit z of the row (0 for -inf).
+  ALTER_HD acc_t prob(acc_t z) const { return std::exp((z - m) - log_sum()); }
+
+  // P_q = sum_i p_i^q; 1 for Shannon (q == 1).
+  ALTER_HD acc_t power_sum(bool shannon, acc_t q) const { return shannon ? acc_t(1) : w / std::pow(s, q); }
 
   ALTER_HD acc_t entropy(bool shannon, acc_t q) const {
     if (shannon) return std::log(s) - w / s;
-    return (acc_t(1) - w / std::pow(s, q)) / (q - acc_t(1));
+    return (acc_t(1) - power_sum(shannon, q)) / (q - acc_t(1));
   }
 };
 

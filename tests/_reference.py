@@ -1,6 +1,6 @@
-"""Float64 references of the logits ops, written from the formulas of DESIGN.md §1, and
-helpers shared by the kernel tests (test_entropy.py, test_ihl.py, test_routing.py,
-test_cpp_extension.py).
+"""Float64 references of the ops, written from the formulas of DESIGN.md §1, and helpers
+shared by the kernel tests (test_entropy.py, test_ihl.py, test_routing.py,
+test_cpp_extension.py, test_properties_backends.py).
 
 The references are plain float64 PyTorch on the CPU, independent of alter_kernels: they
 take the same (already rounded) logits the kernels read, on any device, and return CPU
@@ -8,6 +8,7 @@ float64 tensors. They stay differentiable in the logits, so a test can check a c
 gradient against autograd of the value.
 """
 import itertools
+import math
 from typing import NamedTuple
 
 import pytest
@@ -29,9 +30,12 @@ def log_softmax64(logits: torch.Tensor) -> torch.Tensor:
     return z - torch.logsumexp(z, dim=-1, keepdim=True)
 
 
-def reference_lse(logits: torch.Tensor) -> torch.Tensor:
-    """log Σ_i e^{z_i} per row, float64 on the CPU."""
-    return torch.logsumexp(logits.double().cpu(), dim=-1)
+def reference_max_and_log_sum(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(m, log Σ_i e^{z_i - m}) per row, float64 on the CPU: the row statistics the kernel
+    forwards save for their backward."""
+    z = logits.double().cpu()
+    row_max = z.amax(dim=-1)
+    return row_max, torch.logsumexp(z - row_max[..., None], dim=-1)
 
 
 def reference_entropy(logits: torch.Tensor, q: float) -> torch.Tensor:
@@ -56,6 +60,18 @@ def reference_entropy_grad(logits: torch.Tensor, q: float, grad_entropy: torch.T
         p_q = p**q
         grad = -q / (q - 1.0) * (p_q - p * p_q.sum(-1, keepdim=True))
     return grad_entropy.double().cpu()[..., None] * grad
+
+
+def entropy_grad_term_scale(logits, q, grad_entropy):
+    """Per row [T, 1], the largest magnitude of the terms that the gradient formulas subtract:
+    |g|·q/|q-1|·(p^q + p·Σp^q), Shannon |g|·p·(|log p| + H)."""
+    p = log_softmax64(logits).exp()
+    if is_shannon(q):
+        log_p = torch.where(p > 0, torch.log(p), torch.zeros_like(p))
+        terms = p * (log_p.abs() + reference_entropy(logits, q)[..., None])
+    else:
+        terms = q / abs(q - 1.0) * (p**q + p * (p**q).sum(-1, keepdim=True))
+    return grad_entropy.double().cpu().abs()[..., None] * terms.amax(dim=-1, keepdim=True)
 
 
 class IHLReference(NamedTuple):
@@ -94,6 +110,87 @@ def reference_ihl(logits, labels, q, threshold, high_entropy_weight, ignore_inde
         if runner_up[t] >= 0:
             grad[t, runner_up[t]] -= p_runner_up
     return IHLReference(loss, entropy, weight, grad, runner_up)
+
+
+def reduce_reference(loss, weight, reduction):
+    """Reduced float64 loss and d(reduced)/d(per-token loss) as a [T] vector (all-ones upstream)."""
+    weighted = loss * weight
+    if reduction == "none":
+        return weighted, weight
+    if reduction == "sum":
+        return weighted.sum(), weight
+    total = weight.sum()
+    if total == 0:
+        return torch.zeros((), dtype=torch.float64), torch.zeros_like(weight)
+    return weighted.sum() / total, weight / total
+
+
+def threshold_between(entropy, ignored):
+    """A threshold in the widest gap between the kept tokens' entropies, so float32 error
+    cannot move a token across it and both weights occur."""
+    values = sorted(entropy[~ignored].tolist())
+    if values[-1] - values[0] < 1e-3:  # e.g. V == 1: every entropy is 0
+        return values[-1] + 1.0
+    gaps = [(values[i + 1] - values[i], i) for i in range(len(values) - 1)]
+    gap, i = max(gaps)
+    assert gap > 1e-3, f"entropies too close to split: {values}"
+    return (values[i] + values[i + 1]) / 2
+
+
+# ----------------------------------------------------------------------------- routing
+
+
+def reference_route(logits, entropy, threshold, tau_high, tau_low, k_high, k_low):
+    """Per-token float64 routing, straight from DESIGN.md §1: (weights [T, K] f64, experts [T, K] i64)."""
+    num_tokens, num_experts = logits.shape
+    num_slots = max(k_high, k_low)
+    weights = torch.zeros(num_tokens, num_slots, dtype=torch.float64)
+    experts = torch.full((num_tokens, num_slots), -1, dtype=torch.int64)
+    for t in range(num_tokens):
+        values = logits[t].double().tolist()
+        high = float(entropy[t]) > threshold
+        tau, k = (tau_high, k_high) if high else (tau_low, k_low)
+        by_logit = sorted(range(num_experts), key=lambda e: (-values[e], e))
+        chosen = [e for e in by_logit[:k] if values[e] != -math.inf]
+        if not chosen:
+            continue
+        top = values[chosen[0]]
+        exps = [math.exp((values[e] - top) / tau) for e in chosen]
+        for j, e in enumerate(chosen):
+            weights[t, j] = exps[j] / sum(exps)
+            experts[t, j] = e
+    return weights, experts
+
+
+def reference_route_grad(weights, experts, entropy, threshold, tau_high, tau_low, grad_weights, num_experts):
+    """d logit_e = w_e / tau · (g_e − Σ_k w_k g_k) for each kept expert e, in float64."""
+    grad = torch.zeros(weights.shape[0], num_experts, dtype=torch.float64)
+    for t in range(weights.shape[0]):
+        tau = tau_high if float(entropy[t]) > threshold else tau_low
+        w, g = weights[t].double(), grad_weights[t].double()
+        dot = float((w * g).sum())
+        for j, e in enumerate(experts[t].tolist()):
+            if e >= 0:
+                grad[t, e] += float(w[j]) / tau * (float(g[j]) - dot)
+    return grad
+
+
+def reference_moe_align(experts, num_experts, block_m):
+    """Plain loop over experts and slots, from the contract in moe_align_eager's docstring."""
+    flat = experts.flatten().tolist()
+    numel = len(flat)
+    ids, block_expert = [], []
+    for e in range(num_experts):
+        group = [i for i, x in enumerate(flat) if x == e]
+        while len(group) % block_m:
+            group.append(numel)
+        ids += group
+        block_expert += [e] * (len(group) // block_m)
+    num_padded = len(ids)
+    capacity = -(-(numel + num_experts * (block_m - 1)) // block_m)
+    ids += [numel] * (capacity * block_m - num_padded)
+    block_expert += [-1] * (capacity - len(block_expert))
+    return ids, block_expert, num_padded
 
 
 # ----------------------------------------------------------------------------- inputs, checks

@@ -4,7 +4,7 @@ errors, fake kernels and torch.compile.
 
 Precision model: the reference is computed in float64 from the *same* (already rounded)
 logits the kernel reads, so for every input dtype the only error left in float32 outputs
-(entropy, lse, loss) is the kernel's float32 arithmetic; gradients in float16/bfloat16 are
+(entropy, log-sum, loss) is the kernel's float32 arithmetic; gradients in float16/bfloat16 are
 also rounded once to the output dtype.
 """
 import os
@@ -19,7 +19,7 @@ from _reference import (
     reference_entropy,
     reference_entropy_grad,
     reference_ihl,
-    reference_lse,
+    reference_max_and_log_sum,
 )
 from alter_kernels._dispatch import cpp_extension
 from alter_kernels.routing import moe_align_eager
@@ -39,7 +39,7 @@ F32_TOL = dict(rtol=2e-5, atol=2e-5)
 # Gradients: one rounding to the output dtype (rtol: an ulp; atol: float16's subnormal
 # step, else the kernels' flush of probabilities below e^-87 to 0), plus float32 error
 # relative to the size of the terms that cancel in the formula (p_j^q against p_j P_q,
-# for instance), which the float32 lse input limits to ~1e-6.
+# for instance), which the float32 log-sum input limits to ~1e-6.
 GRAD_TOL = {
     torch.float32: dict(rtol=1e-6, atol=1e-30),
     torch.float16: dict(rtol=1e-3, atol=1e-7),
@@ -138,16 +138,28 @@ def test_entropy_forward_backward(device, dtype, q, V):
     require_backend("cpp", device)
     T = 3 if V > 1000 else 6
     z = make_logits(T, V, dtype, device)
-    entropy, lse = ops.entropy_forward(z, q)
-    assert entropy.dtype == lse.dtype == torch.float32 and entropy.shape == lse.shape == (T,)
+    entropy, *row_stats = ops.entropy_forward(z, q)
+    for out in (entropy, *row_stats):
+        assert out.dtype == torch.float32 and out.shape == (T,)
     # Tsallis q < 1 sums p^q ~ sqrt(V) terms: the error scales with |S|, hence rtol
     assert_close64(entropy, reference_entropy(z, q), **F32_TOL)
-    assert_close64(lse, reference_lse(z), **F32_TOL)
+    assert_row_stats(z, *row_stats, q=q)
 
     grad_entropy = torch.randn(T, device=device)
-    grad = ops.entropy_backward(grad_entropy, z, entropy, lse, q)
+    grad = ops.entropy_backward(grad_entropy, z, entropy, *row_stats, q)
     assert grad.dtype == dtype and grad.shape == (T, V) and grad.is_contiguous()
     assert_entropy_grad_close(grad, z, q, grad_entropy, dtype)
+
+
+def assert_row_stats(z, row_max, log_sum, power_sum=None, q=None):
+    """The row max is one of the logits (exact); log Σ e^{z - m} and P_q = Σ p^q (1 for
+    Shannon; entropy_forward only) carry float32 error."""
+    expected_max, expected_log_sum = reference_max_and_log_sum(z)
+    assert_close64(row_max, expected_max, rtol=0, atol=0)
+    assert_close64(log_sum, expected_log_sum, **F32_TOL)
+    if power_sum is not None:
+        expected_power_sum = torch.ones(z.shape[0]) if is_shannon(q) else (log_softmax64(z).exp() ** q).sum(-1)
+        assert_close64(power_sum, expected_power_sum, **F32_TOL)
 
 
 @pytest.mark.parametrize("device", devices_under_test())
@@ -155,7 +167,7 @@ def test_entropy_near_one_uses_shannon(device):
     """|q - 1| < 1e-3 is Shannon (Tsallis cancels there); just outside it is Tsallis."""
     require_backend("cpp", device)
     z = make_logits(4, 100, torch.float32, device, neg_inf=False)
-    shannon, _ = ops.entropy_forward(z, 1.0)
+    shannon = ops.entropy_forward(z, 1.0)[0]
     assert_close64(ops.entropy_forward(z, 1.0 + 5e-4)[0], shannon, rtol=0, atol=0)
     ref = reference_entropy(z, 1.0 + 2e-3)
     # 1 - P_q cancels to ~2e-3 * S: float32 error of P_q is amplified by 1 / (q - 1)
@@ -174,11 +186,11 @@ def test_entropy_masked_chunks_and_late_max(device):
     z[3, 2999] = 40.0
     z = z.float().to(device)
     for q in QS:
-        entropy, lse = ops.entropy_forward(z, q)
+        entropy, *row_stats = ops.entropy_forward(z, q)
         assert_close64(entropy, reference_entropy(z, q), **F32_TOL)
-        assert_close64(lse, reference_lse(z), **F32_TOL)
+        assert_row_stats(z, *row_stats, q=q)
         g = torch.randn(4, device=device)
-        grad = ops.entropy_backward(g, z, entropy, lse, q)
+        grad = ops.entropy_backward(g, z, entropy, *row_stats, q)
         assert_entropy_grad_close(grad, z, q, g, torch.float32)
 
 
@@ -193,8 +205,8 @@ def test_entropy_grad_entropy_may_be_expanded(device):
     """Autograd hands expanded (stride 0) gradients, e.g. from entropy.sum()."""
     require_backend("cpp", device)
     z = make_logits(5, 33, torch.float32, device)
-    entropy, lse = ops.entropy_forward(z, 2.0)
-    grad = ops.entropy_backward(torch.ones((), device=device).expand(5), z, entropy, lse, 2.0)
+    entropy, *row_stats = ops.entropy_forward(z, 2.0)
+    grad = ops.entropy_backward(torch.ones((), device=device).expand(5), z, entropy, *row_stats, 2.0)
     assert_entropy_grad_close(grad, z, 2.0, torch.ones(5), torch.float32)
 
 
@@ -223,19 +235,19 @@ def test_ihl_forward_backward(device, dtype, q, V):
     labels = labels.to(device)
     threshold = midpoint_threshold(reference_entropy(z, q))
     grad_loss = torch.randn(T, device=device)
-    loss, entropy, weight, lse, runner_up = ops.ihl_forward(z, labels, q, threshold, 0.25, IGNORE)
+    loss, entropy, weight, row_max, log_sum, runner_up = ops.ihl_forward(z, labels, q, threshold, 0.25, IGNORE)
     ref = reference_ihl(z, labels, q, threshold, 0.25, IGNORE)
-    for out in (loss, entropy, weight, lse):
+    for out in (loss, entropy, weight, row_max, log_sum):
         assert out.dtype == torch.float32 and out.shape == (T,)
     assert_close64(loss, ref.loss, **F32_TOL)
     assert_close64(entropy, ref.entropy, **F32_TOL)
     assert_close64(weight, ref.weight, rtol=0, atol=0)
-    assert_close64(lse, reference_lse(z), **F32_TOL)
+    assert_row_stats(z, row_max, log_sum)
     assert loss[2] == 0 and weight[2] == 0
     # v* is chosen among the same values (float32 holds every input dtype exactly): no rounding
     assert runner_up.dtype == torch.int32 and torch.equal(runner_up.cpu().long(), ref.runner_up)
 
-    grad = ops.ihl_backward(grad_loss, z, labels, lse, runner_up, IGNORE)
+    grad = ops.ihl_backward(grad_loss, z, labels, row_max, log_sum, runner_up, IGNORE)
     assert grad.dtype == dtype and grad.shape == (T, V)
     expected = grad_loss.double().cpu()[:, None] * ref.grad
     assert_grad_close(grad, expected, ihl_grad_terms(z, labels, ref.runner_up, grad_loss), dtype)
@@ -248,12 +260,14 @@ def test_ihl_vocab_of_one(device):
     require_backend("cpp", device)
     z = torch.randn(3, 1, device=device)
     labels = torch.tensor([0, IGNORE, 0], device=device)
-    loss, entropy, weight, lse, runner_up = ops.ihl_forward(z, labels, 2.0, 1.2, 0.0, IGNORE)
+    loss, entropy, weight, row_max, log_sum, runner_up = ops.ihl_forward(z, labels, 2.0, 1.2, 0.0, IGNORE)
     assert loss.tolist() == [2.0, 0.0, 2.0]
     assert entropy.tolist() == [0.0, 0.0, 0.0] and weight.tolist() == [1.0, 0.0, 1.0]
-    assert_close64(lse, z[:, 0], rtol=0, atol=0)
+    assert_close64(row_max, z[:, 0], rtol=0, atol=0)
+    assert log_sum.tolist() == [0.0, 0.0, 0.0]
     assert runner_up.tolist() == [-1, -1, -1]
-    assert (ops.ihl_backward(torch.ones(3, device=device), z, labels, lse, runner_up, IGNORE) == 0).all()
+    grad = ops.ihl_backward(torch.ones(3, device=device), z, labels, row_max, log_sum, runner_up, IGNORE)
+    assert (grad == 0).all()
 
 
 @pytest.mark.parametrize("device", devices_under_test())
@@ -261,11 +275,11 @@ def test_ihl_custom_ignore_index(device):
     require_backend("cpp", device)
     z = make_logits(5, 11, torch.float32, device, neg_inf=False)
     labels = torch.tensor([3, -1, 0, 10, -1], device=device)
-    loss, _, weight, lse, runner_up = ops.ihl_forward(z, labels, 1.0, 100.0, 0.0, -1)
+    loss, _, weight, row_max, log_sum, runner_up = ops.ihl_forward(z, labels, 1.0, 100.0, 0.0, -1)
     assert loss[1] == 0 and loss[4] == 0 and (loss[[0, 2, 3]] > 0).all()
     assert weight.tolist() == [1.0, 0.0, 1.0, 1.0, 0.0]
     assert runner_up[1] == -1 and runner_up[4] == -1
-    grad = ops.ihl_backward(torch.ones(5, device=device), z, labels, lse, runner_up, -1)
+    grad = ops.ihl_backward(torch.ones(5, device=device), z, labels, row_max, log_sum, runner_up, -1)
     assert (grad[[1, 4]] == 0).all() and (grad[[0, 2, 3]] != 0).any()
 
 
@@ -316,11 +330,16 @@ def test_logits_errors():
         ops.entropy_forward(torch.randn(4, 0), 2.0)
     with pytest.raises(ValueError, match="entropy_forward: q must be a finite number > 0"):
         ops.entropy_forward(z, 0.0)
-    entropy, lse = ops.entropy_forward(z, 2.0)
+    entropy, row_max, log_sum, power_sum = ops.entropy_forward(z, 2.0)
     with pytest.raises(ValueError, match=r"entropy_backward: grad_entropy must have shape \[4\]"):
-        ops.entropy_backward(torch.ones(5), z, entropy, lse, 2.0)
-    with pytest.raises(TypeError, match="entropy_backward: lse must be float32"):
-        ops.entropy_backward(torch.ones(4), z, entropy, lse.double(), 2.0)
+        ops.entropy_backward(torch.ones(5), z, entropy, row_max, log_sum, power_sum, 2.0)
+    with pytest.raises(TypeError, match="entropy_backward: row_max must be float32"):
+        ops.entropy_backward(torch.ones(4), z, entropy, row_max.double(), log_sum, power_sum, 2.0)
+    with pytest.raises(ValueError, match=r"entropy_backward: log_sum must have shape \[4\]"):
+        ops.entropy_backward(torch.ones(4), z, entropy, row_max, log_sum[:2], power_sum, 2.0)
+    with pytest.raises(TypeError, match="entropy_backward: power_sum must be float32"):
+        ops.entropy_backward(torch.ones(4), z, entropy, row_max, log_sum, power_sum.half(), 2.0)
+    max_and_log_sum = (row_max, log_sum)  # what ihl_backward takes
     labels = torch.tensor([0, 1, IGNORE, 5])
     with pytest.raises(TypeError, match="ihl_forward: labels must be int64"):
         ops.ihl_forward(z, labels.int(), 2.0, 1.2, 0.0, IGNORE)
@@ -330,14 +349,14 @@ def test_logits_errors():
         ops.ihl_forward(z, torch.tensor([0, 1, IGNORE, 6]), 2.0, 1.2, 0.0, IGNORE)
     runner_up = torch.tensor([1, 0, -1, 0], dtype=torch.int32)
     with pytest.raises(ValueError, match=r"ihl_backward: labels\[0\] = -3 is outside"):
-        ops.ihl_backward(torch.ones(4), z, torch.tensor([-3, 1, 2, 3]), lse, runner_up, IGNORE)
+        ops.ihl_backward(torch.ones(4), z, torch.tensor([-3, 1, 2, 3]), *max_and_log_sum, runner_up, IGNORE)
     with pytest.raises(TypeError, match="ihl_backward: runner_up must be int32"):
-        ops.ihl_backward(torch.ones(4), z, labels, lse, runner_up.long(), IGNORE)
+        ops.ihl_backward(torch.ones(4), z, labels, *max_and_log_sum, runner_up.long(), IGNORE)
     with pytest.raises(ValueError, match=r"ihl_backward: runner_up must have shape \[4\]"):
-        ops.ihl_backward(torch.ones(4), z, labels, lse, runner_up[:3], IGNORE)
+        ops.ihl_backward(torch.ones(4), z, labels, *max_and_log_sum, runner_up[:3], IGNORE)
     for bad in (-2, 6):
         with pytest.raises(ValueError, match=rf"ihl_backward: runner_up\[1\] = {bad} is outside \[-1, 6\)"):
-            ops.ihl_backward(torch.ones(4), z, labels, lse, torch.tensor([1, bad, -1, 0], dtype=torch.int32), IGNORE)
+            ops.ihl_backward(torch.ones(4), z, labels, *max_and_log_sum, torch.tensor([1, bad, -1, 0], dtype=torch.int32), IGNORE)
 
 
 def test_moe_align_errors():
@@ -362,15 +381,16 @@ def test_moe_align_errors():
 def _opcheck_cases():
     z = make_logits(3, 10, torch.float32, "cpu")
     labels = torch.tensor([1, IGNORE, 9])
-    entropy, lse = ops.entropy_forward(z, 2.0)
-    runner_up = ops.ihl_forward(z, labels, 1.0, 1.2, 0.0, IGNORE)[4]
+    entropy, *row_stats = ops.entropy_forward(z, 2.0)
+    row_max, log_sum = row_stats[:2]
+    runner_up = ops.ihl_forward(z, labels, 1.0, 1.2, 0.0, IGNORE)[5]
     g = torch.randn(3)
     experts = torch.randint(-1, 4, (5, 2), dtype=torch.int32)
     return [
         (ops.entropy_forward, (z, 2.0)),
-        (ops.entropy_backward, (g, z, entropy, lse, 2.0)),
+        (ops.entropy_backward, (g, z, entropy, *row_stats, 2.0)),
         (ops.ihl_forward, (z, labels, 1.0, 1.2, 0.0, IGNORE)),
-        (ops.ihl_backward, (g, z, labels, lse, runner_up, IGNORE)),
+        (ops.ihl_backward, (g, z, labels, row_max, log_sum, runner_up, IGNORE)),
         (ops.moe_align, (experts, 4, 3)),
     ]
 
@@ -384,8 +404,8 @@ def test_opcheck_schemas_and_fake_kernels():
 
 def test_torch_compile_fullgraph():
     def token_scores(z):
-        entropy, lse = torch.ops.alter_kernels.entropy_forward(z, 2.0)
-        return entropy * 2.0 + lse
+        entropy, row_max, log_sum, power_sum = torch.ops.alter_kernels.entropy_forward(z, 2.0)
+        return entropy * 2.0 + row_max + log_sum * power_sum
 
     z = make_logits(5, 37, torch.float32, "cpu")
     compiled = torch.compile(token_scores, fullgraph=True, backend="aot_eager")

@@ -17,6 +17,7 @@ from alter_kernels.entropy import DEFAULT_CHUNK_ELEMENTS, default_chunk_size
 from _reference import (
     assert_close,
     assert_compiles_for_hopper,
+    entropy_grad_term_scale,
     grid,
     is_shannon,
     log_softmax64,
@@ -37,24 +38,11 @@ Q_VALUES = [0.5, 1.0, 1.0005, 2.0, 3.5]
 SMALL_VOCAB_GRID = grid(device=DEVICES, backend=BACKENDS, dtype=DTYPES, vocab=[1, 7, 1000], q=Q_VALUES)
 # Tolerance of a gradient relative to its row's largest entry. fp16/bf16: two ulps of the
 # storage format (rounding of the result, one more for interpreter truncation). float32:
-# the kernels rebuild P_q = 1 - (q-1)·S from the saved entropy, which cancels for large q
-# (measured up to 1.2e-5 at q = 3.5).
-GRAD_RTOL = {torch.float32: 1e-4, torch.float16: 2 * 2**-10, torch.bfloat16: 2 * 2**-7}
+# float32 arithmetic on exact row statistics (the forward saves m, log s and P_q).
+GRAD_RTOL = {torch.float32: 1e-5, torch.float16: 2 * 2**-10, torch.bfloat16: 2 * 2**-7}
 
 
 # ----------------------------------------------------------------------------- references
-
-
-def entropy_grad_term_scale(logits, q, grad_entropy):
-    """Per row [T, 1], the largest magnitude of the terms that the gradient formulas subtract:
-    |g|·q/|q-1|·(p^q + p·Σp^q), Shannon |g|·p·(|log p| + H)."""
-    p = log_softmax64(logits).exp()
-    if is_shannon(q):
-        log_p = torch.where(p > 0, torch.log(p), torch.zeros_like(p))
-        terms = p * (log_p.abs() + reference_entropy(logits, q)[..., None])
-    else:
-        terms = q / abs(q - 1.0) * (p**q + p * (p**q).sum(-1, keepdim=True))
-    return grad_entropy.double().cpu().abs()[..., None] * terms.amax(dim=-1, keepdim=True)
 
 
 def test_reference_entropy_gradient_matches_autograd():
@@ -109,13 +97,11 @@ def test_entropy_huge_logits(device, backend, dtype, q):
     grad_out = torch.randn(4, dtype=torch.float64)
     (grad,) = torch.autograd.grad(entropy, leaf, grad_out.to(device))
     expected = reference_entropy_grad(logits, q, grad_out)
-    # The backward rebuilds p = exp(z - lse) from the saved float32 lse, rounded at the
-    # logits' magnitude (half an ulp of z): p carries a relative error up to ~|z|·2^-24,
-    # p^q q times that, relative to the terms the gradient subtracts (which can cancel:
-    # rows that rounding to fp16/bf16 made nearly uniform), plus the storage rounding.
+    # The backward rebuilds p = exp((z - m) - log s) with z - m exact: the magnitude of the
+    # logits adds no error. Relative to the terms the gradient subtracts (which can cancel:
+    # rows that rounding to fp16/bf16 made nearly uniform), storage rounding only.
     scale = entropy_grad_term_scale(logits, q, grad_out).clamp_min(1e-12)  # one-hot rows: all 0
-    tol = GRAD_RTOL[dtype] + 2 * max(q, 1.0) * big * 2**-24
-    assert_close(grad / scale.to(device), expected / scale, rtol=0, atol=tol, what="grad of huge logits")
+    assert_close(grad / scale.to(device), expected / scale, rtol=0, atol=GRAD_RTOL[dtype], what="grad of huge logits")
 
 
 @grid(device=DEVICES, backend=BACKENDS)
@@ -211,6 +197,65 @@ def test_entropy_grad_large_vocab(device, backend, vocab):
         assert_close(grad / scale.to(device), expected / scale, 0, GRAD_RTOL[torch.bfloat16], f"grad V={vocab}")
 
 
+# Gradients at logits offset by up to 1e4 in float32, relative to the row's largest term
+# (entropy_grad_term_scale): the backends rebuild p = exp((z - m) - log s) with z - m exact,
+# so only float32 rounding of O(1) quantities remains (measured <= 1e-6; before the row
+# max and log-sum were saved apart, p = exp(z - lse) was off by ~|z|·2^-24: 3e-4 at 1e4).
+LARGE_OFFSET_GRAD_TOL = 1e-5
+
+
+@grid(device=DEVICES, backend=BACKENDS, q=[0.5, 1.0, 2.0, 3.5], offset=[1e4, -1e4, 3e3])
+def test_entropy_grad_exact_at_large_offsets(device, backend, q, offset):
+    require_backend(backend, device)
+    values = (torch.randn(5, 301, dtype=torch.float64) * 3 + offset).float().to(device)
+    values[3, ::3] = float("-inf")
+    logits = strided_rows(values).requires_grad_()
+    grad_out = torch.randn(5, dtype=torch.float64)
+    entropy = tsallis_entropy(logits, q, backend=backend)
+    (grad,) = torch.autograd.grad(entropy, logits, grad_out.to(device))
+    assert_close(entropy, reference_entropy(values, q), 1e-5, 1e-6, "entropy at a large offset")
+    scale = entropy_grad_term_scale(values, q, grad_out)
+    expected = reference_entropy_grad(values, q, grad_out)
+    assert_close(grad / scale.to(device), expected / scale, 0, LARGE_OFFSET_GRAD_TOL, "grad at a large offset")
+
+
+@grid(device=DEVICES, backend=BACKENDS, q=[2.0, 3.5], vocab=[14, 32003])
+def test_entropy_grad_exact_at_high_entropy(device, backend, q, vocab):
+    """Near-uniform rows, where P_q = Σ p^q is small: rebuilt as 1 - (q - 1)·S from the
+    float32 entropy it lost (q - 1)·ulp(S)/P_q (1.3e-4 at V = 32003, q = 2); the forward
+    now saves P_q itself."""
+    require_backend(backend, device)
+    values = (torch.randn(3, vocab, dtype=torch.float64) * 0.1).float().to(device)
+    logits = values.clone().requires_grad_()
+    grad_out = torch.randn(3, dtype=torch.float64)
+    (grad,) = torch.autograd.grad(tsallis_entropy(logits, q, backend=backend), logits, grad_out.to(device))
+    scale = entropy_grad_term_scale(values, q, grad_out)
+    expected = reference_entropy_grad(values, q, grad_out)
+    assert_close(grad / scale.to(device), expected / scale, 0, LARGE_OFFSET_GRAD_TOL, "grad at high entropy")
+
+
+@grid(device=DEVICES, backend=BACKENDS, q=[0.5, 1.0, 2.0])
+def test_fused_linear_entropy_grad_exact_at_large_offsets(device, backend, q):
+    """Logits 1e4 + O(1) from an lm head whose float32 products are exact (multiples of
+    1/64 below 2^17), so the reference reads the same logits the backends see."""
+    require_backend(backend, device)
+    hidden = (torch.randint(-16, 17, (9, 12)) / 8.0).to(device)
+    weight = (torch.randint(-16, 17, (37, 12)) / 8.0).to(device)
+    hidden[:, 0], weight[:, 0] = 1e4, 1.0
+    logits = hidden.double().cpu() @ weight.double().cpu().T
+    assert torch.equal((hidden @ weight.T).double().cpu(), logits)
+    hidden_leaf, weight_leaf = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    grad_out = torch.randn(9, dtype=torch.float64)
+    entropy = fused_linear_entropy(hidden_leaf, weight_leaf, q, chunk_size=4, backend=backend)
+    grads = torch.autograd.grad(entropy, (hidden_leaf, weight_leaf), grad_out.to(device))
+    grad_logits = reference_entropy_grad(logits, q, grad_out)
+    expected = (grad_logits @ weight.double().cpu(), grad_logits.T @ hidden.double().cpu())
+    for name, actual, reference in zip(("hidden", "weight"), grads, expected):
+        scale = reference.abs().max()
+        # float32 matmuls of the gradient add ~1e-6 relative to the largest entry
+        assert_close(actual / scale.to(device), reference / scale, 0, LARGE_OFFSET_GRAD_TOL, f"fused grad {name}")
+
+
 @grid(device=DEVICES, backend=BACKENDS)
 def test_entropy_grad_of_3d_view(device, backend):
     """The gradient reaches a [B, S, V] input through the flattening, with the input's strides."""
@@ -280,7 +325,7 @@ def test_fused_linear_entropy_chunk_bound(device, backend, monkeypatch):
     hidden.requires_grad_()
     entropy = fused_linear_entropy(hidden, weight, 2.0, chunk_size=4, backend=backend)
     entropy.sum().backward()
-    # forward(logits, q), backward(grad_entropy, logits, entropy, lse, q)
+    # forward(logits, q), backward(grad_entropy, logits, entropy, row_max, log_sum, power_sum, q)
     seen = {
         "forward": [tuple(args[0].shape) for args in calls["forward"]],
         "backward": [tuple(args[1].shape) for args in calls["backward"]],
@@ -403,7 +448,8 @@ def test_entropy_kernels_compile_for_hopper():
         for shannon in (False, True):
             signature = {
                 "logits_ptr": "*" + data, "grad_logits_ptr": "*" + data, "grad_entropy_ptr": "*fp32",
-                "entropy_ptr": "*fp32", "lse_ptr": "*fp32", "q": "fp32",
+                "entropy_ptr": "*fp32", "row_max_ptr": "*fp32",
+                "log_sum_ptr": "*fp32", "power_sum_ptr": "*fp32", "q": "fp32",
             }
             for kernel in ("_entropy_forward_kernel", "_entropy_backward_kernel"):
                 specs.append(dict(module="alter_kernels.entropy", kernel=kernel, signature=signature,

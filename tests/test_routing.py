@@ -6,7 +6,7 @@ import torch
 
 from alter_kernels import BackendUnavailable, moe_align, route
 from alter_kernels.routing import _route_launch_config, route_eager
-from _reference import assert_compiles_for_hopper
+from _reference import assert_compiles_for_hopper, reference_moe_align, reference_route, reference_route_grad
 from conftest import require_backend
 from conftest import test_devices as devices_under_test  # renamed: pytest would collect test_*
 
@@ -20,41 +20,6 @@ ROUTE_SHAPES = [(n, kh, kl) for n in (2, 5, 8, 64) for kh, kl in K_PAIRS if kh <
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def reference_route(logits, entropy, threshold, tau_high, tau_low, k_high, k_low):
-    """Per-token float64 routing, straight from DESIGN.md §1: (weights [T, K] f64, experts [T, K] i64)."""
-    num_tokens, num_experts = logits.shape
-    num_slots = max(k_high, k_low)
-    weights = torch.zeros(num_tokens, num_slots, dtype=torch.float64)
-    experts = torch.full((num_tokens, num_slots), -1, dtype=torch.int64)
-    for t in range(num_tokens):
-        values = logits[t].double().tolist()
-        high = float(entropy[t]) > threshold
-        tau, k = (tau_high, k_high) if high else (tau_low, k_low)
-        by_logit = sorted(range(num_experts), key=lambda e: (-values[e], e))
-        chosen = [e for e in by_logit[:k] if values[e] != -math.inf]
-        if not chosen:
-            continue
-        top = values[chosen[0]]
-        exps = [math.exp((values[e] - top) / tau) for e in chosen]
-        for j, e in enumerate(chosen):
-            weights[t, j] = exps[j] / sum(exps)
-            experts[t, j] = e
-    return weights, experts
-
-
-def reference_route_grad(weights, experts, entropy, threshold, tau_high, tau_low, grad_weights, num_experts):
-    """d logit_e = w_e / tau · (g_e − Σ_k w_k g_k) for each kept expert e, in float64."""
-    grad = torch.zeros(weights.shape[0], num_experts, dtype=torch.float64)
-    for t in range(weights.shape[0]):
-        tau = tau_high if float(entropy[t]) > threshold else tau_low
-        w, g = weights[t].double(), grad_weights[t].double()
-        dot = float((w * g).sum())
-        for j, e in enumerate(experts[t].tolist()):
-            if e >= 0:
-                grad[t, e] += float(w[j]) / tau * (float(g[j]) - dot)
-    return grad
 
 
 def random_route_inputs(num_tokens, num_experts, dtype, device):
@@ -173,6 +138,49 @@ def test_route_minus_inf_logits_are_never_kept(device, backend):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", ROUTE_BACKENDS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_route_rejects_nan_and_plus_inf_logits(device, backend, bad):
+    """NaN / +inf router logits are a ValueError on every backend (before: eager dropped a
+    NaN row, triton picked an expert); -inf still means "expert unavailable"."""
+    require_backend(backend, device)
+    logits, entropy = random_route_inputs(7, 5, torch.float32, device)
+    route(logits, entropy, THRESHOLD, TAU_HIGH, TAU_LOW, 3, 1, backend=backend)  # holds -inf: fine
+    logits[4, 2] = bad
+    with pytest.raises(ValueError, match=rf"route: router_logits\[4, 2\] = {bad}.*-inf marks an unavailable expert"):
+        route(logits, entropy, THRESHOLD, TAU_HIGH, TAU_LOW, 3, 1, backend=backend)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_route_unchecked_nan_and_plus_inf_rows_agree_across_backends(device, dtype):
+    """check_finite=False (the layers' sync-free path): every backend ranks NaN as +inf
+    (lowest index first among them) and gives such a row NaN in every weight, so it reaches
+    the layer output instead of being dropped; other rows are routed as usual."""
+    require_backend("triton", device)
+    inf, nan = float("inf"), float("nan")
+    logits = torch.randn(6, 5, dtype=torch.float64).to(device=device, dtype=dtype)
+    logits[1, 3] = nan
+    logits[2, [0, 4]] = torch.tensor([inf, nan], dtype=dtype)
+    logits[3] = nan
+    logits[4, 1] = -inf
+    entropy = torch.tensor([2.0, 2.0, 2.0, 0.5, 2.0, 0.5], device=device)
+    results = {
+        backend: route(logits, entropy, THRESHOLD, TAU_HIGH, TAU_LOW, 3, 1, backend=backend, check_finite=False)
+        for backend in ROUTE_BACKENDS
+    }
+    (w_eager, e_eager), (w_triton, e_triton) = results["eager"], results["triton"]
+    assert torch.equal(e_eager, e_triton)
+    assert e_eager[1, 0] == 3 and e_eager[2, :2].tolist() == [0, 4] and e_eager[3].tolist() == [0, -1, -1]
+    bad = torch.tensor([False, True, True, True, False, False], device=device)
+    assert bool(w_eager[bad].isnan().all()) and bool(w_triton[bad].isnan().all())
+    good = route(logits[~bad], entropy[~bad], THRESHOLD, TAU_HIGH, TAU_LOW, 3, 1, backend="eager")
+    for weights, experts in results.values():
+        assert torch.equal(experts[~bad], good[1])
+        torch.testing.assert_close(weights[~bad], good[0], rtol=1e-6, atol=1e-6)  # fp32 softmax
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ROUTE_BACKENDS)
 def test_route_large_logits_at_low_temperature_do_not_overflow(device, backend):
     require_backend(backend, device)
     num_tokens = 19
@@ -280,24 +288,6 @@ def test_route_rejects_unknown_backend():
 # ------------------------------------------------------------------------- moe_align
 
 
-def reference_moe_align(experts, num_experts, block_m):
-    """Plain loop over experts and slots, from the contract in moe_align_eager's docstring."""
-    flat = experts.flatten().tolist()
-    numel = len(flat)
-    ids, block_expert = [], []
-    for e in range(num_experts):
-        group = [i for i, x in enumerate(flat) if x == e]
-        while len(group) % block_m:
-            group.append(numel)
-        ids += group
-        block_expert += [e] * (len(group) // block_m)
-    num_padded = len(ids)
-    capacity = -(-(numel + num_experts * (block_m - 1)) // block_m)
-    ids += [numel] * (capacity * block_m - num_padded)
-    block_expert += [-1] * (capacity - len(block_expert))
-    return ids, block_expert, num_padded
-
-
 def random_experts(num_tokens, num_slots, num_experts, device):
     """Distinct experts per token drawn from the even ids only (odd ones get no token),
     with a random number (0 to all) of trailing -1 slots; token 0 uses none."""
@@ -369,6 +359,19 @@ def test_moe_align_edge_cases(device, backend):
 def test_moe_align_rejects_bad_input(experts, num_experts, block_m, error, match):
     with pytest.raises(error, match=match):
         moe_align(experts, num_experts, block_m)
+
+
+@pytest.mark.parametrize("backend", ["eager", "cpp"])
+@pytest.mark.parametrize("num_tokens,num_experts,block_m", [(2, 2, 2**30), (2**20, 2**11, 2**20)])
+def test_moe_align_rejects_sizes_past_int32(backend, num_tokens, num_experts, block_m):
+    """Padded sizes past int32 are the same ValueError on every backend, before any
+    allocation (eager used to allocate 8 GiB and more where cpp raised)."""
+    require_backend(backend, "cpu")
+    experts = torch.zeros(num_tokens, 2, dtype=torch.int32).expand(num_tokens, 2)
+    max_padded = num_tokens * 2 + num_experts * (block_m - 1)
+    match = rf"moe_align: T\*K \+ num_experts\*\(block_m - 1\) = {max_padded} does not fit in int32"
+    with pytest.raises(ValueError, match=match):
+        moe_align(experts, num_experts, block_m, backend=backend)
 
 
 def test_route_kernels_compile_for_hopper():

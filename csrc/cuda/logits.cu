@@ -99,32 +99,39 @@ template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) entropy_forward_kernel(const scalar_t* __restrict__ logits, int64_t V,
                                                                    int64_t row_stride, float q, bool shannon,
                                                                    float* __restrict__ entropy,
-                                                                   float* __restrict__ lse) {
+                                                                   float* __restrict__ row_max,
+                                                                   float* __restrict__ log_sum,
+                                                                   float* __restrict__ power_sum) {
   const scalar_t* z = logits + blockIdx.x * row_stride;
   Stats st = Stats::empty();
   for (int64_t j = threadIdx.x; j < V; j += kThreads) add_logit(st, to_float(z[j]), shannon, q);
   st = block_merge(st, shannon, q);
   if (threadIdx.x == 0) {
     entropy[blockIdx.x] = st.entropy(shannon, q);
-    lse[blockIdx.x] = st.lse();
+    row_max[blockIdx.x] = st.m;
+    log_sum[blockIdx.x] = st.log_sum();
+    power_sum[blockIdx.x] = st.power_sum(shannon, q);
   }
 }
 
-// Tsallis: dS/dz_j = -q/(q-1) (p_j^q - p_j P_q), P_q = 1 - (q-1) S;
-// Shannon: dH/dz_j = -p_j (log p_j + H); p_j = e^{z_j - lse}; times grad_entropy.
+// Tsallis: dS/dz_j = -q/(q-1) (p_j^q - p_j P_q), P_q saved by the forward;
+// Shannon: dH/dz_j = -p_j (log p_j + H); p_j = e^{(z_j - m) - log s} (z - m exact, see
+// softmax_stats.h); times grad_entropy.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     entropy_backward_kernel(const float* __restrict__ grad_entropy, const scalar_t* __restrict__ logits, int64_t V,
-                            int64_t row_stride, const float* __restrict__ entropy, const float* __restrict__ lse,
-                            float q, bool shannon, scalar_t* __restrict__ grad_logits) {
+                            int64_t row_stride, const float* __restrict__ entropy,
+                            const float* __restrict__ row_max, const float* __restrict__ log_sum,
+                            const float* __restrict__ power_sum, float q, bool shannon,
+                            scalar_t* __restrict__ grad_logits) {
   const int64_t row = blockIdx.x;
   const scalar_t* z = logits + row * row_stride;
   scalar_t* out = grad_logits + row * V;
-  const float g = grad_entropy[row], s = entropy[row], row_lse = lse[row];
+  const float g = grad_entropy[row], s = entropy[row], m = row_max[row], log_s = log_sum[row];
   const float scale = shannon ? -g : -g * q / (q - 1.0f);
-  const float offset = shannon ? s : 1.0f - (q - 1.0f) * s;
+  const float offset = shannon ? s : power_sum[row];
   for (int64_t j = threadIdx.x; j < V; j += kThreads) {
-    const float d = to_float(z[j]) - row_lse;
+    const float d = (to_float(z[j]) - m) - log_s;
     const float p = expf(d);  // 0 for -inf logits
     const float value = shannon ? scale * p * (fmaxf(d, -FLT_MAX) + offset) : scale * (expf(q * d) - p * offset);
     out[j] = from_float<scalar_t>(value);
@@ -140,8 +147,8 @@ __global__ void __launch_bounds__(kThreads)
     ihl_forward_kernel(const scalar_t* __restrict__ logits, int64_t V, int64_t row_stride,
                        const int64_t* __restrict__ labels, float q, bool shannon, float threshold,
                        float high_entropy_weight, int64_t ignore_index, float* __restrict__ loss,
-                       float* __restrict__ entropy, float* __restrict__ weight, float* __restrict__ lse,
-                       int32_t* __restrict__ runner_up) {
+                       float* __restrict__ entropy, float* __restrict__ weight, float* __restrict__ row_max,
+                       float* __restrict__ log_sum, int32_t* __restrict__ runner_up) {
   const int64_t row = blockIdx.x;
   const scalar_t* z = logits + row * row_stride;
   const int64_t label = labels[row];
@@ -159,9 +166,10 @@ __global__ void __launch_bounds__(kThreads)
   st = block_merge(st, shannon, q);
   block_argmax(best, other);
   if (threadIdx.x != 0) return;
-  const float s = st.entropy(shannon, q), row_lse = st.lse();
+  const float s = st.entropy(shannon, q);
   entropy[row] = s;
-  lse[row] = row_lse;
+  row_max[row] = st.m;
+  log_sum[row] = st.log_sum();
   runner_up[row] = label == ignore_index ? -1 : static_cast<int32_t>(other);  // V < 2^31
   if (label == ignore_index) {
     loss[row] = 0.0f;
@@ -170,8 +178,8 @@ __global__ void __launch_bounds__(kThreads)
     loss[row] = NAN;
     weight[row] = NAN;
   } else {
-    const float p_y = expf(to_float(z[label]) - row_lse);
-    const float p_other = expf(best - row_lse);  // 0 when there is no v*
+    const float p_y = st.prob(to_float(z[label]));
+    const float p_other = st.prob(best);  // 0 when there is no v*
     loss[row] = 1.0f + p_y - p_other;
     weight[row] = s > threshold ? high_entropy_weight : 1.0f;
   }
@@ -182,7 +190,8 @@ __global__ void __launch_bounds__(kThreads)
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     ihl_backward_kernel(const float* __restrict__ grad_loss, const scalar_t* __restrict__ logits, int64_t V,
-                        int64_t row_stride, const int64_t* __restrict__ labels, const float* __restrict__ lse,
+                        int64_t row_stride, const int64_t* __restrict__ labels,
+                        const float* __restrict__ row_max, const float* __restrict__ log_sum,
                         const int32_t* __restrict__ runner_up, int64_t ignore_index,
                         scalar_t* __restrict__ grad_logits) {
   const int64_t row = blockIdx.x;
@@ -194,11 +203,11 @@ __global__ void __launch_bounds__(kThreads)
     for (int64_t j = threadIdx.x; j < V; j += kThreads) out[j] = fill;
     return;
   }
-  const float g = grad_loss[row], row_lse = lse[row];
-  const float p_y = expf(to_float(z[label]) - row_lse);
-  const float p_other = other >= 0 ? expf(to_float(z[other]) - row_lse) : 0.0f;
+  const float g = grad_loss[row], m = row_max[row], log_s = log_sum[row];
+  const float p_y = expf((to_float(z[label]) - m) - log_s);
+  const float p_other = other >= 0 ? expf((to_float(z[other]) - m) - log_s) : 0.0f;
   for (int64_t j = threadIdx.x; j < V; j += kThreads) {
-    const float p = expf(to_float(z[j]) - row_lse);
+    const float p = expf((to_float(z[j]) - m) - log_s);
     const float value = g * (p_y * ((j == label ? 1.0f : 0.0f) - p) - p_other * ((j == other ? 1.0f : 0.0f) - p));
     out[j] = from_float<scalar_t>(value);
   }
@@ -226,50 +235,51 @@ cudaError_t dispatch(alter_dtype dtype, int64_t T, const Launch& launch) {
 }  // namespace
 
 extern "C" cudaError_t alter_entropy_forward_cuda(const void* logits, alter_dtype dtype, int64_t T, int64_t V,
-                                                  int64_t row_stride, double q, float* entropy, float* lse,
-                                                  cudaStream_t stream) {
+                                                  int64_t row_stride, double q, float* entropy, float* row_max,
+                                                  float* log_sum, float* power_sum, cudaStream_t stream) {
   return dispatch(dtype, T, [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
     entropy_forward_kernel<scalar_t><<<T, kThreads, 0, stream>>>(static_cast<const scalar_t*>(logits), V, row_stride,
                                                                  static_cast<float>(q), alter::use_shannon(q), entropy,
-                                                                 lse);
+                                                                 row_max, log_sum, power_sum);
   });
 }
 
 extern "C" cudaError_t alter_entropy_backward_cuda(const float* grad_entropy, const void* logits, alter_dtype dtype,
                                                    int64_t T, int64_t V, int64_t row_stride, const float* entropy,
-                                                   const float* lse, double q, void* grad_logits,
+                                                   const float* row_max, const float* log_sum,
+                                                   const float* power_sum, double q, void* grad_logits,
                                                    cudaStream_t stream) {
   return dispatch(dtype, T, [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
     entropy_backward_kernel<scalar_t><<<T, kThreads, 0, stream>>>(
-        grad_entropy, static_cast<const scalar_t*>(logits), V, row_stride, entropy, lse, static_cast<float>(q),
-        alter::use_shannon(q), static_cast<scalar_t*>(grad_logits));
+        grad_entropy, static_cast<const scalar_t*>(logits), V, row_stride, entropy, row_max, log_sum, power_sum,
+        static_cast<float>(q), alter::use_shannon(q), static_cast<scalar_t*>(grad_logits));
   });
 }
 
 extern "C" cudaError_t alter_ihl_forward_cuda(const void* logits, alter_dtype dtype, int64_t T, int64_t V,
                                               int64_t row_stride, const int64_t* labels, double q, double threshold,
                                               double high_entropy_weight, int64_t ignore_index, float* loss,
-                                              float* entropy, float* weight, float* lse, int32_t* runner_up,
-                                              cudaStream_t stream) {
+                                              float* entropy, float* weight, float* row_max, float* log_sum,
+                                              int32_t* runner_up, cudaStream_t stream) {
   return dispatch(dtype, T, [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
     ihl_forward_kernel<scalar_t><<<T, kThreads, 0, stream>>>(
         static_cast<const scalar_t*>(logits), V, row_stride, labels, static_cast<float>(q), alter::use_shannon(q),
         static_cast<float>(threshold), static_cast<float>(high_entropy_weight), ignore_index, loss, entropy, weight,
-        lse, runner_up);
+        row_max, log_sum, runner_up);
   });
 }
 
 extern "C" cudaError_t alter_ihl_backward_cuda(const float* grad_loss, const void* logits, alter_dtype dtype,
                                                int64_t T, int64_t V, int64_t row_stride, const int64_t* labels,
-                                               const float* lse, const int32_t* runner_up, int64_t ignore_index,
-                                               void* grad_logits, cudaStream_t stream) {
+                                               const float* row_max, const float* log_sum, const int32_t* runner_up,
+                                               int64_t ignore_index, void* grad_logits, cudaStream_t stream) {
   return dispatch(dtype, T, [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
     ihl_backward_kernel<scalar_t><<<T, kThreads, 0, stream>>>(grad_loss, static_cast<const scalar_t*>(logits), V,
-                                                              row_stride, labels, lse, runner_up, ignore_index,
-                                                              static_cast<scalar_t*>(grad_logits));
+                                                              row_stride, labels, row_max, log_sum, runner_up,
+                                                              ignore_index, static_cast<scalar_t*>(grad_logits));
   });
 }
