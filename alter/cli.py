@@ -119,12 +119,16 @@ def _check_writable(directory: str) -> None:
 
 
 def _vocabulary_texts(*sets) -> list[str]:
-    """Texts to build the tiny model's word-level vocabulary from."""
+    """Texts to build the tiny model's word-level vocabulary from (a set may mix QA and text rows)."""
     from alter.data import qa_texts
+    from alter.train import check_rows
 
     texts = []
     for data in sets:
-        texts += data["text"] if "text" in data.column_names else qa_texts(data)
+        kinds = check_rows(data, "data")
+        texts += [row["text"] for row, kind in zip(data, kinds) if kind == "text"]
+        qa_rows = [i for i, kind in enumerate(kinds) if kind == "qa"]
+        texts += qa_texts(data.select(qa_rows)) if qa_rows else []
     return texts
 
 
