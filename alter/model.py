@@ -250,8 +250,11 @@ def _base_model_record(model: nn.Module) -> dict:
 
 
 def _check_base_model(model: nn.Module, saved: dict | None, directory) -> None:
-    if not saved:
+    if saved is None:
         return
+    if not isinstance(saved, dict):
+        raise ValueError(f"load_adapter: {BASE_MODEL_KEY!r} in {directory}/{ADAPTER_CONFIG_NAME} must be an object, "
+                         f"got {saved!r}")
     current = _base_model_record(model)
     for key, value in current.items():
         if saved.get(key) is not None and value is not None and saved[key] != value:
