@@ -28,10 +28,11 @@ from alter.tracker import EntropyTracker
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 # Tensors saved per adapted module, as "<module path>.<suffix>".
 ADAPTER_TENSOR_SUFFIXES = ("lora_A", "lora_B", "router.weight", "router.entropy_weight")
-# Safetensors metadata written by save_adapter: the config the weights were trained with
-# and a digest of the tensors, so that a corrupted or mismatched file is refused at load.
-CONFIG_METADATA_KEY = "alter_config"
-DIGEST_METADATA_KEY = "alter_sha256"
+# The one safetensors metadata entry of save_adapter: JSON of the config the weights were
+# trained with ("config") and a digest of the tensors ("sha256"), so that a corrupted or
+# mismatched file is refused at load. One entry: safetensors writes a metadata map in a
+# per-process random order, and the file's bytes must not depend on the process.
+METADATA_KEY = "alter"
 # Config fields that AsymLoRALinear fixes when a model is patched (beside r and
 # num_experts, which the tensor shapes check): an adapter saved with other values cannot
 # run in that model.
@@ -175,8 +176,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
         for suffix in ADAPTER_TENSOR_SUFFIXES
     }
     config = model.alter_config
-    metadata = {"format": "pt", CONFIG_METADATA_KEY: json.dumps(config.to_dict(), sort_keys=True),
-                DIGEST_METADATA_KEY: _tensor_digest(tensors)}
+    metadata = {METADATA_KEY: json.dumps({"config": config.to_dict(), "sha256": _tensor_digest(tensors)}, sort_keys=True)}
     with staged_directory(directory) as staging:
         config.save_pretrained(staging, base_model=_base_model_record(model))
         save_file(tensors, os.path.join(staging, ADAPTER_WEIGHTS_NAME), metadata=metadata)
@@ -294,14 +294,14 @@ def _read_adapter_weights(path: str, config: AlterConfig) -> dict:
             tensors = {key: f.get_tensor(key) for key in f.keys()}
     except (SafetensorError, OSError) as exc:
         raise ValueError(f"load_adapter: {path} is not a readable safetensors file ({exc})") from exc
-    digest = metadata.get(DIGEST_METADATA_KEY)
-    if digest is not None and digest != _tensor_digest(tensors):
-        raise ValueError(f"load_adapter: {path} is corrupted: its tensors do not match the checksum saved with them")
-    if CONFIG_METADATA_KEY in metadata:
+    if METADATA_KEY in metadata:
         try:
-            trained = AlterConfig.from_dict(json.loads(metadata[CONFIG_METADATA_KEY]))
-        except (ValueError, TypeError) as exc:
-            raise ValueError(f"load_adapter: {path} is corrupted: unreadable config in its metadata ({exc})") from exc
+            saved = json.loads(metadata[METADATA_KEY])
+            digest, trained = saved["sha256"], AlterConfig.from_dict(saved["config"])
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ValueError(f"load_adapter: {path} is corrupted: unreadable {METADATA_KEY!r} metadata ({exc!r})") from exc
+        if digest != _tensor_digest(tensors):
+            raise ValueError(f"load_adapter: {path} is corrupted: its tensors do not match the checksum saved with them")
         changed = _config_differences(config, trained)
         if changed:
             shown = ", ".join(f"{k}={have!r} (trained with {want!r})" for k, (have, want) in changed.items())

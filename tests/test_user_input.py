@@ -164,6 +164,17 @@ def test_a_failed_final_save_of_unlearn_leaves_the_previous_outputs(data, tokeni
     assert snapshot(tmp_path) == before
 
 
+def test_saving_the_same_adapter_gives_the_same_bytes(tmp_path):
+    """A resumed run must write the same files as an uninterrupted one (safetensors writes
+    a metadata map of several entries in a random order)."""
+    model = apply_alter(tiny_model(), alter_config(r=2, target_modules=["q_proj"]))
+    saved = set()
+    for i in range(6):
+        save_adapter(model, tmp_path / str(i))
+        saved.add(tuple(snapshot(tmp_path / str(i)).items()))
+    assert len(saved) == 1
+
+
 def trained_adapter(tmp_path, **settings):
     """An unpatched base model, input ids, and the logits of that model on them with an
     adapter trained under ``settings``, saved into ``tmp_path``."""
