@@ -21,6 +21,8 @@ import json
 import os
 import sys
 
+from alter.files import first_line
+
 TINY = "tiny"
 BASE_MODEL_DIR = "base_model"
 
@@ -84,8 +86,7 @@ def _device(spec: str | None):
             raise RuntimeError(f"this machine has {torch.cuda.device_count()} CUDA device(s)")
         torch.empty(1, device=device)
     except (RuntimeError, AssertionError) as exc:  # AssertionError: torch built without CUDA
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"--device {spec}: not usable here ({reason})") from exc
+        raise ValueError(f"--device {spec}: not usable here ({first_line(exc)})") from exc
     return device
 
 
@@ -250,8 +251,8 @@ def load_unlearned(path: str, base_model: str | None = None):
     try:
         model, _ = _load_model(base_model)
     except OSError as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise OSError(f"cannot load the base model {base_model!r} ({source}): {reason}; pass --base-model PATH") from exc
+        raise OSError(f"cannot load the base model {base_model!r} ({source}): {first_line(exc)}; "
+                      "pass --base-model PATH") from exc
     load_adapter(model, path)
     return model, AutoTokenizer.from_pretrained(path)
 

@@ -51,6 +51,13 @@ def write_json(path: str | os.PathLike, values) -> None:
             f.write("\n")
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type when it has none): the reason
+    quoted in a one-line error."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
 def _fsync(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -69,7 +69,7 @@ from tqdm.auto import tqdm
 
 from alter.config import AlterConfig
 from alter.data import IGNORE_INDEX, collate, encode_qa, encode_text
-from alter.files import staged_directory
+from alter.files import first_line, staged_directory
 from alter.model import (
     adapter_parameters,
     apply_alter,
@@ -534,8 +534,7 @@ class _Checkpointer:
         try:
             state = torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as exc:  # pickle, zip and torch errors alike: the file is damaged
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ValueError(f"cannot resume: {self.path} is not a readable checkpoint ({reason})") from exc
+            raise ValueError(f"cannot resume: {self.path} is not a readable checkpoint ({first_line(exc)})") from exc
         keys = ("step", "fingerprint", "params", "optimizer", "rng")
         if not isinstance(state, dict) or any(key not in state for key in keys):
             raise ValueError(f"cannot resume: {self.path} is not a checkpoint of alter.train (it lacks {list(keys)})")
