@@ -109,14 +109,14 @@ def _check_backend(config, method: str, device) -> None:
 
 
 def _check_writable(directory: str) -> None:
-    import tempfile
-
-    try:
-        os.makedirs(directory, exist_ok=True)
-        with tempfile.TemporaryFile(dir=directory):
-            pass
-    except OSError as exc:
-        raise ValueError(f"--out {directory}: cannot write there ({exc.strerror or exc})") from exc
+    """``directory`` exists as a writable folder or can be created; nothing is created yet."""
+    existing = os.path.abspath(directory)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"--out {directory}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {directory}: {existing} is not writable")
 
 
 def _vocabulary_texts(*sets) -> list[str]:

@@ -297,9 +297,10 @@ def test_cli_checks_device_backend_and_out_before_any_work(files, tmp_path, caps
     assert "--backend='triton' is unavailable on cpu: no GPU here" in cli_error(
         capsys, base + ["--backend", "triton", "--device", "cpu"])
     monkeypatch.undo()
+    assert "epochs must be a positive int" in cli_error(capsys, base + ["--epochs", "0"])
     assert not out.exists()  # nothing was written
     (tmp_path / "a_file").write_text("")
-    assert "--out " in cli_error(capsys, base[:-3] + ["--out", str(tmp_path / "a_file" / "o")])
+    assert "a_file is a file, not a directory" in cli_error(capsys, base[:-3] + ["--out", str(tmp_path / "a_file" / "o")])
     bad_config = tmp_path / "config.json"
     bad_config.write_text("{r: 4}")
     assert f"{bad_config}: not valid JSON" in cli_error(capsys, base + ["--config", str(bad_config)])
