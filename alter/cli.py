@@ -137,6 +137,7 @@ def _vocabulary_texts(*sets) -> list[str]:
 
 
 def _load_model(path: str):
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from alter.data import _hub_reachable
@@ -145,7 +146,10 @@ def _load_model(path: str):
     # after transformers' retries (most of a minute).
     local_only = not os.path.isdir(path) and not _hub_reachable()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=local_only)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=local_only)
+    except SafetensorError as exc:  # its message does not say which model
+        raise ValueError(f"{path}: the model's weights cannot be read ({exc})") from exc
     return model, tokenizer
 
 

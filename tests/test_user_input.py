@@ -350,7 +350,7 @@ def test_cli_records_the_base_model_as_given_and_eval_can_override_it(files, dat
     assert main(eval_argv + ["--base-model", "../base"]) == 0
 
 
-def test_cli_eval_of_a_corrupted_adapter_is_a_user_error(files, tmp_path, capsys):
+def test_cli_corrupted_adapter_or_model_weights_are_user_errors(files, tmp_path, capsys):
     forget, retain = files
     out = tmp_path / "o"
     assert main(["unlearn", "--model", "tiny", "--forget", forget, "--retain", retain, "--out", str(out), "--quiet",
@@ -359,6 +359,11 @@ def test_cli_eval_of_a_corrupted_adapter_is_a_user_error(files, tmp_path, capsys
     weights.write_bytes(weights.read_bytes()[:-100])
     err = cli_error(capsys, ["eval", "--model", str(out), "--out", str(tmp_path / "m.json")])
     assert "adapter_model.safetensors is not a readable safetensors file" in err
+    base_weights = out / "base_model" / "model.safetensors"
+    base_weights.write_bytes(base_weights.read_bytes()[:-100])
+    err = cli_error(capsys, ["unlearn", "--model", str(out / "base_model"), "--forget", forget, "--method", "npo",
+                             "--out", str(tmp_path / "o2")])
+    assert f"{out / 'base_model'}: the model's weights cannot be read" in err
 
 
 # ----------------------------------------------------------------------- generation
