@@ -536,7 +536,7 @@ class _Checkpointer:
         except Exception as exc:  # pickle, zip and torch errors alike: the file is damaged
             raise ValueError(f"cannot resume: {self.path} is not a readable checkpoint ({first_line(exc)})") from exc
         keys = ("step", "fingerprint", "params", "optimizer", "rng")
-        if not isinstance(state, dict) or any(key not in state for key in keys):
+        if not isinstance(state, dict) or any(key not in state for key in keys) or not isinstance(state["fingerprint"], dict):
             raise ValueError(f"cannot resume: {self.path} is not a checkpoint of alter.train (it lacks {list(keys)})")
         if state["fingerprint"] != self.fingerprint:
             raise ValueError(
