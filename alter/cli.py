@@ -3,9 +3,16 @@
 ``alter unlearn`` writes into ``--out`` either an adapter (``adapter_config.json`` +
 ``adapter_model.safetensors``, for the adapter methods) or a full model (for the
 full-parameter baselines), the tokenizer, and ``unlearn_args.json`` recording the method
-and where the base model is. With ``--model tiny`` the base model is a small random Llama
-built for the data (for trying the pipeline), saved under ``--out/base_model``.
-``alter eval`` reads such a directory back.
+and the base model exactly as ``--model`` gave it. With ``--model tiny`` the base model is
+a small random Llama built for the data (for trying the pipeline), saved under
+``--out/base_model`` and recorded as ``base_model``, relative to the output directory, so
+that the directory can be moved. ``alter eval`` reads such a directory back; a relative
+recorded base model is looked for in the output directory first, then as given, and
+``--base-model`` overrides it.
+
+Every user error (bad data rows or files, an unavailable backend or device, an unwritable
+``--out``, a checkpoint of another run or data, a corrupted adapter) ends the command
+with one line on stderr and exit status 2, before the first forward of the model.
 """
 from __future__ import annotations
 
@@ -14,14 +21,14 @@ import json
 import os
 import sys
 
+from alter.files import first_line
+
 TINY = "tiny"
 BASE_MODEL_DIR = "base_model"
 
 
-def read_records(path: str):
-    """A ``datasets.Dataset`` from a JSON-lines file or a JSON file holding a list of rows."""
-    import datasets
-
+def read_rows(path: str) -> list[dict]:
+    """The rows (JSON objects) of a JSON-lines file or of a JSON file holding a list."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such data file: {path}")
     with open(path, encoding="utf-8") as f:
@@ -34,18 +41,95 @@ def read_records(path: str):
             rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not JSON or JSON lines ({exc})") from exc
-    if not all(isinstance(row, dict) for row in rows):
+    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
         raise ValueError(f"{path}: every row must be a JSON object")
-    return datasets.Dataset.from_list(rows)
+    return rows
+
+
+def read_records(path: str, rows: list[dict] | None = None):
+    """A ``datasets.Dataset`` of the rows of ``path`` (:func:`read_rows`, or ``rows``
+    when already read). Its columns are every key of any row, a row lacking one holding
+    None there: ``Dataset.from_list`` alone takes the first row's keys and drops the others."""
+    import datasets
+
+    rows = read_rows(path) if rows is None else rows
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    try:
+        return datasets.Dataset.from_list([{key: row.get(key) for key in columns} for row in rows])
+    except (ValueError, TypeError) as exc:  # pyarrow: a column holding values of several types
+        raise ValueError(f"{path}: the rows do not form a table ({exc})") from exc
+
+
+def _training_records(path: str, name: str):
+    """A forget or retain set, every row checked (:func:`alter.train.check_rows`) first."""
+    from alter.train import check_rows
+
+    rows = read_rows(path)
+    if not rows:
+        raise ValueError(f"{path}: {name} is empty: unlearning needs at least one example")
+    try:
+        check_rows(rows, name)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from exc
+    return read_records(path, rows)
+
+
+def _device(spec: str | None):
+    """The torch device of ``--device`` (default: cuda when available), checked usable."""
+    import torch
+
+    if spec is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise RuntimeError(f"this machine has {torch.cuda.device_count()} CUDA device(s)")
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError) as exc:  # AssertionError: torch built without CUDA
+        raise ValueError(f"--device {spec}: not usable here ({first_line(exc)})") from exc
+    return device
+
+
+def _check_backend(config, method: str, device) -> None:
+    """The backend asked for (``--backend`` / the config, or ``ALTER_BACKEND``) runs on ``device``."""
+    from alter.train import ADAPTER_METHODS
+    from alter_kernels import BACKENDS, available_backends
+
+    for source, backend in (("--backend", config.backend), ("ALTER_BACKEND", os.environ.get("ALTER_BACKEND") or None)):
+        if backend is None:
+            continue
+        if backend not in BACKENDS:
+            raise ValueError(f"{source}={backend!r} is not one of {BACKENDS}")
+        why = available_backends(device)[backend]
+        if why:
+            raise ValueError(f"{source}={backend!r} is unavailable on {device}: {why}")
+    if config.backend == "cpp" and method in ADAPTER_METHODS:
+        raise ValueError(f"--backend cpp: the {method!r} adapters need route and asym_lora, which have no cpp "
+                         "backend; use triton or eager (or leave it automatic)")
+
+
+def _check_writable(directory: str) -> None:
+    """``directory`` exists as a writable folder or can be created; nothing is created yet."""
+    existing = os.path.abspath(directory)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"--out {directory}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {directory}: {existing} is not writable")
 
 
 def _vocabulary_texts(*sets) -> list[str]:
-    """Texts to build the tiny model's word-level vocabulary from."""
+    """Texts to build the tiny model's word-level vocabulary from (a set may mix QA and text rows)."""
     from alter.data import qa_texts
+    from alter.train import check_rows
 
     texts = []
     for data in sets:
-        texts += data["text"] if "text" in data.column_names else qa_texts(data)
+        kinds = check_rows(data, "data")
+        texts += [row["text"] for row, kind in zip(data, kinds) if kind == "text"]
+        qa_rows = [i for i, kind in enumerate(kinds) if kind == "qa"]
+        texts += qa_texts(data.select(qa_rows)) if qa_rows else []
     return texts
 
 
@@ -53,6 +137,7 @@ def _vocabulary_texts(*sets) -> list[str]:
 
 
 def _load_model(path: str):
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from alter.data import _hub_reachable
@@ -61,14 +146,20 @@ def _load_model(path: str):
     # after transformers' retries (most of a minute).
     local_only = not os.path.isdir(path) and not _hub_reachable()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=local_only)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=local_only)
+    except SafetensorError as exc:  # its message does not say which model
+        raise ValueError(f"{path}: the model's weights cannot be read ({exc})") from exc
     return model, tokenizer
 
 
 def _alter_config(args):
     from alter.config import AlterConfig
 
-    config = AlterConfig.from_json_file(args.config) if args.config else AlterConfig()
+    try:
+        config = AlterConfig.from_json_file(args.config) if args.config else AlterConfig()
+    except ValueError as exc:
+        raise ValueError(f"--config: {exc}") from exc
     overrides = {
         "r": args.rank,
         "num_experts": args.num_experts,
@@ -87,41 +178,45 @@ def _alter_config(args):
 
 
 def cmd_unlearn(args) -> int:
-    import torch
+    import copy
 
     from alter.config import read_json
-    from alter.train import RUN_ARGS_FILE, check_dataset, unlearn
+    from alter.files import staged_directory, write_json
+    from alter.train import RUN_ARGS_FILE, unlearn
 
-    forget = read_records(args.forget)
-    check_dataset(forget, "forget")
-    retain = read_records(args.retain) if args.retain else None
-    if retain is not None:
-        check_dataset(retain, "retain")
+    # Every check that needs no model first; unlearn() checks the rest (arguments, the
+    # resume checkpoint against this run and data) before its first forward.
+    forget = _training_records(args.forget, "forget")
+    retain = _training_records(args.retain, "retain") if args.retain else None
+    config = _alter_config(args)
+    device = _device(args.device)
+    _check_backend(config, args.method, device)
+    _check_writable(args.out)
+    base = None
     if args.model == TINY:
         from alter.tiny import build_tokenizer, tiny_llama
 
         tokenizer = build_tokenizer(_vocabulary_texts(*[d for d in (forget, retain) if d is not None]))
         model = tiny_llama(tokenizer)
-        base_model = os.path.join(os.path.abspath(args.out), BASE_MODEL_DIR)
-        model.save_pretrained(base_model)
-        tokenizer.save_pretrained(base_model)
+        base = copy.deepcopy(model)  # saved after the run: nothing is written before unlearn's checks
     else:
         model, tokenizer = _load_model(args.model)
-        base_model = os.path.abspath(args.model) if os.path.isdir(args.model) else args.model
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     unlearn(
-        model, tokenizer, forget, retain, _alter_config(args), args.method,
+        model, tokenizer, forget, retain, config, args.method,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, max_steps=args.max_steps,
         structural=args.structural, seed=args.seed, output_dir=args.out,
         save_every=args.save_every, resume=args.resume, router_warmup=args.router_warmup,
         router_lr=args.router_lr, progress=not args.quiet,
     )
+    if base is not None:
+        with staged_directory(os.path.join(args.out, BASE_MODEL_DIR)) as staging:
+            base.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
     run_file = os.path.join(args.out, RUN_ARGS_FILE)
     run = read_json(run_file)
-    run["base_model"] = base_model
-    with open(run_file, "w") as f:
-        json.dump(run, f, indent=2)
+    run["base_model"] = BASE_MODEL_DIR if base is not None else args.model  # as given: no absolute path
+    write_json(run_file, run)
     print(f"unlearned model ({args.method}) written to {args.out}")
     return 0
 
@@ -133,7 +228,8 @@ def load_unlearned(path: str, base_model: str | None = None):
     """Model and tokenizer from an ``alter unlearn`` output directory (or any HF model dir).
 
     An adapter directory is loaded onto its base model: ``base_model`` when given, else
-    the one recorded in its ``unlearn_args.json``.
+    the one recorded in its ``unlearn_args.json`` (a relative path is looked for in
+    ``path`` first, then as given).
     """
     from transformers import AutoTokenizer
 
@@ -145,12 +241,22 @@ def load_unlearned(path: str, base_model: str | None = None):
         raise FileNotFoundError(f"--model: no such directory: {path}")
     if not os.path.exists(os.path.join(path, ADAPTER_CONFIG_NAME)):
         return _load_model(path)
+    source = "--base-model"
     if base_model is None:
         run_file = os.path.join(path, RUN_ARGS_FILE)
         base_model = read_json(run_file).get("base_model") if os.path.exists(run_file) else None
         if base_model is None:
             raise ValueError(f"{path} holds an adapter but no {RUN_ARGS_FILE} naming its base model: pass --base-model")
-    model, _ = _load_model(base_model)
+        source = f"recorded in {run_file}"
+        if not os.path.isabs(base_model) and os.path.isdir(os.path.join(path, base_model)):
+            base_model = os.path.join(path, base_model)
+    if os.path.isabs(base_model) and not os.path.isdir(base_model):
+        raise FileNotFoundError(f"the base model {base_model} ({source}) is not a directory: pass --base-model PATH")
+    try:
+        model, _ = _load_model(base_model)
+    except OSError as exc:
+        raise OSError(f"cannot load the base model {base_model!r} ({source}): {first_line(exc)}; "
+                      "pass --base-model PATH") from exc
     load_adapter(model, path)
     return model, AutoTokenizer.from_pretrained(path)
 
@@ -175,19 +281,12 @@ def _tofu_data(spec: str, seed: int):
 
 
 def cmd_eval(args) -> int:
-    import torch
-
     from alter.config import read_json
     from alter.data import PromptFormat
     from alter.eval import evaluate_tofu, open_unlearning_summary
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_unlearned(args.model, args.base_model)
-    model.to(device)
-    reference_model = None
-    if args.reference_model:
-        reference_model, _ = load_unlearned(args.reference_model)
-        reference_model.to(device)
+    # The inputs that need no model first: a bad one fails before the model is loaded.
+    device = _device(args.device)
     retain_ratios, retain_auc = None, None
     if args.retain_metrics:
         retain = read_json(args.retain_metrics)
@@ -198,7 +297,14 @@ def cmd_eval(args) -> int:
     if args.chat_template and args.prompt_format not in (None, "chat"):
         raise ValueError(f"--chat-template contradicts --prompt-format {args.prompt_format}")
     fmt = PromptFormat(style or "plain", args.system_prompt)
-    metrics = evaluate_tofu(model, tokenizer, _tofu_data(args.data, args.seed), retain_model_truth_ratios=retain_ratios,
+    data = _tofu_data(args.data, args.seed)
+    model, tokenizer = load_unlearned(args.model, args.base_model)
+    model.to(device)
+    reference_model = None
+    if args.reference_model:
+        reference_model, _ = load_unlearned(args.reference_model)
+        reference_model.to(device)
+    metrics = evaluate_tofu(model, tokenizer, data, retain_model_truth_ratios=retain_ratios,
                             batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, prompt_format=fmt,
                             num_questions=args.num_questions, retain_model_auc=retain_auc,
                             reference_model=reference_model)
@@ -349,12 +455,19 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "bench":
         # Everything after "bench" belongs to alter.bench's own parser (its --help too).
         return cmd_bench(argv[1:])
+    from safetensors import SafetensorError
+
+    from alter_kernels import BackendUnavailable
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, OSError) as exc:  # OSError: missing files, models transformers cannot load
-        parser.exit(2, f"alter {args.command}: error: {exc}\n")
+    # OSError: missing files, models transformers cannot load; SafetensorError: a damaged
+    # weights file. One line: a message that spans lines is joined.
+    except (ValueError, TypeError, OSError, BackendUnavailable, SafetensorError) as exc:
+        message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+        parser.exit(2, f"alter {args.command}: error: {message}\n")
 
 
 if __name__ == "__main__":

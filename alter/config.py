@@ -188,7 +188,10 @@ class AlterConfig:
 def read_json(path: str | os.PathLike) -> dict[str, Any]:
     """A JSON object from ``path``; ValueError when the file holds something else."""
     with open(path, encoding="utf-8") as f:
-        values = json.load(f)
+        try:
+            values = json.load(f)
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError: name the file
+            raise ValueError(f"{path}: not valid JSON ({exc})") from exc
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(values).__name__}")
     return values

@@ -50,7 +50,8 @@ class EntropyTracker:
       decoded with the KV cache is gated by the entropy of the distribution that
       produced it, i.e. of the previous forward's last-position logits (kept by a forward
       hook). Greedy and sampling decoding are supported; beam search reorders the batch
-      between steps, which the lagged entropy cannot follow.
+      between steps, which the lagged entropy cannot follow: it raises RuntimeError at
+      its first reorder (``_reorder_cache``, which transformers calls when a model has it).
     """
 
     def __init__(self, config: AlterConfig):
@@ -238,6 +239,7 @@ class EntropyTracker:
         self._hooks = [
             model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
             model.register_forward_hook(self._after_forward, with_kwargs=True),
+            _BeamReorderGuard(model, self),
         ]
 
     def detach(self) -> None:
@@ -346,6 +348,34 @@ class EntropyTracker:
                 return entropy.reshape(hidden.shape[:-1])
             logits = model(**base_inputs, use_cache=False).logits
             return tsallis_entropy(logits, q, backend=backend)
+
+
+class _BeamReorderGuard:
+    """An instance ``_reorder_cache`` on the patched model: transformers' beam search calls
+    it to reorder the KV cache between steps, where ``"lagged"`` entropy would gate each
+    beam's next token with another beam's entropy. It raises then; otherwise it reorders
+    as the model would. ``remove()`` takes it off, like a hook handle."""
+
+    def __init__(self, model: nn.Module, tracker: EntropyTracker):
+        self.model, self.tracker = model, tracker
+        self.original = getattr(model, "_reorder_cache", None)
+        model._reorder_cache = self
+
+    def __call__(self, cache, beam_idx):
+        if self.tracker.config.entropy_source == "lagged" and self.tracker.adapters_enabled:
+            raise RuntimeError(
+                "entropy_source='lagged' does not support beam search (num_beams > 1): reordering the beams "
+                "would gate each token with another beam's entropy; decode greedily or by sampling, or use "
+                "entropy_source='prepass' with use_cache=False"
+            )
+        if self.original is not None:
+            return self.original(cache, beam_idx)
+        cache.reorder_cache(beam_idx)
+        return cache
+
+    def remove(self) -> None:
+        if self.model.__dict__.get("_reorder_cache") is self:
+            del self.model.__dict__["_reorder_cache"]
 
 
 def _named_inputs(model: nn.Module, args: tuple, kwargs: dict) -> dict:

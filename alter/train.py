@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -68,6 +69,7 @@ from tqdm.auto import tqdm
 
 from alter.config import AlterConfig
 from alter.data import IGNORE_INDEX, collate, encode_qa, encode_text
+from alter.files import first_line, staged_directory
 from alter.model import (
     adapter_parameters,
     apply_alter,
@@ -89,8 +91,9 @@ RETENTION_EXPERT = 0
 # ----------------------------------------------------------------------------- data
 
 
-def check_dataset(data, name: str) -> None:
-    """Raise a clear error unless ``data`` is a non-empty QA or text ``datasets.Dataset``."""
+def check_dataset(data, name: str) -> list[str]:
+    """Raise a clear error unless ``data`` is a non-empty ``datasets.Dataset`` of usable
+    QA or text rows (see :func:`check_rows`); returns each row's kind."""
     import datasets
 
     if not isinstance(data, datasets.Dataset):
@@ -103,6 +106,43 @@ def check_dataset(data, name: str) -> None:
             f"{name} needs 'question' and 'answer' columns (QA) or a 'text' column "
             f"(corpus); it has {sorted(columns)}"
         )
+    return check_rows(data, name)
+
+
+def check_rows(rows, name: str) -> list[str]:
+    """The kind of each row of a forget or retain set: ``"qa"`` or ``"text"``.
+
+    ``rows``: an iterable of dicts (a ``datasets.Dataset`` or parsed JSON rows). A row
+    with a ``question`` or an ``answer`` (not None) is a QA row and needs both, else a
+    row with a ``text`` is a text row; a set may mix the two (a table built from mixed
+    rows holds None in the other kind's columns). A field in use must be a string with
+    more than whitespace. Anything else raises ValueError naming the split, the row index
+    and the field, because such a row would otherwise be trained on as ``"Question:
+    None"`` with only EOS labelled, i.e. never unlearned.
+    """
+    kinds = []
+    for i, row in enumerate(rows):
+        where = f"{name}[{i}]"
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: a row must be an object with question/answer or text, got {type(row).__name__}")
+        if row.get("question") is not None or row.get("answer") is not None:
+            kinds.append("qa")
+            fields = ("question", "answer")
+        elif row.get("text") is not None:
+            kinds.append("text")
+            fields = ("text",)
+        else:
+            shown = {k: v for k, v in row.items() if v is not None} or "no non-null field"
+            raise ValueError(f"{where}: needs 'question' and 'answer' (QA) or 'text' (corpus); it has {shown}")
+        for field in fields:
+            value = row.get(field)
+            if value is None:
+                raise ValueError(f"{where}: {field!r} is missing (a QA row needs a question and an answer)")
+            if not isinstance(value, str):
+                raise ValueError(f"{where}: {field!r} must be a string, got {type(value).__name__} {value!r}")
+            if not value.strip():
+                raise ValueError(f"{where}: {field!r} is empty")
+    return kinds
 
 
 def model_context_length(model) -> int | None:
@@ -114,16 +154,16 @@ def encode_dataset(tokenizer, data, name: str, max_length: int | None) -> list[d
     """Tokenize a QA or text dataset into examples for :func:`alter.data.collate`.
 
     Each example holds ``input_ids``, ``attention_mask``, ``labels`` (int lists; QA rows
-    are labelled on the answer only, text rows on every token). An example longer than
-    ``max_length`` raises ``ValueError`` naming the split and row, because truncating it
+    are labelled on the answer only, text rows on every token). A row that is not a
+    usable QA or text row (:func:`check_rows`) raises ``ValueError``, and so does an
+    example longer than ``max_length``, naming the split and row, because truncating it
     would silently drop what should be forgotten or kept.
     """
-    check_dataset(data, name)
-    qa = "question" in data.column_names and "answer" in data.column_names
+    kinds = check_dataset(data, name)
     examples = []
-    for i, row in enumerate(data):
+    for i, (row, kind) in enumerate(zip(data, kinds)):
         try:
-            if qa:
+            if kind == "qa":
                 example = encode_qa(tokenizer, row["question"], row["answer"], max_length)
             else:
                 example = encode_text(tokenizer, row["text"], max_length)
@@ -485,22 +525,54 @@ class _Checkpointer:
         torch.save(state, tmp)
         os.replace(tmp, self.path)  # a run killed mid-write keeps the previous checkpoint
 
-    def load(self, params: dict, optimizer) -> int:
-        """Restore the latest checkpoint; returns its step (0 when there is none)."""
+    def read(self) -> dict | None:
+        """The checkpoint's state (None when there is none), after checking that this run
+        wrote it: a resume with other settings or data fails loudly instead of mixing two
+        runs, and an unreadable file is a ValueError."""
         if self.path is None or not os.path.exists(self.path):
-            return 0
-        state = torch.load(self.path, map_location="cpu", weights_only=True)
+            return None
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # pickle, zip and torch errors alike: the file is damaged
+            raise ValueError(f"cannot resume: {self.path} is not a readable checkpoint ({first_line(exc)})") from exc
+        keys = ("step", "fingerprint", "params", "optimizer", "rng")
+        if not isinstance(state, dict) or any(key not in state for key in keys) or not isinstance(state["fingerprint"], dict):
+            raise ValueError(f"cannot resume: {self.path} is not a checkpoint of alter.train (it lacks {list(keys)})")
         if state["fingerprint"] != self.fingerprint:
             raise ValueError(
                 f"cannot resume from {self.path}: it was written by a different run "
-                f"({state['fingerprint']}), this run is {self.fingerprint}"
+                f"({_differences(state['fingerprint'], self.fingerprint)}); start again without resume"
             )
+        return state
+
+    def restore(self, state: dict, params: dict, optimizer) -> int:
+        """Copy a :meth:`read` state into the parameters, optimizer and RNG; returns its step."""
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(state["params"][name])
         optimizer.load_state_dict(state["optimizer"])
         _set_rng_state(state["rng"])
         return state["step"]
+
+
+def _differences(saved: dict, current: dict, prefix: str = "") -> str:
+    """``key: saved -> current`` for each differing key of two run fingerprints."""
+    parts = []
+    for key in sorted(set(saved) | set(current), key=str):
+        have, want = saved.get(key), current.get(key)
+        if isinstance(have, dict) and isinstance(want, dict):
+            parts += [_differences(have, want, f"{prefix}{key}.")] if have != want else []
+        elif have != want:
+            parts.append(f"{prefix}{key}: {have!r} -> {want!r}")
+    return ", ".join(parts)
+
+
+def _examples_digest(*splits: list[dict]) -> str:
+    """SHA-256 of the token ids and labels of encoded splits: what the run trains on."""
+    digest = hashlib.sha256()
+    for examples in splits:
+        digest.update(json.dumps([[e["input_ids"], e["labels"]] for e in examples]).encode())
+    return digest.hexdigest()
 
 
 def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -603,10 +675,23 @@ def unlearn(
     device = next(model.parameters()).device
     on_gpu = device.type == "cuda"
     autocast = _autocast_factory(device, on_gpu if mixed_precision is None else mixed_precision)
+    # What decides the result, for the resume check and the saved record (max_length as
+    # given: the model's context when None).
+    run = {"method": method, "seed": seed, "batch_size": batch_size, "lr": lr, "router_warmup": router_warmup,
+           "router_lr": router_lr, "structural": structural, "npo_beta": npo_beta, "max_grad_norm": max_grad_norm,
+           "max_length": max_length, "config": config.to_dict()}
     max_length = model_context_length(model) if max_length is None else max_length
     pad_id = _pad_id(tokenizer)
     forget_examples = encode_dataset(tokenizer, forget, "forget", max_length)
     retain_examples = encode_dataset(tokenizer, retain, "retain", max_length) if retain is not None else []
+    run.update(n_forget=len(forget_examples), n_retain=len(retain_examples),
+               data_sha256=_examples_digest(forget_examples, retain_examples))
+    checkpointer = _Checkpointer(output_dir, run)
+    checkpoint = checkpointer.read() if resume else None  # refuse another run before any forward
+    if progress:
+        forget_tokens = sum(label != IGNORE_INDEX for example in forget_examples for label in example["labels"])
+        print(f"unlearn [{method}]: targeting {len(forget_examples)} forget rows ({forget_tokens} labelled tokens), "
+              f"keeping {len(retain_examples)} retain rows", flush=True)
     torch.manual_seed(seed)
 
     if method in ADAPTER_METHODS:
@@ -628,11 +713,7 @@ def unlearn(
     steps_per_epoch = math.ceil(len(forget_examples) / batch_size)
     total_steps = router_warmup + epochs * steps_per_epoch
     total_steps = total_steps if max_steps is None else min(max_steps, total_steps)
-    fingerprint = {"method": method, "seed": seed, "batch_size": batch_size, "router_warmup": router_warmup,
-                   "n_forget": len(forget_examples), "n_retain": len(retain_examples),
-                   "config": config.to_dict(), "lr": lr, "router_lr": router_lr, "structural": structural}
-    checkpointer = _Checkpointer(output_dir, fingerprint)
-    start_step = checkpointer.load(trainable, optimizer) if resume else 0
+    start_step = checkpointer.restore(checkpoint, trainable, optimizer) if checkpoint is not None else 0
 
     checkpointing = (on_gpu if gradient_checkpointing is None else gradient_checkpointing) and not _checkpointing_on(model)
     if checkpointing:
@@ -671,10 +752,7 @@ def unlearn(
         model.set_attn_implementation(attention)
     model.eval()
     if output_dir is not None:
-        _save_result(model, tokenizer, output_dir, method,
-                     {"method": method, "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
-                      "structural": structural, "npo_beta": npo_beta, "router_warmup": router_warmup,
-                      "router_lr": router_lr, "steps": total_steps})
+        _save_result(model, tokenizer, output_dir, method, {**run, "epochs": epochs, "steps": total_steps})
     return model
 
 
@@ -753,14 +831,16 @@ def _setup_adapter_method(model, config, method, forget_examples, retain_example
 
 
 def _save_result(model, tokenizer, output_dir: str, method: str, args: dict) -> None:
-    os.makedirs(output_dir, exist_ok=True)
-    if method in ADAPTER_METHODS:
-        save_adapter(model, output_dir)
-    else:
-        model.save_pretrained(output_dir)
-    tokenizer.save_pretrained(output_dir)
-    with open(os.path.join(output_dir, RUN_ARGS_FILE), "w") as f:
-        json.dump(args, f, indent=2)
+    """The adapter (or model), tokenizer and run record, written together: staged in a
+    temporary sibling directory and moved in only when all are complete."""
+    with staged_directory(output_dir) as staging:
+        if method in ADAPTER_METHODS:
+            save_adapter(model, staging)
+        else:
+            model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        with open(os.path.join(staging, RUN_ARGS_FILE), "w") as f:
+            json.dump(args, f, indent=2)
 
 
 @torch.no_grad()

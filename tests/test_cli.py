@@ -107,7 +107,7 @@ def test_bad_data_file_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["unlearn", "--model", "tiny", "--forget", str(bad), "--retain", str(bad), "--out", str(tmp_path / "o")])
     assert exit_info.value.code == 2
-    assert "forget needs 'question' and 'answer' columns" in capsys.readouterr().err
+    assert "bad.jsonl: forget[0]: needs 'question' and 'answer' (QA) or 'text'" in capsys.readouterr().err
 
     with pytest.raises(SystemExit):
         main(["unlearn", "--model", "tiny", "--forget", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")])
