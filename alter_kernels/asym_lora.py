@@ -265,8 +265,14 @@ if triton is not None:
 
 
 @lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
+def _cuda_sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _sm_count(device: torch.device) -> int | None:
+    """SMs of a CUDA device; None off the GPU (the interpreter). benchmarks/compile_report.py
+    replaces it to size the grids for a target GPU."""
+    return _cuda_sm_count(device.index) if device.type == "cuda" else None
 
 
 class _KernelConfig:
@@ -301,7 +307,8 @@ class _KernelConfig:
     def num_parts(self, programs: int, max_parts: int) -> int:
         """How many parts to split a reduction into so that about 4 programs per SM run
         (2 parts in the interpreter, so that CI exercises the split)."""
-        target = 2 * programs if self.device.type != "cuda" else 4 * _sm_count(self.device.index)
+        sms = _sm_count(self.device)
+        target = 2 * programs if sms is None else 4 * sms
         return max(1, min(max_parts, triton.cdiv(target, max(programs, 1))))
 
     def meta(self, block_m: int, block_n: int) -> dict:
