@@ -36,8 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-# SM counts of the reference GPUs (H100/H200 SXM, A100), for the launchers' grid splits.
-SM_COUNT = {90: 132, 80: 108}
+ARCHS = (90, 80)  # Hopper (H100/H200: sm_90a), Ampere (A100: sm_80)
 MAX_REGISTERS = 168
 LOGITS_SHAPE = (16384, 128256)  # entropy / IHL: 16k tokens of Llama-3's vocabulary
 ASYM_LORA_SHAPES = (  # label, k, d; r 8, N 8, top-3 (Llama-3-8B projections)
@@ -103,7 +102,8 @@ def _entropy_cases(rec: _Recorder) -> None:
     logits = torch.empty(T, V, dtype=torch.bfloat16)
     chunk = logits[: entropy.default_chunk_size(V)]  # the chunk fused_linear_entropy hands the kernels
     for q in (1.2, 1.0):
-        for name, rows in ((f"entropy [{T}, {V}] bf16", logits), (f"fused_linear_entropy chunk [{chunk.shape[0]}, {V}] bf16", chunk)):
+        cases = ((f"entropy [{T}, {V}] bf16", logits), (f"fused_linear_entropy chunk [{chunk.shape[0]}, {V}] bf16", chunk))
+        for name, rows in cases:
             rec.case = f"{name} q={q}"
             ent, lse = entropy._entropy_forward_triton(rows, q)
             entropy._entropy_backward_triton(torch.empty_like(ent), rows, ent, lse, q)
@@ -139,30 +139,33 @@ def _asym_lora_cases(rec: _Recorder) -> None:
     import torch
 
     asym_lora = importlib.import_module("alter_kernels.asym_lora")  # the module, not the op of that name
-
     gen = torch.Generator().manual_seed(0)
     for label, k, d in ASYM_LORA_SHAPES:
         for T in ASYM_LORA_TOKENS:
-            rec.case = f"AsymLoRA {label} T={T} {k}->{d} r={R} N={NUM_EXPERTS} top-{TOP_K} bf16"
+            name = f"AsymLoRA {label} T={T} {k}->{d} r={R} N={NUM_EXPERTS} top-{TOP_K} bf16"
             x = torch.empty(T, k, dtype=torch.bfloat16).requires_grad_(True)
             A = torch.empty(R, k, dtype=torch.bfloat16).requires_grad_(True)
             B = torch.empty(NUM_EXPERTS, d, R, dtype=torch.bfloat16).requires_grad_(True)
-            # real routes: the backward groups the slots by expert on the CPU
+            # real routes: the backward builds the dense gate from them on the CPU
             experts = torch.rand(T, NUM_EXPERTS, generator=gen).argsort(dim=1)[:, :TOP_K].to(torch.int32)
             weights = torch.rand(T, TOP_K, generator=gen).requires_grad_(True)
-            out = asym_lora.AsymLoRATriton.apply(x, A, B, weights, experts.contiguous(), 2.0, None)
+            rec.case = name + " into out"  # as AsymLoRALinear calls it: into the base output
+            base = torch.empty(T, d, dtype=torch.bfloat16, requires_grad=True) * 1  # a non-leaf
+            out = asym_lora.AsymLoRATriton.apply(x, A, B, weights, experts.contiguous(), 2.0, None, base)
             out.backward(torch.empty_like(out))
+            rec.case = name + " new"
+            with torch.no_grad():
+                asym_lora.AsymLoRATriton.apply(x, A, B, weights, experts.contiguous(), 2.0, None, None)
 
 
 CASES = {"entropy": _entropy_cases, "ihl": _ihl_cases, "route": _route_cases, "asym_lora": _asym_lora_cases}
 
 
 def _gpu_like_launch_config(arch: int) -> None:
-    """Make the launchers size their grid splits for the target GPU, as on a real one
-    (on CPU tensors they would use the interpreter's small splits)."""
+    """Make the launchers pick the target GPU's tiles, as on a real one (on CPU tensors
+    they would pick the interpreter's)."""
     asym_lora = importlib.import_module("alter_kernels.asym_lora")  # the module, not the op of that name
-
-    asym_lora._sm_count = lambda device: SM_COUNT[arch]
+    asym_lora._gpu_arch = lambda device: arch
 
 
 # ----------------------------------------------------------------------------------
@@ -293,7 +296,7 @@ def format_table(records: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", type=int, nargs="+", choices=sorted(SM_COUNT), default=[90, 80])
+    parser.add_argument("--arch", type=int, nargs="+", choices=ARCHS, default=list(ARCHS))
     parser.add_argument("--out", type=Path, required=True, help="directory for compile_report.json")
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
     parser.add_argument("--max-registers", type=int, default=MAX_REGISTERS)
