@@ -234,7 +234,8 @@ def _asym_lora_case(label: str, T: int, k: int, d: int, r: int, N: int, K: int, 
     Variants: ``linear`` is the frozen nn.Linear alone (the floor), ``loop`` a naive
     per-expert Python loop over dense gates (what HydraLoRA-style code does), ``eager``
     the readable reference, ``eager_dense`` the best eager formulation, ``triton`` the
-    kernels (its routing too; the other variants route on the eager path).
+    kernels (its routing too; the other variants route on the eager path). ``eager`` and
+    ``triton`` add the delta into the base output (``out=``), as ``AsymLoRALinear`` does.
     """
     from alter_kernels import asym_lora, route
     from alter_kernels.asym_lora import asym_lora_eager_dense
@@ -260,12 +261,11 @@ def _asym_lora_case(label: str, T: int, k: int, d: int, r: int, N: int, K: int, 
                 backend=route_backend,
             )
             if variant == "loop":
-                delta = _naive_expert_loop(x, A, B, weights, experts, scaling)
-            elif variant == "eager_dense":
-                delta = asym_lora_eager_dense(x, A, B, weights, experts, scaling)
-            else:
-                delta = asym_lora(x, A, B, weights, experts, scaling, backend=variant)
-            return base + delta
+                return base + _naive_expert_loop(x, A, B, weights, experts, scaling)
+            if variant == "eager_dense":
+                return base + asym_lora_eager_dense(x, A, B, weights, experts, scaling)
+            # as AsymLoRALinear calls it: the delta added into the base output in place
+            return asym_lora(x, A, B, weights, experts, scaling, backend=variant, out=base)
 
         def step():
             layer().backward(grad)
