@@ -37,6 +37,10 @@ import time
 from pathlib import Path
 
 ARCHS = (90, 80)  # Hopper (H100/H200: sm_90a), Ampere (A100: sm_80)
+# Per SM of the reference GPU of each arch (H100/H200 SXM, A100 SXM): SMs, registers,
+# shared memory per SM (bytes), most warps and CTAs; for the occupancy and wave estimate.
+SM = {90: dict(count=132, registers=65536, shared=233472, warps=64, ctas=32),
+      80: dict(count=108, registers=65536, shared=167936, warps=64, ctas=32)}
 MAX_REGISTERS = 168
 LOGITS_SHAPE = (16384, 128256)  # entropy / IHL: 16k tokens of Llama-3's vocabulary
 ASYM_LORA_SHAPES = (  # label, k, d; r 8, N 8, top-3 (Llama-3-8B projections)
@@ -87,6 +91,7 @@ class _Recorder:
                     kernel, error = real_run(fn, *args, grid=grid, warmup=True, **kwargs), None
             except Exception as exc:  # a compile failure is a result, recorded
                 kernel, error = None, f"{type(exc).__name__}: {str(exc)[:2000]}"
+            kwargs["grid"] = grid
             recorder.launches.append((fn.fn.__name__, dict(kwargs), kernel, error, log.getvalue(), recorder.case))
             return kernel
 
@@ -218,6 +223,26 @@ def _analyse(kernel, ptxas_log: str, workdir: Path) -> dict:
     )
 
 
+def occupancy(arch: int, registers: int, num_warps: int, shared_bytes: int) -> int:
+    """CTAs per SM that fit: registers (allocated per warp in units of 256), shared memory
+    (1 KiB reserved per CTA), warps and CTAs per SM."""
+    sm = SM[arch]
+    per_warp = -(-registers * 32 // 256) * 256
+    by_registers = sm["registers"] // (per_warp * num_warps)
+    by_shared = sm["shared"] // (shared_bytes + 1024)
+    return max(0, min(by_registers, by_shared, sm["warps"] // num_warps, sm["ctas"]))
+
+
+def waves(arch: int, grid, ctas_per_sm: int) -> float | None:
+    """Grid size over what the GPU runs at once; a fraction past an integer is a tail wave."""
+    if callable(grid) or not ctas_per_sm:
+        return None
+    programs = 1
+    for n in grid:
+        programs *= n
+    return round(programs / (SM[arch]["count"] * ctas_per_sm), 2)
+
+
 def compile_arch(arch: int, which: list[str]) -> list[dict]:
     """Compile every kernel of the chosen case groups for ``arch``; one record per launch."""
     with tempfile.TemporaryDirectory() as cache:
@@ -245,11 +270,13 @@ def compile_arch(arch: int, which: list[str]) -> list[dict]:
             if kernel.hash not in analysed:
                 analysed[kernel.hash] = _analyse(kernel, log, Path(cache))
             stats = dict(analysed[kernel.hash])
-            meta = {k: str(v) for k, v in kwargs.items() if k[:1].isupper()}
+            meta = {k: str(v) for k, v in kwargs.items() if k[:1].isupper()}  # the constexprs
             per_thread = int(kwargs["BLOCK_V"]) // (32 * kernel.metadata.num_warps) if "BLOCK_V" in kwargs else None
             loop = stats.pop("main_loop_instructions")
+            ctas = occupancy(arch, stats["registers"], kernel.metadata.num_warps, stats["shared_bytes"])
             records.append({
                 **record, "num_warps": kernel.metadata.num_warps, "num_stages": kernel.metadata.num_stages, **stats,
+                "grid": None if callable(kwargs["grid"]) else list(kwargs["grid"]), "ctas_per_sm": ctas, "waves": waves(arch, kwargs["grid"], ctas),
                 "main_loop_instructions": loop if per_thread else None,
                 "instructions_per_element": round(loop / per_thread, 2) if per_thread and loop else None,
                 "meta": meta, "hash": kernel.hash[:12],
@@ -278,7 +305,8 @@ def violations(records: list[dict], max_registers: int) -> list[str]:
 def format_table(records: list[dict]) -> str:
     """One line per distinct compiled kernel and case (a kernel that several launches of a
     case share is listed once)."""
-    header = ("arch", "kernel", "case", "warps", "stages", "regs", "spills", "smem", "SASS", "loop", "instr/elem")
+    header = ("arch", "kernel", "case", "warps", "stages", "regs", "spills", "smem", "SASS", "loop", "instr/elem",
+              "CTAs/SM", "waves")
     rows, seen = [], set()
     for r in records:
         key = (r["arch"], r["kernel"], r["case"], r.get("hash"))
@@ -286,12 +314,12 @@ def format_table(records: list[dict]) -> str:
             continue
         seen.add(key)
         if "error" in r:
-            rows.append((f"sm_{r['arch']}", r["kernel"], r["case"], "ERROR", r["error"][:60], "", "", "", "", "", ""))
+            rows.append((f"sm_{r['arch']}", r["kernel"], r["case"], "ERROR", r["error"][:60], *[""] * 8))
             continue
         rows.append((
             f"sm_{r['arch']}", r["kernel"], r["case"], r["num_warps"], r["num_stages"], r["registers"], r["spills"],
             r["shared_bytes"], r["sass_instructions"], r["main_loop_instructions"] or "",
-            r["instructions_per_element"] or "",
+            r["instructions_per_element"] or "", r["ctas_per_sm"], "" if r["waves"] is None else r["waves"],
         ))
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     return "\n".join("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip() for row in [header, *rows])

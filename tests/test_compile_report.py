@@ -38,3 +38,15 @@ def test_limits_flag_spills_registers_and_failed_compiles():
         [{**ok, "registers": 169}, {**ok, "spills": 8}, dict(kernel="k", case="c", arch=80, error="boom")], 168
     )
     assert [line.split(": ", 1)[1] for line in bad] == ["169 registers > 168", "spills 8 bytes", "compile failed: boom"]
+
+
+def test_occupancy_and_waves():
+    # 128 registers x 4 warps: 4 CTAs by registers (64K per SM); 32 KiB shared: 6 would fit
+    assert compile_report.occupancy(90, 128, 4, 32 * 1024) == 4
+    # 36 registers: 1152 per warp, allocated as 1280: 12 CTAs of 4 warps
+    assert compile_report.occupancy(90, 36, 4, 0) == 12
+    assert compile_report.occupancy(90, 16, 4, 0) == 16  # the 64-warp limit binds
+    assert compile_report.occupancy(80, 32, 8, 150 * 1024) == 1  # shared memory binds
+    # 16 x 112 programs over 132 SMs x 4 CTAs: 3.39 waves
+    assert compile_report.waves(90, (16, 112), 4) == 3.39
+    assert compile_report.waves(90, lambda meta: (1,), 4) is None
