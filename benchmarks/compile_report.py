@@ -13,7 +13,9 @@ no memory. Registers come from ``cuobjdump -res-usage``, spills from the ptxas l
 Triton cache per run, so ptxas always runs), the SASS from ``cuobjdump -sass``. For the row
 kernels (a loop over the vocabulary) the report also counts the SASS instructions of the
 main loop (the largest backward branch) and divides them by the elements each thread
-handles per iteration.
+handles per iteration. Each launch also gets the CTAs per SM that fit (registers, shared
+memory, warps) and the waves its grid takes on the arch's reference GPU (H100/H200: 132
+SMs, A100: 108): an estimate of tail waves, not a measurement.
 
 Writes OUT/compile_report.json (a list of records {kernel, case, arch, num_warps,
 num_stages, registers, spills, shared_bytes, sass_instructions, ...}, ``error`` when a
