@@ -84,6 +84,9 @@ STRUCTURAL_MODES = ("surrogate", "exact")
 CHECKPOINT_FILE = "checkpoint.pt"
 RUN_ARGS_FILE = "unlearn_args.json"
 RETENTION_EXPERT = 0
+ROUTE_RULE = "answer"
+ROUTE_BALANCED = False
+RETAIN_GATED = False
 
 
 # ----------------------------------------------------------------------------- data
@@ -200,6 +203,76 @@ def split_subdomains(features: np.ndarray, num_domains: int, seed: int = 0) -> n
     return labels.astype(np.int64)
 
 
+def _prefix_trie(examples: list[dict]) -> dict:
+    """The token-prefix trie of ``examples``: ``{(node, token): child}``, root node 0."""
+    trie: dict = {}
+    for example in examples:
+        node = 0
+        for token in example["input_ids"]:
+            node = trie.setdefault((node, token), len(trie) + 1)
+    return trie
+
+
+def mark_routing_targets(forget_examples: list[dict], retain_examples: list[dict]) -> None:
+    """Set ``example["route_mask"]`` (int ``[len]``): the positions that teach the router.
+
+    A forget position teaches the router its forget expert iff its context (the tokens up
+    to and including it) is the prefix of no retained example: before that point the
+    context cannot tell the forget example from a retained one (a shared BOS, question
+    template or sentence opening), and a per-token router would only learn the mix of the
+    two. Every retained position teaches the retention expert.
+    """
+    trie = _prefix_trie(retain_examples)
+    for example in forget_examples:
+        node, mask = 0, []
+        for token in example["input_ids"]:
+            node = trie.get((node, token), -1) if node >= 0 else -1
+            mask.append(int(node < 0))
+        example["route_mask"] = mask
+    for example in retain_examples:
+        example["route_mask"] = [1] * len(example["input_ids"])
+
+
+@torch.no_grad()
+def routing_shares(model, examples: list[dict], pad_id: int, batch_size: int) -> float:
+    """Share of the routing weight that the model's routers, gating on their own (as at
+    inference, base-model entropy from ``example["entropy"]``), give the forget experts
+    (1..N-1) on the positions ``example["route_mask"]`` marks, averaged over layers and
+    positions. A float in [0, 1] (NaN when no position is marked)."""
+    from alter.model import alter_layers
+    from alter_kernels import route
+
+    config = model.alter_config
+    device = next(model.parameters()).device
+    shares: list[torch.Tensor] = []
+
+    def hook(router, inputs, logits):
+        weights, experts = route(logits, inputs[1], config.entropy_threshold, config.tau_high, config.tau_low,
+                                 config.k_high, config.k_low, backend=config.backend)
+        shares.append((weights * (experts > RETENTION_EXPERT)).sum(-1).float())
+
+    handles = [layer.router.register_forward_hook(hook) for layer in alter_layers(model).values()]
+    was_training = model.training
+    model.eval()
+    total = count = 0.0
+    try:
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start : start + batch_size]
+            batch = _batch(chunk, range(len(chunk)), pad_id, device)
+            shares.clear()
+            with precomputed_entropy(model, batch["entropy"]):
+                model(**_model_inputs(batch))
+            mask = (batch["route_mask"].bool() & batch["attention_mask"].bool()).reshape(-1)
+            per_token = torch.stack(shares).mean(0)
+            total += float(per_token[mask].sum())
+            count += float(mask.sum())
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return total / count if count else float("nan")
+
+
 # ---------------------------------------------------------------------------- losses
 
 
@@ -298,6 +371,8 @@ class _AdapterObjective:
         # Routing loss of each pass weighted by its set's share of the data (module doc).
         total = n_forget + n_retain
         self.route_weight = {True: 2 * n_forget / total, False: 2 * n_retain / total}
+        if ROUTE_BALANCED:
+            self.route_weight = {True: 1.0, False: 1.0}
         self.structural = structural if recipe.entropy_guided and config.lam > 0 else None
         self.autocast = autocast
         groups = adapter_parameters(model)
@@ -325,7 +400,11 @@ class _AdapterObjective:
         # questions) holds no forget knowledge and a per-token router cannot tell it from
         # a retained prompt: only the positions that predict its answer teach the router
         # the forget experts. Every token of a retain sample teaches the retention expert.
-        return answer_positions(batch["labels"]) if forget else None
+        if ROUTE_RULE == "answer":
+            return answer_positions(batch["labels"]) if forget else None
+        if ROUTE_RULE == "all":
+            return None
+        return batch["route_mask"].bool()
 
     def _routing_pass(self, model, batch: dict, forget: bool) -> torch.Tensor:
         """Routing loss of the routers gating on their own, as at inference, with gradients
@@ -348,7 +427,8 @@ class _AdapterObjective:
 
     def _pass(self, model, batch: dict, forget: bool) -> dict:
         cfg = self.config
-        with forced_route(model, batch["expert"]), precomputed_entropy(model, batch["entropy"]):
+        gate = forget or not RETAIN_GATED
+        with forced_route(model, batch["expert"], gate=gate), precomputed_entropy(model, batch["entropy"]):
             with self.autocast():
                 logits = model(**_model_inputs(batch)).logits
             if forget:
@@ -731,6 +811,7 @@ def _setup_adapter_method(model, config, method, forget_examples, retain_example
             example["expert"] = RETENTION_EXPERT
     for example in retain_examples:
         example["expert"] = RETENTION_EXPERT
+    mark_routing_targets(forget_examples, retain_examples)
 
     changes = {}
     if config.entropy_source == "prepass":
