@@ -57,6 +57,8 @@ import dataclasses
 import json
 import math
 import os
+import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -72,6 +74,7 @@ from alter.model import (
     adapter_parameters,
     apply_alter,
     forced_route,
+    is_patched,
     precomputed_entropy,
     router_loss,
     save_adapter,
@@ -84,9 +87,14 @@ STRUCTURAL_MODES = ("surrogate", "exact")
 CHECKPOINT_FILE = "checkpoint.pt"
 RUN_ARGS_FILE = "unlearn_args.json"
 RETENTION_EXPERT = 0
-ROUTE_RULE = "answer"
-ROUTE_BALANCED = False
-RETAIN_GATED = False
+# Run sizing when ``epochs`` / ``router_warmup`` are not given (module doc, "Run length").
+DEFAULT_EPOCHS = 10
+MIN_STEPS = 100
+MAX_DEFAULT_STEPS = 400
+MAX_ROUTER_WARMUP = 200
+# The run report warns when the forget tokens' mean probability kept more than this
+# fraction of its starting value.
+FORGET_WARNING_RATIO = 0.9
 
 
 # ----------------------------------------------------------------------------- data
@@ -371,15 +379,16 @@ class _AdapterObjective:
         # Routing loss of each pass weighted by its set's share of the data (module doc).
         total = n_forget + n_retain
         self.route_weight = {True: 2 * n_forget / total, False: 2 * n_retain / total}
-        if ROUTE_BALANCED:
-            self.route_weight = {True: 1.0, False: 1.0}
+        # Experts trained under the routers' own gating (config.train_routes == "router"),
+        # for the methods with forget experts; "lora" has one adapter, always forced.
+        self.router_routes = recipe.forget_experts == "subdomain" and config.train_routes == "router"
         self.structural = structural if recipe.entropy_guided and config.lam > 0 else None
         self.autocast = autocast
         groups = adapter_parameters(model)
         self.A_params, self.B_params = groups["A"], groups["B"]
 
     def _forget_loss(self, logits, labels):
-        if self.recipe.forget_loss == "nll_ascent":
+        if self.recipe.forget_loss == "nll_ascent" or self.config.forget_loss == "nll_ascent":
             return -token_nll(logits, labels)
         flat_logits, flat_labels = _shift(logits, labels)
         weight = self.config.high_entropy_weight if self.recipe.forget_loss == "ihl" else 1.0
@@ -396,14 +405,7 @@ class _AdapterObjective:
         return structural_surrogate(logits, batch, cfg.tsallis_q, cfg.entropy_threshold, cfg.backend)
 
     def _routed_tokens(self, batch: dict, forget: bool):
-        # A forget sample's prompt (the question template, words shared with retained
-        # questions) holds no forget knowledge and a per-token router cannot tell it from
-        # a retained prompt: only the positions that predict its answer teach the router
-        # the forget experts. Every token of a retain sample teaches the retention expert.
-        if ROUTE_RULE == "answer":
-            return answer_positions(batch["labels"]) if forget else None
-        if ROUTE_RULE == "all":
-            return None
+        # The positions mark_routing_targets chose (module doc, "Routing targets").
         return batch["route_mask"].bool()
 
     def _routing_pass(self, model, batch: dict, forget: bool) -> torch.Tensor:
@@ -427,7 +429,7 @@ class _AdapterObjective:
 
     def _pass(self, model, batch: dict, forget: bool) -> dict:
         cfg = self.config
-        gate = forget or not RETAIN_GATED
+        gate = not self.router_routes
         with forced_route(model, batch["expert"], gate=gate), precomputed_entropy(model, batch["entropy"]):
             with self.autocast():
                 logits = model(**_model_inputs(batch)).logits
@@ -445,6 +447,12 @@ class _AdapterObjective:
             # Backward inside the routing context: gradient checkpointing recomputes the
             # forward here and must see the same routes and entropy.
             loss.backward()
+        if forget and self.router_routes:
+            # The forget loss trains the forget experts only: a forget token the router
+            # sends to the retention expert must not teach it to forget.
+            for B in self.B_params:
+                if B.grad is not None:
+                    B.grad[RETENTION_EXPERT].zero_()
         logs["loss"] = loss.detach()
         return logs
 
@@ -605,6 +613,97 @@ def _check_positive(name: str, value, kind=int) -> None:
         raise ValueError(f"{name} must be a positive {kind.__name__}, got {value!r}")
 
 
+def run_length(n_forget: int, batch_size: int, epochs: int | None, router_warmup: int | None,
+               adapter: bool) -> tuple[int, int]:
+    """(router warm-up steps, unlearning steps) of a run (module doc, "Run length")."""
+    per_epoch = math.ceil(n_forget / batch_size)
+    if epochs is None:
+        steps = max(per_epoch, MIN_STEPS, min(DEFAULT_EPOCHS * per_epoch, MAX_DEFAULT_STEPS))
+    else:
+        steps = epochs * per_epoch
+    if router_warmup is None:
+        router_warmup = min(steps, MAX_ROUTER_WARMUP) if adapter else 0
+    return router_warmup, steps
+
+
+@torch.no_grad()
+def mean_label_probability(model, examples: list[dict], pad_id: int, batch_size: int) -> float:
+    """Mean probability the model gives the labelled tokens of ``examples`` (teacher forced)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total = count = 0.0
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        batch = _batch(chunk, range(len(chunk)), pad_id, device)
+        if "entropy" in batch and is_patched(model):
+            with precomputed_entropy(model, batch["entropy"]):
+                logits = model(**_model_inputs(batch)).logits
+        else:
+            logits = model(**_model_inputs(batch)).logits
+        flat_logits, flat_labels = _shift(logits, batch["labels"])
+        keep = flat_labels != IGNORE_INDEX
+        logp = torch.log_softmax(flat_logits[keep].float(), -1).gather(-1, flat_labels[keep, None])
+        total += float(logp.exp().sum())
+        count += float(keep.sum())
+    model.train(was_training)
+    return total / max(count, 1.0)
+
+
+@dataclass
+class UnlearnReport:
+    """What an :func:`unlearn` run did (``model.unlearn_report``).
+
+    ``steps``: optimizer steps run in this call (``router_warmup`` of them router-only);
+    ``losses``: per loss name (forget, retain, route, ...) its ``first``/``last``/``min``
+    over the steps that logged it; ``forget_routing_share``: the share of the routing
+    weight that the trained routers, gating on their own, give the forget experts on the
+    forget positions that teach them (module doc, "Routing targets"), and
+    ``retain_leak_share`` the same on every retained token (None for methods without
+    forget experts); ``forget_probability_before/after``: the mean probability of the
+    forget set's labelled tokens; ``seconds``: wall time.
+    """
+
+    method: str
+    steps: int
+    router_warmup: int
+    losses: dict
+    forget_routing_share: float | None
+    retain_leak_share: float | None
+    forget_probability_before: float
+    forget_probability_after: float
+    seconds: float
+
+    def __str__(self) -> str:
+        lines = [f"unlearn [{self.method}]: {self.steps} steps ({self.router_warmup} router warm-up) "
+                 f"in {self.seconds:.1f} s"]
+        for name, values in self.losses.items():
+            lines.append(f"  {name:<10} first {values['first']:.4g}  last {values['last']:.4g}  min {values['min']:.4g}")
+        lines.append(f"  forget-token probability {self.forget_probability_before:.3g} -> "
+                     f"{self.forget_probability_after:.3g}")
+        if self.forget_routing_share is not None:
+            lines.append(f"  routing: forget tokens -> forget experts {self.forget_routing_share:.2f}, "
+                         f"retained tokens leaking there {self.retain_leak_share:.2f}")
+        return "\n".join(lines)
+
+
+def _report(model, method, forget_examples, retain_examples, pad_id, batch_size, history, start_step,
+            router_warmup, forget_prob_before, seconds) -> UnlearnReport:
+    losses: dict[str, dict] = {}
+    for logs in history:
+        for name, value in logs.items():
+            entry = losses.setdefault(name, {"first": value, "last": value, "min": value})
+            entry["last"], entry["min"] = value, min(entry["min"], value)
+    shares = (None, None)
+    if method in ("alter", "asym_lora"):
+        shares = (routing_shares(model, forget_examples, pad_id, batch_size),
+                  routing_shares(model, retain_examples, pad_id, batch_size))
+    warmup_run = max(0, min(router_warmup, start_step + len(history)) - start_step)
+    return UnlearnReport(method, len(history), warmup_run, losses, *shares,
+                         forget_prob_before, mean_label_probability(model, forget_examples, pad_id, batch_size),
+                         seconds)
+
+
 def unlearn(
     model,
     tokenizer,
@@ -613,7 +712,7 @@ def unlearn(
     config: AlterConfig | None = None,
     method: str = "alter",
     *,
-    epochs: int = 3,
+    epochs: int | None = None,
     batch_size: int = 4,
     lr: float = 1e-5,
     max_steps: int | None = None,
@@ -627,7 +726,7 @@ def unlearn(
     resume: bool = False,
     mixed_precision: bool | None = None,
     gradient_checkpointing: bool | None = None,
-    router_warmup: int = 0,
+    router_warmup: int | None = None,
     router_lr: float | None = None,
     progress: bool = True,
     callback: Callable[[int, dict], None] | None = None,
@@ -645,7 +744,8 @@ def unlearn(
             ``AlterConfig()``. The full-parameter baselines read ``beta`` and ``gamma``.
         method: one of ``METHODS``.
         epochs, batch_size: passes over the forget set, and samples per batch (each
-            forget batch is paired with a retain batch of the same size).
+            forget batch is paired with a retain batch of the same size). Default
+            epochs: sized from the data (module doc, "Run length").
         lr: learning rate of the full-parameter baselines (AdamW, weight decay 0.01).
         max_steps: stop after this many optimizer steps (default: all epochs). The data
             order does not depend on it, so a run stopped early is a prefix of a full one.
@@ -667,19 +767,24 @@ def unlearn(
         router_warmup: adapter methods: optimizer steps, before unlearning, that train
             only the routers, on the routing loss (B is still zero, so the model is the
             base model and the routers learn the sub-domain assignment on its features).
-            Counted in ``max_steps``.
+            Counted in ``max_steps``. Default: as many as the unlearning steps, at most
+            ``MAX_ROUTER_WARMUP`` (0 for the full-parameter baselines).
         router_lr: adapter methods: learning rate of the routers (default ``config.lr_B``).
         progress: show a tqdm progress bar.
         callback: ``callback(step, logs)`` after every optimizer step; ``logs`` holds
             the step's losses as floats.
 
-    The model comes back in eval mode. An adapted model routes with its trained router
+    The model comes back in eval mode with ``model.unlearn_report``, an
+    :class:`UnlearnReport` (steps, loss trajectories, routing shares, the forget tokens'
+    probability before and after), printed unless ``progress=False``; a ``UserWarning``
+    says when the forget set was barely forgotten. An adapted model routes with its trained router
     (no forced route) and, unless ``config.entropy_source`` is ``"precomputed"``, gets
     its token entropy from ``"lagged"`` tracking: a prepass for whole sequences (as
     ``"prepass"`` does) and the lagged entropy for tokens decoded by ``model.generate``.
     """
     config = _check_unlearn_args(config, method, retain, structural, epochs, batch_size, max_steps,
                                  save_every, output_dir, resume, router_warmup, router_lr)
+    started = time.perf_counter()
     device = next(model.parameters()).device
     on_gpu = device.type == "cuda"
     autocast = _autocast_factory(device, on_gpu if mixed_precision is None else mixed_precision)
@@ -688,6 +793,7 @@ def unlearn(
     forget_examples = encode_dataset(tokenizer, forget, "forget", max_length)
     retain_examples = encode_dataset(tokenizer, retain, "retain", max_length) if retain is not None else []
     torch.manual_seed(seed)
+    forget_prob_before = mean_label_probability(model, forget_examples, pad_id, batch_size)
 
     if method in ADAPTER_METHODS:
         optimizer, objective = _setup_adapter_method(
@@ -705,9 +811,11 @@ def unlearn(
         clip_groups = [groups["A"] + groups["B"], groups["router"]]
     else:
         clip_groups = [list(trainable.values())]
-    steps_per_epoch = math.ceil(len(forget_examples) / batch_size)
-    total_steps = router_warmup + epochs * steps_per_epoch
+    router_warmup, train_steps = run_length(len(forget_examples), batch_size, epochs, router_warmup,
+                                            method in ADAPTER_METHODS)
+    total_steps = router_warmup + train_steps
     total_steps = total_steps if max_steps is None else min(max_steps, total_steps)
+    history: list[dict] = []
     fingerprint = {"method": method, "seed": seed, "batch_size": batch_size, "router_warmup": router_warmup,
                    "n_forget": len(forget_examples), "n_retain": len(retain_examples),
                    "config": config.to_dict(), "lr": lr, "router_lr": router_lr, "structural": structural}
@@ -740,6 +848,7 @@ def unlearn(
         optimizer.step()
         bar.update(1)
         bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items()})
+        history.append(logs)
         if callback is not None:
             callback(step + 1, logs)
         if save_every is not None and (step + 1) % save_every == 0:
@@ -750,6 +859,14 @@ def unlearn(
     if model.config._attn_implementation != attention:
         model.set_attn_implementation(attention)
     model.eval()
+    model.unlearn_report = _report(model, method, forget_examples, retain_examples, pad_id, batch_size, history,
+                                   start_step, router_warmup, forget_prob_before, time.perf_counter() - started)
+    if progress:
+        print(model.unlearn_report)
+    if model.unlearn_report.forget_probability_after > FORGET_WARNING_RATIO * forget_prob_before:
+        warnings.warn(f"unlearn [{method}]: the forget set is barely forgotten: its tokens' mean probability went "
+                      f"{forget_prob_before:.3g} -> {model.unlearn_report.forget_probability_after:.3g}; "
+                      "train longer (epochs) or with larger learning rates", stacklevel=2)
     if output_dir is not None:
         _save_result(model, tokenizer, output_dir, method,
                      {"method": method, "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
@@ -773,7 +890,8 @@ def _check_unlearn_args(config, method, retain, structural, epochs, batch_size, 
         if config.backend not in (None, "eager"):
             raise ValueError(f"structural='exact' needs the eager backend, but config.backend is {config.backend!r}")
         config = dataclasses.replace(config, backend="eager")
-    _check_positive("epochs", epochs)
+    if epochs is not None:
+        _check_positive("epochs", epochs)
     _check_positive("batch_size", batch_size)
     if max_steps is not None:
         _check_positive("max_steps", max_steps)
@@ -783,7 +901,8 @@ def _check_unlearn_args(config, method, retain, structural, epochs, batch_size, 
             raise ValueError("save_every needs output_dir, where the checkpoints go")
     if resume and output_dir is None:
         raise ValueError("resume=True needs output_dir, where the checkpoint is")
-    if not isinstance(router_warmup, int) or isinstance(router_warmup, bool) or router_warmup < 0:
+    if router_warmup is not None and (not isinstance(router_warmup, int) or isinstance(router_warmup, bool)
+                                      or router_warmup < 0):
         raise ValueError(f"router_warmup must be an int >= 0, got {router_warmup!r}")
     for name, value in (("router_warmup", router_warmup), ("router_lr", router_lr)):
         if value and method not in ADAPTER_METHODS:
