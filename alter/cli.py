@@ -206,6 +206,20 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_quality(args) -> int:
+    from alter.quality import main as quality_main
+
+    quality_main(args.out, quick=args.quick, seeds=args.seeds, workers=args.workers, development=args.development)
+    return 0
+
+
+def _seed_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds must be comma-separated integers, got {text!r}") from None
+
+
 def _method_list(text: str) -> tuple[str, ...]:
     from alter.train import METHODS
 
@@ -232,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     from alter.train import METHODS, STRUCTURAL_MODES
 
     parser = argparse.ArgumentParser(prog="alter", description="ALTER: token-entropy-guided unlearning of LLMs.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,unlearn,eval,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,unlearn,eval,quality,bench}")
 
     demo = sub.add_parser("demo", help="the whole pipeline on tofu_mini with a tiny model (CPU, minutes)",
                           description="Build tofu_mini and a tiny Llama, memorize the facts, unlearn the forget "
@@ -291,6 +305,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     ev.add_argument("--out", required=True, help="metrics JSON file to write")
     ev.set_defaults(func=cmd_eval)
+
+    quality = sub.add_parser("quality", help="unlearning quality of the default call on held-out scenarios",
+                             description="Memorize fictitious-knowledge scenarios with tiny models, unlearn with "
+                                         "the default call of every method and ALTER's ablations, and write "
+                                         "QUALITY.md, QUALITY.json and quality_tradeoff.png.")
+    quality.add_argument("--out", default="benchmarks", help="output directory (default: benchmarks)")
+    quality.add_argument("--quick", action="store_true",
+                         help="one scenario, one seed, 3 steps per run: checks that the suite runs (CI)")
+    quality.add_argument("--seeds", type=_seed_list, help="comma-separated seeds (default: the held-out seeds)")
+    quality.add_argument("--workers", type=int, default=2, help="processes, one thread each (default 2)")
+    quality.add_argument("--development", action="store_true",
+                         help="the development scenarios and seeds (the ones the defaults were tuned on)")
+    quality.set_defaults(func=cmd_quality)
 
     bench = sub.add_parser("bench", help="kernel and training-step benchmarks (see alter bench --help)", add_help=False)
     bench.set_defaults(func=None)
