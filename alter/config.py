@@ -101,7 +101,7 @@ class AlterConfig:
     gamma: float = 1.0
     lam: float = 0.01
     lr_A: float = 1e-3
-    lr_B: float = 1e-2
+    lr_B: float = 3e-3
     entropy_source: str = "prepass"
     backend: str | None = None
     a_learns_from_high_entropy_only: bool = True
