@@ -9,28 +9,52 @@ as WMDP/MUSE corpora) and returns the unlearned model. Methods:
     token's Tsallis entropy (cached for the whole run: the paper observes that token
     entropy is stable under fine-tuning, so the layers read it through
     ``precomputed_entropy``) and the forget set's features (mean-pooled last hidden
-    states), which k-means splits into ``num_experts - 1`` sub-domains. Each step routes
-    every token of a forget sample of sub-domain d to forget expert d and every retain
-    token to the retention expert 0 (``forced_route``), and minimizes
-    ``beta * IHL(forget, low-entropy tokens) + gamma * NLL(retain) + lam * structural +
-    routing loss``. A (at ``lr_A``) learns only from high-entropy tokens; B learns at
-    ``lr_B``, the routers at ``router_lr`` (default ``lr_B``). The routing loss is the
-    cross-entropy of each router's logits against the sample's expert, computed on a
-    second forward of the batch in which the routers gate on their own, as they will at
-    inference: a router trained under forced routes learns to recognize the forget
-    experts' effect on the layers below it, which is gone at inference whenever those
-    layers route differently (on tofu_mini that left ~25% of the forget answer tokens on
-    the forget experts, against ~75% when gating on its own). Forget samples teach the
-    router on the positions that predict their answer only (the question template is
-    shared with retained questions); retain samples on every token. Each set's routing
-    loss is weighted by its share of the data: the router learns the experts of the data
-    as it is (a token common to both sets goes to the retention expert when the retain
-    set is the larger), not of the balanced batches. ``router_warmup`` steps can fit the
-    routers to the sub-domains before unlearning starts. After training the router gates
-    on its own (no forced route).
+    states), which k-means splits into ``num_experts - 1`` sub-domains: the routing
+    target of a forget sample of sub-domain d is forget expert d, of a retained sample the
+    retention expert 0. Each step minimizes ``beta * IHL(forget, low-entropy tokens) +
+    gamma * NLL(retain) + lam * structural + routing loss``. A (at ``lr_A``) learns only
+    from high-entropy tokens; B learns at ``lr_B``, the routers at ``router_lr`` (default
+    ``lr_B``). After training the router gates on its own (no forced route).
+
+    *Training routes* (``config.train_routes``). ``"router"`` (default): the forget and
+    retain losses run with the routers gating on their own, as at inference; the forget
+    loss's gradient reaches the forget experts only (never B_0), the retain loss's every
+    expert a retained token is routed to. A per-token router is imperfect: on the
+    development scenarios of ``alter quality`` the trained routers sent 20-50% of the
+    routing weight of forget tokens to the forget experts and let 2-14% of retained
+    tokens' weight leak there. Under the paper's ``"forced"`` routes (every forget token to
+    its forget expert, every retained token to B_0) the experts learn a split that
+    inference does not reproduce: forget facts survive wherever the router keeps them on
+    B_0, and retained facts are destroyed wherever they leak to a forget expert trained
+    never to see them (zeroing the forget experts restored retain accuracy fully:
+    dev-authors-qa 0.88 -> 1.00). Trained under their own routes, the forget experts learn
+    to forget what reaches them and, through the retain loss, to keep what leaks to them
+    (dev-authors-qa, lr_B 1e-2: forget 0.00 / retain 0.88 forced; the retain loss routed
+    alone 0.08 / 0.99; dev-companies-qa: the forget loss routed too took forget from 0.75
+    to 0.48).
+
+    *Routing targets* (:func:`mark_routing_targets`). A forget position teaches the router
+    its forget expert iff its context (the tokens up to it) is the prefix of no retained
+    example; every retained position teaches the retention expert. Before that point
+    (BOS, a question template, a sentence opening that retained rows share) no router can
+    tell the rows apart, and text rows would otherwise make every template word a forget
+    target. The same rule covers QA rows (targets start inside the question, at the
+    subject) and text rows. Measured (dev-authors-qa, 200 steps): answer positions only
+    forget 0.08 / retain 0.88, all forget tokens 0.00 / 0.80, the prefix rule 0.00 / 0.88.
+    A linear probe bounds what a per-token router can do: on dev-companies-qa the
+    best linear classifier of a layer's input recalls 76-85% of these positions at 20-55%
+    false positives, and 87-100% at 4-29% on the positions that predict a fact value;
+    n-gram novelty rules that try to isolate those were not better end to end. Each set's
+    routing loss is weighted by its share of the data (weighting the sets equally raised
+    the leak and cost retain accuracy: dev-authors-text 0.77 -> 0.48).
+
+    *Run length.* Without ``epochs``, a run has ``max(1 epoch, MIN_STEPS,
+    min(DEFAULT_EPOCHS epochs, MAX_DEFAULT_STEPS))`` unlearning steps (a 10-row forget set
+    gets 100 steps, not the ~8 of 3 epochs), preceded by a router warm-up of as many
+    router-only steps, at most ``MAX_ROUTER_WARMUP``.
 ``"asym_lora"``
-    AsymLoRA without entropy: the same forced routes, IHL with uniform token weights,
-    A learning from every token, no structural term.
+    AsymLoRA without entropy: the same routes and routing targets, IHL with uniform
+    token weights, A learning from every token, no structural term.
 ``"lora"``
     One plain LoRA adapter trained with the GradDiff objective, realized as AsymLoRA with
     every token forced to expert 0 and one expert kept per token at inference.
