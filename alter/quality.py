@@ -186,7 +186,7 @@ def _isnan(value) -> bool:
 def meets_targets(summary: list[dict], forget_max: float = 0.5, retain_min: float = 0.9) -> dict[str, bool]:
     """Per scenario: the default call (run "alter") forgets to <= ``forget_max`` x its accuracy
     before and keeps >= ``retain_min`` x the retained accuracy (seed means)."""
-    return {e["scenario"]: e["forget_ratio"] <= forget_max and e["retain_ratio"] >= retain_min
+    return {e["scenario"]: e.get("forget_ratio", math.nan) <= forget_max and e.get("retain_ratio", math.nan) >= retain_min
             for e in summary if e["run"] == "alter"}
 
 
