@@ -107,3 +107,12 @@ def test_quick_runner_writes_the_report(tmp_path):
     quality.plot_tradeoff(summary, str(tmp_path / "plot.png"))
     assert (tmp_path / "plot.png").stat().st_size > 0
     json.dumps(summary)  # QUALITY.json holds it
+
+
+def test_dominating_runs():
+    summary = [{"scenario": "s", "run": "alter", "forget_ratio": 0.4, "retain_ratio": 0.9},
+               {"scenario": "s", "run": "npo", "forget_ratio": 0.3, "retain_ratio": 0.95},
+               {"scenario": "s", "run": "lora", "forget_ratio": 0.2, "retain_ratio": 0.8},
+               {"scenario": "s", "run": "grad_diff", "forget_ratio": 0.4, "retain_ratio": 0.9},
+               {"scenario": "s", "run": "target", "forget_ratio": 0.0, "retain_ratio": 1.0}]
+    assert quality.dominating_runs(summary) == {"s": ["npo"]}
