@@ -313,8 +313,16 @@ def main(out: str, quick: bool = False, seeds=None, workers: int = 2, developmen
         json.dump({"scenarios": [s.to_dict() for s in scenarios], "seeds": list(seeds), "quick": quick,
                    "default_config": AlterConfig().to_dict(), "baseline_lr": BASELINE_LR, "ablations": ABLATIONS,
                    "seconds": seconds, "summary": summary, "results": results}, f, indent=1)
-    plot_tradeoff(summary, os.path.join(out, "quality_tradeoff.png"))
-    with open(os.path.join(out, "QUALITY.md"), "w") as f:
-        f.write(format_markdown(summary, scenarios, seeds, seconds, quick))
+    write_report(out)
     print(f"[alter quality] wrote {out}/QUALITY.md, QUALITY.json, quality_tradeoff.png in {seconds / 60:.1f} min")
     return summary
+
+
+def write_report(out: str) -> None:
+    """``out/QUALITY.md`` and ``out/quality_tradeoff.png`` from ``out/QUALITY.json``."""
+    with open(os.path.join(out, "QUALITY.json")) as f:
+        record = json.load(f)
+    scenarios = [Scenario(**s) for s in record["scenarios"]]
+    plot_tradeoff(record["summary"], os.path.join(out, "quality_tradeoff.png"))
+    with open(os.path.join(out, "QUALITY.md"), "w") as f:
+        f.write(format_markdown(record["summary"], scenarios, record["seeds"], record["seconds"], record["quick"]))

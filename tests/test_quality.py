@@ -104,9 +104,11 @@ def test_quick_runner_writes_the_report(tmp_path):
     assert [e["run"] for e in summary] == ["target", "alter", "grad_diff", "alter-no-structural"]
     text = quality.format_markdown(summary, [TINY], [0, 1], 12.0, quick=True)
     assert "| tiny-test | **alter (default)** |" in text and "smoke sizes" in text
-    quality.plot_tradeoff(summary, str(tmp_path / "plot.png"))
-    assert (tmp_path / "plot.png").stat().st_size > 0
-    json.dumps(summary)  # QUALITY.json holds it
+    (tmp_path / "QUALITY.json").write_text(json.dumps(
+        {"scenarios": [TINY.to_dict()], "seeds": [0, 1], "seconds": 12.0, "quick": True, "summary": summary}))
+    quality.write_report(str(tmp_path))
+    assert (tmp_path / "quality_tradeoff.png").stat().st_size > 0
+    assert (tmp_path / "QUALITY.md").read_text() == text
 
 
 def test_dominating_runs():
