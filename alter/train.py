@@ -316,14 +316,6 @@ def _shift(logits: torch.Tensor, labels: torch.Tensor):
     return logits.reshape(-1, logits.shape[-1]), shifted.reshape(-1)
 
 
-def answer_positions(labels: torch.Tensor) -> torch.Tensor:
-    """``[B, L]`` bool: the positions whose logits predict a labelled token (``labels[t + 1]
-    != -100``), i.e. the last prompt token and the answer of a QA sample."""
-    positions = torch.zeros_like(labels, dtype=torch.bool)
-    positions[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-    return positions
-
-
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token NLL over labelled tokens (``labels != -100``)."""
     flat_logits, flat_labels = _shift(logits, labels)

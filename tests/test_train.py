@@ -16,7 +16,6 @@ from alter.tiny import build_tokenizer, tiny_llama
 from alter.train import (
     ADAPTER_METHODS,
     METHODS,
-    answer_positions,
     finetune,
     npo_loss,
     sequence_logprob,
@@ -439,16 +438,6 @@ def test_shift_keeps_the_logits_a_view_and_pairs_each_position_with_the_next_lab
     loss, _ = inverted_hinge_loss(flat_logits.float(), flat_labels, 1.2, 1.0, high_entropy_weight=1.0, backend="eager")
     # float32 softmax against the float64 loop: 1e-5 relative.
     assert loss.item() == pytest.approx(torch.stack(hinge).mean().item(), rel=1e-5)
-
-
-def test_answer_positions_predict_the_labels():
-    _, labels = _random_batch()
-    positions = answer_positions(labels)
-    expected = torch.zeros_like(positions)
-    for b in range(labels.shape[0]):
-        for t in range(labels.shape[1] - 1):
-            expected[b, t] = bool(labels[b, t + 1] != -100)
-    assert torch.equal(positions, expected) and positions.any() and not positions.all()
 
 
 def test_npo_loss_formula():
