@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 CSRC   := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.h)
 
-.PHONY: install demo test bench bench-ci compile-report clean
+.PHONY: install demo test bench bench-ci compile-report quality quality-quick clean
 
 install: $(STAMP)
 
@@ -20,6 +20,14 @@ $(STAMP): setup.py requirements-dev.txt $(CSRC)
 
 demo: $(STAMP)
 	$(VENV)/bin/alter demo --out demo_out
+
+# The held-out scenario suite (~30 min on 2 cores): benchmarks/QUALITY.md, .json, .png.
+quality: $(STAMP)
+	$(VENV)/bin/alter quality --out benchmarks
+
+# CI: the suite at smoke sizes, into a scratch folder; asserts nothing about quality.
+quality-quick: $(STAMP)
+	$(VENV)/bin/alter quality --quick --out quality_out
 
 # One thread per xdist worker: two workers already fill a 2-core machine.
 test: $(STAMP)
@@ -38,4 +46,4 @@ compile-report: $(STAMP)
 	$(PY) benchmarks/compile_report.py --arch 90 80 --out bench_out
 
 clean:
-	rm -rf $(VENV) build *.egg-info alter_kernels/_C*.so demo_out bench_out
+	rm -rf $(VENV) build *.egg-info alter_kernels/_C*.so demo_out bench_out quality_out

@@ -28,6 +28,18 @@ _EXPORTS = {
     "unlearn": "alter.train",
     "finetune": "alter.train",
     "split_subdomains": "alter.train",
+    "UnlearnReport": "alter.train",
+    "mark_routing_targets": "alter.train",
+    "routing_shares": "alter.train",
+    # quality suite
+    "Scenario": "alter.scenarios",
+    "DEVELOPMENT": "alter.scenarios",
+    "HELD_OUT": "alter.scenarios",
+    "build_scenario": "alter.scenarios",
+    "fact_token_mask": "alter.scenarios",
+    "fact_accuracy": "alter.quality",
+    "run_pair": "alter.quality",
+    "run_suite": "alter.quality",
     # data
     "tofu_mini": "alter.data",
     "qa_texts": "alter.data",

@@ -340,6 +340,20 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def cmd_quality(args) -> int:
+    from alter.quality import main as quality_main
+
+    quality_main(args.out, quick=args.quick, seeds=args.seeds, workers=args.workers, development=args.development)
+    return 0
+
+
+def _seed_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds must be comma-separated integers, got {text!r}") from None
+
+
 def _method_list(text: str) -> tuple[str, ...]:
     from alter.train import METHODS
 
@@ -367,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     from alter.train import METHODS, STRUCTURAL_MODES
 
     parser = argparse.ArgumentParser(prog="alter", description="ALTER: token-entropy-guided unlearning of LLMs.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,unlearn,eval,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,unlearn,eval,quality,bench}")
 
     demo = sub.add_parser("demo", help="the whole pipeline on tofu_mini with a tiny model (CPU, minutes)",
                           description="Build tofu_mini and a tiny Llama, memorize the facts, unlearn the forget "
@@ -388,12 +402,12 @@ def build_parser() -> argparse.ArgumentParser:
     un.add_argument("--method", choices=METHODS, default="alter")
     un.add_argument("--out", required=True, help="output directory")
     un.add_argument("--config", help="AlterConfig JSON file (adapter_config.json layout); flags below override it")
-    un.add_argument("--epochs", type=int, default=3)
+    un.add_argument("--epochs", type=int, help="passes over the forget set (default: sized from the data)")
     un.add_argument("--batch-size", type=int, default=4)
     un.add_argument("--max-steps", type=int)
     un.add_argument("--lr", type=float, default=1e-5, help="learning rate of the full-parameter baselines")
-    un.add_argument("--lr-a", type=float, help="learning rate of A (default 1e-5)")
-    un.add_argument("--lr-b", type=float, help="learning rate of the B experts (default 1e-3)")
+    un.add_argument("--lr-a", type=float, help="learning rate of A (default 1e-3)")
+    un.add_argument("--lr-b", type=float, help="learning rate of the B experts (default 3e-3)")
     un.add_argument("--router-lr", type=float, help="learning rate of the routers (default: --lr-b)")
     un.add_argument("--beta", type=float, help="forget loss weight")
     un.add_argument("--gamma", type=float, help="retain loss weight")
@@ -405,7 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
     un.add_argument("--backend", choices=("eager", "triton", "cpp"), help="op backend (default: automatic)")
     un.add_argument("--structural", choices=STRUCTURAL_MODES, default="surrogate",
                     help="structural term: cheap surrogate (default) or exact double backward (small models)")
-    un.add_argument("--router-warmup", type=int, default=0, help="router-only steps before unlearning")
+    un.add_argument("--router-warmup", type=int,
+                    help="router-only steps before unlearning (default: sized from the data)")
     un.add_argument("--seed", type=int, default=0)
     un.add_argument("--save-every", type=int, help="checkpoint every N steps")
     un.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
@@ -444,6 +459,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--reference-model", help="model directory for the reference membership-inference attack "
                                               "(e.g. the retain model): adds mia_reference")
     ev.set_defaults(func=cmd_eval)
+
+    quality = sub.add_parser("quality", help="unlearning quality of the default call on held-out scenarios",
+                             description="Memorize fictitious-knowledge scenarios with tiny models, unlearn with "
+                                         "the default call of every method and ALTER's ablations, and write "
+                                         "QUALITY.md, QUALITY.json and quality_tradeoff.png.")
+    quality.add_argument("--out", default="benchmarks", help="output directory (default: benchmarks)")
+    quality.add_argument("--quick", action="store_true",
+                         help="one scenario, one seed, 3 steps per run: checks that the suite runs (CI)")
+    quality.add_argument("--seeds", type=_seed_list, help="comma-separated seeds (default: the held-out seeds)")
+    quality.add_argument("--workers", type=int, default=2, help="processes, one thread each (default 2)")
+    quality.add_argument("--development", action="store_true",
+                         help="the development scenarios and seeds (the ones the defaults were tuned on)")
+    quality.set_defaults(func=cmd_quality)
 
     bench = sub.add_parser("bench", help="kernel and training-step benchmarks (see alter bench --help)", add_help=False)
     bench.set_defaults(func=None)

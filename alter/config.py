@@ -19,6 +19,8 @@ ADAPTER_CONFIG_NAME = "adapter_config.json"
 BASE_MODEL_KEY = "base_model"
 
 ENTROPY_SOURCES = ("prepass", "precomputed", "lagged")
+FORGET_LOSSES = ("ihl", "nll_ascent")
+TRAIN_ROUTES = ("router", "forced")
 BACKEND_CHOICES = (None, "eager", "triton", "cpp")
 
 DEFAULT_TARGET_MODULES = (
@@ -68,6 +70,15 @@ class AlterConfig:
       high_entropy_weight: weight of high-entropy tokens in the inverted hinge loss (>= 0).
       beta, gamma, lam: weights of the forget (IHL), retain (NLL) and structural terms (>= 0).
       lr_A, lr_B: learning rates of the shared A and of the B experts and router (> 0).
+      forget_loss: "ihl" (the inverted hinge loss, the paper's) or "nll_ascent" (an ablation).
+      train_routes: how the experts see tokens while they train. "router": the routers
+        gate as at inference (the forget loss reaches the forget experts only, the retain
+        loss every expert a retained token is routed to); "forced": every token of a
+        forget sample of sub-domain d goes to forget expert d, every retained token to
+        the retention expert (the paper's). See ``alter.train``.
+
+    The defaults are the settings measured to unlearn across the scenario suite of
+    ``alter quality`` (benchmarks/QUALITY.md); :meth:`paper` gives the paper's settings.
 
     backend: backend of every op (None = the best available per op and device, see
       ``alter_kernels._dispatch``). A named backend is required of every op: "cpp" makes
@@ -89,11 +100,26 @@ class AlterConfig:
     beta: float = 1.0
     gamma: float = 1.0
     lam: float = 0.01
-    lr_A: float = 1e-5
-    lr_B: float = 1e-3
+    lr_A: float = 1e-3
+    lr_B: float = 3e-3
     entropy_source: str = "prepass"
     backend: str | None = None
     a_learns_from_high_entropy_only: bool = True
+    forget_loss: str = "ihl"
+    train_routes: str = "router"
+
+    @classmethod
+    def paper(cls, **overrides) -> "AlterConfig":
+        """The paper's settings (ALTER, §5): r 8, alpha 16, 4 experts, Tsallis q 1.2 and
+        threshold 1.2, tau 0.8 / 0.01, top-3 / top-1 experts, beta = gamma = 1,
+        lam 0.01, lr_A 1e-5, lr_B 1e-3, experts trained under forced routes.
+        ``overrides`` replace fields. These learning rates were set for 7B models; on the
+        small models of ``alter quality`` they forget nothing within the default run."""
+        values = dict(r=8, alpha=16.0, num_experts=4, tsallis_q=1.2, entropy_threshold=1.2, tau_high=0.8,
+                      tau_low=0.01, k_high=3, k_low=1, beta=1.0, gamma=1.0, lam=0.01, lr_A=1e-5, lr_B=1e-3,
+                      train_routes="forced")
+        values.update(overrides)
+        return cls(**values)
 
     def __post_init__(self):
         if isinstance(self.target_modules, str) or not all(isinstance(t, str) for t in self.target_modules):
@@ -125,6 +151,10 @@ class AlterConfig:
             raise ValueError(f"AlterConfig: dropout must be in [0, 1), got {self.dropout}")
         if self.entropy_source not in ENTROPY_SOURCES:
             raise ValueError(f"AlterConfig: entropy_source must be one of {ENTROPY_SOURCES}, got {self.entropy_source!r}")
+        if self.forget_loss not in FORGET_LOSSES:
+            raise ValueError(f"AlterConfig: forget_loss must be one of {FORGET_LOSSES}, got {self.forget_loss!r}")
+        if self.train_routes not in TRAIN_ROUTES:
+            raise ValueError(f"AlterConfig: train_routes must be one of {TRAIN_ROUTES}, got {self.train_routes!r}")
         if self.backend not in BACKEND_CHOICES:
             raise ValueError(f"AlterConfig: backend must be one of {BACKEND_CHOICES}, got {self.backend!r}")
         if not isinstance(self.a_learns_from_high_entropy_only, bool):

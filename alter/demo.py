@@ -8,9 +8,12 @@
    retain model's truth ratios), and write the table (``results.json``) and the
    utility-vs-forget-quality plot (``tradeoff.png``, the paper's Fig. 4) into ``out``.
 
-The numbers are whatever the run gives. The hyper-parameters are the paper's where they
-transfer and demo-level overrides where a tiny model trained for seconds needs them (see
-``DEMO_CONFIG`` and ``DEMO_UNLEARN``).
+The numbers are whatever the run gives. Unlearning uses the library's defaults: the
+adapter methods are called with nothing but ``method``, the full-parameter baselines with
+the learning rate the quality suite gives them (``alter.quality.BASELINE_LR``: unlearn's
+default 1e-5 is set for 7B models). The run is deterministic for a seed: one thread and
+deterministic algorithms, every random choice seeded (machines with different CPU
+instruction sets can still differ in the last float bits).
 """
 from __future__ import annotations
 
@@ -22,37 +25,13 @@ import time
 import torch
 
 from alter.config import AlterConfig
-from alter.train import METHODS, finetune, unlearn
+from alter.train import ADAPTER_METHODS, METHODS, finetune, unlearn
 
 # 25 fictitious authors, 4 facts each, 5 forgotten: 20 forget questions, enough for the
 # KS test of forget quality to tell distributions apart.
 DEMO_DATA = {"num_authors": 25, "facts_per_author": 4, "forget_fraction": 0.2}
 # Memorization of the facts (full-parameter training of the tiny model).
 DEMO_FINETUNE = {"epochs": 30, "batch_size": 16, "lr": 3e-3}
-# Unlearning settings (batch size 4 as in the paper). The paper's beta = gamma = 1,
-# lam = 0.01, threshold 1.2, tau 0.8 / 0.01, r = 8 and learning rates lr_A 1e-5 / lr_B 1e-3
-# are kept. Demo-level choices, checked on seeds 0, 1 and 2 (not tuned on one run):
-# - the routers learn at 1e-2 (``router_lr``): a linear router on a tiny model needs it
-#   to tell forget from retain tokens within a few hundred steps;
-# - 3 experts (2 forget sub-domains for 5 forgotten authors) rather than 4;
-# - a 400-step router warm-up (routers alone, on the base model) before unlearning; without
-#   it the first epochs train the forget experts with routers that still send most forget
-#   tokens to the retention expert (seed 2 then lost 30% of its model utility);
-# - 20 epochs: 30 forget a little more (forget ROUGE 0.26 against 0.31, mean of 3 seeds)
-#   at 5% more utility lost;
-# - full-parameter baselines: learning rate and epochs from a coarse sweep (lr 3e-5 to
-#   1e-3), the strongest forgetting that does not collapse model utility (NPO at 1e-4
-#   and gradient ascent at 1e-3 drive it to ~0).
-DEMO_CONFIG = {"r": 8, "alpha": 16.0, "num_experts": 3, "lr_A": 1e-5, "lr_B": 1e-3}
-_ADAPTER_SETTINGS = {"epochs": 20, "router_warmup": 400, "router_lr": 1e-2}
-DEMO_UNLEARN = {
-    "alter": _ADAPTER_SETTINGS,
-    "asym_lora": _ADAPTER_SETTINGS,
-    "lora": _ADAPTER_SETTINGS,
-    "grad_ascent": {"epochs": 5, "lr": 1e-4},
-    "grad_diff": {"epochs": 10, "lr": 3e-4},
-    "npo": {"epochs": 10, "lr": 3e-5},
-}
 COLUMNS = ("method", "forget_quality", "model_utility", "forget_rouge", "retain_rouge", "time_s")
 
 
@@ -127,11 +106,14 @@ def run_demo(out: str, seed: int = 0, quick: bool = False, methods=METHODS) -> l
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"run_demo: methods must be among {METHODS}, got unknown {unknown}")
+    from alter.quality import BASELINE_LR
+
     started = time.perf_counter()
     os.makedirs(out, exist_ok=True)
-    # The tiny model's matrices are too small for threads to pay; one thread also keeps
-    # the demo steady on a shared machine.
+    # One thread (the tiny model's matrices are too small for threads to pay) and
+    # deterministic kernels: the same table for the same seed on every machine.
     torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
     data = tofu_mini(**DEMO_DATA, seed=seed)
     _log("tofu_mini: " + ", ".join(f"{name} {len(split)}" for name, split in data.items()))
     tokenizer = build_tokenizer(qa_texts(data))
@@ -167,21 +149,22 @@ def run_demo(out: str, seed: int = 0, quick: bool = False, methods=METHODS) -> l
     _log("retain: " + ", ".join(f"{c} {retain_row[c]:.3g}" for c in COLUMNS[1:]))
     rows = [retain_row, evaluate("target", target, target_time, truth_ratios)[0]]
 
-    config = AlterConfig(**DEMO_CONFIG)
     forget_set, retain_set = facts(data["forget"]), facts(data["retain"])
+    unlearn_settings = {}
     for method in methods:
         model = copy.deepcopy(target)
-        settings = dict(DEMO_UNLEARN[method])
+        settings = {} if method in ADAPTER_METHODS else {"lr": BASELINE_LR}
+        unlearn_settings[method] = dict(settings)
         if quick:
             settings["max_steps"] = 4
         _log(f"unlearning with {method} ({settings})")
         t0 = time.perf_counter()
-        unlearn(model, tokenizer, forget_set, retain_set, config, method, seed=seed, progress=False, **settings)
+        unlearn(model, tokenizer, forget_set, retain_set, method=method, seed=seed, progress=False, **settings)
         rows.append(evaluate(method, model, time.perf_counter() - t0, truth_ratios)[0])
 
     with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump({"rows": rows, "config": config.to_dict(), "finetune": finetune_args,
-                   "unlearn": {m: DEMO_UNLEARN[m] for m in methods}}, f, indent=2)
+        json.dump({"rows": rows, "config": AlterConfig().to_dict(), "finetune": finetune_args,
+                   "unlearn": unlearn_settings}, f, indent=2)
     plot_tradeoff(rows, os.path.join(out, "tradeoff.png"))
     print(format_table(rows))
     _log(f"wrote {out}/results.json and {out}/tradeoff.png in {time.perf_counter() - started:.0f} s")

@@ -9,28 +9,52 @@ as WMDP/MUSE corpora) and returns the unlearned model. Methods:
     token's Tsallis entropy (cached for the whole run: the paper observes that token
     entropy is stable under fine-tuning, so the layers read it through
     ``precomputed_entropy``) and the forget set's features (mean-pooled last hidden
-    states), which k-means splits into ``num_experts - 1`` sub-domains. Each step routes
-    every token of a forget sample of sub-domain d to forget expert d and every retain
-    token to the retention expert 0 (``forced_route``), and minimizes
-    ``beta * IHL(forget, low-entropy tokens) + gamma * NLL(retain) + lam * structural +
-    routing loss``. A (at ``lr_A``) learns only from high-entropy tokens; B learns at
-    ``lr_B``, the routers at ``router_lr`` (default ``lr_B``). The routing loss is the
-    cross-entropy of each router's logits against the sample's expert, computed on a
-    second forward of the batch in which the routers gate on their own, as they will at
-    inference: a router trained under forced routes learns to recognize the forget
-    experts' effect on the layers below it, which is gone at inference whenever those
-    layers route differently (on tofu_mini that left ~25% of the forget answer tokens on
-    the forget experts, against ~75% when gating on its own). Forget samples teach the
-    router on the positions that predict their answer only (the question template is
-    shared with retained questions); retain samples on every token. Each set's routing
-    loss is weighted by its share of the data: the router learns the experts of the data
-    as it is (a token common to both sets goes to the retention expert when the retain
-    set is the larger), not of the balanced batches. ``router_warmup`` steps can fit the
-    routers to the sub-domains before unlearning starts. After training the router gates
-    on its own (no forced route).
+    states), which k-means splits into ``num_experts - 1`` sub-domains: the routing
+    target of a forget sample of sub-domain d is forget expert d, of a retained sample the
+    retention expert 0. Each step minimizes ``beta * IHL(forget, low-entropy tokens) +
+    gamma * NLL(retain) + lam * structural + routing loss``. A (at ``lr_A``) learns only
+    from high-entropy tokens; B learns at ``lr_B``, the routers at ``router_lr`` (default
+    ``lr_B``). After training the router gates on its own (no forced route).
+
+    *Training routes* (``config.train_routes``). ``"router"`` (default): the forget and
+    retain losses run with the routers gating on their own, as at inference; the forget
+    loss's gradient reaches the forget experts only (never B_0), the retain loss's every
+    expert a retained token is routed to. A per-token router is imperfect: on the
+    development scenarios of ``alter quality`` the trained routers sent 20-50% of the
+    routing weight of forget tokens to the forget experts and let 2-14% of retained
+    tokens' weight leak there. Under the paper's ``"forced"`` routes (every forget token to
+    its forget expert, every retained token to B_0) the experts learn a split that
+    inference does not reproduce: forget facts survive wherever the router keeps them on
+    B_0, and retained facts are destroyed wherever they leak to a forget expert trained
+    never to see them (zeroing the forget experts restored retain accuracy fully:
+    dev-authors-qa 0.88 -> 1.00). Trained under their own routes, the forget experts learn
+    to forget what reaches them and, through the retain loss, to keep what leaks to them
+    (dev-authors-qa, lr_B 1e-2: forget 0.00 / retain 0.88 forced; the retain loss routed
+    alone 0.08 / 0.99; dev-companies-qa: the forget loss routed too took forget from 0.75
+    to 0.48).
+
+    *Routing targets* (:func:`mark_routing_targets`). A forget position teaches the router
+    its forget expert iff its context (the tokens up to it) is the prefix of no retained
+    example; every retained position teaches the retention expert. Before that point
+    (BOS, a question template, a sentence opening that retained rows share) no router can
+    tell the rows apart, and text rows would otherwise make every template word a forget
+    target. The same rule covers QA rows (targets start inside the question, at the
+    subject) and text rows. Measured (dev-authors-qa, 200 steps): answer positions only
+    forget 0.08 / retain 0.88, all forget tokens 0.00 / 0.80, the prefix rule 0.00 / 0.88.
+    A linear probe bounds what a per-token router can do: on dev-companies-qa the
+    best linear classifier of a layer's input recalls 76-85% of these positions at 20-55%
+    false positives, and 87-100% at 4-29% on the positions that predict a fact value;
+    n-gram novelty rules that try to isolate those were not better end to end. Each set's
+    routing loss is weighted by its share of the data (weighting the sets equally raised
+    the leak and cost retain accuracy: dev-authors-text 0.77 -> 0.48).
+
+    *Run length.* Without ``epochs``, a run has ``max(1 epoch, MIN_STEPS,
+    min(DEFAULT_EPOCHS epochs, MAX_DEFAULT_STEPS))`` unlearning steps (a 10-row forget set
+    gets 100 steps, not the ~8 of 3 epochs), preceded by a router warm-up of as many
+    router-only steps, at most ``MAX_ROUTER_WARMUP``.
 ``"asym_lora"``
-    AsymLoRA without entropy: the same forced routes, IHL with uniform token weights,
-    A learning from every token, no structural term.
+    AsymLoRA without entropy: the same routes and routing targets, IHL with uniform
+    token weights, A learning from every token, no structural term.
 ``"lora"``
     One plain LoRA adapter trained with the GradDiff objective, realized as AsymLoRA with
     every token forced to expert 0 and one expert kept per token at inference.
@@ -58,6 +82,8 @@ import hashlib
 import json
 import math
 import os
+import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -74,6 +100,7 @@ from alter.model import (
     adapter_parameters,
     apply_alter,
     forced_route,
+    is_patched,
     precomputed_entropy,
     router_loss,
     save_adapter,
@@ -86,6 +113,14 @@ STRUCTURAL_MODES = ("surrogate", "exact")
 CHECKPOINT_FILE = "checkpoint.pt"
 RUN_ARGS_FILE = "unlearn_args.json"
 RETENTION_EXPERT = 0
+# Run sizing when ``epochs`` / ``router_warmup`` are not given (module doc, "Run length").
+DEFAULT_EPOCHS = 10
+MIN_STEPS = 100
+MAX_DEFAULT_STEPS = 400
+MAX_ROUTER_WARMUP = 200
+# The run report warns when the forget tokens' mean probability kept more than this
+# fraction of its starting value.
+FORGET_WARNING_RATIO = 0.9
 
 
 # ----------------------------------------------------------------------------- data
@@ -240,6 +275,76 @@ def split_subdomains(features: np.ndarray, num_domains: int, seed: int = 0) -> n
     return labels.astype(np.int64)
 
 
+def _prefix_trie(examples: list[dict]) -> dict:
+    """The token-prefix trie of ``examples``: ``{(node, token): child}``, root node 0."""
+    trie: dict = {}
+    for example in examples:
+        node = 0
+        for token in example["input_ids"]:
+            node = trie.setdefault((node, token), len(trie) + 1)
+    return trie
+
+
+def mark_routing_targets(forget_examples: list[dict], retain_examples: list[dict]) -> None:
+    """Set ``example["route_mask"]`` (int ``[len]``): the positions that teach the router.
+
+    A forget position teaches the router its forget expert iff its context (the tokens up
+    to and including it) is the prefix of no retained example: before that point the
+    context cannot tell the forget example from a retained one (a shared BOS, question
+    template or sentence opening), and a per-token router would only learn the mix of the
+    two. Every retained position teaches the retention expert.
+    """
+    trie = _prefix_trie(retain_examples)
+    for example in forget_examples:
+        node, mask = 0, []
+        for token in example["input_ids"]:
+            node = trie.get((node, token), -1) if node >= 0 else -1
+            mask.append(int(node < 0))
+        example["route_mask"] = mask
+    for example in retain_examples:
+        example["route_mask"] = [1] * len(example["input_ids"])
+
+
+@torch.no_grad()
+def routing_shares(model, examples: list[dict], pad_id: int, batch_size: int) -> float:
+    """Share of the routing weight that the model's routers, gating on their own (as at
+    inference, base-model entropy from ``example["entropy"]``), give the forget experts
+    (1..N-1) on the positions ``example["route_mask"]`` marks, averaged over layers and
+    positions. A float in [0, 1] (NaN when no position is marked)."""
+    from alter.model import alter_layers
+    from alter_kernels import route
+
+    config = model.alter_config
+    device = next(model.parameters()).device
+    shares: list[torch.Tensor] = []
+
+    def hook(router, inputs, logits):
+        weights, experts = route(logits, inputs[1], config.entropy_threshold, config.tau_high, config.tau_low,
+                                 config.k_high, config.k_low, backend=config.backend)
+        shares.append((weights * (experts > RETENTION_EXPERT)).sum(-1).float())
+
+    handles = [layer.router.register_forward_hook(hook) for layer in alter_layers(model).values()]
+    was_training = model.training
+    model.eval()
+    total = count = 0.0
+    try:
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start : start + batch_size]
+            batch = _batch(chunk, range(len(chunk)), pad_id, device)
+            shares.clear()
+            with precomputed_entropy(model, batch["entropy"]):
+                model(**_model_inputs(batch))
+            mask = (batch["route_mask"].bool() & batch["attention_mask"].bool()).reshape(-1)
+            per_token = torch.stack(shares).mean(0)
+            total += float(per_token[mask].sum())
+            count += float(mask.sum())
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return total / count if count else float("nan")
+
+
 # ---------------------------------------------------------------------------- losses
 
 
@@ -249,14 +354,6 @@ def _shift(logits: torch.Tensor, labels: torch.Tensor):
     logits stay a view (``logits[:, :-1]`` would copy all ``[T, V]`` of them)."""
     shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
     return logits.reshape(-1, logits.shape[-1]), shifted.reshape(-1)
-
-
-def answer_positions(labels: torch.Tensor) -> torch.Tensor:
-    """``[B, L]`` bool: the positions whose logits predict a labelled token (``labels[t + 1]
-    != -100``), i.e. the last prompt token and the answer of a QA sample."""
-    positions = torch.zeros_like(labels, dtype=torch.bool)
-    positions[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-    return positions
 
 
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -338,13 +435,16 @@ class _AdapterObjective:
         # Routing loss of each pass weighted by its set's share of the data (module doc).
         total = n_forget + n_retain
         self.route_weight = {True: 2 * n_forget / total, False: 2 * n_retain / total}
+        # Experts trained under the routers' own gating (config.train_routes == "router"),
+        # for the methods with forget experts; "lora" has one adapter, always forced.
+        self.router_routes = recipe.forget_experts == "subdomain" and config.train_routes == "router"
         self.structural = structural if recipe.entropy_guided and config.lam > 0 else None
         self.autocast = autocast
         groups = adapter_parameters(model)
         self.A_params, self.B_params = groups["A"], groups["B"]
 
     def _forget_loss(self, logits, labels):
-        if self.recipe.forget_loss == "nll_ascent":
+        if self.recipe.forget_loss == "nll_ascent" or self.config.forget_loss == "nll_ascent":
             return -token_nll(logits, labels)
         flat_logits, flat_labels = _shift(logits, labels)
         weight = self.config.high_entropy_weight if self.recipe.forget_loss == "ihl" else 1.0
@@ -361,11 +461,8 @@ class _AdapterObjective:
         return structural_surrogate(logits, batch, cfg.tsallis_q, cfg.entropy_threshold, cfg.backend)
 
     def _routed_tokens(self, batch: dict, forget: bool):
-        # A forget sample's prompt (the question template, words shared with retained
-        # questions) holds no forget knowledge and a per-token router cannot tell it from
-        # a retained prompt: only the positions that predict its answer teach the router
-        # the forget experts. Every token of a retain sample teaches the retention expert.
-        return answer_positions(batch["labels"]) if forget else None
+        # The positions mark_routing_targets chose (module doc, "Routing targets").
+        return batch["route_mask"].bool()
 
     def _routing_pass(self, model, batch: dict, forget: bool) -> torch.Tensor:
         """Routing loss of the routers gating on their own, as at inference, with gradients
@@ -388,7 +485,8 @@ class _AdapterObjective:
 
     def _pass(self, model, batch: dict, forget: bool) -> dict:
         cfg = self.config
-        with forced_route(model, batch["expert"]), precomputed_entropy(model, batch["entropy"]):
+        gate = not self.router_routes
+        with forced_route(model, batch["expert"], gate=gate), precomputed_entropy(model, batch["entropy"]):
             with self.autocast():
                 logits = model(**_model_inputs(batch)).logits
             if forget:
@@ -405,6 +503,12 @@ class _AdapterObjective:
             # Backward inside the routing context: gradient checkpointing recomputes the
             # forward here and must see the same routes and entropy.
             loss.backward()
+        if forget and self.router_routes:
+            # The forget loss trains the forget experts only: a forget token the router
+            # sends to the retention expert must not teach it to forget.
+            for B in self.B_params:
+                if B.grad is not None:
+                    B.grad[RETENTION_EXPERT].zero_()
         logs["loss"] = loss.detach()
         return logs
 
@@ -597,6 +701,97 @@ def _check_positive(name: str, value, kind=int) -> None:
         raise ValueError(f"{name} must be a positive {kind.__name__}, got {value!r}")
 
 
+def run_length(n_forget: int, batch_size: int, epochs: int | None, router_warmup: int | None,
+               adapter: bool) -> tuple[int, int]:
+    """(router warm-up steps, unlearning steps) of a run (module doc, "Run length")."""
+    per_epoch = math.ceil(n_forget / batch_size)
+    if epochs is None:
+        steps = max(per_epoch, MIN_STEPS, min(DEFAULT_EPOCHS * per_epoch, MAX_DEFAULT_STEPS))
+    else:
+        steps = epochs * per_epoch
+    if router_warmup is None:
+        router_warmup = min(steps, MAX_ROUTER_WARMUP) if adapter else 0
+    return router_warmup, steps
+
+
+@torch.no_grad()
+def mean_label_probability(model, examples: list[dict], pad_id: int, batch_size: int) -> float:
+    """Mean probability the model gives the labelled tokens of ``examples`` (teacher forced)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total = count = 0.0
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        batch = _batch(chunk, range(len(chunk)), pad_id, device)
+        if "entropy" in batch and is_patched(model):
+            with precomputed_entropy(model, batch["entropy"]):
+                logits = model(**_model_inputs(batch)).logits
+        else:
+            logits = model(**_model_inputs(batch)).logits
+        flat_logits, flat_labels = _shift(logits, batch["labels"])
+        keep = flat_labels != IGNORE_INDEX
+        logp = torch.log_softmax(flat_logits[keep].float(), -1).gather(-1, flat_labels[keep, None])
+        total += float(logp.exp().sum())
+        count += float(keep.sum())
+    model.train(was_training)
+    return total / max(count, 1.0)
+
+
+@dataclass
+class UnlearnReport:
+    """What an :func:`unlearn` run did (``model.unlearn_report``).
+
+    ``steps``: optimizer steps run in this call (``router_warmup`` of them router-only);
+    ``losses``: per loss name (forget, retain, route, ...) its ``first``/``last``/``min``
+    over the steps that logged it; ``forget_routing_share``: the share of the routing
+    weight that the trained routers, gating on their own, give the forget experts on the
+    forget positions that teach them (module doc, "Routing targets"), and
+    ``retain_leak_share`` the same on every retained token (None for methods without
+    forget experts); ``forget_probability_before/after``: the mean probability of the
+    forget set's labelled tokens; ``seconds``: wall time.
+    """
+
+    method: str
+    steps: int
+    router_warmup: int
+    losses: dict
+    forget_routing_share: float | None
+    retain_leak_share: float | None
+    forget_probability_before: float
+    forget_probability_after: float
+    seconds: float
+
+    def __str__(self) -> str:
+        lines = [f"unlearn [{self.method}]: {self.steps} steps ({self.router_warmup} router warm-up) "
+                 f"in {self.seconds:.1f} s"]
+        for name, values in self.losses.items():
+            lines.append(f"  {name:<10} first {values['first']:.4g}  last {values['last']:.4g}  min {values['min']:.4g}")
+        lines.append(f"  forget-token probability {self.forget_probability_before:.3g} -> "
+                     f"{self.forget_probability_after:.3g}")
+        if self.forget_routing_share is not None:
+            lines.append(f"  routing: forget tokens -> forget experts {self.forget_routing_share:.2f}, "
+                         f"retained tokens leaking there {self.retain_leak_share:.2f}")
+        return "\n".join(lines)
+
+
+def _report(model, method, forget_examples, retain_examples, pad_id, batch_size, history, start_step,
+            router_warmup, forget_prob_before, seconds) -> UnlearnReport:
+    losses: dict[str, dict] = {}
+    for logs in history:
+        for name, value in logs.items():
+            entry = losses.setdefault(name, {"first": value, "last": value, "min": value})
+            entry["last"], entry["min"] = value, min(entry["min"], value)
+    shares = (None, None)
+    if method in ("alter", "asym_lora"):
+        shares = (routing_shares(model, forget_examples, pad_id, batch_size),
+                  routing_shares(model, retain_examples, pad_id, batch_size))
+    warmup_run = max(0, min(router_warmup, start_step + len(history)) - start_step)
+    return UnlearnReport(method, len(history), warmup_run, losses, *shares,
+                         forget_prob_before, mean_label_probability(model, forget_examples, pad_id, batch_size),
+                         seconds)
+
+
 def unlearn(
     model,
     tokenizer,
@@ -605,7 +800,7 @@ def unlearn(
     config: AlterConfig | None = None,
     method: str = "alter",
     *,
-    epochs: int = 3,
+    epochs: int | None = None,
     batch_size: int = 4,
     lr: float = 1e-5,
     max_steps: int | None = None,
@@ -619,7 +814,7 @@ def unlearn(
     resume: bool = False,
     mixed_precision: bool | None = None,
     gradient_checkpointing: bool | None = None,
-    router_warmup: int = 0,
+    router_warmup: int | None = None,
     router_lr: float | None = None,
     progress: bool = True,
     callback: Callable[[int, dict], None] | None = None,
@@ -637,7 +832,8 @@ def unlearn(
             ``AlterConfig()``. The full-parameter baselines read ``beta`` and ``gamma``.
         method: one of ``METHODS``.
         epochs, batch_size: passes over the forget set, and samples per batch (each
-            forget batch is paired with a retain batch of the same size).
+            forget batch is paired with a retain batch of the same size). Default
+            epochs: sized from the data (module doc, "Run length").
         lr: learning rate of the full-parameter baselines (AdamW, weight decay 0.01).
         max_steps: stop after this many optimizer steps (default: all epochs). The data
             order does not depend on it, so a run stopped early is a prefix of a full one.
@@ -659,19 +855,24 @@ def unlearn(
         router_warmup: adapter methods: optimizer steps, before unlearning, that train
             only the routers, on the routing loss (B is still zero, so the model is the
             base model and the routers learn the sub-domain assignment on its features).
-            Counted in ``max_steps``.
+            Counted in ``max_steps``. Default: as many as the unlearning steps, at most
+            ``MAX_ROUTER_WARMUP`` (0 for the full-parameter baselines).
         router_lr: adapter methods: learning rate of the routers (default ``config.lr_B``).
         progress: show a tqdm progress bar.
         callback: ``callback(step, logs)`` after every optimizer step; ``logs`` holds
             the step's losses as floats.
 
-    The model comes back in eval mode. An adapted model routes with its trained router
+    The model comes back in eval mode with ``model.unlearn_report``, an
+    :class:`UnlearnReport` (steps, loss trajectories, routing shares, the forget tokens'
+    probability before and after), printed unless ``progress=False``; a ``UserWarning``
+    says when the forget set was barely forgotten. An adapted model routes with its trained router
     (no forced route) and, unless ``config.entropy_source`` is ``"precomputed"``, gets
     its token entropy from ``"lagged"`` tracking: a prepass for whole sequences (as
     ``"prepass"`` does) and the lagged entropy for tokens decoded by ``model.generate``.
     """
     config = _check_unlearn_args(config, method, retain, structural, epochs, batch_size, max_steps,
                                  save_every, output_dir, resume, router_warmup, router_lr)
+    started = time.perf_counter()
     device = next(model.parameters()).device
     on_gpu = device.type == "cuda"
     autocast = _autocast_factory(device, on_gpu if mixed_precision is None else mixed_precision)
@@ -693,6 +894,7 @@ def unlearn(
         print(f"unlearn [{method}]: targeting {len(forget_examples)} forget rows ({forget_tokens} labelled tokens), "
               f"keeping {len(retain_examples)} retain rows", flush=True)
     torch.manual_seed(seed)
+    forget_prob_before = mean_label_probability(model, forget_examples, pad_id, batch_size)
 
     if method in ADAPTER_METHODS:
         optimizer, objective = _setup_adapter_method(
@@ -710,10 +912,12 @@ def unlearn(
         clip_groups = [groups["A"] + groups["B"], groups["router"]]
     else:
         clip_groups = [list(trainable.values())]
-    steps_per_epoch = math.ceil(len(forget_examples) / batch_size)
-    total_steps = router_warmup + epochs * steps_per_epoch
+    router_warmup, train_steps = run_length(len(forget_examples), batch_size, epochs, router_warmup,
+                                            method in ADAPTER_METHODS)
+    total_steps = router_warmup + train_steps
     total_steps = total_steps if max_steps is None else min(max_steps, total_steps)
     start_step = checkpointer.restore(checkpoint, trainable, optimizer) if checkpoint is not None else 0
+    history: list[dict] = []
 
     checkpointing = (on_gpu if gradient_checkpointing is None else gradient_checkpointing) and not _checkpointing_on(model)
     if checkpointing:
@@ -741,6 +945,7 @@ def unlearn(
         optimizer.step()
         bar.update(1)
         bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items()})
+        history.append(logs)
         if callback is not None:
             callback(step + 1, logs)
         if save_every is not None and (step + 1) % save_every == 0:
@@ -751,8 +956,17 @@ def unlearn(
     if model.config._attn_implementation != attention:
         model.set_attn_implementation(attention)
     model.eval()
+    model.unlearn_report = _report(model, method, forget_examples, retain_examples, pad_id, batch_size, history,
+                                   start_step, router_warmup, forget_prob_before, time.perf_counter() - started)
+    if progress:
+        print(model.unlearn_report)
+    if model.unlearn_report.forget_probability_after > FORGET_WARNING_RATIO * forget_prob_before:
+        warnings.warn(f"unlearn [{method}]: the forget set is barely forgotten: its tokens' mean probability went "
+                      f"{forget_prob_before:.3g} -> {model.unlearn_report.forget_probability_after:.3g}; "
+                      "train longer (epochs) or with larger learning rates", stacklevel=2)
     if output_dir is not None:
-        _save_result(model, tokenizer, output_dir, method, {**run, "epochs": epochs, "steps": total_steps})
+        _save_result(model, tokenizer, output_dir, method,
+                     {**run, "epochs": epochs, "router_warmup_steps": router_warmup, "steps": total_steps})
     return model
 
 
@@ -771,7 +985,8 @@ def _check_unlearn_args(config, method, retain, structural, epochs, batch_size, 
         if config.backend not in (None, "eager"):
             raise ValueError(f"structural='exact' needs the eager backend, but config.backend is {config.backend!r}")
         config = dataclasses.replace(config, backend="eager")
-    _check_positive("epochs", epochs)
+    if epochs is not None:
+        _check_positive("epochs", epochs)
     _check_positive("batch_size", batch_size)
     if max_steps is not None:
         _check_positive("max_steps", max_steps)
@@ -781,7 +996,8 @@ def _check_unlearn_args(config, method, retain, structural, epochs, batch_size, 
             raise ValueError("save_every needs output_dir, where the checkpoints go")
     if resume and output_dir is None:
         raise ValueError("resume=True needs output_dir, where the checkpoint is")
-    if not isinstance(router_warmup, int) or isinstance(router_warmup, bool) or router_warmup < 0:
+    if router_warmup is not None and (not isinstance(router_warmup, int) or isinstance(router_warmup, bool)
+                                      or router_warmup < 0):
         raise ValueError(f"router_warmup must be an int >= 0, got {router_warmup!r}")
     for name, value in (("router_warmup", router_warmup), ("router_lr", router_lr)):
         if value and method not in ADAPTER_METHODS:
@@ -809,6 +1025,7 @@ def _setup_adapter_method(model, config, method, forget_examples, retain_example
             example["expert"] = RETENTION_EXPERT
     for example in retain_examples:
         example["expert"] = RETENTION_EXPERT
+    mark_routing_targets(forget_examples, retain_examples)
 
     changes = {}
     if config.entropy_source == "prepass":

@@ -16,7 +16,8 @@ def test_defaults_follow_the_paper_and_design():
         3,
         1,
     )
-    assert (config.lr_A, config.lr_B) == (1e-5, 1e-3)
+    assert (config.lr_A, config.lr_B) == (1e-3, 3e-3)
+    assert (config.forget_loss, config.train_routes) == ("ihl", "router")
     assert config.scaling == 2.0
     assert config.target_modules == list(DEFAULT_TARGET_MODULES)
     # S_q < 1/(q-1) for q > 1: the default q must leave the default threshold reachable.

@@ -16,7 +16,6 @@ from alter.tiny import build_tokenizer, tiny_llama
 from alter.train import (
     ADAPTER_METHODS,
     METHODS,
-    answer_positions,
     finetune,
     npo_loss,
     sequence_logprob,
@@ -52,6 +51,7 @@ def run(model, tokenizer, data, method, **kwargs):
     logs = []
     kwargs.setdefault("config", CONFIG)
     kwargs.setdefault("batch_size", 2)
+    kwargs.setdefault("router_warmup", 0)  # the two steps unlearn (the default warm-up would take them)
     unlearn(model, tokenizer, data["forget"], data["retain"], method=method, max_steps=2,
             progress=False, callback=lambda step, log: logs.append(log), **kwargs)
     return logs
@@ -149,9 +149,9 @@ def test_router_warmup_trains_only_the_routers(data, tokenizer):
         run(small_model(tokenizer), tokenizer, data, "grad_diff", router_warmup=1)
 
 
-def test_forget_routing_loss_counts_only_answer_positions(data, tokenizer, monkeypatch):
-    """The forget pass teaches the router on the positions that predict the answer; the
-    retain pass on every token."""
+def test_forget_routing_loss_counts_only_the_routing_targets(data, tokenizer, monkeypatch):
+    """The forget pass teaches the router on the positions mark_routing_targets chose (a
+    proper subset: not the shared question template); the retain pass on every token."""
     seen = []
 
     def recording_router_loss(model, token_mask=None):
@@ -162,8 +162,8 @@ def test_forget_routing_loss_counts_only_answer_positions(data, tokenizer, monke
     run(small_model(tokenizer), tokenizer, data, "alter", router_warmup=1)  # a warm-up step, then a training step
     assert len(seen) == 4  # forget and retain pass of each step
     for forget_mask, retain_mask in (seen[0:2], seen[2:4]):
-        assert retain_mask is None
         assert forget_mask.dtype == torch.bool and 0 < int(forget_mask.sum()) < forget_mask.numel()
+        assert retain_mask.dtype == torch.bool and int(retain_mask.sum()) > 0
 
 
 def test_router_loss_token_mask_against_float64():
@@ -279,7 +279,7 @@ def test_same_seed_same_result(data, tokenizer):
 def test_resume_matches_uninterrupted_run(method, data, tokenizer, tmp_path):
     # Dropout on, so that the RNG state must be restored too.
     config = AlterConfig(r=4, num_experts=3, dropout=0.1)
-    common = dict(config=config, method=method, batch_size=2, epochs=2, progress=False, lr=1e-3)
+    common = dict(config=config, method=method, batch_size=2, epochs=2, progress=False, lr=1e-3, router_warmup=0)
 
     full = small_model(tokenizer)
     unlearn(full, tokenizer, data["forget"], data["retain"], **common)
@@ -440,16 +440,6 @@ def test_shift_keeps_the_logits_a_view_and_pairs_each_position_with_the_next_lab
     assert loss.item() == pytest.approx(torch.stack(hinge).mean().item(), rel=1e-5)
 
 
-def test_answer_positions_predict_the_labels():
-    _, labels = _random_batch()
-    positions = answer_positions(labels)
-    expected = torch.zeros_like(positions)
-    for b in range(labels.shape[0]):
-        for t in range(labels.shape[1] - 1):
-            expected[b, t] = bool(labels[b, t + 1] != -100)
-    assert torch.equal(positions, expected) and positions.any() and not positions.all()
-
-
 def test_npo_loss_formula():
     logprob = torch.tensor([-3.0, -1.5, -7.0], dtype=torch.float64)
     ref = torch.tensor([-2.0, -2.5, -1.0], dtype=torch.float64)
@@ -514,3 +504,123 @@ def test_finetune_learns_the_facts(data, tokenizer):
     finetune(model, tokenizer, facts, epochs=40, batch_size=4, lr=1e-2, progress=False)
     after = answer_probability(model, tokenizer, facts["question"], facts["answer"]).mean()
     assert after > 0.5 > before
+
+
+# ------------------------------------------------------------- routing targets, run length, report
+
+
+def _examples(rows):
+    return [{"input_ids": list(ids)} for ids in rows]
+
+
+def test_routing_targets_start_where_the_prefix_leaves_every_retained_example():
+    """A forget position is a target iff the tokens up to it prefix no retained example
+    (BOS, shared templates are not); every retained position is a target."""
+    retain = _examples([[1, 5, 6, 7, 8], [1, 5, 9, 3]])
+    forget = _examples([[1, 5, 6, 4, 8], [1, 2, 6, 7], [1, 5, 9, 3, 3]])
+    alter.train.mark_routing_targets(forget, retain)
+    assert [e["route_mask"] for e in forget] == [[0, 0, 0, 1, 1], [0, 1, 1, 1], [0, 0, 0, 0, 1]]
+    assert [e["route_mask"] for e in retain] == [[1] * 5, [1] * 4]
+
+
+def test_run_length_is_sized_from_the_data():
+    from alter.train import MAX_DEFAULT_STEPS, MAX_ROUTER_WARMUP, MIN_STEPS, run_length
+
+    assert run_length(10, 4, None, None, True) == (MIN_STEPS, MIN_STEPS)  # 3 batches an epoch
+    assert run_length(1000, 4, None, None, True) == (MAX_ROUTER_WARMUP, MAX_DEFAULT_STEPS)
+    assert run_length(4000, 4, None, None, True) == (MAX_ROUTER_WARMUP, 1000)  # at least one epoch
+    assert run_length(120, 4, None, None, True) == (MAX_ROUTER_WARMUP, min(300, MAX_DEFAULT_STEPS))
+    assert run_length(10, 4, 2, None, True) == (6, 6)  # explicit epochs: 2 x 3 batches
+    assert run_length(10, 4, None, 7, True)[0] == 7
+    assert run_length(10, 4, None, None, False)[0] == 0  # no router, no warm-up
+
+
+def test_run_report_and_forgetting_warning(data, tokenizer, capsys):
+    model = small_model(tokenizer)
+    with pytest.warns(UserWarning, match="barely forgotten"):  # 2 steps forget nothing
+        run(model, tokenizer, data, "alter", router_warmup=1)
+    report = model.unlearn_report
+    assert (report.method, report.steps, report.router_warmup) == ("alter", 2, 1)
+    assert set(report.losses) == {"route", "forget", "retain", "structural", "loss"}
+    assert report.losses["route"]["min"] <= min(report.losses["route"]["first"], report.losses["route"]["last"])
+    assert 0.0 <= report.forget_routing_share <= 1.0 and 0.0 <= report.retain_leak_share <= 1.0
+    assert 0.0 < report.forget_probability_before <= 1.0
+    assert "routing: forget tokens -> forget experts" in str(report)
+    assert capsys.readouterr().out == ""  # progress=False: not printed
+    model = small_model(tokenizer)
+    run(model, tokenizer, data, "grad_diff", lr=1e-3)
+    assert model.unlearn_report.forget_routing_share is None and "forget" in model.unlearn_report.losses
+
+
+def test_routing_shares_against_a_direct_count(data, tokenizer):
+    """routing_shares: the mean over layers and marked positions of the routing weight on
+    experts >= 1, recomputed here from each router's logits with route()."""
+    from alter.train import _pad_id, base_model_pass, encode_dataset, routing_shares
+    from alter_kernels import route
+
+    model = small_model(tokenizer)
+    examples = encode_dataset(tokenizer, data["forget"], "forget", None)
+    base_model_pass(model, examples, _pad_id(tokenizer), CONFIG.tsallis_q, 4)
+    apply_alter(model, CONFIG)
+    torch.manual_seed(2)
+    for layer in alter_layers(model).values():
+        torch.nn.init.normal_(layer.router.weight, std=1.0)
+    for example in examples:
+        example["route_mask"] = [int(i % 2 == 0) for i in range(len(example["input_ids"]))]
+    got = routing_shares(model, examples, _pad_id(tokenizer), 3)
+    total = count = 0.0
+    for example in examples:
+        ids = torch.tensor([example["input_ids"]])
+        entropy = example["entropy"][None]
+        inputs = {}
+        hooks = [layer.router.register_forward_hook(lambda m, i, o, name=name: inputs.__setitem__(name, (o, i[1])))
+                 for name, layer in alter_layers(model).items()]
+        from alter.model import precomputed_entropy
+        with torch.no_grad(), precomputed_entropy(model, entropy):
+            model(input_ids=ids)
+        for h in hooks:
+            h.remove()
+        per_layer = []
+        for logits, ent in inputs.values():
+            w, e = route(logits, ent, CONFIG.entropy_threshold, CONFIG.tau_high, CONFIG.tau_low, CONFIG.k_high,
+                         CONFIG.k_low, backend="eager")
+            per_layer.append((w * (e > 0)).sum(-1).double())
+        share = torch.stack(per_layer).mean(0)
+        mask = torch.tensor(example["route_mask"], dtype=torch.bool)
+        total += float(share[mask].sum())
+        count += float(mask.sum())
+    assert 0.0 < got < 1.0
+    assert got == pytest.approx(total / count, rel=1e-5)
+
+
+def test_paper_preset_and_router_training_routes(data, tokenizer, monkeypatch):
+    """AlterConfig.paper() trains under forced routes; the default under the routers' own
+    gating, where the forget loss never reaches the retention expert B_0."""
+    paper = AlterConfig.paper()
+    assert (paper.lr_A, paper.lr_B, paper.train_routes, paper.beta, paper.gamma, paper.lam) == (
+        1e-5, 1e-3, "forced", 1.0, 1.0, 0.01)
+    assert AlterConfig.paper(r=4).r == 4
+    gates = []
+    original = alter.train.forced_route
+
+    def recording_forced_route(model, experts, gate=True):
+        gates.append(gate)
+        return original(model, experts, gate)
+
+    monkeypatch.setattr(alter.train, "forced_route", recording_forced_route)
+    for config, want in ((AlterConfig.paper(r=4, num_experts=3), True), (CONFIG, False)):
+        gates.clear()
+        model = small_model(tokenizer)
+        unlearn(model, tokenizer, data["forget"], data["retain"], config=config, batch_size=2, max_steps=1,
+                router_warmup=0, progress=False)
+        assert gates[:2] == [want, want]  # the forget and the retain pass of the step
+    # Under router routes, B_0 gets no gradient from the forget loss: a forget-only run
+    # (gamma 0, no structural term) leaves it at zero. Threshold ~0: every token is high
+    # entropy, so the fresh routers mix all experts (and IHL weighs every token).
+    model = small_model(tokenizer)
+    config = dataclasses.replace(CONFIG, gamma=0.0, lam=0.0, entropy_threshold=1e-6, high_entropy_weight=1.0)
+    unlearn(model, tokenizer, data["forget"], data["retain"], config=config, batch_size=2, max_steps=2,
+            router_warmup=0, progress=False)
+    for layer in alter_layers(model).values():
+        assert torch.equal(layer.lora_B[0], torch.zeros_like(layer.lora_B[0]))
+    assert any(layer.lora_B[1:].abs().sum() > 0 for layer in alter_layers(model).values())
