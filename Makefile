@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 CSRC   := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.h)
 
-.PHONY: install demo test bench bench-ci clean
+.PHONY: install demo test bench bench-ci compile-report clean
 
 install: $(STAMP)
 
@@ -31,6 +31,11 @@ bench: $(STAMP)
 # The CPU suite at CI sizes, so the benchmarks cannot rot; timings are printed only.
 bench-ci: $(STAMP)
 	$(VENV)/bin/alter bench --quick --out bench_out
+
+# Every Triton kernel compiled offline for sm_90 and sm_80 at the benchmark shapes (no GPU
+# needed); fails on a compile error, a spill or more than 168 registers.
+compile-report: $(STAMP)
+	$(PY) benchmarks/compile_report.py --arch 90 80 --out bench_out
 
 clean:
 	rm -rf $(VENV) build *.egg-info alter_kernels/_C*.so demo_out bench_out

@@ -100,6 +100,13 @@ def _drop_grads(*tensors: torch.Tensor) -> None:
         t.grad = None
 
 
+def _upstream_gradient(shape, dtype, device) -> torch.Tensor:
+    """A dense random gradient for ``out.backward``: ``out.sum().backward()`` would hand the
+    backward a stride-0 gradient whose every load hits one cached address."""
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    return torch.randn(shape, generator=gen).to(device, dtype)
+
+
 # ----------------------------------------------------------------------------------
 # op cases
 # ----------------------------------------------------------------------------------
@@ -116,11 +123,12 @@ def _entropy_case(T: int, V: int, dtype, backward: bool, variants) -> BenchCase:
 
     def build(variant, device):
         logits = _logits(T, V, dtype, device, backward)
+        grad = _upstream_gradient((T,), torch.float32, device)
 
         def step():
             entropy = tsallis_entropy(logits, DEFAULTS.tsallis_q, backend=variant)
             if backward:
-                entropy.sum().backward()
+                entropy.backward(grad)
                 _drop_grads(logits)
 
         return step
@@ -148,9 +156,10 @@ def _fused_linear_entropy_case(T: int, D: int, V: int, dtype, variants) -> Bench
 
         return step
 
+    elem = torch.finfo(dtype).bits // 8
     return BenchCase(
         f"fused_linear_entropy fwd [{T}x{D}]->[{V}] {_dtype_name(dtype)}", "fused_linear_entropy", variants,
-        build, flops=2 * T * D * V, tokens=T,
+        build, flops=2 * T * D * V, bytes_moved=elem * (T * D + V * D), tokens=T,
     )
 
 
@@ -186,18 +195,23 @@ def _route_case(T: int, N: int, variants) -> BenchCase:
     def build(variant, device):
         router_logits = torch.randn(T, N, device=device).requires_grad_(True)
         entropy = torch.rand(T, device=device) * 3
+        grad = _upstream_gradient((T, max(DEFAULTS.k_high, DEFAULTS.k_low)), torch.float32, device)
 
         def step():
             weights, _ = route(
                 router_logits, entropy, DEFAULTS.entropy_threshold, DEFAULTS.tau_high, DEFAULTS.tau_low,
                 DEFAULTS.k_high, DEFAULTS.k_low, backend=variant, check_finite=False,  # as AsymLoRALinear calls it
             )
-            weights.sum().backward()
+            weights.backward(grad)
             _drop_grads(router_logits)
 
         return step
 
-    return BenchCase(f"route fwd+bwd T={T} N={N} top-{DEFAULTS.k_high}", "route", variants, build, tokens=T)
+    K = max(DEFAULTS.k_high, DEFAULTS.k_low)
+    # fwd: read logits and entropy, write weights and experts; bwd: read the gradient,
+    # weights, experts and entropy, write the logits' gradient (all 4-byte values)
+    return BenchCase(f"route fwd+bwd T={T} N={N} top-{DEFAULTS.k_high}", "route", variants, build, tokens=T,
+                     bytes_moved=4 * T * (N + 1 + 2 * K + 3 * K + 1 + N))
 
 
 def _moe_align_case(T: int, K: int, N: int, block_m: int, variants) -> BenchCase:
@@ -208,7 +222,10 @@ def _moe_align_case(T: int, K: int, N: int, block_m: int, variants) -> BenchCase
         experts = torch.rand(T, N, device=device).argsort(dim=1)[:, :K].to(torch.int32).contiguous()
         return lambda: moe_align(experts, N, block_m, backend=variant)
 
-    return BenchCase(f"moe_align T={T} K={K} N={N} block={block_m}", "moe_align", variants, build)
+    # read the ids, write the sorted slot ids (each expert padded to a block at most) and block owners
+    padded = T * K + N * (block_m - 1)
+    return BenchCase(f"moe_align T={T} K={K} N={N} block={block_m}", "moe_align", variants, build,
+                     bytes_moved=4 * (T * K + padded + padded // block_m))
 
 
 def _asym_lora_case(label: str, T: int, k: int, d: int, r: int, N: int, K: int, dtype, variants) -> BenchCase:
@@ -217,7 +234,8 @@ def _asym_lora_case(label: str, T: int, k: int, d: int, r: int, N: int, K: int, 
     Variants: ``linear`` is the frozen nn.Linear alone (the floor), ``loop`` a naive
     per-expert Python loop over dense gates (what HydraLoRA-style code does), ``eager``
     the readable reference, ``eager_dense`` the best eager formulation, ``triton`` the
-    kernels (its routing too; the other variants route on the eager path).
+    kernels (its routing too; the other variants route on the eager path). ``eager`` and
+    ``triton`` add the delta into the base output (``out=``), as ``AsymLoRALinear`` does.
     """
     from alter_kernels import asym_lora, route
     from alter_kernels.asym_lora import asym_lora_eager_dense
@@ -230,6 +248,7 @@ def _asym_lora_case(label: str, T: int, k: int, d: int, r: int, N: int, K: int, 
         B = (torch.randn(N, d, r, generator=gen) * 0.01).to(device, dtype).requires_grad_(True)
         router_logits = torch.randn(T, N, generator=gen).to(device).requires_grad_(True)
         entropy = torch.rand(T, generator=gen).to(device) * 3
+        grad = _upstream_gradient((T, d), dtype, device)
         scaling = 2.0
         route_backend = "triton" if variant == "triton" else "eager"
 
@@ -242,23 +261,26 @@ def _asym_lora_case(label: str, T: int, k: int, d: int, r: int, N: int, K: int, 
                 backend=route_backend, check_finite=False,  # as AsymLoRALinear calls it: no host sync
             )
             if variant == "loop":
-                delta = _naive_expert_loop(x, A, B, weights, experts, scaling)
-            elif variant == "eager_dense":
-                delta = asym_lora_eager_dense(x, A, B, weights, experts, scaling)
-            else:
-                delta = asym_lora(x, A, B, weights, experts, scaling, backend=variant)
-            return base + delta
+                return base + _naive_expert_loop(x, A, B, weights, experts, scaling)
+            if variant == "eager_dense":
+                return base + asym_lora_eager_dense(x, A, B, weights, experts, scaling)
+            # as AsymLoRALinear calls it: the delta added into the base output in place
+            return asym_lora(x, A, B, weights, experts, scaling, backend=variant, out=base)
 
         def step():
-            layer().sum().backward()
+            layer().backward(grad)
             _drop_grads(x, A, B, router_logits)
 
         return step
 
-    flops = 2 * T * k * d * 2  # the frozen matmul: forward x W0^T and backward g W0 (W0 has no gradient)
+    # The frozen matmul's floor: forward x W0^T, backward g W0 (W0 has no gradient); fwd
+    # reads x and W0 and writes the output, bwd reads g and W0 and writes dx. The adapter
+    # should add little to either.
+    elem = torch.finfo(dtype).bits // 8
     return BenchCase(
         f"AsymLoRA layer fwd+bwd {label} T={T} {k}->{d} r={r} N={N} top-{K} {_dtype_name(dtype)}",
-        "asym_lora", variants, build, flops=flops, tokens=T,
+        "asym_lora", variants, build, flops=2 * T * k * d * 2, bytes_moved=elem * 2 * (T * k + d * k + T * d),
+        tokens=T,
     )
 
 
@@ -329,42 +351,44 @@ def _build_model(device, quick, variant, entropy_source="prepass"):
 
 
 def _train_step_case(device: torch.device, quick: bool) -> BenchCase:
-    """One ALTER step as ``alter.train`` runs it: prepass entropy, forward under forced
-    routes (forget half to forget experts, retain half to expert 0), β·IHL(forget) +
-    γ·NLL(retain) + routing loss, backward, optimizer step."""
-    from alter.model import adapter_parameters, forced_route, router_loss
-    from alter_kernels import inverted_hinge_loss
+    """One ALTER step as ``alter.unlearn`` runs it, through the trainer's own setup and step
+    function (so the case cannot drift from the trainer): the base-model pass caches the
+    entropy, the model is patched, then each step is the objective's ``step`` (a forget and
+    a retain pass under forced routes with β·IHL + γ·NLL + structural term, and the two
+    router-only passes of the routing loss) and the optimizer step. Half the rows are
+    forget samples (a random prompt, then an answer), half retain samples. As in the
+    trainer, autocast on a GPU; gradient checkpointing stays off (the kernels are timed,
+    not the recompute)."""
+    from alter import train
+    from alter.data import IGNORE_INDEX
 
-    _, _, (batch, seq) = _model_config(device, quick)
+    config, _, (batch, seq) = _model_config(device, quick)
 
     def build(variant, dev):
-        model, cfg, input_ids = _build_model(dev, quick, variant)
-        model.train()
-        groups = adapter_parameters(model)
-        opt = torch.optim.AdamW(
-            [{"params": groups["A"], "lr": cfg.lr_A}, {"params": groups["B"] + groups["router"], "lr": cfg.lr_B}]
+        model, _, _ = _build_model(dev, quick, "base")
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        ids = torch.randint(0, config.vocab_size, (batch, seq), generator=gen)
+        prompt = seq // 4
+        examples = [
+            {"input_ids": row.tolist(), "attention_mask": [1] * seq,
+             "labels": [IGNORE_INDEX] * prompt + row[prompt:].tolist()}
+            for row in ids
+        ]
+        half = max(batch // 2, 1)
+        forget, retain = examples[:half], examples[half:] or examples[:half]
+        autocast = train._autocast_factory(dev, dev.type == "cuda")
+        optimizer, objective = train._setup_adapter_method(
+            model, _bench_alter_config(variant, "prepass"), "alter", forget, retain, 0, half, "surrogate", 0,
+            autocast, None,
         )
-        vocab = model.config.vocab_size
-        # Position t predicts token t + 1: the labels shift (the last position is ignored),
-        # not the logits, which stay a view as in alter.train.
-        labels = F.pad(input_ids[:, 1:], (0, 1), value=-100)
-        forget_rows = torch.arange(batch, device=dev)[:, None] < max(batch // 2, 1)
-        ignore = torch.full_like(labels, -100)
-        forget_labels = torch.where(forget_rows, labels, ignore).reshape(-1)
-        retain_labels = torch.where(forget_rows, ignore, labels).reshape(-1)
-        experts = [1 + i % (cfg.num_experts - 1) if forget_rows[i, 0] else 0 for i in range(batch)]
+        forget_batch = train._batch(forget, range(len(forget)), 0, dev)
+        retain_batch = train._batch(retain, range(len(retain)), 0, dev)
+        model.train()
 
         def step():
-            with forced_route(model, experts):
-                logits = model(input_ids).logits.reshape(-1, vocab)
-                forget, _ = inverted_hinge_loss(
-                    logits, forget_labels, cfg.tsallis_q, cfg.entropy_threshold,
-                    high_entropy_weight=cfg.high_entropy_weight, backend=cfg.backend,
-                )
-                retain = F.cross_entropy(logits.float(), retain_labels)
-                (cfg.beta * forget + cfg.gamma * retain + router_loss(model)).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=True)
+            objective.step(model, forget_batch, retain_batch)
+            optimizer.step()
 
         return step
 
@@ -570,8 +594,9 @@ def summarize(results: list[dict], ceilings: dict) -> list[dict]:
     (0 = the baseline), ``median_s``, ``peak_bytes`` (or None) and optionally ``tokens``,
     ``bytes_moved``, ``flops``. Added: ``speedup`` = baseline median / median and
     ``memory_ratio`` = peak / baseline peak (None when the baseline was not run or has no
-    peak), ``tokens_per_s``, and ``roofline`` (achieved bytes/s over the copy bandwidth,
-    else FLOP/s over the matmul rate) when the ceilings are known.
+    peak), ``tokens_per_s``, and ``roofline`` when the ceilings are known: the roofline
+    time of the op (its bytes over the copy bandwidth or its FLOPs over the matmul rate,
+    whichever is longer) over the measured time.
     """
     baselines = {r["case"]: r for r in results if r["variant_index"] == 0}
     rows = []
@@ -585,11 +610,12 @@ def summarize(results: list[dict], ceilings: dict) -> list[dict]:
             else None
         )
         row["tokens_per_s"] = r["tokens"] / r["median_s"] if r.get("tokens") else None
-        row["roofline"] = None
+        bounds = []
         if r.get("bytes_moved") and ceilings.get("copy_bandwidth"):
-            row["roofline"] = r["bytes_moved"] / r["median_s"] / ceilings["copy_bandwidth"]
-        elif r.get("flops") and ceilings.get("bf16_matmul_flops"):
-            row["roofline"] = r["flops"] / r["median_s"] / ceilings["bf16_matmul_flops"]
+            bounds.append(r["bytes_moved"] / ceilings["copy_bandwidth"])
+        if r.get("flops") and ceilings.get("bf16_matmul_flops"):
+            bounds.append(r["flops"] / ceilings["bf16_matmul_flops"])
+        row["roofline"] = max(bounds) / r["median_s"] if bounds else None
         rows.append(row)
     return rows
 
@@ -639,8 +665,9 @@ def format_table(rows: list[dict]) -> str:
         "AsymLoRA layer) or base (the unpatched model, inference).",
         "peak = memory one warm call needs above what existed before it, outputs and gradients included "
         "(a fwd+bwd of [T, V] logits writes a [T, V] gradient).",
-        "kernels = the backend the dispatcher picks for each op on this device; roofline = achieved bytes/s "
-        "over the measured copy bandwidth (logits ops) or FLOP/s over the bf16 matmul rate.",
+        "kernels = the backend the dispatcher picks for each op on this device; roofline = the op's roofline "
+        "time (its bytes over the measured copy bandwidth or its FLOPs over the measured bf16 matmul rate, "
+        "whichever is longer) over its median; for the AsymLoRA layer, the frozen matmul's alone.",
     ]
     return "\n".join(lines[1:])
 

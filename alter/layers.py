@@ -93,11 +93,11 @@ class AsymLoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)
         tracker = self.tracker
         config = tracker.config
         if not tracker.adapters_enabled:
-            return result
+            return self.base_layer(x)
+        result = self.base_layer(x)
         tokens = x.reshape(-1, self.in_features)
         num_tokens = tokens.shape[0]
         entropy = tracker.token_entropy(num_tokens, x.device)
@@ -123,7 +123,10 @@ class AsymLoRALinear(nn.Module):
         a_grad_mask = None
         if self.training and config.a_learns_from_high_entropy_only:
             a_grad_mask = entropy > config.entropy_threshold
-        delta = asym_lora(
+        # The delta goes straight into the base output (the output is written once),
+        # unless autocast gave the base output another dtype than x.
+        into_result = result.dtype == x.dtype and result.is_contiguous()
+        out = asym_lora(
             self.dropout(tokens),
             self.lora_A.to(x.dtype),
             self.lora_B.to(x.dtype),
@@ -133,8 +136,11 @@ class AsymLoRALinear(nn.Module):
             a_grad_mask=a_grad_mask,
             backend=config.backend,
             check_expert_ids=False,  # route() output or a forced route the tracker validated
+            out=result if into_result else None,
         )
-        return result + delta.reshape(*x.shape[:-1], self.out_features).to(result.dtype)
+        if into_result:
+            return out
+        return result + out.reshape(*x.shape[:-1], self.out_features).to(result.dtype)
 
     def extra_repr(self) -> str:
         return (

@@ -57,7 +57,7 @@ class Case:
 
 CASES = [
     # random experts in [-1, N): unused slots, duplicate experts in one token, empty rows
-    Case("random", T=37, k=20, d=23, r=4, N=5, K=3, routes="random", masked=True),
+    Case("random", T=37, k=20, d=23, r=3, N=5, K=3, routes="random", masked=True),
     # forced routes: K = 1, weight 1, one expert per sample of 8 tokens
     Case("forced", T=53, k=33, d=47, r=8, N=2, K=1, routes="forced", masked=False),
     # only experts 1 and 3 of 5 used (0, 2, 4 get no token), about half the slots unused
@@ -94,12 +94,22 @@ def make_inputs(case: Case, dtype, device):
     return x, A, B, weights, experts, mask, grad_out
 
 
-def run(impl, x, A, B, weights, experts, scaling, mask, grad_out):
+def run(impl, x, A, B, weights, experts, scaling, mask, grad_out, base=None):
+    """(delta, dx, dA, dB, dw) of <delta, grad_out>; with ``base``, the output is
+    accumulated into a copy of base (``out=``), and its gradient must be grad_out."""
     x, A, B, weights = (t.detach().requires_grad_() for t in (x, A, B, weights))
     if impl == "eager_dense":
         delta = asym_lora_eager_dense(x, A, B, weights, experts, scaling, mask)
-    else:
+    elif base is None:
         delta = asym_lora(x, A, B, weights, experts, scaling, mask, backend=impl)
+    else:
+        leaf = base.detach().requires_grad_()
+        out = leaf * 1  # a non-leaf the op may write into, as a base layer's output
+        delta = asym_lora(x, A, B, weights, experts, scaling, mask, backend=impl, out=out)
+        assert delta is out
+        grads = torch.autograd.grad(delta, (x, A, B, weights, leaf), grad_out)
+        torch.testing.assert_close(grads[-1], grad_out, rtol=0, atol=0)
+        return (delta, *grads[:-1])
     grads = torch.autograd.grad(delta, (x, A, B, weights), grad_out)
     return (delta, *grads)
 
@@ -137,6 +147,40 @@ def test_matches_float64_reference(case, dtype, impl, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", ["eager", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_accumulates_into_out(case, dtype, impl, device):
+    """out= (the base layer's output): out + delta written in place, the same gradients
+    (and grad_out to out), against the float64 reference; a dense random, non-contiguous
+    upstream gradient."""
+    conftest.require_backend(impl, device)
+    x, A, B, weights, experts, mask, grad_out = make_inputs(case, dtype, device)
+    if dtype == torch.float64:  # float64 gate weights: every output checked at float64 precision
+        weights = weights.double()
+    base = torch.randn(case.T, case.d, device=device).to(dtype)
+    got = run(impl, x, A, B, weights, experts, 1.7, mask, grad_out, base)
+    want = reference(x, A, B, weights, experts, 1.7, mask, grad_out)
+    want = (want[0] + base.double().cpu(), *want[1:])
+    assert_matches_reference(got, want, dtype, weights_dtype=weights.dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", ["eager", "triton"])
+def test_out_of_any_leading_shape_is_written_in_place(impl, device):
+    """out may be [..., d] (a layer's [batch, seq, d] output): written in place, returned."""
+    conftest.require_backend(impl, device)
+    case = CASES[1]
+    x, A, B, weights, experts, _, _ = make_inputs(case, torch.float32, device)
+    out = torch.randn(1, case.T, case.d, device=device)
+    expected = out[0] + asym_lora(x, A, B, weights, experts, 0.9, backend=impl)
+    pointer = out.data_ptr()
+    got = asym_lora(x, A, B, weights, experts, 0.9, backend=impl, out=out)
+    assert got is out and got.data_ptr() == pointer and got.shape == (1, case.T, case.d)
+    torch.testing.assert_close(got[0], expected, rtol=1e-6, atol=1e-6)  # float32 rounding of one add
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("weights_dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_triton_float64_matches_reference(case, weights_dtype, device):
@@ -157,30 +201,41 @@ def test_triton_float64_matches_reference(case, weights_dtype, device):
     torch.testing.assert_close(got[4].double(), want[4], atol=1e-6 * want[4].abs().max().item(), rtol=1e-6)
 
 
-# Shapes for the GPU tile sizes: more than 4096 slots (64-slot blocks in the backward),
-# T and d not multiples of the 64 x 128 output tiles, and the largest rank in use (64).
+# Shapes for the GPU tile sizes: T and d not multiples of the output tiles, N·r = 64 (the
+# Llama shapes: one K step) and N·r = 320 > 128 (K in steps), rank 64.
 GPU_TILE_CASES = [
-    Case("gpu_tiles", T=1400, k=40, d=150, r=8, N=8, K=3, routes="random", masked=True),
+    Case("gpu_tiles", T=300, k=40, d=150, r=8, N=8, K=3, routes="random", masked=True),
     Case("gpu_tiles_r64", T=90, k=24, d=131, r=64, N=5, K=2, routes="sparse", masked=True),
 ]
 
 
-@pytest.mark.parametrize("case", GPU_TILE_CASES, ids=lambda c: c.name)
-def test_triton_gpu_tile_sizes_in_the_interpreter(case, monkeypatch):
-    """The interpreter runs smaller tiles than a GPU (_KernelConfig); here the kernels run
-    with the GPU's tile sizes (float32 tiles, which the interpreter computes exactly), so
-    the masks and offsets of the configuration users get are checked on the CPU too."""
+def _gpu_tile_rows():
+    kernels = importlib.import_module("alter_kernels.asym_lora")
+    return sorted({row[2:] for key in (90, 80, "wide") for row in kernels.EXPAND_TILES[key]})
+
+
+@pytest.mark.parametrize("tiles", _gpu_tile_rows(), ids=lambda t: "x".join(map(str, t)))
+@pytest.mark.parametrize("case, accumulate", [(GPU_TILE_CASES[0], True), (GPU_TILE_CASES[1], False)],
+                         ids=["gpu_tiles_into_out", "r64"])
+def test_triton_gpu_tile_sizes_in_the_interpreter(case, accumulate, tiles, monkeypatch):
+    """The interpreter runs smaller tiles than a GPU (EXPAND_TILES); here the kernel runs
+    with every tile row of the GPU tables (float32 tiles, which the interpreter computes
+    exactly), so the masks and offsets of the configurations users get are checked on
+    the CPU too."""
     if "cpu" not in DEVICES:
         pytest.skip("a GPU run uses the GPU tile sizes in test_matches_float64_reference")
     conftest.require_backend("triton", "cpu")
     kernels = importlib.import_module("alter_kernels.asym_lora")
-    monkeypatch.setattr(kernels, "triton_interpret", lambda: False)
-    config = kernels._KernelConfig(torch.device("cpu"), torch.float32, case.T * case.K, case.r)
-    assert (config.block_tokens, config.block_n_expand, config.block_n_reduce) == (64, 128, 64)
-    assert config.block_slots == (64 if case.T * case.K >= 4096 else 16)
+    monkeypatch.setitem(kernels.EXPAND_TILES, "interpret", ((None, None, *tiles),))
+    meta = kernels.expand_config(torch.device("cpu"), torch.float32, case.T, case.d, case.N * case.r)
+    assert (meta["BLOCK_M"], meta["num_warps"]) == (tiles[0], tiles[3])
     x, A, B, weights, experts, mask, grad_out = make_inputs(case, torch.float32, "cpu")
-    got = run("triton", x, A, B, weights, experts, 1.3, mask, grad_out)
-    assert_matches_reference(got, reference(x, A, B, weights, experts, 1.3, mask, grad_out), torch.float32)
+    base = torch.randn(case.T, case.d) if accumulate else None
+    got = run("triton", x, A, B, weights, experts, 1.3, mask, grad_out, base)
+    want = reference(x, A, B, weights, experts, 1.3, mask, grad_out)
+    if accumulate:
+        want = (want[0] + base.double(), *want[1:])
+    assert_matches_reference(got, want, torch.float32)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -362,6 +417,9 @@ BAD_INPUTS = [
     ("experts", lambda a: torch.full_like(a["experts"], 3), ValueError, r"experts holds id 3, outside \[-1, 3\)"),
     ("experts", lambda a: torch.full_like(a["experts"], -2), ValueError, "experts holds id -2"),
     ("x", lambda a: a["x"].to("meta"), ValueError, "all tensors must be on one device"),
+    ("out", lambda a: torch.randn(5, 3).double(), TypeError, "out must have dtype"),
+    ("out", lambda a: torch.randn(5, 4), ValueError, r"out must be \[\.\.\., d=3\] with T=5 rows"),
+    ("out", lambda a: torch.randn(5, 3).to("meta"), ValueError, "all tensors must be on one device"),
 ]
 
 
@@ -371,6 +429,17 @@ def test_bad_input_raises(name, corrupt, error, message):
     args[name] = corrupt(args)
     with pytest.raises(error, match=message):
         asym_lora(**args)
+
+
+def test_out_that_is_no_view_of_t_rows_raises():
+    args = _valid_args()
+    T = 6
+    args.update(x=torch.randn(T, 4), weights=torch.rand(T, 2), experts=torch.zeros(T, 2, dtype=torch.int32),
+                a_grad_mask=None)
+    out = torch.randn(3, 2, 3).transpose(0, 1)  # [2, 3, 3]: rows 0..5 are not one stride apart
+    with pytest.raises(ValueError, match=r"viewable as \[T, d\] \(no copy\)"):
+        asym_lora(**args, out=out)
+    assert asym_lora(**args, out=out.contiguous()).shape == (2, 3, 3)
 
 
 def test_expert_id_check_can_be_skipped_by_callers_with_valid_ids(monkeypatch):
@@ -398,40 +467,34 @@ def test_rank_zero_and_bad_backend_raise():
 
 
 def test_kernels_compile_for_hopper():
-    """The interpreter never lowers the kernels: compile them for sm_90 with the GPU tile
-    sizes (_KernelConfig), each dtype's tiles, ranks up to 64 (BLOCK_R 16, and 64 for bf16
-    and fp32) and both slot block sizes; bf16 and fp16 tiles must use tensor cores
-    (Hopper's wgmma for 64-row tiles; 16-row tiles, too small for a warpgroup, get mma)."""
-    index_pointers = ("experts_ptr", "sorted_ids_ptr", "block_expert_ptr", "num_padded_ptr",
-                      "expert_first_block_ptr", "expert_num_blocks_ptr")
-    tiles = (  # data dtype, dot dtype, input precision, accumulator dtype, tensor cores
-        ("bf16", "tl.bfloat16", "tf32", "fp32", True),
-        ("fp16", "tl.float16", "tf32", "fp32", True),
-        ("fp32", "tl.float32", "ieee", "fp32", False),
-        ("fp64", "tl.float64", "tf32", "fp64", False),
-    )
-    kernels = (  # kernel, token or slot block, feature block
-        ("_gated_expand_kernel", 64, 128),
-        ("_grouped_shrink_grad_kernel", 64, 64),
-        ("_grouped_shrink_grad_kernel", 16, 64),
-        ("_expert_grad_kernel", 64, 64),
-        ("_expert_grad_kernel", 16, 64),
+    """The interpreter never lowers the kernels: compile the expand kernel for sm_90 with
+    every tile row of the GPU tables (EXPAND_TILES) for its dtypes, writing a new tensor
+    or accumulating into out, top-3 and forced (one slot) routes; bf16 and fp16 tiles must
+    use tensor cores (Hopper's wgmma for 64- and 128-row tiles; 16-row tiles, too small
+    for a warpgroup, get mma). benchmarks/compile_report.py adds registers and spills at
+    the real shapes."""
+    kernels = importlib.import_module("alter_kernels.asym_lora")
+    tiles = (  # data dtype, dot dtype, input precision, accumulator dtype, tables, tensor cores
+        ("bf16", "tl.bfloat16", "tf32", "fp32", (90,), True),
+        ("fp16", "tl.float16", "tf32", "fp32", (90,), True),
+        ("fp32", "tl.float32", "ieee", "fp32", ("wide",), False),
+        ("fp64", "tl.float64", "tf32", "fp64", ("wide",), False),
     )
     specs = []
-    for data, dot, precision, acc, tensor_cores in tiles:
-        signature = dict.fromkeys(index_pointers, "*i32")
-        signature.update(weights_ptr="*fp32", grad_weights_parts_ptr="*fp32")
-        for name in ("scaling_ptr", "grad_h_parts_ptr", "grad_B_parts_ptr"):
-            signature[name] = "*" + acc
-        for name in ("h_ptr", "B_ptr", "out_ptr", "grad_ptr"):
-            signature[name] = "*" + data
-        for block_r in (16, 64) if data in ("bf16", "fp32") else (16,):  # fp16, fp64: as bf16, fp32
-            for kernel, block_m, block_n in kernels:
-                constexprs = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, DOT_DTYPE=dot,
-                                  DOT_PRECISION=precision, ACC_DTYPE="tl.float" + acc[2:])
-                if kernel == "_gated_expand_kernel":
-                    constexprs["BLOCK_K"] = 4
-                specs.append(dict(module="alter_kernels.asym_lora", kernel=kernel, signature=signature,
-                                  constexprs=constexprs, num_warps=4,
-                                  ptx_contains=("wgmma" if block_m == 64 else "mma") if tensor_cores else ""))
+    for data, dot, precision, acc, tables, tensor_cores in tiles:
+        signature = dict(experts_ptr="*i32", weights_ptr="*fp32", scaling_ptr="*" + acc,
+                         h_ptr="*" + data, B_ptr="*" + data, out_ptr="*" + data)
+        rows = sorted({row[2:] for table in tables for row in kernels.EXPAND_TILES[table]})
+        for block_m, block_n, block_kr, num_warps, _ in rows:
+            # (N, r, slots, accumulate): the Llama shape (N·r = 64), a rank that is no power of
+            # two with N·r = 120 > 64 (K steps), forced routes accumulating into out
+            variants = ((8, 8, 3, False), (5, 24, 2, False), (2, 8, 1, True)) if data == "bf16" else ((8, 8, 3, True),)
+            for num_experts, rank, slots, accumulate in variants:
+                constexprs = dict(N=num_experts, R=rank, NUM_SLOTS=slots, ACCUMULATE=accumulate,
+                                  K_STEPS=-(-num_experts * rank // block_kr), BLOCK_M=block_m, BLOCK_N=block_n,
+                                  BLOCK_KR=block_kr, DOT_DTYPE=dot, DOT_PRECISION=precision,
+                                  ACC_DTYPE="tl.float" + acc[2:])
+                specs.append(dict(module="alter_kernels.asym_lora", kernel="_gated_expand_kernel",
+                                  signature=signature, constexprs=constexprs, num_warps=num_warps,
+                                  ptx_contains=("wgmma" if block_m >= 64 else "mma") if tensor_cores else ""))
     assert_compiles_for_hopper(specs)

@@ -43,6 +43,13 @@ def test_summarize_ratios_against_the_baseline_of_each_case():
     assert op_eager["tokens_per_s"] is None
 
 
+def test_roofline_is_the_binding_ceiling_over_the_time():
+    # 1 GB at 2 TB/s = 0.5 ms, 1e13 FLOP at 1 PFLOP/s = 10 ms: the matmul binds
+    rows = summarize([_result("layer", "linear", 0, 0.02, None, bytes_moved=1e9, flops=1e13)],
+                     {"copy_bandwidth": 2e12, "bf16_matmul_flops": 1e15})
+    assert rows[0]["roofline"] == pytest.approx(0.5)
+
+
 def test_summarize_without_a_baseline_or_ceilings_gives_no_ratios():
     rows = summarize([_result("op", "cpp", 1, 0.01, 5 * MiB, bytes_moved=1e9)], {})
     assert rows[0]["speedup"] is None and rows[0]["memory_ratio"] is None and rows[0]["roofline"] is None
@@ -105,17 +112,35 @@ def backend_calls(monkeypatch):
     return calls
 
 
-def _run_once(case_name: str, variant: str) -> None:
-    find_case(case_name, CPU, quick=True).build(variant, CPU)()
+def _run_once(case_name: str, variant: str, calls: list) -> None:
+    """Build the case (the train step's build runs the trainer's base-model pass), then
+    record the backends of one step only."""
+    step = find_case(case_name, CPU, quick=True).build(variant, CPU)
+    calls.clear()
+    step()
 
 
 TRAIN_STEP = "ALTER train step tiny Llama [2x64]"
 
 
+def test_train_step_runs_the_trainers_own_step(monkeypatch):
+    from alter import train
+
+    calls = []
+    real = train._AdapterObjective.step
+    monkeypatch.setattr(train._AdapterObjective, "step", lambda self, *args: calls.append(args) or real(self, *args))
+    find_case(TRAIN_STEP, CPU, quick=True).build("eager", CPU)()
+    assert len(calls) == 1
+    _, forget, retain = calls[0]
+    assert forget["input_ids"].shape == retain["input_ids"].shape == (1, 64)
+
+
 def test_train_step_eager_variant_runs_every_op_eagerly(backend_calls):
-    _run_once(TRAIN_STEP, "eager")
+    _run_once(TRAIN_STEP, "eager", backend_calls)
     ops = {op for op, _ in backend_calls}
-    assert {"fused_linear_entropy", "inverted_hinge_loss", "asym_lora"} <= ops  # prepass, loss, layers
+    # the trainer's step: cached entropy (no prepass), IHL, structural term, layers, routers
+    assert {"inverted_hinge_loss", "tsallis_entropy", "asym_lora", "route"} <= ops
+    assert "fused_linear_entropy" not in ops
     assert {backend for _, backend in backend_calls} == {"eager"}
 
 
@@ -123,9 +148,9 @@ def test_train_step_kernels_variant_runs_the_logits_ops_in_the_extension(backend
     why = unavailable_reason("cpp", CPU)
     if why:
         pytest.skip(f"cpp on cpu: {why}")
-    _run_once(TRAIN_STEP, "kernels")
+    _run_once(TRAIN_STEP, "kernels", backend_calls)
     chosen = dict(backend_calls)
-    assert chosen["fused_linear_entropy"] == "cpp"
+    assert chosen["tsallis_entropy"] == "cpp"
     assert chosen["inverted_hinge_loss"] == "cpp"
     assert chosen["asym_lora"] == "eager"  # the layers have no C++ version
 

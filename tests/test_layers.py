@@ -101,6 +101,45 @@ def test_forced_expert_through_each_backend(backend):
     torch.testing.assert_close(y.double(), forced_reference(layer, x, experts), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_layer_adds_the_delta_into_the_base_output(backend):
+    """The adapter writes into the base layer's output in place (the layer's output is
+    written once): the layer returns that tensor, and under a dense random upstream
+    gradient x, A and B get the gradients of W0 x + b + s·B_e A x (float64 autograd)."""
+    require_backend(backend, "cpu")
+    layer = make_layer(backend=backend, a_learns_from_high_entropy_only=False)  # A learns from every token
+    x = layer_input(requires_grad=True)
+    experts = torch.tensor([1, 3, 0])
+    base_outputs = []
+    layer.base_layer.register_forward_hook(lambda module, args, output: base_outputs.append(output))
+    layer.tracker.set_entropy(token_entropy())
+    with layer.tracker.forced(experts):
+        y = layer(x)
+    assert len(base_outputs) == 1 and y.data_ptr() == base_outputs[0].data_ptr()
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    x64, A64, B64 = (t.detach().double().requires_grad_() for t in (x, layer.lora_A, layer.lora_B))
+    h = x64 @ A64.t()
+    y64 = base_output64(layer, x64) + SCALING * torch.einsum("blr,bor->blo", h, B64[experts])
+    y64.backward(grad.double())
+    for got, want in ((y, y64), (x.grad, x64.grad), (layer.lora_A.grad, A64.grad), (layer.lora_B.grad, B64.grad)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_autocast_base_output_of_another_dtype_is_added_out_of_place():
+    """Under autocast the base output is bf16 while the adapter runs in x's float32: the
+    delta is then added out of place, in the base output's dtype."""
+    layer = make_layer()
+    x = layer_input()
+    experts = torch.tensor([2, 0, 1])
+    layer.tracker.set_entropy(token_entropy())
+    with layer.tracker.forced(experts), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.double(), forced_reference(layer, x, experts), rtol=TOL[torch.bfloat16],
+                               atol=TOL[torch.bfloat16])
+
+
 def routed_reference(layer, x, entropy, config):
     """Routing of DESIGN §1 written per token, for a router whose logits are S_t·u_g
     (W_g = 0), so the kept experts are the top of u_g: expert order is known."""
