@@ -8,7 +8,8 @@ Backends (DESIGN.md §1-2):
 
 - eager: the reference, plain PyTorch autograd (twice differentiable, which the exact
   structural term of the ALTER loss needs);
-- triton: one program per row, one pass over the row with an online softmax;
+- triton: one program per row, one pass over the row with an online softmax in the log2
+  domain (``ex2.approx.ftz`` on a GPU), per-lane sums and one reduction per block (the max);
 - cpp: ``torch.ops.alter_kernels.entropy_forward / entropy_backward``.
 
 Every backend also offers the split the autograd Functions use,
@@ -31,7 +32,7 @@ import math
 import torch
 
 from alter_kernels._dispatch import KernelPair, device_guard, resolve_backend
-from alter_kernels._triton import tl, triton
+from alter_kernels._triton import INTERPRETED, tl, triton
 from alter_kernels._validation import (
     FLOAT_DTYPES,
     check_row_max_finite,
@@ -132,34 +133,72 @@ def _entropy_backward_eager(grad_entropy, logits, entropy, row_max, log_sum, pow
 # --------------------------------------------------------------------------- triton
 
 if triton is not None:
+    # log2(e) and ln(2): the kernels work in the log2 domain, where exp is one MUFU.EX2.
+    LOG2E = tl.constexpr(1.4426950408889634)
+    LN2 = tl.constexpr(0.6931471805599453)
+    # Floor of the x·2^x terms: a masked logit has x = -inf and 2^x = 0; 0·(-inf) would be nan.
+    X_FLOOR = tl.constexpr(-3.0e38)
+
+    if INTERPRETED:
+
+        @triton.jit
+        def exp2_ftz(x):
+            """2^x of fp32 ``x`` (the interpreter has no inline PTX)."""
+            return tl.math.exp2(x)
+
+    else:
+
+        @triton.jit
+        def exp2_ftz(x):
+            """2^x of fp32 ``x`` as one ``ex2.approx.ftz``: results below 2^-126 flush to 0,
+            which moves no float32 sum of probabilities, while ``tl.exp`` pays a
+            denormal fix-up of 3-4 instructions per element."""
+            return tl.inline_asm_elementwise(
+                "ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1
+            )
+
+    @triton.jit
+    def load_logits(row_ptr, cols, V, MASKED: tl.constexpr):
+        """A block of a row's logits as fp32; columns >= V read as -inf when MASKED (the
+        tail), and unmasked whole blocks load as 16-byte vectors with no compare."""
+        if MASKED:
+            return tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        return tl.load(row_ptr + cols).to(tl.float32)
 
     @triton.jit
     def online_entropy_update(z, m, s, acc, q, SHANNON: tl.constexpr):
-        """Fold a block ``z`` of fp32 logits (-inf where masked) into the running row stats.
+        """Fold a block ``z`` [BLOCK_V] of fp32 logits (-inf where masked) into the running
+        row stats, with one reduction per block (the max).
 
-        m: running max; s = Σ e^{z-m}; acc = Σ e^{q(z-m)} (Tsallis) or Σ e^{z-m}(z-m) (Shannon).
+        m: running row max (a scalar). Per lane, with x = (z - m)·log2(e):
+        s = Σ 2^x, and acc = Σ 2^{q·x} (Tsallis) or Σ 2^x·x (Shannon).
         """
         m_new = tl.maximum(m, tl.max(z, axis=0))
         # While every logit so far is -inf, shift by 0: -inf - (-inf) would be nan.
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        x = z - shift
-        e = tl.exp(x)
-        alpha = tl.exp(m - shift)
+        # Rescale the lanes from m to m_new, branch-free: an FFMA where a sum would be an
+        # FADD. d = 0 once the max is found; d = -inf while m is -inf, where s = acc = 0.
+        d = (m - shift) * LOG2E
+        alpha = exp2_ftz(d)
+        x = (z - shift) * LOG2E
+        e = exp2_ftz(x)
         if SHANNON:
-            # t <- e^{m-m'}(t + (m-m')s): the (m-m')s term is 0 while s == 0 (m may be -inf),
-            # and masked entries (e == 0, x == -inf) add 0, not 0·(-inf).
-            acc = alpha * (acc + tl.where(s > 0, m - shift, 0.0) * s) + tl.sum(e * tl.where(e > 0, x, 0.0), axis=0)
+            # Σ 2^{x+d}(x+d) = 2^d(acc + d·s), with d·s = 0 (not nan) while s is 0
+            acc = alpha * (acc + tl.where(m == float("-inf"), 0.0, d) * s) + e * tl.maximum(x, X_FLOOR)
         else:
-            acc = tl.exp(q * (m - shift)) * acc + tl.sum(tl.exp(q * x), axis=0)
-        s = alpha * s + tl.sum(e, axis=0)
+            acc = exp2_ftz(q * d) * acc + exp2_ftz(q * x)
+        s = alpha * s + e
         return m_new, s, acc
 
     @triton.jit
     def entropy_from_stats(s, acc, q, SHANNON: tl.constexpr):
-        """(entropy, log s, P_q = Σ p^q (1 for Shannon)) of a row from its final online stats."""
+        """(entropy, log s, P_q = Σ p^q (1 for Shannon)) of a row from its per-lane
+        online stats (the row's one final reduction of s and acc)."""
+        s = tl.sum(s, axis=0)
+        acc = tl.sum(acc, axis=0)
         log_s = tl.log(s)
         if SHANNON:
-            entropy = log_s - acc / s
+            entropy = log_s - LN2 * (acc / s)
             power_sum = 1.0
         else:
             power_sum = acc * tl.exp(-q * log_s)  # u / s^q
@@ -175,11 +214,14 @@ if triton is not None:
         row_ptr = logits_ptr + row * logits_row_stride
         offsets = tl.arange(0, BLOCK_V)
         m = float("-inf")
-        s = 0.0
-        acc = 0.0
-        for start in range(0, V, BLOCK_V):
-            cols = start + offsets
-            z = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        s = tl.zeros([BLOCK_V], tl.float32)
+        acc = tl.zeros([BLOCK_V], tl.float32)
+        full = V - V % BLOCK_V  # whole blocks unmasked, then the masked tail
+        for start in range(0, full, BLOCK_V):
+            z = load_logits(row_ptr, start + offsets, V, MASKED=False)
+            m, s, acc = online_entropy_update(z, m, s, acc, q, SHANNON)
+        if full < V:
+            z = load_logits(row_ptr, full + offsets, V, MASKED=True)
             m, s, acc = online_entropy_update(z, m, s, acc, q, SHANNON)
         entropy, log_s, power_sum = entropy_from_stats(s, acc, q, SHANNON)
         tl.store(entropy_ptr + row, entropy)
@@ -207,19 +249,22 @@ if triton is not None:
             mask = cols < V
             # (z - m) - log s, not z - (m + log s): z - m is exact, m + log s is not
             log_p = (tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32) - m) - log_s
-            p = tl.exp(log_p)
+            log2_p = log_p * LOG2E
+            p = exp2_ftz(log2_p)
             if SHANNON:
                 # p == 0 (masked logit) contributes 0; 0 * log 0 would be nan.
                 d = -grad * p * tl.where(p > 0, log_p + entropy, 0.0)
             else:
-                d = (-grad * q / (q - 1.0)) * (tl.exp(q * log_p) - p * power_sum)
+                d = (-grad * q / (q - 1.0)) * (exp2_ftz(q * log2_p) - p * power_sum)
             tl.store(grad_row_ptr + cols, d.to(grad_logits_ptr.dtype.element_ty), mask=mask)
 
 
 def row_kernel_config(V: int) -> dict:
-    """Launch config of the row kernels: BLOCK_V columns per step of the loop over V."""
+    """Launch config of the row kernels: BLOCK_V columns per step of the loop over V
+    (16 per thread at 8 warps), and FP fusion pinned on (FFMA for the online rescale,
+    the same code whatever TRITON_DEFAULT_FP_FUSION says)."""
     block_v = min(triton.next_power_of_2(V), 4096)
-    return {"BLOCK_V": block_v, "num_warps": 8 if block_v >= 2048 else 4}
+    return {"BLOCK_V": block_v, "num_warps": 8 if block_v >= 2048 else 4, "enable_fp_fusion": True}
 
 
 def _entropy_forward_triton(logits: torch.Tensor, q: float):

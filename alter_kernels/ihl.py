@@ -83,7 +83,17 @@ def inverted_hinge_loss_eager(logits, labels, q, threshold, high_entropy_weight,
 # --------------------------------------------------------------------------- triton
 
 if triton is not None:
-    from alter_kernels.entropy import entropy_from_stats, online_entropy_update
+    from alter_kernels.entropy import LOG2E, entropy_from_stats, exp2_ftz, load_logits, online_entropy_update
+
+    @triton.jit
+    def runner_up_update(z, offsets, start, label, best, best_start):
+        """Per lane, the largest logit seen so far in a column other than ``label`` and the
+        start of its block (column = start + offset; strictly greater: a tie keeps the
+        earlier column; -1 while all are -inf). Offsets against ``label - start`` spare a
+        per-element add of the column."""
+        other = tl.where(offsets == label - start, float("-inf"), z)
+        better = other > best
+        return tl.where(better, other, best), tl.where(better, start, best_start)
 
     @triton.jit
     def _ihl_forward_kernel(
@@ -96,33 +106,38 @@ if triton is not None:
         row_ptr = logits_ptr + row * logits_row_stride
         label = tl.load(labels_ptr + row)
         ignored = label == ignore_index
+        # Column compares in int32 (V < 2^31); an ignored token excludes no column.
+        label = tl.where(ignored, -1, label).to(tl.int32)
         offsets = tl.arange(0, BLOCK_V)
         m = float("-inf")
-        s = 0.0
-        acc = 0.0
-        best = float("-inf")
-        best_col = -1  # int32: V < 2^31
-        for start in range(0, V, BLOCK_V):
-            cols = start + offsets
-            z = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        s = tl.zeros([BLOCK_V], tl.float32)
+        acc = tl.zeros([BLOCK_V], tl.float32)
+        best = tl.full([BLOCK_V], float("-inf"), tl.float32)
+        best_start = tl.full([BLOCK_V], -1, tl.int32)
+        full = V - V % BLOCK_V  # whole blocks unmasked, then the masked tail
+        for start in range(0, full, BLOCK_V):
+            z = load_logits(row_ptr, start + offsets, V, MASKED=False)
             m, s, acc = online_entropy_update(z, m, s, acc, q, SHANNON)
-            block_best, block_col = tl.max(tl.where(cols == label, float("-inf"), z), axis=0, return_indices=True)
-            # Strictly greater: ties keep the earlier column; all -inf keeps -1.
-            better = block_best > best
-            best_col = tl.where(better, start + block_col, best_col)
-            best = tl.where(better, block_best, best)
+            best, best_start = runner_up_update(z, offsets, start, label, best, best_start)
+        if full < V:
+            z = load_logits(row_ptr, full + offsets, V, MASKED=True)
+            m, s, acc = online_entropy_update(z, m, s, acc, q, SHANNON)
+            best, best_start = runner_up_update(z, offsets, full, label, best, best_start)
         entropy, log_s, _ = entropy_from_stats(s, acc, q, SHANNON)
+        # v*: the lowest column among the lanes holding the max (-1 when all are -inf)
+        top = tl.max(best, axis=0)
+        runner_up = tl.min(tl.where(best == top, tl.where(best_start < 0, -1, best_start + offsets), V), axis=0)
         # exp((z - m) - log s) as in the backward, not exp(z - lse): lse = m + log s is
         # rounded at the logits' magnitude.
-        p_target = tl.exp((tl.load(row_ptr + tl.where(ignored, 0, label)).to(tl.float32) - m) - log_s)
-        p_runner_up = tl.exp((best - m) - log_s)
+        p_target = exp2_ftz(((tl.load(row_ptr + tl.maximum(label, 0)).to(tl.float32) - m) - log_s) * LOG2E)
+        p_runner_up = exp2_ftz(((top - m) - log_s) * LOG2E)
         weight = tl.where(entropy <= threshold, 1.0, high_entropy_weight)
         tl.store(loss_ptr + row, tl.where(ignored, 0.0, 1.0 + p_target - p_runner_up))
         tl.store(entropy_ptr + row, entropy)
         tl.store(weight_ptr + row, tl.where(ignored, 0.0, weight))
         tl.store(row_max_ptr + row, m)
         tl.store(log_sum_ptr + row, log_s)
-        tl.store(runner_up_ptr + row, tl.where(ignored, -1, best_col))
+        tl.store(runner_up_ptr + row, tl.where(ignored, -1, runner_up))
 
     @triton.jit
     def _ihl_backward_kernel(
@@ -140,15 +155,17 @@ if triton is not None:
         log_s = tl.load(log_sum_ptr + row)
         grad = tl.where(ignored, 0.0, tl.load(grad_loss_ptr + row))
         # p = exp((z - m) - log s): z - m is exact (see the module docstring)
-        p_target = tl.exp((tl.load(row_ptr + tl.where(ignored, 0, label)).to(tl.float32) - m) - log_s)
+        p_target = exp2_ftz(((tl.load(row_ptr + tl.where(ignored, 0, label)).to(tl.float32) - m) - log_s) * LOG2E)
         p_runner_up = tl.where(
-            runner_up >= 0, tl.exp((tl.load(row_ptr + tl.maximum(runner_up, 0)).to(tl.float32) - m) - log_s), 0.0
+            runner_up >= 0,
+            exp2_ftz(((tl.load(row_ptr + tl.maximum(runner_up, 0)).to(tl.float32) - m) - log_s) * LOG2E),
+            0.0,
         )
         offsets = tl.arange(0, BLOCK_V)
         for start in range(0, V, BLOCK_V):
             cols = start + offsets
             mask = cols < V
-            p = tl.exp((tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32) - m) - log_s)
+            p = exp2_ftz(((tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32) - m) - log_s) * LOG2E)
             # dL/dz_j = p_y(δ_jy - p_j) - p_v*(δ_jv* - p_j)
             d = (p_runner_up - p_target) * p
             d += tl.where(cols == label, p_target, 0.0) - tl.where(cols == runner_up, p_runner_up, 0.0)

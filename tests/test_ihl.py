@@ -254,6 +254,29 @@ def test_ihl_forward_saves_first_runner_up(device, backend, dtype):
     assert runner_up.cpu().tolist() == ref.runner_up.tolist()
 
 
+@grid(device=DEVICES, backend=["triton", "cpp"], vocab=[8192, 8197])
+def test_ihl_runner_up_ties_across_lanes_and_blocks(device, backend, vocab):
+    """Ties for v* in different lanes and blocks of the triton kernel (BLOCK_V 4096: lanes
+    keep their own best, merged at the end), whole blocks only (8192) or with a tail (8197):
+    the lowest column wins; loss and gradient match float64."""
+    require_backend(backend, device)
+    logits = random_logits(4, vocab, torch.float32, device)
+    top = logits.max() + 1
+    labels = torch.tensor([20, 4100, IGNORE, vocab - 1], device=device)
+    logits[0, [20, 4097, 4000, 8191]] = top  # target tied too: v* = 4000 (block 0) beats lane 1 of block 1
+    logits[1, [8191, 4100, 4099]] = top  # lane 3 of block 1 beats lane 4095 of block 1
+    logits[2, [vocab - 1, 3, 4099]] = top  # ignored: no runner-up saved
+    logits[3, [vocab - 1, vocab - 2]] = top  # the tail's last column is the target
+    ref = reference_ihl(logits, labels, 2.0, 1e9, 0.0)
+    assert ref.runner_up.tolist() == [4000, 4099, -1, vocab - 2]
+    runner_up = ihl_module.IHL_KERNELS[backend].forward(logits, labels.long(), 2.0, 1e9, 0.0, IGNORE)[-1]
+    assert runner_up.cpu().tolist() == ref.runner_up.tolist()
+    loss, _, grad = run_backend(logits, labels, 2.0, 1e9, "none", backend)
+    assert_close(loss, ref.loss * ref.weight, 1e-5, 2e-6, "loss")
+    scale = ref.grad.abs().max()
+    assert_close(grad.cpu() / scale, ref.grad / scale, 0, GRAD_TOL[torch.float32], "grad")
+
+
 def test_ihl_eager_gradcheck():
     """Float64 autograd of the eager reference (no ties, thresholds far from the entropies)."""
     logits = torch.randn(5, 7, dtype=torch.float64)
