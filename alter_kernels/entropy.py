@@ -10,6 +10,8 @@ Backends (DESIGN.md §1-2):
   structural term of the ALTER loss needs);
 - triton: one program per row, one pass over the row with an online softmax in the log2
   domain (``ex2.approx.ftz`` on a GPU), per-lane sums and one reduction per block (the max);
+  below SPLIT_V_MAX_ROWS rows (decode) the forward splits each row over several programs
+  and merges their partial stats (split-V);
 - cpp: ``torch.ops.alter_kernels.entropy_forward / entropy_backward``.
 
 Every backend also offers the split the autograd Functions use,
@@ -49,6 +51,11 @@ SHANNON_TOLERANCE = 1e-3
 DEFAULT_CHUNK_ELEMENTS = 2**27
 # Default chunks are whole multiples of this many tokens (GEMM tiles of 128/256 rows).
 CHUNK_ROWS = 256
+# Split-V (decode, small chunks): below SPLIT_V_MAX_ROWS rows, a (T,) grid is under two
+# CTAs per SM of an H100/H200 (132 SMs); the triton forward then splits each row over
+# several programs (~SPLIT_V_PROGRAMS in all) and merges their partial stats.
+SPLIT_V_MAX_ROWS = 256
+SPLIT_V_PROGRAMS = 1024
 # Rows of grad_weight per float32 product in the fused backward (a 128 MiB temporary at D 4096).
 WEIGHT_GRAD_SLAB = 8192
 
@@ -171,6 +178,20 @@ if triton is not None:
         return tl.load(row_ptr + cols).to(tl.float32)
 
     @triton.jit
+    def rescale_stats(m, shift, s, acc, q, SHANNON: tl.constexpr):
+        """Re-express stats (s, acc) relative to the max m in the log2 domain relative to
+        ``shift`` >= m, as SoftmaxStats::rescale of csrc/softmax_stats.h does: with
+        d = (m - shift)·log2(e), s·2^d, and acc·2^{q·d} (Tsallis) or 2^d(acc + d·s)
+        (Shannon). m = -inf (no finite logit yet: s = acc = 0) gives 0, not nan."""
+        d = (m - shift) * LOG2E
+        alpha = exp2_ftz(d)
+        if SHANNON:
+            acc = alpha * (acc + tl.where(m == float("-inf"), 0.0, d) * s)
+        else:
+            acc = exp2_ftz(q * d) * acc
+        return alpha * s, acc
+
+    @triton.jit
     def online_entropy_update(z, m, s, acc, q, SHANNON: tl.constexpr):
         """Fold a block ``z`` [BLOCK_V] of fp32 logits (-inf where masked) into the running
         row stats, with one reduction per block (the max).
@@ -181,19 +202,32 @@ if triton is not None:
         m_new = tl.maximum(m, tl.max(z, axis=0))
         # While every logit so far is -inf, shift by 0: -inf - (-inf) would be nan.
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        # Rescale the lanes from m to m_new, branch-free: an FFMA where a sum would be an
-        # FADD. d = 0 once the max is found; d = -inf while m is -inf, where s = acc = 0.
-        d = (m - shift) * LOG2E
-        alpha = exp2_ftz(d)
+        # Branch-free: once the max is found d = 0, and the rescale makes FFMAs of the sums.
+        s, acc = rescale_stats(m, shift, s, acc, q, SHANNON)
         x = (z - shift) * LOG2E
         e = exp2_ftz(x)
         if SHANNON:
-            # Σ 2^{x+d}(x+d) = 2^d(acc + d·s), with d·s = 0 (not nan) while s is 0
-            acc = alpha * (acc + tl.where(m == float("-inf"), 0.0, d) * s) + e * tl.maximum(x, X_FLOOR)
+            acc += e * tl.maximum(x, X_FLOOR)
         else:
-            acc = exp2_ftz(q * d) * acc + exp2_ftz(q * x)
-        s = alpha * s + e
-        return m_new, s, acc
+            acc += exp2_ftz(q * x)
+        return m_new, s + e, acc
+
+    @triton.jit
+    def row_entropy_stats(row_ptr, start, end, q, SHANNON: tl.constexpr, BLOCK_V: tl.constexpr):
+        """Running max m and per-lane (s, acc) [BLOCK_V] of columns [start, end) of a row
+        (start a multiple of BLOCK_V): whole blocks unmasked, then the masked tail."""
+        offsets = tl.arange(0, BLOCK_V)
+        m = float("-inf")
+        s = tl.zeros([BLOCK_V], tl.float32)
+        acc = tl.zeros([BLOCK_V], tl.float32)
+        full = end - (end - start) % BLOCK_V
+        for col in range(start, full, BLOCK_V):
+            z = load_logits(row_ptr, col + offsets, end, MASKED=False)
+            m, s, acc = online_entropy_update(z, m, s, acc, q, SHANNON)
+        if full < end:
+            z = load_logits(row_ptr, full + offsets, end, MASKED=True)
+            m, s, acc = online_entropy_update(z, m, s, acc, q, SHANNON)
+        return m, s, acc
 
     @triton.jit
     def entropy_from_stats(s, acc, q, SHANNON: tl.constexpr):
@@ -211,28 +245,59 @@ if triton is not None:
         return entropy, log_s, power_sum
 
     @triton.jit
-    def _entropy_forward_kernel(
-        logits_ptr, logits_row_stride, entropy_ptr, row_max_ptr, log_sum_ptr, power_sum_ptr, V, q,
-        SHANNON: tl.constexpr, BLOCK_V: tl.constexpr,
-    ):
-        row = tl.program_id(0).to(tl.int64)
-        row_ptr = logits_ptr + row * logits_row_stride
-        offsets = tl.arange(0, BLOCK_V)
-        m = float("-inf")
-        s = tl.zeros([BLOCK_V], tl.float32)
-        acc = tl.zeros([BLOCK_V], tl.float32)
-        full = V - V % BLOCK_V  # whole blocks unmasked, then the masked tail
-        for start in range(0, full, BLOCK_V):
-            z = load_logits(row_ptr, start + offsets, V, MASKED=False)
-            m, s, acc = online_entropy_update(z, m, s, acc, q, SHANNON)
-        if full < V:
-            z = load_logits(row_ptr, full + offsets, V, MASKED=True)
-            m, s, acc = online_entropy_update(z, m, s, acc, q, SHANNON)
+    def store_entropy_outputs(row, s, acc, m, entropy_ptr, row_max_ptr, log_sum_ptr, power_sum_ptr, q, SHANNON: tl.constexpr):
         entropy, log_s, power_sum = entropy_from_stats(s, acc, q, SHANNON)
         tl.store(entropy_ptr + row, entropy)
         tl.store(row_max_ptr + row, m)
         tl.store(log_sum_ptr + row, log_s)
         tl.store(power_sum_ptr + row, power_sum)
+
+    @triton.jit
+    def _entropy_forward_kernel(
+        logits_ptr, logits_row_stride, entropy_ptr, row_max_ptr, log_sum_ptr, power_sum_ptr, V, q,
+        SHANNON: tl.constexpr, BLOCK_V: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        m, s, acc = row_entropy_stats(logits_ptr + row * logits_row_stride, 0, V, q, SHANNON, BLOCK_V)
+        store_entropy_outputs(row, s, acc, m, entropy_ptr, row_max_ptr, log_sum_ptr, power_sum_ptr, q, SHANNON)
+
+    @triton.jit
+    def _entropy_split_kernel(
+        logits_ptr, logits_row_stride, part_max_ptr, part_sum_ptr, part_acc_ptr, V, split_cols, q,
+        SHANNON: tl.constexpr, BLOCK_V: tl.constexpr,
+    ):
+        """Split-V forward, step 1: program (row, j) reduces columns [j·split_cols,
+        (j+1)·split_cols) of its row to (m, s, acc) at [row, j] of the [T, splits] partials."""
+        row = tl.program_id(0).to(tl.int64)
+        split = tl.program_id(1)
+        start = split * split_cols
+        m, s, acc = row_entropy_stats(
+            logits_ptr + row * logits_row_stride, start, tl.minimum(V, start + split_cols), q, SHANNON, BLOCK_V
+        )
+        at = row * tl.num_programs(1) + split
+        tl.store(part_max_ptr + at, m)
+        tl.store(part_sum_ptr + at, tl.sum(s, axis=0))
+        tl.store(part_acc_ptr + at, tl.sum(acc, axis=0))
+
+    @triton.jit
+    def _entropy_merge_kernel(
+        part_max_ptr, part_sum_ptr, part_acc_ptr, entropy_ptr, row_max_ptr, log_sum_ptr, power_sum_ptr, splits, q,
+        SHANNON: tl.constexpr, BLOCK_S: tl.constexpr,
+    ):
+        """Split-V forward, step 2: program ``row`` merges its ``splits`` partials
+        (SoftmaxStats::merge of csrc/softmax_stats.h) into the outputs of the forward."""
+        row = tl.program_id(0).to(tl.int64)
+        j = tl.arange(0, BLOCK_S)
+        mask = j < splits
+        at = row * splits + j
+        m_j = tl.load(part_max_ptr + at, mask=mask, other=float("-inf"))
+        m = tl.max(m_j, axis=0)
+        s, acc = rescale_stats(
+            m_j, tl.where(m == float("-inf"), 0.0, m),
+            tl.load(part_sum_ptr + at, mask=mask, other=0.0), tl.load(part_acc_ptr + at, mask=mask, other=0.0),
+            q, SHANNON,
+        )
+        store_entropy_outputs(row, s, acc, m, entropy_ptr, row_max_ptr, log_sum_ptr, power_sum_ptr, q, SHANNON)
 
     @triton.jit
     def _entropy_backward_kernel(
@@ -272,16 +337,35 @@ def row_kernel_config(V: int) -> dict:
     return {"BLOCK_V": block_v, "num_warps": 8 if block_v >= 2048 else 4, "enable_fp_fusion": True}
 
 
+def split_v_splits(T: int, V: int) -> int:
+    """Programs per row of the triton entropy forward: 1 from SPLIT_V_MAX_ROWS rows on;
+    below, enough whole BLOCK_V blocks per program to give ~SPLIT_V_PROGRAMS programs."""
+    blocks = triton.cdiv(V, row_kernel_config(V)["BLOCK_V"])
+    if T >= SPLIT_V_MAX_ROWS or blocks == 1:
+        return 1
+    return triton.cdiv(blocks, triton.cdiv(blocks, min(blocks, triton.cdiv(SPLIT_V_PROGRAMS, T))))
+
+
 def _entropy_forward_triton(logits: torch.Tensor, q: float):
     T, V = logits.shape
     entropy, row_max, log_sum, power_sum = (torch.empty(T, dtype=torch.float32, device=logits.device) for _ in range(4))
-    if T:
+    outputs = (entropy, row_max, log_sum, power_sum)
+    config, splits = row_kernel_config(V), split_v_splits(T, V)
+    if T and splits == 1:
         with device_guard(logits.device):
-            _entropy_forward_kernel[(T,)](
-                logits, logits.stride(0), entropy, row_max, log_sum, power_sum, V, q,
-                SHANNON=is_shannon(q), **row_kernel_config(V),
+            _entropy_forward_kernel[(T,)](logits, logits.stride(0), *outputs, V, q, SHANNON=is_shannon(q), **config)
+    elif T:
+        split_cols = triton.cdiv(triton.cdiv(V, config["BLOCK_V"]), splits) * config["BLOCK_V"]
+        partials = torch.empty((3, T, splits), dtype=torch.float32, device=logits.device)  # m, s, acc
+        with device_guard(logits.device):
+            _entropy_split_kernel[(T, splits)](
+                logits, logits.stride(0), *partials, V, split_cols, q, SHANNON=is_shannon(q), **config
             )
-    return entropy, row_max, log_sum, power_sum
+            _entropy_merge_kernel[(T,)](
+                *partials, *outputs, splits, q,
+                SHANNON=is_shannon(q), BLOCK_S=triton.next_power_of_2(splits), num_warps=1, enable_fp_fusion=True,
+            )
+    return outputs
 
 
 def _entropy_backward_triton(grad_entropy, logits, entropy, row_max, log_sum, power_sum, q):

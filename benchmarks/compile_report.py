@@ -107,6 +107,9 @@ def _entropy_cases(rec: _Recorder) -> None:
             rec.case = f"{name} q={q}"
             ent, *row_stats = entropy._entropy_forward_triton(rows, q)
             entropy._entropy_backward_triton(torch.empty_like(ent), rows, ent, *row_stats, q)
+        for rows in (1, 32):  # decode: the split-V forward
+            rec.case = f"entropy split-V [{rows}, {V}] bf16 q={q}"
+            entropy._entropy_forward_triton(logits[:rows], q)
 
 
 def _ihl_cases(rec: _Recorder) -> None:

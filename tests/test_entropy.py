@@ -83,6 +83,32 @@ def test_entropy_large_vocab(device, backend, dtype, vocab, q):
     assert_close(entropy, reference_entropy(logits, q), rtol=5e-5, atol=1e-5, what=f"entropy V={vocab} q={q}")
 
 
+@grid(device=DEVICES, dtype=[torch.float32, torch.bfloat16], tokens=[1, 3], q=[0.5, 1.0, 2.0])
+def test_entropy_split_v_small_T(device, dtype, tokens, q):
+    """Below SPLIT_V_MAX_ROWS rows the triton forward splits each row over several programs
+    and merges their (m, s, acc): V = 3·4096 + 77 gives 4 programs per row, the last with a
+    masked tail. Rows: random; one whose first two programs see only -inf; 1e4 + O(1);
+    a spike. Entropy and gradient (from the merged m, log s, P_q) match float64."""
+    require_backend("triton", device)
+    vocab = 3 * 4096 + 77
+    assert entropy_module.split_v_splits(tokens, vocab) == 4
+    assert entropy_module.split_v_splits(entropy_module.SPLIT_V_MAX_ROWS, vocab) == 1
+    values = torch.randn(4, vocab, dtype=torch.float64) * 3
+    values[1, :8192] = float("-inf")
+    values[2] = values[2] / 1.5 + 1e4
+    values[3, 5000] = 40.0
+    logits = strided_rows(values[:tokens].to(device=device, dtype=dtype))
+    leaf = logits.detach().requires_grad_()
+    entropy = tsallis_entropy(leaf, q, backend="triton")
+    reference = reference_entropy(logits, q)
+    assert_close(entropy, reference, rtol=5e-5, atol=1e-5, what=f"split-V entropy T={tokens}")
+    grad_out = torch.randn(tokens, dtype=torch.float64)
+    (grad,) = torch.autograd.grad(entropy, leaf, grad_out.to(device))
+    expected = reference_entropy_grad(logits, q, grad_out)
+    scale = expected.abs().max()
+    assert_close(grad.cpu() / scale, expected / scale, 0, GRAD_RTOL[dtype], "split-V grad")
+
+
 @grid(device=DEVICES, backend=BACKENDS, dtype=DTYPES, q=[0.5, 1.0, 3.5])
 def test_entropy_huge_logits(device, backend, dtype, q):
     """|z| ~ 1e4: no overflow; shifting all logits by 1e4 leaves the entropy unchanged."""
@@ -466,7 +492,7 @@ def test_named_backend_unavailable_is_clear(monkeypatch):
 def test_entropy_kernels_compile_for_hopper():
     """The interpreter never lowers the kernels: compile them for sm_90 with the launch
     config of a Llama-3 vocabulary (BLOCK_V 4096, 8 warps), each logits dtype, Tsallis and
-    Shannon."""
+    Shannon, and the split-V pair; on a GPU every exp is one ex2.approx.ftz."""
     config = entropy_module.row_kernel_config(128256)
     num_warps, constexprs = config["num_warps"], {"BLOCK_V": config["BLOCK_V"]}
     specs = []
@@ -476,10 +502,14 @@ def test_entropy_kernels_compile_for_hopper():
                 "logits_ptr": "*" + data, "grad_logits_ptr": "*" + data, "grad_entropy_ptr": "*fp32",
                 "entropy_ptr": "*fp32", "row_max_ptr": "*fp32",
                 "log_sum_ptr": "*fp32", "power_sum_ptr": "*fp32", "q": "fp32",
+                "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32", "part_acc_ptr": "*fp32",
             }
-            for kernel in ("_entropy_forward_kernel", "_entropy_backward_kernel"):
+            for kernel in ("_entropy_forward_kernel", "_entropy_backward_kernel", "_entropy_split_kernel"):
                 specs.append(dict(module="alter_kernels.entropy", kernel=kernel, signature=signature,
-                                  constexprs=dict(constexprs, SHANNON=shannon), num_warps=num_warps))
+                                  constexprs=dict(constexprs, SHANNON=shannon), num_warps=num_warps,
+                                  ptx_contains="ex2.approx.ftz.f32"))
+            specs.append(dict(module="alter_kernels.entropy", kernel="_entropy_merge_kernel", signature=signature,
+                              constexprs={"BLOCK_S": 32, "SHANNON": shannon}, num_warps=1))
     assert_compiles_for_hopper(specs)
 
 
