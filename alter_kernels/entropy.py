@@ -407,9 +407,10 @@ class TsallisEntropyFunction(torch.autograd.Function):
     """Entropy of [T, V] logits (stride(-1) == 1) through a backend's kernels."""
 
     @staticmethod
-    def forward(ctx, logits, q, kernels: KernelPair):
+    def forward(ctx, logits, q, kernels: KernelPair, check_finite: bool):
         entropy, *row_stats = kernels.forward(logits, q)  # row_max, log_sum, power_sum
-        check_row_max_finite("tsallis_entropy", row_stats[0])
+        if check_finite:
+            check_row_max_finite("tsallis_entropy", row_stats[0])
         ctx.save_for_backward(logits, entropy, *row_stats)
         ctx.q, ctx.kernels = q, kernels
         return entropy
@@ -419,7 +420,7 @@ class TsallisEntropyFunction(torch.autograd.Function):
         logits, entropy, *row_stats = ctx.saved_tensors
         # The incoming gradient may be an expanded view (stride 0), e.g. from .sum().
         grad_entropy = grad_entropy.to(entropy.dtype).contiguous()
-        return ctx.kernels.backward(grad_entropy, logits, entropy, *row_stats, ctx.q), None, None
+        return ctx.kernels.backward(grad_entropy, logits, entropy, *row_stats, ctx.q), None, None, None
 
 
 class FusedLinearEntropyFunction(torch.autograd.Function):
@@ -483,13 +484,18 @@ def add_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 # --------------------------------------------------------------------------- public ops
 
 
-def tsallis_entropy(logits: torch.Tensor, q: float, backend: str | None = None) -> torch.Tensor:
+def tsallis_entropy(
+    logits: torch.Tensor, q: float, backend: str | None = None, check_finite: bool = True
+) -> torch.Tensor:
     """Tsallis entropy ``S_q = (1 - Σ p^q)/(q - 1)`` of ``p = softmax(logits)`` per row;
     Shannon ``H = -Σ p log p`` when ``|q - 1| < 1e-3``.
 
     logits: [..., V], V >= 1, float16/bfloat16/float32/float64, any strides; -inf entries
       are masked out of the distribution (a row of all -inf is an error).
     q: > 0.
+    check_finite: raise ValueError for a row of all -inf (one host sync on a GPU). With
+      False (a decode step captured in a CUDA graph) no device value is read on the host,
+      and such a row gets a NaN entropy (and NaN gradient) on every backend.
     Returns [...] float32 (float64 for float64 logits). Differentiable in ``logits``
     (gradient in the logits' dtype); on the eager backend twice differentiable.
     """
@@ -498,10 +504,11 @@ def tsallis_entropy(logits: torch.Tensor, q: float, backend: str | None = None) 
     q = check_q(op, q)
     backend = resolve_backend(op, backend, logits.device, ("eager", "triton", "cpp"))
     if backend == "eager":
-        check_rows_finite_somewhere(op, logits)
+        if check_finite:
+            check_rows_finite_somewhere(op, logits)
         return tsallis_entropy_eager(logits, q)
     rows = rows_with_unit_stride(logits)
-    entropy = TsallisEntropyFunction.apply(rows, q, ENTROPY_KERNELS[backend])
+    entropy = TsallisEntropyFunction.apply(rows, q, ENTROPY_KERNELS[backend], check_finite)
     return entropy.to(result_dtype(logits.dtype)).reshape(logits.shape[:-1])
 
 

@@ -223,11 +223,12 @@ class InvertedHingeLossFunction(torch.autograd.Function):
     through a backend's kernels; only the loss is differentiable."""
 
     @staticmethod
-    def forward(ctx, logits, labels, q, threshold, high_entropy_weight, ignore_index, kernels: KernelPair):
+    def forward(ctx, logits, labels, q, threshold, high_entropy_weight, ignore_index, kernels: KernelPair, check_values):
         loss, entropy, weight, row_max, log_sum, runner_up = kernels.forward(
             logits, labels, q, threshold, high_entropy_weight, ignore_index
         )
-        check_row_max_finite("inverted_hinge_loss", row_max)
+        if check_values:
+            check_row_max_finite("inverted_hinge_loss", row_max)
         ctx.save_for_backward(logits, labels, row_max, log_sum, runner_up)
         ctx.ignore_index, ctx.kernels = ignore_index, kernels
         ctx.mark_non_differentiable(entropy, weight)
@@ -238,7 +239,7 @@ class InvertedHingeLossFunction(torch.autograd.Function):
         logits, labels, row_max, log_sum, runner_up = ctx.saved_tensors
         grad_loss = grad_loss.to(log_sum.dtype).contiguous()
         grad_logits = ctx.kernels.backward(grad_loss, logits, labels, row_max, log_sum, runner_up, ctx.ignore_index)
-        return grad_logits, None, None, None, None, None, None
+        return grad_logits, None, None, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------- public op
@@ -259,6 +260,7 @@ def inverted_hinge_loss(
     ignore_index: int = -100,
     reduction: str = "mean",
     backend: str | None = None,
+    check_values: bool = True,
 ):
     """Entropy-weighted inverted hinge loss and the per-token entropy that gates it.
 
@@ -270,6 +272,10 @@ def inverted_hinge_loss(
     ``high_entropy_weight`` (finite, >= 0; threshold: any number but NaN).
     reduction: "mean" -> Σ w_t L_t / Σ w_t (exactly 0, with zero gradient, when Σ w_t == 0);
       "sum" -> Σ w_t L_t; "none" -> [T] w_t L_t.
+    check_values: raise ValueError for a label outside [0, V) (not ignore_index) or a row
+      of all -inf (host syncs on a GPU). With False no device value is read on the host
+      (CUDA-graph capture): such a token gets a NaN loss, so the mean and sum are NaN, on
+      every backend (an out-of-range label is never used as an index).
     Returns ``(loss, entropy)``: loss float32 (float64 for float64 logits), differentiable
     in ``logits``; entropy [T] of the same dtype, detached.
     """
@@ -295,19 +301,25 @@ def inverted_hinge_loss(
         raise ValueError(f"{op}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     labels = labels.long()
     out_of_range = (labels != ignore_index) & ((labels < 0) | (labels >= V))
-    if bool(out_of_range.any()):
+    if check_values and bool(out_of_range.any()):
         bad = int(out_of_range.nonzero()[0])
         raise ValueError(
             f"{op}: labels must be in [0, {V}) or ignore_index={ignore_index}; labels[{bad}] = {int(labels[bad])}"
         )
+    if not check_values:  # never index with a bad label; its token's loss is NaN below
+        labels = labels.masked_fill(out_of_range, ignore_index)
     backend = resolve_backend(op, backend, logits.device, ("eager", "triton", "cpp"))
     if backend == "eager":
-        check_rows_finite_somewhere(op, logits)
+        if check_values:
+            check_rows_finite_somewhere(op, logits)
         loss, entropy, weight = inverted_hinge_loss_eager(logits, labels, q, threshold, high_entropy_weight, ignore_index)
     else:
         loss, entropy, weight = InvertedHingeLossFunction.apply(
-            rows_with_unit_stride(logits), labels.contiguous(), q, threshold, high_entropy_weight, ignore_index, IHL_KERNELS[backend]
+            rows_with_unit_stride(logits), labels.contiguous(), q, threshold, high_entropy_weight, ignore_index,
+            IHL_KERNELS[backend], check_values,
         )
         dtype = result_dtype(logits.dtype)
         loss, entropy, weight = loss.to(dtype), entropy.to(dtype), weight.to(dtype)
+    if not check_values:
+        loss = loss.masked_fill(out_of_range, float("nan"))
     return reduce_weighted(loss, weight, reduction), entropy

@@ -18,6 +18,7 @@ from _reference import (
     assert_close,
     assert_compiles_for_hopper,
     entropy_grad_term_scale,
+    forbid_host_reads,
     grid,
     is_shannon,
     log_softmax64,
@@ -480,6 +481,31 @@ def test_fused_linear_entropy_bad_input():
         fused_linear_entropy(hidden, weight, 0.0)
     with pytest.raises(ValueError, match="one device"):
         fused_linear_entropy(hidden, weight.to("meta"), 2.0)
+
+
+@grid(device=DEVICES, backend=BACKENDS)
+def test_entropy_check_finite_false_reads_no_device_value(device, backend, monkeypatch):
+    """check_finite=False (a decode step in a CUDA graph): forward and backward read no
+    device value on the host, a row of all -inf gets a NaN entropy on every backend, the
+    other rows and their gradients are exact. The default still raises (and reads)."""
+    require_backend(backend, device)
+    logits = random_logits(3, 37, torch.float32, device)
+    logits[1] = float("-inf")
+    leaf = logits.clone().requires_grad_()
+    grad_out = torch.tensor([0.5, 0.0, -1.5], dtype=torch.float64)
+    with monkeypatch.context() as patch:
+        forbid_host_reads(patch)
+        entropy = tsallis_entropy(leaf, 2.0, backend=backend, check_finite=False)
+        (grad,) = torch.autograd.grad(entropy, leaf, grad_out.to(device, torch.float32))
+    assert torch.isnan(entropy[1]).item()
+    kept = [0, 2]
+    assert_close(entropy[kept], reference_entropy(logits[kept], 2.0), 2e-5, 2e-6, "finite rows, unchecked")
+    assert_close(grad[kept], reference_entropy_grad(logits[kept], 2.0, grad_out[kept]), 1e-5, 1e-7, "grad, unchecked")
+    with pytest.raises(ValueError, match="all -inf"):
+        tsallis_entropy(logits, 2.0, backend=backend)
+    with monkeypatch.context() as patch, pytest.raises(AssertionError, match="host read"):
+        forbid_host_reads(patch)
+        tsallis_entropy(logits, 2.0, backend=backend)
 
 
 def test_named_backend_unavailable_is_clear(monkeypatch):

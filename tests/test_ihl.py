@@ -12,7 +12,7 @@ import torch
 import alter_kernels.ihl as ihl_module
 from alter_kernels import inverted_hinge_loss
 from _reference import (
-    assert_close, assert_compiles_for_hopper, grid, random_logits, reduce_reference, reference_entropy, reference_ihl,
+    assert_close, assert_compiles_for_hopper, forbid_host_reads, grid, random_logits, reduce_reference, reference_entropy, reference_ihl,
     spy_on_kernels, strided_rows, threshold_between,
 )
 from conftest import require_backend
@@ -275,6 +275,36 @@ def test_ihl_runner_up_ties_across_lanes_and_blocks(device, backend, vocab):
     assert_close(loss, ref.loss * ref.weight, 1e-5, 2e-6, "loss")
     scale = ref.grad.abs().max()
     assert_close(grad.cpu() / scale, ref.grad / scale, 0, GRAD_TOL[torch.float32], "grad")
+
+
+@grid(device=DEVICES, backend=BACKENDS)
+def test_ihl_check_values_false_reads_no_device_value(device, backend, monkeypatch):
+    """check_values=False: forward and backward read no device value on the host; a label
+    outside [0, V) (never used as an index) and a row of all -inf give their tokens a NaN
+    loss on every backend, the other tokens' losses and gradients are exact. The default
+    still raises (and reads)."""
+    require_backend(backend, device)
+    logits = random_logits(4, 37, torch.float32, device)
+    logits[2] = float("-inf")
+    labels = torch.tensor([3, 37, 5, 36], device=device)  # 37: out of range
+    leaf = logits.clone().requires_grad_()
+    with monkeypatch.context() as patch:
+        forbid_host_reads(patch)
+        loss, _ = inverted_hinge_loss(leaf, labels, 2.0, 1e9, reduction="none", backend=backend, check_values=False)
+        (grad,) = torch.autograd.grad(loss, leaf, torch.tensor([1.0, 0.0, 0.0, 1.0], device=device))
+        total, _ = inverted_hinge_loss(logits, labels, 2.0, 1e9, backend=backend, check_values=False)
+    assert torch.isnan(loss[[1, 2]]).all().item() and torch.isnan(total).item()
+    kept = [0, 3]
+    ref = reference_ihl(logits[kept], labels[kept], 2.0, 1e9, 0.0)
+    assert_close(loss[kept], ref.loss * ref.weight, 1e-5, 2e-6, "finite tokens, unchecked")
+    assert_close(grad[kept], ref.grad, 0, GRAD_TOL[torch.float32], "grad, unchecked")
+    with pytest.raises(ValueError, match="labels must be in"):
+        inverted_hinge_loss(logits, labels, 2.0, 1e9, backend=backend)
+    with pytest.raises(ValueError, match="all -inf"):
+        inverted_hinge_loss(logits[[2]], labels[[2]], 2.0, 1e9, backend=backend)
+    with monkeypatch.context() as patch, pytest.raises(AssertionError, match="host read"):
+        forbid_host_reads(patch)
+        inverted_hinge_loss(logits[kept], labels[kept], 2.0, 1e9, backend=backend)
 
 
 def test_ihl_eager_gradcheck():
