@@ -300,6 +300,30 @@ if triton is not None:
         store_entropy_outputs(row, s, acc, m, entropy_ptr, row_max_ptr, log_sum_ptr, power_sum_ptr, q, SHANNON)
 
     @triton.jit
+    def store_block(ptr, cols, V, value, MASKED: tl.constexpr):
+        """Store a block of a row in ``ptr``'s dtype; columns >= V are skipped when MASKED."""
+        if MASKED:
+            tl.store(ptr + cols, value.to(ptr.dtype.element_ty), mask=cols < V)
+        else:
+            tl.store(ptr + cols, value.to(ptr.dtype.element_ty))
+
+    @triton.jit
+    def entropy_grad_block(
+        row_ptr, grad_row_ptr, cols, V, grad, entropy, m, log_s, power_sum, q, SHANNON: tl.constexpr, MASKED: tl.constexpr
+    ):
+        """grad · dS/dz of a block of a row's columns into its gradient row."""
+        # (z - m) - log s, not z - (m + log s): z - m is exact, m + log s is not
+        log_p = (load_logits(row_ptr, cols, V, MASKED) - m) - log_s
+        log2_p = log_p * LOG2E
+        p = exp2_ftz(log2_p)
+        if SHANNON:
+            # p == 0 (masked logit) contributes 0; 0 * log 0 would be nan.
+            d = -grad * p * tl.where(p > 0, log_p + entropy, 0.0)
+        else:
+            d = (-grad * q / (q - 1.0)) * (exp2_ftz(q * log2_p) - p * power_sum)
+        store_block(grad_row_ptr, cols, V, d, MASKED)
+
+    @triton.jit
     def _entropy_backward_kernel(
         grad_entropy_ptr, logits_ptr, logits_row_stride, entropy_ptr, row_max_ptr, log_sum_ptr, power_sum_ptr,
         grad_logits_ptr, grad_row_stride, V, q,
@@ -314,19 +338,15 @@ if triton is not None:
         log_s = tl.load(log_sum_ptr + row)
         power_sum = tl.load(power_sum_ptr + row)
         offsets = tl.arange(0, BLOCK_V)
-        for start in range(0, V, BLOCK_V):
-            cols = start + offsets
-            mask = cols < V
-            # (z - m) - log s, not z - (m + log s): z - m is exact, m + log s is not
-            log_p = (tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32) - m) - log_s
-            log2_p = log_p * LOG2E
-            p = exp2_ftz(log2_p)
-            if SHANNON:
-                # p == 0 (masked logit) contributes 0; 0 * log 0 would be nan.
-                d = -grad * p * tl.where(p > 0, log_p + entropy, 0.0)
-            else:
-                d = (-grad * q / (q - 1.0)) * (exp2_ftz(q * log2_p) - p * power_sum)
-            tl.store(grad_row_ptr + cols, d.to(grad_logits_ptr.dtype.element_ty), mask=mask)
+        full = V - V % BLOCK_V  # whole blocks unmasked, then the masked tail
+        for start in range(0, full, BLOCK_V):
+            entropy_grad_block(
+                row_ptr, grad_row_ptr, start + offsets, V, grad, entropy, m, log_s, power_sum, q, SHANNON, MASKED=False
+            )
+        if full < V:
+            entropy_grad_block(
+                row_ptr, grad_row_ptr, full + offsets, V, grad, entropy, m, log_s, power_sum, q, SHANNON, MASKED=True
+            )
 
 
 def row_kernel_config(V: int) -> dict:

@@ -83,7 +83,9 @@ def inverted_hinge_loss_eager(logits, labels, q, threshold, high_entropy_weight,
 # --------------------------------------------------------------------------- triton
 
 if triton is not None:
-    from alter_kernels.entropy import LOG2E, entropy_from_stats, exp2_ftz, load_logits, online_entropy_update
+    from alter_kernels.entropy import (
+        LOG2E, entropy_from_stats, exp2_ftz, load_logits, online_entropy_update, store_block,
+    )
 
     @triton.jit
     def runner_up_update(z, offsets, start, label, best, best_start):
@@ -140,6 +142,19 @@ if triton is not None:
         tl.store(runner_up_ptr + row, tl.where(ignored, -1, runner_up))
 
     @triton.jit
+    def ihl_grad_block(
+        row_ptr, grad_row_ptr, offsets, start, V, label, runner_up, grad, m, log_s, p_target, p_runner_up,
+        MASKED: tl.constexpr,
+    ):
+        """grad · dL/dz of the block of columns start + offsets into the gradient row:
+        dL/dz_j = p_y(δ_jy - p_j) - p_v*(δ_jv* - p_j), p = exp((z - m) - log s) (z - m exact)."""
+        cols = start + offsets
+        p = exp2_ftz(((load_logits(row_ptr, cols, V, MASKED) - m) - log_s) * LOG2E)
+        d = (p_runner_up - p_target) * p
+        d += tl.where(offsets == label - start, p_target, 0.0) - tl.where(offsets == runner_up - start, p_runner_up, 0.0)
+        store_block(grad_row_ptr, cols, V, grad * d, MASKED)
+
+    @triton.jit
     def _ihl_backward_kernel(
         grad_loss_ptr, logits_ptr, logits_row_stride, labels_ptr, row_max_ptr, log_sum_ptr, runner_up_ptr,
         grad_logits_ptr, grad_row_stride, V, ignore_index,
@@ -161,15 +176,19 @@ if triton is not None:
             exp2_ftz(((tl.load(row_ptr + tl.maximum(runner_up, 0)).to(tl.float32) - m) - log_s) * LOG2E),
             0.0,
         )
+        label = tl.where(ignored, -1, label).to(tl.int32)  # int32 compares, as in the forward
         offsets = tl.arange(0, BLOCK_V)
-        for start in range(0, V, BLOCK_V):
-            cols = start + offsets
-            mask = cols < V
-            p = exp2_ftz(((tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32) - m) - log_s) * LOG2E)
-            # dL/dz_j = p_y(δ_jy - p_j) - p_v*(δ_jv* - p_j)
-            d = (p_runner_up - p_target) * p
-            d += tl.where(cols == label, p_target, 0.0) - tl.where(cols == runner_up, p_runner_up, 0.0)
-            tl.store(grad_row_ptr + cols, (grad * d).to(grad_logits_ptr.dtype.element_ty), mask=mask)
+        full = V - V % BLOCK_V  # whole blocks unmasked, then the masked tail
+        for start in range(0, full, BLOCK_V):
+            ihl_grad_block(
+                row_ptr, grad_row_ptr, offsets, start, V, label, runner_up, grad, m, log_s, p_target, p_runner_up,
+                MASKED=False,
+            )
+        if full < V:
+            ihl_grad_block(
+                row_ptr, grad_row_ptr, offsets, full, V, label, runner_up, grad, m, log_s, p_target, p_runner_up,
+                MASKED=True,
+            )
 
 
 def _ihl_forward_triton(logits, labels, q, threshold, high_entropy_weight, ignore_index):
