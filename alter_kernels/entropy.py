@@ -8,7 +8,10 @@ Backends (DESIGN.md §1-2):
 
 - eager: the reference, plain PyTorch autograd (twice differentiable, which the exact
   structural term of the ALTER loss needs);
-- triton: one program per row, one pass over the row with an online softmax;
+- triton: one program per row, one pass over the row with an online softmax in the log2
+  domain (``ex2.approx.ftz`` on a GPU), per-lane sums and one reduction per block (the max);
+  below SPLIT_V_MAX_ROWS rows (decode) the forward splits each row over several programs
+  and merges their partial stats (split-V);
 - cpp: ``torch.ops.alter_kernels.entropy_forward / entropy_backward``.
 
 Every backend also offers the split the autograd Functions use,
@@ -31,7 +34,7 @@ import math
 import torch
 
 from alter_kernels._dispatch import KernelPair, device_guard, resolve_backend
-from alter_kernels._triton import tl, triton
+from alter_kernels._triton import INTERPRETED, tl, triton
 from alter_kernels._validation import (
     FLOAT_DTYPES,
     check_row_max_finite,
@@ -42,9 +45,19 @@ from alter_kernels._validation import (
 
 # Below this distance from 1 the Tsallis formula (1 - Σp^q)/(q - 1) cancels badly; use Shannon.
 SHANNON_TOLERANCE = 1e-3
-# Logits elements per chunk of fused_linear_entropy by default: 128 MiB of bf16 logits
-# (256 MiB in fp32); the backward holds a chunk's logits and their gradient.
-DEFAULT_CHUNK_ELEMENTS = 2**26
+# Logits elements per chunk of fused_linear_entropy by default: 256 MiB of bf16 logits
+# (512 MiB in fp32; 1024 tokens of Llama-3's vocabulary); the backward holds a chunk's
+# logits and their gradient.
+DEFAULT_CHUNK_ELEMENTS = 2**27
+# Default chunks are whole multiples of this many tokens (GEMM tiles of 128/256 rows).
+CHUNK_ROWS = 256
+# Split-V (decode, small chunks): below SPLIT_V_MAX_ROWS rows, a (T,) grid is under two
+# CTAs per SM of an H100/H200 (132 SMs); the triton forward then splits each row over
+# several programs (~SPLIT_V_PROGRAMS in all) and merges their partial stats.
+SPLIT_V_MAX_ROWS = 256
+SPLIT_V_PROGRAMS = 1024
+# Rows of grad_weight per float32 product in the fused backward (a 128 MiB temporary at D 4096).
+WEIGHT_GRAD_SLAB = 8192
 
 
 def is_shannon(q: float) -> bool:
@@ -132,34 +145,99 @@ def _entropy_backward_eager(grad_entropy, logits, entropy, row_max, log_sum, pow
 # --------------------------------------------------------------------------- triton
 
 if triton is not None:
+    # log2(e) and ln(2): the kernels work in the log2 domain, where exp is one MUFU.EX2.
+    LOG2E = tl.constexpr(1.4426950408889634)
+    LN2 = tl.constexpr(0.6931471805599453)
+    # Floor of the x·2^x terms: a masked logit has x = -inf and 2^x = 0; 0·(-inf) would be nan.
+    X_FLOOR = tl.constexpr(-3.0e38)
+
+    if INTERPRETED:
+
+        @triton.jit
+        def exp2_ftz(x):
+            """2^x of fp32 ``x`` (the interpreter has no inline PTX)."""
+            return tl.math.exp2(x)
+
+    else:
+
+        @triton.jit
+        def exp2_ftz(x):
+            """2^x of fp32 ``x`` as one ``ex2.approx.ftz``: results below 2^-126 flush to 0,
+            which moves no float32 sum of probabilities, while ``tl.exp`` pays a
+            denormal fix-up of 3-4 instructions per element."""
+            return tl.inline_asm_elementwise(
+                "ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1
+            )
+
+    @triton.jit
+    def load_logits(row_ptr, cols, V, MASKED: tl.constexpr):
+        """A block of a row's logits as fp32; columns >= V read as -inf when MASKED (the
+        tail), and unmasked whole blocks load as 16-byte vectors with no compare."""
+        if MASKED:
+            return tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        return tl.load(row_ptr + cols).to(tl.float32)
+
+    @triton.jit
+    def rescale_stats(m, shift, s, acc, q, SHANNON: tl.constexpr):
+        """Re-express stats (s, acc) relative to the max m in the log2 domain relative to
+        ``shift`` >= m, as SoftmaxStats::rescale of csrc/softmax_stats.h does: with
+        d = (m - shift)·log2(e), s·2^d, and acc·2^{q·d} (Tsallis) or 2^d(acc + d·s)
+        (Shannon). m = -inf (no finite logit yet: s = acc = 0) gives 0, not nan."""
+        d = (m - shift) * LOG2E
+        alpha = exp2_ftz(d)
+        if SHANNON:
+            acc = alpha * (acc + tl.where(m == float("-inf"), 0.0, d) * s)
+        else:
+            acc = exp2_ftz(q * d) * acc
+        return alpha * s, acc
 
     @triton.jit
     def online_entropy_update(z, m, s, acc, q, SHANNON: tl.constexpr):
-        """Fold a block ``z`` of fp32 logits (-inf where masked) into the running row stats.
+        """Fold a block ``z`` [BLOCK_V] of fp32 logits (-inf where masked) into the running
+        row stats, with one reduction per block (the max).
 
-        m: running max; s = Σ e^{z-m}; acc = Σ e^{q(z-m)} (Tsallis) or Σ e^{z-m}(z-m) (Shannon).
+        m: running row max (a scalar). Per lane, with x = (z - m)·log2(e):
+        s = Σ 2^x, and acc = Σ 2^{q·x} (Tsallis) or Σ 2^x·x (Shannon).
         """
         m_new = tl.maximum(m, tl.max(z, axis=0))
         # While every logit so far is -inf, shift by 0: -inf - (-inf) would be nan.
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        x = z - shift
-        e = tl.exp(x)
-        alpha = tl.exp(m - shift)
+        # Branch-free: once the max is found d = 0, and the rescale makes FFMAs of the sums.
+        s, acc = rescale_stats(m, shift, s, acc, q, SHANNON)
+        x = (z - shift) * LOG2E
+        e = exp2_ftz(x)
         if SHANNON:
-            # t <- e^{m-m'}(t + (m-m')s): the (m-m')s term is 0 while s == 0 (m may be -inf),
-            # and masked entries (e == 0, x == -inf) add 0, not 0·(-inf).
-            acc = alpha * (acc + tl.where(s > 0, m - shift, 0.0) * s) + tl.sum(e * tl.where(e > 0, x, 0.0), axis=0)
+            acc += e * tl.maximum(x, X_FLOOR)
         else:
-            acc = tl.exp(q * (m - shift)) * acc + tl.sum(tl.exp(q * x), axis=0)
-        s = alpha * s + tl.sum(e, axis=0)
-        return m_new, s, acc
+            acc += exp2_ftz(q * x)
+        return m_new, s + e, acc
+
+    @triton.jit
+    def row_entropy_stats(row_ptr, start, end, q, SHANNON: tl.constexpr, BLOCK_V: tl.constexpr):
+        """Running max m and per-lane (s, acc) [BLOCK_V] of columns [start, end) of a row
+        (start a multiple of BLOCK_V): whole blocks unmasked, then the masked tail."""
+        offsets = tl.arange(0, BLOCK_V)
+        m = float("-inf")
+        s = tl.zeros([BLOCK_V], tl.float32)
+        acc = tl.zeros([BLOCK_V], tl.float32)
+        full = end - (end - start) % BLOCK_V
+        for col in range(start, full, BLOCK_V):
+            z = load_logits(row_ptr, col + offsets, end, MASKED=False)
+            m, s, acc = online_entropy_update(z, m, s, acc, q, SHANNON)
+        if full < end:
+            z = load_logits(row_ptr, full + offsets, end, MASKED=True)
+            m, s, acc = online_entropy_update(z, m, s, acc, q, SHANNON)
+        return m, s, acc
 
     @triton.jit
     def entropy_from_stats(s, acc, q, SHANNON: tl.constexpr):
-        """(entropy, log s, P_q = Σ p^q (1 for Shannon)) of a row from its final online stats."""
+        """(entropy, log s, P_q = Σ p^q (1 for Shannon)) of a row from its per-lane
+        online stats (the row's one final reduction of s and acc)."""
+        s = tl.sum(s, axis=0)
+        acc = tl.sum(acc, axis=0)
         log_s = tl.log(s)
         if SHANNON:
-            entropy = log_s - acc / s
+            entropy = log_s - LN2 * (acc / s)
             power_sum = 1.0
         else:
             power_sum = acc * tl.exp(-q * log_s)  # u / s^q
@@ -167,25 +245,83 @@ if triton is not None:
         return entropy, log_s, power_sum
 
     @triton.jit
-    def _entropy_forward_kernel(
-        logits_ptr, logits_row_stride, entropy_ptr, row_max_ptr, log_sum_ptr, power_sum_ptr, V, q,
-        SHANNON: tl.constexpr, BLOCK_V: tl.constexpr,
-    ):
-        row = tl.program_id(0).to(tl.int64)
-        row_ptr = logits_ptr + row * logits_row_stride
-        offsets = tl.arange(0, BLOCK_V)
-        m = float("-inf")
-        s = 0.0
-        acc = 0.0
-        for start in range(0, V, BLOCK_V):
-            cols = start + offsets
-            z = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-            m, s, acc = online_entropy_update(z, m, s, acc, q, SHANNON)
+    def store_entropy_outputs(row, s, acc, m, entropy_ptr, row_max_ptr, log_sum_ptr, power_sum_ptr, q, SHANNON: tl.constexpr):
         entropy, log_s, power_sum = entropy_from_stats(s, acc, q, SHANNON)
         tl.store(entropy_ptr + row, entropy)
         tl.store(row_max_ptr + row, m)
         tl.store(log_sum_ptr + row, log_s)
         tl.store(power_sum_ptr + row, power_sum)
+
+    @triton.jit
+    def _entropy_forward_kernel(
+        logits_ptr, logits_row_stride, entropy_ptr, row_max_ptr, log_sum_ptr, power_sum_ptr, V, q,
+        SHANNON: tl.constexpr, BLOCK_V: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        m, s, acc = row_entropy_stats(logits_ptr + row * logits_row_stride, 0, V, q, SHANNON, BLOCK_V)
+        store_entropy_outputs(row, s, acc, m, entropy_ptr, row_max_ptr, log_sum_ptr, power_sum_ptr, q, SHANNON)
+
+    @triton.jit
+    def _entropy_split_kernel(
+        logits_ptr, logits_row_stride, part_max_ptr, part_sum_ptr, part_acc_ptr, V, split_cols, q,
+        SHANNON: tl.constexpr, BLOCK_V: tl.constexpr,
+    ):
+        """Split-V forward, step 1: program (row, j) reduces columns [j·split_cols,
+        (j+1)·split_cols) of its row to (m, s, acc) at [row, j] of the [T, splits] partials."""
+        row = tl.program_id(0).to(tl.int64)
+        split = tl.program_id(1)
+        start = split * split_cols
+        m, s, acc = row_entropy_stats(
+            logits_ptr + row * logits_row_stride, start, tl.minimum(V, start + split_cols), q, SHANNON, BLOCK_V
+        )
+        at = row * tl.num_programs(1) + split
+        tl.store(part_max_ptr + at, m)
+        tl.store(part_sum_ptr + at, tl.sum(s, axis=0))
+        tl.store(part_acc_ptr + at, tl.sum(acc, axis=0))
+
+    @triton.jit
+    def _entropy_merge_kernel(
+        part_max_ptr, part_sum_ptr, part_acc_ptr, entropy_ptr, row_max_ptr, log_sum_ptr, power_sum_ptr, splits, q,
+        SHANNON: tl.constexpr, BLOCK_S: tl.constexpr,
+    ):
+        """Split-V forward, step 2: program ``row`` merges its ``splits`` partials
+        (SoftmaxStats::merge of csrc/softmax_stats.h) into the outputs of the forward."""
+        row = tl.program_id(0).to(tl.int64)
+        j = tl.arange(0, BLOCK_S)
+        mask = j < splits
+        at = row * splits + j
+        m_j = tl.load(part_max_ptr + at, mask=mask, other=float("-inf"))
+        m = tl.max(m_j, axis=0)
+        s, acc = rescale_stats(
+            m_j, tl.where(m == float("-inf"), 0.0, m),
+            tl.load(part_sum_ptr + at, mask=mask, other=0.0), tl.load(part_acc_ptr + at, mask=mask, other=0.0),
+            q, SHANNON,
+        )
+        store_entropy_outputs(row, s, acc, m, entropy_ptr, row_max_ptr, log_sum_ptr, power_sum_ptr, q, SHANNON)
+
+    @triton.jit
+    def store_block(ptr, cols, V, value, MASKED: tl.constexpr):
+        """Store a block of a row in ``ptr``'s dtype; columns >= V are skipped when MASKED."""
+        if MASKED:
+            tl.store(ptr + cols, value.to(ptr.dtype.element_ty), mask=cols < V)
+        else:
+            tl.store(ptr + cols, value.to(ptr.dtype.element_ty))
+
+    @triton.jit
+    def entropy_grad_block(
+        row_ptr, grad_row_ptr, cols, V, grad, entropy, m, log_s, power_sum, q, SHANNON: tl.constexpr, MASKED: tl.constexpr
+    ):
+        """grad · dS/dz of a block of a row's columns into its gradient row."""
+        # (z - m) - log s, not z - (m + log s): z - m is exact, m + log s is not
+        log_p = (load_logits(row_ptr, cols, V, MASKED) - m) - log_s
+        log2_p = log_p * LOG2E
+        p = exp2_ftz(log2_p)
+        if SHANNON:
+            # p == 0 (masked logit) contributes 0; 0 * log 0 would be nan.
+            d = -grad * p * tl.where(p > 0, log_p + entropy, 0.0)
+        else:
+            d = (-grad * q / (q - 1.0)) * (exp2_ftz(q * log2_p) - p * power_sum)
+        store_block(grad_row_ptr, cols, V, d, MASKED)
 
     @triton.jit
     def _entropy_backward_kernel(
@@ -202,36 +338,54 @@ if triton is not None:
         log_s = tl.load(log_sum_ptr + row)
         power_sum = tl.load(power_sum_ptr + row)
         offsets = tl.arange(0, BLOCK_V)
-        for start in range(0, V, BLOCK_V):
-            cols = start + offsets
-            mask = cols < V
-            # (z - m) - log s, not z - (m + log s): z - m is exact, m + log s is not
-            log_p = (tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32) - m) - log_s
-            p = tl.exp(log_p)
-            if SHANNON:
-                # p == 0 (masked logit) contributes 0; 0 * log 0 would be nan.
-                d = -grad * p * tl.where(p > 0, log_p + entropy, 0.0)
-            else:
-                d = (-grad * q / (q - 1.0)) * (tl.exp(q * log_p) - p * power_sum)
-            tl.store(grad_row_ptr + cols, d.to(grad_logits_ptr.dtype.element_ty), mask=mask)
+        full = V - V % BLOCK_V  # whole blocks unmasked, then the masked tail
+        for start in range(0, full, BLOCK_V):
+            entropy_grad_block(
+                row_ptr, grad_row_ptr, start + offsets, V, grad, entropy, m, log_s, power_sum, q, SHANNON, MASKED=False
+            )
+        if full < V:
+            entropy_grad_block(
+                row_ptr, grad_row_ptr, full + offsets, V, grad, entropy, m, log_s, power_sum, q, SHANNON, MASKED=True
+            )
 
 
 def row_kernel_config(V: int) -> dict:
-    """Launch config of the row kernels: BLOCK_V columns per step of the loop over V."""
+    """Launch config of the row kernels: BLOCK_V columns per step of the loop over V
+    (16 per thread at 8 warps), and FP fusion pinned on (FFMA for the online rescale,
+    the same code whatever TRITON_DEFAULT_FP_FUSION says)."""
     block_v = min(triton.next_power_of_2(V), 4096)
-    return {"BLOCK_V": block_v, "num_warps": 8 if block_v >= 2048 else 4}
+    return {"BLOCK_V": block_v, "num_warps": 8 if block_v >= 2048 else 4, "enable_fp_fusion": True}
+
+
+def split_v_splits(T: int, V: int) -> int:
+    """Programs per row of the triton entropy forward: 1 from SPLIT_V_MAX_ROWS rows on;
+    below, enough whole BLOCK_V blocks per program to give ~SPLIT_V_PROGRAMS programs."""
+    blocks = triton.cdiv(V, row_kernel_config(V)["BLOCK_V"])
+    if T >= SPLIT_V_MAX_ROWS or blocks == 1:
+        return 1
+    return triton.cdiv(blocks, triton.cdiv(blocks, min(blocks, triton.cdiv(SPLIT_V_PROGRAMS, T))))
 
 
 def _entropy_forward_triton(logits: torch.Tensor, q: float):
     T, V = logits.shape
     entropy, row_max, log_sum, power_sum = (torch.empty(T, dtype=torch.float32, device=logits.device) for _ in range(4))
-    if T:
+    outputs = (entropy, row_max, log_sum, power_sum)
+    config, splits = row_kernel_config(V), split_v_splits(T, V)
+    if T and splits == 1:
         with device_guard(logits.device):
-            _entropy_forward_kernel[(T,)](
-                logits, logits.stride(0), entropy, row_max, log_sum, power_sum, V, q,
-                SHANNON=is_shannon(q), **row_kernel_config(V),
+            _entropy_forward_kernel[(T,)](logits, logits.stride(0), *outputs, V, q, SHANNON=is_shannon(q), **config)
+    elif T:
+        split_cols = triton.cdiv(triton.cdiv(V, config["BLOCK_V"]), splits) * config["BLOCK_V"]
+        partials = torch.empty((3, T, splits), dtype=torch.float32, device=logits.device)  # m, s, acc
+        with device_guard(logits.device):
+            _entropy_split_kernel[(T, splits)](
+                logits, logits.stride(0), *partials, V, split_cols, q, SHANNON=is_shannon(q), **config
             )
-    return entropy, row_max, log_sum, power_sum
+            _entropy_merge_kernel[(T,)](
+                *partials, *outputs, splits, q,
+                SHANNON=is_shannon(q), BLOCK_S=triton.next_power_of_2(splits), num_warps=1, enable_fp_fusion=True,
+            )
+    return outputs
 
 
 def _entropy_backward_triton(grad_entropy, logits, entropy, row_max, log_sum, power_sum, q):
@@ -273,9 +427,10 @@ class TsallisEntropyFunction(torch.autograd.Function):
     """Entropy of [T, V] logits (stride(-1) == 1) through a backend's kernels."""
 
     @staticmethod
-    def forward(ctx, logits, q, kernels: KernelPair):
+    def forward(ctx, logits, q, kernels: KernelPair, check_finite: bool):
         entropy, *row_stats = kernels.forward(logits, q)  # row_max, log_sum, power_sum
-        check_row_max_finite("tsallis_entropy", row_stats[0])
+        if check_finite:
+            check_row_max_finite("tsallis_entropy", row_stats[0])
         ctx.save_for_backward(logits, entropy, *row_stats)
         ctx.q, ctx.kernels = q, kernels
         return entropy
@@ -285,7 +440,7 @@ class TsallisEntropyFunction(torch.autograd.Function):
         logits, entropy, *row_stats = ctx.saved_tensors
         # The incoming gradient may be an expanded view (stride 0), e.g. from .sum().
         grad_entropy = grad_entropy.to(entropy.dtype).contiguous()
-        return ctx.kernels.backward(grad_entropy, logits, entropy, *row_stats, ctx.q), None, None
+        return ctx.kernels.backward(grad_entropy, logits, entropy, *row_stats, ctx.q), None, None, None
 
 
 class FusedLinearEntropyFunction(torch.autograd.Function):
@@ -313,8 +468,9 @@ class FusedLinearEntropyFunction(torch.autograd.Function):
         need_hidden, need_weight = ctx.needs_input_grad[:2]
         grad_entropy = grad_entropy.to(entropy.dtype).contiguous()
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        # Accumulated in the weight's dtype, chunk by chunk (as Liger's fused linear CE does).
-        grad_weight = torch.zeros_like(weight) if need_weight else None
+        # Summed over the chunks in float32 (float64 for float64 weights), rounded to the
+        # weight's dtype once: a bf16 sum of 16-32 chunks is ~1% off.
+        grad_weight = torch.zeros_like(weight, dtype=result_dtype(weight.dtype)) if need_weight else None
         step = ctx.chunk_size
         for start in range(0, hidden.shape[0], step):
             chunk = slice(start, start + step)
@@ -325,20 +481,41 @@ class FusedLinearEntropyFunction(torch.autograd.Function):
             if need_hidden:
                 grad_hidden[chunk] = grad_logits @ weight
             if need_weight:
-                grad_weight.addmm_(grad_logits.T, hidden_chunk)
+                add_matmul(grad_weight, grad_logits.T, hidden_chunk)
+        if need_weight:
+            grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None
+
+
+def add_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` with the product and the sum in ``acc``'s dtype (float32 for half
+    precision ``a``, ``b``): on CUDA a half-precision GEMM with a float32 output, in
+    slabs of WEIGHT_GRAD_SLAB rows to bound its temporary; elsewhere the operands upcast."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif acc.is_cuda:
+        for start in range(0, acc.shape[0], WEIGHT_GRAD_SLAB):
+            rows = slice(start, start + WEIGHT_GRAD_SLAB)
+            acc[rows] += torch.mm(a[rows], b, out_dtype=acc.dtype)
+    else:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
 # --------------------------------------------------------------------------- public ops
 
 
-def tsallis_entropy(logits: torch.Tensor, q: float, backend: str | None = None) -> torch.Tensor:
+def tsallis_entropy(
+    logits: torch.Tensor, q: float, backend: str | None = None, check_finite: bool = True
+) -> torch.Tensor:
     """Tsallis entropy ``S_q = (1 - Σ p^q)/(q - 1)`` of ``p = softmax(logits)`` per row;
     Shannon ``H = -Σ p log p`` when ``|q - 1| < 1e-3``.
 
     logits: [..., V], V >= 1, float16/bfloat16/float32/float64, any strides; -inf entries
       are masked out of the distribution (a row of all -inf is an error).
     q: > 0.
+    check_finite: raise ValueError for a row of all -inf (one host sync on a GPU). With
+      False (a decode step captured in a CUDA graph) no device value is read on the host,
+      and such a row gets a NaN entropy (and NaN gradient) on every backend.
     Returns [...] float32 (float64 for float64 logits). Differentiable in ``logits``
     (gradient in the logits' dtype); on the eager backend twice differentiable.
     """
@@ -347,17 +524,20 @@ def tsallis_entropy(logits: torch.Tensor, q: float, backend: str | None = None) 
     q = check_q(op, q)
     backend = resolve_backend(op, backend, logits.device, ("eager", "triton", "cpp"))
     if backend == "eager":
-        check_rows_finite_somewhere(op, logits)
+        if check_finite:
+            check_rows_finite_somewhere(op, logits)
         return tsallis_entropy_eager(logits, q)
     rows = rows_with_unit_stride(logits)
-    entropy = TsallisEntropyFunction.apply(rows, q, ENTROPY_KERNELS[backend])
+    entropy = TsallisEntropyFunction.apply(rows, q, ENTROPY_KERNELS[backend], check_finite)
     return entropy.to(result_dtype(logits.dtype)).reshape(logits.shape[:-1])
 
 
 def default_chunk_size(vocab_size: int) -> int:
-    """Tokens per chunk of :func:`fused_linear_entropy`: DEFAULT_CHUNK_ELEMENTS logits
-    (128 MiB in bf16) per chunk, at least one token."""
-    return max(1, DEFAULT_CHUNK_ELEMENTS // vocab_size)
+    """Tokens per chunk of :func:`fused_linear_entropy`: at most DEFAULT_CHUNK_ELEMENTS
+    logits (256 MiB in bf16), rounded down to a multiple of CHUNK_ROWS tokens (1024 at
+    V = 128256); fewer than CHUNK_ROWS (at least one) only past 2^19 words."""
+    rows = DEFAULT_CHUNK_ELEMENTS // vocab_size
+    return rows - rows % CHUNK_ROWS if rows >= CHUNK_ROWS else max(1, rows)
 
 
 def fused_linear_entropy(
@@ -372,7 +552,7 @@ def fused_linear_entropy(
 
     hidden: [T, D] float; weight: [V, D] (the lm head), same dtype and device.
     q: > 0 (Shannon when |q - 1| < 1e-3).
-    chunk_size: tokens per chunk; default :func:`default_chunk_size` (128 MiB of bf16 logits).
+    chunk_size: tokens per chunk; default :func:`default_chunk_size` (256 MiB of bf16 logits).
     Returns [T] float32 (float64 for float64 inputs), differentiable in hidden and weight.
     The matmuls are torch; each chunk's entropy runs on the chosen backend.
     """

@@ -83,7 +83,19 @@ def inverted_hinge_loss_eager(logits, labels, q, threshold, high_entropy_weight,
 # --------------------------------------------------------------------------- triton
 
 if triton is not None:
-    from alter_kernels.entropy import entropy_from_stats, online_entropy_update
+    from alter_kernels.entropy import (
+        LOG2E, entropy_from_stats, exp2_ftz, load_logits, online_entropy_update, store_block,
+    )
+
+    @triton.jit
+    def runner_up_update(z, offsets, start, label, best, best_start):
+        """Per lane, the largest logit seen so far in a column other than ``label`` and the
+        start of its block (column = start + offset; strictly greater: a tie keeps the
+        earlier column; -1 while all are -inf). Offsets against ``label - start`` spare a
+        per-element add of the column."""
+        other = tl.where(offsets == label - start, float("-inf"), z)
+        better = other > best
+        return tl.where(better, other, best), tl.where(better, start, best_start)
 
     @triton.jit
     def _ihl_forward_kernel(
@@ -96,33 +108,51 @@ if triton is not None:
         row_ptr = logits_ptr + row * logits_row_stride
         label = tl.load(labels_ptr + row)
         ignored = label == ignore_index
+        # Column compares in int32 (V < 2^31); an ignored token excludes no column.
+        label = tl.where(ignored, -1, label).to(tl.int32)
         offsets = tl.arange(0, BLOCK_V)
         m = float("-inf")
-        s = 0.0
-        acc = 0.0
-        best = float("-inf")
-        best_col = -1  # int32: V < 2^31
-        for start in range(0, V, BLOCK_V):
-            cols = start + offsets
-            z = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        s = tl.zeros([BLOCK_V], tl.float32)
+        acc = tl.zeros([BLOCK_V], tl.float32)
+        best = tl.full([BLOCK_V], float("-inf"), tl.float32)
+        best_start = tl.full([BLOCK_V], -1, tl.int32)
+        full = V - V % BLOCK_V  # whole blocks unmasked, then the masked tail
+        for start in range(0, full, BLOCK_V):
+            z = load_logits(row_ptr, start + offsets, V, MASKED=False)
             m, s, acc = online_entropy_update(z, m, s, acc, q, SHANNON)
-            block_best, block_col = tl.max(tl.where(cols == label, float("-inf"), z), axis=0, return_indices=True)
-            # Strictly greater: ties keep the earlier column; all -inf keeps -1.
-            better = block_best > best
-            best_col = tl.where(better, start + block_col, best_col)
-            best = tl.where(better, block_best, best)
+            best, best_start = runner_up_update(z, offsets, start, label, best, best_start)
+        if full < V:
+            z = load_logits(row_ptr, full + offsets, V, MASKED=True)
+            m, s, acc = online_entropy_update(z, m, s, acc, q, SHANNON)
+            best, best_start = runner_up_update(z, offsets, full, label, best, best_start)
         entropy, log_s, _ = entropy_from_stats(s, acc, q, SHANNON)
+        # v*: the lowest column among the lanes holding the max (-1 when all are -inf)
+        top = tl.max(best, axis=0)
+        runner_up = tl.min(tl.where(best == top, tl.where(best_start < 0, -1, best_start + offsets), V), axis=0)
         # exp((z - m) - log s) as in the backward, not exp(z - lse): lse = m + log s is
         # rounded at the logits' magnitude.
-        p_target = tl.exp((tl.load(row_ptr + tl.where(ignored, 0, label)).to(tl.float32) - m) - log_s)
-        p_runner_up = tl.exp((best - m) - log_s)
+        p_target = exp2_ftz(((tl.load(row_ptr + tl.maximum(label, 0)).to(tl.float32) - m) - log_s) * LOG2E)
+        p_runner_up = exp2_ftz(((top - m) - log_s) * LOG2E)
         weight = tl.where(entropy <= threshold, 1.0, high_entropy_weight)
         tl.store(loss_ptr + row, tl.where(ignored, 0.0, 1.0 + p_target - p_runner_up))
         tl.store(entropy_ptr + row, entropy)
         tl.store(weight_ptr + row, tl.where(ignored, 0.0, weight))
         tl.store(row_max_ptr + row, m)
         tl.store(log_sum_ptr + row, log_s)
-        tl.store(runner_up_ptr + row, tl.where(ignored, -1, best_col))
+        tl.store(runner_up_ptr + row, tl.where(ignored, -1, runner_up))
+
+    @triton.jit
+    def ihl_grad_block(
+        row_ptr, grad_row_ptr, offsets, start, V, label, runner_up, grad, m, log_s, p_target, p_runner_up,
+        MASKED: tl.constexpr,
+    ):
+        """grad · dL/dz of the block of columns start + offsets into the gradient row:
+        dL/dz_j = p_y(δ_jy - p_j) - p_v*(δ_jv* - p_j), p = exp((z - m) - log s) (z - m exact)."""
+        cols = start + offsets
+        p = exp2_ftz(((load_logits(row_ptr, cols, V, MASKED) - m) - log_s) * LOG2E)
+        d = (p_runner_up - p_target) * p
+        d += tl.where(offsets == label - start, p_target, 0.0) - tl.where(offsets == runner_up - start, p_runner_up, 0.0)
+        store_block(grad_row_ptr, cols, V, grad * d, MASKED)
 
     @triton.jit
     def _ihl_backward_kernel(
@@ -140,19 +170,25 @@ if triton is not None:
         log_s = tl.load(log_sum_ptr + row)
         grad = tl.where(ignored, 0.0, tl.load(grad_loss_ptr + row))
         # p = exp((z - m) - log s): z - m is exact (see the module docstring)
-        p_target = tl.exp((tl.load(row_ptr + tl.where(ignored, 0, label)).to(tl.float32) - m) - log_s)
+        p_target = exp2_ftz(((tl.load(row_ptr + tl.where(ignored, 0, label)).to(tl.float32) - m) - log_s) * LOG2E)
         p_runner_up = tl.where(
-            runner_up >= 0, tl.exp((tl.load(row_ptr + tl.maximum(runner_up, 0)).to(tl.float32) - m) - log_s), 0.0
+            runner_up >= 0,
+            exp2_ftz(((tl.load(row_ptr + tl.maximum(runner_up, 0)).to(tl.float32) - m) - log_s) * LOG2E),
+            0.0,
         )
+        label = tl.where(ignored, -1, label).to(tl.int32)  # int32 compares, as in the forward
         offsets = tl.arange(0, BLOCK_V)
-        for start in range(0, V, BLOCK_V):
-            cols = start + offsets
-            mask = cols < V
-            p = tl.exp((tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32) - m) - log_s)
-            # dL/dz_j = p_y(δ_jy - p_j) - p_v*(δ_jv* - p_j)
-            d = (p_runner_up - p_target) * p
-            d += tl.where(cols == label, p_target, 0.0) - tl.where(cols == runner_up, p_runner_up, 0.0)
-            tl.store(grad_row_ptr + cols, (grad * d).to(grad_logits_ptr.dtype.element_ty), mask=mask)
+        full = V - V % BLOCK_V  # whole blocks unmasked, then the masked tail
+        for start in range(0, full, BLOCK_V):
+            ihl_grad_block(
+                row_ptr, grad_row_ptr, offsets, start, V, label, runner_up, grad, m, log_s, p_target, p_runner_up,
+                MASKED=False,
+            )
+        if full < V:
+            ihl_grad_block(
+                row_ptr, grad_row_ptr, offsets, full, V, label, runner_up, grad, m, log_s, p_target, p_runner_up,
+                MASKED=True,
+            )
 
 
 def _ihl_forward_triton(logits, labels, q, threshold, high_entropy_weight, ignore_index):
@@ -206,11 +242,12 @@ class InvertedHingeLossFunction(torch.autograd.Function):
     through a backend's kernels; only the loss is differentiable."""
 
     @staticmethod
-    def forward(ctx, logits, labels, q, threshold, high_entropy_weight, ignore_index, kernels: KernelPair):
+    def forward(ctx, logits, labels, q, threshold, high_entropy_weight, ignore_index, kernels: KernelPair, check_values):
         loss, entropy, weight, row_max, log_sum, runner_up = kernels.forward(
             logits, labels, q, threshold, high_entropy_weight, ignore_index
         )
-        check_row_max_finite("inverted_hinge_loss", row_max)
+        if check_values:
+            check_row_max_finite("inverted_hinge_loss", row_max)
         ctx.save_for_backward(logits, labels, row_max, log_sum, runner_up)
         ctx.ignore_index, ctx.kernels = ignore_index, kernels
         ctx.mark_non_differentiable(entropy, weight)
@@ -221,7 +258,7 @@ class InvertedHingeLossFunction(torch.autograd.Function):
         logits, labels, row_max, log_sum, runner_up = ctx.saved_tensors
         grad_loss = grad_loss.to(log_sum.dtype).contiguous()
         grad_logits = ctx.kernels.backward(grad_loss, logits, labels, row_max, log_sum, runner_up, ctx.ignore_index)
-        return grad_logits, None, None, None, None, None, None
+        return grad_logits, None, None, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------- public op
@@ -242,6 +279,7 @@ def inverted_hinge_loss(
     ignore_index: int = -100,
     reduction: str = "mean",
     backend: str | None = None,
+    check_values: bool = True,
 ):
     """Entropy-weighted inverted hinge loss and the per-token entropy that gates it.
 
@@ -253,6 +291,10 @@ def inverted_hinge_loss(
     ``high_entropy_weight`` (finite, >= 0; threshold: any number but NaN).
     reduction: "mean" -> Σ w_t L_t / Σ w_t (exactly 0, with zero gradient, when Σ w_t == 0);
       "sum" -> Σ w_t L_t; "none" -> [T] w_t L_t.
+    check_values: raise ValueError for a label outside [0, V) (not ignore_index) or a row
+      of all -inf (host syncs on a GPU). With False no device value is read on the host
+      (CUDA-graph capture): such a token gets a NaN loss, so the mean and sum are NaN, on
+      every backend (an out-of-range label is never used as an index).
     Returns ``(loss, entropy)``: loss float32 (float64 for float64 logits), differentiable
     in ``logits``; entropy [T] of the same dtype, detached.
     """
@@ -278,19 +320,25 @@ def inverted_hinge_loss(
         raise ValueError(f"{op}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     labels = labels.long()
     out_of_range = (labels != ignore_index) & ((labels < 0) | (labels >= V))
-    if bool(out_of_range.any()):
+    if check_values and bool(out_of_range.any()):
         bad = int(out_of_range.nonzero()[0])
         raise ValueError(
             f"{op}: labels must be in [0, {V}) or ignore_index={ignore_index}; labels[{bad}] = {int(labels[bad])}"
         )
+    if not check_values:  # never index with a bad label; its token's loss is NaN below
+        labels = labels.masked_fill(out_of_range, ignore_index)
     backend = resolve_backend(op, backend, logits.device, ("eager", "triton", "cpp"))
     if backend == "eager":
-        check_rows_finite_somewhere(op, logits)
+        if check_values:
+            check_rows_finite_somewhere(op, logits)
         loss, entropy, weight = inverted_hinge_loss_eager(logits, labels, q, threshold, high_entropy_weight, ignore_index)
     else:
         loss, entropy, weight = InvertedHingeLossFunction.apply(
-            rows_with_unit_stride(logits), labels.contiguous(), q, threshold, high_entropy_weight, ignore_index, IHL_KERNELS[backend]
+            rows_with_unit_stride(logits), labels.contiguous(), q, threshold, high_entropy_weight, ignore_index,
+            IHL_KERNELS[backend], check_values,
         )
         dtype = result_dtype(logits.dtype)
         loss, entropy, weight = loss.to(dtype), entropy.to(dtype), weight.to(dtype)
+    if not check_values:
+        loss = loss.masked_fill(out_of_range, float("nan"))
     return reduce_weighted(loss, weight, reduction), entropy

@@ -112,8 +112,11 @@ def _entropy_cases(rec: _Recorder) -> None:
         cases = ((f"entropy [{T}, {V}] bf16", logits), (f"fused_linear_entropy chunk [{chunk.shape[0]}, {V}] bf16", chunk))
         for name, rows in cases:
             rec.case = f"{name} q={q}"
-            ent, lse = entropy._entropy_forward_triton(rows, q)
-            entropy._entropy_backward_triton(torch.empty_like(ent), rows, ent, lse, q)
+            ent, *row_stats = entropy._entropy_forward_triton(rows, q)
+            entropy._entropy_backward_triton(torch.empty_like(ent), rows, ent, *row_stats, q)
+        for rows in (1, 32):  # decode: the split-V forward
+            rec.case = f"entropy split-V [{rows}, {V}] bf16 q={q}"
+            entropy._entropy_forward_triton(logits[:rows], q)
 
 
 def _ihl_cases(rec: _Recorder) -> None:
@@ -126,8 +129,8 @@ def _ihl_cases(rec: _Recorder) -> None:
     labels = torch.zeros(T, dtype=torch.long)
     for q in (1.2, 1.0):
         rec.case = f"IHL [{T}, {V}] bf16 q={q}"
-        loss, _, _, lse, runner_up = ihl._ihl_forward_triton(logits, labels, q, 1.2, 0.1, -100)
-        ihl._ihl_backward_triton(torch.empty_like(loss), logits, labels, lse, runner_up, -100)
+        loss, _, _, row_max, log_sum, runner_up = ihl._ihl_forward_triton(logits, labels, q, 1.2, 0.1, -100)
+        ihl._ihl_backward_triton(torch.empty_like(loss), logits, labels, row_max, log_sum, runner_up, -100)
 
 
 def _route_cases(rec: _Recorder) -> None:

@@ -225,6 +225,19 @@ def grid(**axes):
     return pytest.mark.parametrize(", ".join(axes), list(itertools.product(*axes.values())), ids=str)
 
 
+def forbid_host_reads(monkeypatch) -> None:
+    """Make every way of reading a tensor's values on the host (bool(), .item(), int(),
+    .tolist(), .nonzero(), ...) raise AssertionError for the rest of the test: on a GPU
+    each is a sync that a CUDA-graph capture cannot contain."""
+    def forbidden(name):
+        def read(self, *args, **kwargs):
+            raise AssertionError(f"a host read of device values: Tensor.{name}")
+        return read
+
+    for name in ("__bool__", "__int__", "__float__", "__index__", "item", "tolist", "numpy", "nonzero"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden(name))
+
+
 def spy_on_kernels(monkeypatch, kernels: dict, backend: str) -> dict:
     """Wrap ``kernels[backend]`` (an op module's KernelPair) for the test: every call's
     arguments are recorded in the returned ``{"forward": [args, ...], "backward": [...]}``."""

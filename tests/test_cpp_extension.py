@@ -287,8 +287,12 @@ def test_ihl_custom_ignore_index(device):
 # moe_align
 
 
+# Past 4096 slots the CUDA kernel splits the slots over several blocks (3001·3: 3 blocks;
+# 1500·3 with the most experts: 2 blocks of one warp; 8192·3: 6 blocks).
 @grid(device=devices_under_test(), block_m=[1, 3, 16, 64])
-@pytest.mark.parametrize("T,K,N", [(0, 2, 4), (1, 1, 1), (37, 3, 5), (100, 2, 8), (257, 3, 16)])
+@pytest.mark.parametrize(
+    "T,K,N", [(0, 2, 4), (1, 1, 1), (37, 3, 5), (100, 2, 8), (257, 3, 16), (3001, 3, 8), (1500, 3, 4096), (8192, 3, 64)]
+)
 def test_moe_align_matches_eager(device, T, K, N, block_m):
     require_backend("cpp", device)
     experts = torch.randint(-1, N, (T, K), dtype=torch.int32)

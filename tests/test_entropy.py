@@ -18,6 +18,7 @@ from _reference import (
     assert_close,
     assert_compiles_for_hopper,
     entropy_grad_term_scale,
+    forbid_host_reads,
     grid,
     is_shannon,
     log_softmax64,
@@ -71,7 +72,8 @@ def test_entropy_matches_float64(device, backend, dtype, vocab, q):
         assert torch.equal(entropy.cpu(), torch.zeros(5)), "a one-word vocabulary has zero entropy"
 
 
-@grid(device=DEVICES, backend=BACKENDS, dtype=[torch.float32, torch.bfloat16], vocab=[32003, 128256], q=[0.5, 1.0, 2.0])
+# 8192: whole blocks of the triton kernel only (BLOCK_V 4096), no masked tail
+@grid(device=DEVICES, backend=BACKENDS, dtype=[torch.float32, torch.bfloat16], vocab=[8192, 32003, 128256], q=[0.5, 1.0, 2.0])
 def test_entropy_large_vocab(device, backend, dtype, vocab, q):
     require_backend(backend, device)
     logits = random_logits(3, vocab, dtype, device, scale=2.0)
@@ -80,6 +82,32 @@ def test_entropy_large_vocab(device, backend, dtype, vocab, q):
     entropy = tsallis_entropy(logits, q, backend=backend)
     # float32 sums over up to 128256 terms: relative error ~1e-5.
     assert_close(entropy, reference_entropy(logits, q), rtol=5e-5, atol=1e-5, what=f"entropy V={vocab} q={q}")
+
+
+@grid(device=DEVICES, dtype=[torch.float32, torch.bfloat16], tokens=[1, 3], q=[0.5, 1.0, 2.0])
+def test_entropy_split_v_small_T(device, dtype, tokens, q):
+    """Below SPLIT_V_MAX_ROWS rows the triton forward splits each row over several programs
+    and merges their (m, s, acc): V = 3·4096 + 77 gives 4 programs per row, the last with a
+    masked tail. Rows: random; one whose first two programs see only -inf; 1e4 + O(1);
+    a spike. Entropy and gradient (from the merged m, log s, P_q) match float64."""
+    require_backend("triton", device)
+    vocab = 3 * 4096 + 77
+    assert entropy_module.split_v_splits(tokens, vocab) == 4
+    assert entropy_module.split_v_splits(entropy_module.SPLIT_V_MAX_ROWS, vocab) == 1
+    values = torch.randn(4, vocab, dtype=torch.float64) * 3
+    values[1, :8192] = float("-inf")
+    values[2] = values[2] / 1.5 + 1e4
+    values[3, 5000] = 40.0
+    logits = strided_rows(values[:tokens].to(device=device, dtype=dtype))
+    leaf = logits.detach().requires_grad_()
+    entropy = tsallis_entropy(leaf, q, backend="triton")
+    reference = reference_entropy(logits, q)
+    assert_close(entropy, reference, rtol=5e-5, atol=1e-5, what=f"split-V entropy T={tokens}")
+    grad_out = torch.randn(tokens, dtype=torch.float64)
+    (grad,) = torch.autograd.grad(entropy, leaf, grad_out.to(device))
+    expected = reference_entropy_grad(logits, q, grad_out)
+    scale = expected.abs().max()
+    assert_close(grad.cpu() / scale, expected / scale, 0, GRAD_RTOL[dtype], "split-V grad")
 
 
 @grid(device=DEVICES, backend=BACKENDS, dtype=DTYPES, q=[0.5, 1.0, 3.5])
@@ -334,8 +362,33 @@ def test_fused_linear_entropy_chunk_bound(device, backend, monkeypatch):
         assert shapes == [(4, 23), (4, 23), (3, 23)], f"{direction} chunks {shapes}"
     assert hidden.grad is not None and weight.grad is None
 
-    assert default_chunk_size(128256) * 128256 <= DEFAULT_CHUNK_ELEMENTS
+    assert default_chunk_size(128256) == 1024, "whole 256-row tiles, W read once per 1024 tokens"
+    assert default_chunk_size(32000) % 256 == 0 and default_chunk_size(32000) * 32000 <= DEFAULT_CHUNK_ELEMENTS
+    assert default_chunk_size(2**20) == 128  # past 2^19 words the memory bound wins
     assert default_chunk_size(10**9) == 1
+
+
+@grid(device=DEVICES, backend=BACKENDS)
+def test_fused_linear_entropy_bf16_weight_grad_sums_in_float32(device, backend):
+    """bf16 weights, 160 chunks: grad_weight is summed over the chunks in float32 and
+    rounded to bf16 once. Its error relative to the largest entry is then that of the bf16
+    gradient of the logits and the final rounding (measured 2-4e-3; bound 6e-3), where a
+    bf16 sum was 2.3e-2. The interpreter's truncating bf16 stores of the logits' gradient
+    add a bias (measured 4.8e-3, bound 1e-2; 1.6e-2 summed in bf16)."""
+    require_backend(backend, device)
+    tokens, chunk = 640, 4
+    hidden, weight = fused_inputs(torch.bfloat16, device, tokens=tokens, dim=8, vocab=67)
+    hidden = hidden + 1.0  # a common component: every chunk adds to grad_weight with one sign
+    weight_leaf = weight.clone().requires_grad_()
+    grad_out = torch.rand(tokens, dtype=torch.float64) + 0.5
+    entropy = fused_linear_entropy(hidden, weight_leaf, 2.0, chunk_size=chunk, backend=backend)
+    (grad_weight,) = torch.autograd.grad(entropy, weight_leaf, grad_out.to(device, torch.float32))
+    logits = torch.cat([hidden[start : start + chunk] @ weight.T for start in range(0, tokens, chunk)]).double()
+    expected = reference_entropy_grad(logits, 2.0, grad_out).T @ hidden.double().cpu()
+    assert grad_weight.dtype == torch.bfloat16
+    scale = expected.abs().max()
+    tol = 1e-2 if backend == "triton" and device == "cpu" else 6e-3
+    assert_close(grad_weight.cpu() / scale, expected / scale, 0, tol, "bf16 grad_weight over 160 chunks")
 
 
 @grid(device=DEVICES, backend=BACKENDS)
@@ -430,6 +483,31 @@ def test_fused_linear_entropy_bad_input():
         fused_linear_entropy(hidden, weight.to("meta"), 2.0)
 
 
+@grid(device=DEVICES, backend=BACKENDS)
+def test_entropy_check_finite_false_reads_no_device_value(device, backend, monkeypatch):
+    """check_finite=False (a decode step in a CUDA graph): forward and backward read no
+    device value on the host, a row of all -inf gets a NaN entropy on every backend, the
+    other rows and their gradients are exact. The default still raises (and reads)."""
+    require_backend(backend, device)
+    logits = random_logits(3, 37, torch.float32, device)
+    logits[1] = float("-inf")
+    leaf = logits.clone().requires_grad_()
+    grad_out = torch.tensor([0.5, 0.0, -1.5], dtype=torch.float64)
+    with monkeypatch.context() as patch:
+        forbid_host_reads(patch)
+        entropy = tsallis_entropy(leaf, 2.0, backend=backend, check_finite=False)
+        (grad,) = torch.autograd.grad(entropy, leaf, grad_out.to(device, torch.float32))
+    assert torch.isnan(entropy[1]).item()
+    kept = [0, 2]
+    assert_close(entropy[kept], reference_entropy(logits[kept], 2.0), 2e-5, 2e-6, "finite rows, unchecked")
+    assert_close(grad[kept], reference_entropy_grad(logits[kept], 2.0, grad_out[kept]), 1e-5, 1e-7, "grad, unchecked")
+    with pytest.raises(ValueError, match="all -inf"):
+        tsallis_entropy(logits, 2.0, backend=backend)
+    with monkeypatch.context() as patch, pytest.raises(AssertionError, match="host read"):
+        forbid_host_reads(patch)
+        tsallis_entropy(logits, 2.0, backend=backend)
+
+
 def test_named_backend_unavailable_is_clear(monkeypatch):
     """An explicitly requested backend that cannot run says so instead of failing in a kernel."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
@@ -440,7 +518,7 @@ def test_named_backend_unavailable_is_clear(monkeypatch):
 def test_entropy_kernels_compile_for_hopper():
     """The interpreter never lowers the kernels: compile them for sm_90 with the launch
     config of a Llama-3 vocabulary (BLOCK_V 4096, 8 warps), each logits dtype, Tsallis and
-    Shannon."""
+    Shannon, and the split-V pair; on a GPU every exp is one ex2.approx.ftz."""
     config = entropy_module.row_kernel_config(128256)
     num_warps, constexprs = config["num_warps"], {"BLOCK_V": config["BLOCK_V"]}
     specs = []
@@ -450,10 +528,14 @@ def test_entropy_kernels_compile_for_hopper():
                 "logits_ptr": "*" + data, "grad_logits_ptr": "*" + data, "grad_entropy_ptr": "*fp32",
                 "entropy_ptr": "*fp32", "row_max_ptr": "*fp32",
                 "log_sum_ptr": "*fp32", "power_sum_ptr": "*fp32", "q": "fp32",
+                "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32", "part_acc_ptr": "*fp32",
             }
-            for kernel in ("_entropy_forward_kernel", "_entropy_backward_kernel"):
+            for kernel in ("_entropy_forward_kernel", "_entropy_backward_kernel", "_entropy_split_kernel"):
                 specs.append(dict(module="alter_kernels.entropy", kernel=kernel, signature=signature,
-                                  constexprs=dict(constexprs, SHANNON=shannon), num_warps=num_warps))
+                                  constexprs=dict(constexprs, SHANNON=shannon), num_warps=num_warps,
+                                  ptx_contains="ex2.approx.ftz.f32"))
+            specs.append(dict(module="alter_kernels.entropy", kernel="_entropy_merge_kernel", signature=signature,
+                              constexprs={"BLOCK_S": 32, "SHANNON": shannon}, num_warps=1))
     assert_compiles_for_hopper(specs)
 
 

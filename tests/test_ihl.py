@@ -12,7 +12,7 @@ import torch
 import alter_kernels.ihl as ihl_module
 from alter_kernels import inverted_hinge_loss
 from _reference import (
-    assert_close, assert_compiles_for_hopper, grid, random_logits, reduce_reference, reference_entropy, reference_ihl,
+    assert_close, assert_compiles_for_hopper, forbid_host_reads, grid, random_logits, reduce_reference, reference_entropy, reference_ihl,
     spy_on_kernels, strided_rows, threshold_between,
 )
 from conftest import require_backend
@@ -254,6 +254,59 @@ def test_ihl_forward_saves_first_runner_up(device, backend, dtype):
     assert runner_up.cpu().tolist() == ref.runner_up.tolist()
 
 
+@grid(device=DEVICES, backend=["triton", "cpp"], vocab=[8192, 8197])
+def test_ihl_runner_up_ties_across_lanes_and_blocks(device, backend, vocab):
+    """Ties for v* in different lanes and blocks of the triton kernel (BLOCK_V 4096: lanes
+    keep their own best, merged at the end), whole blocks only (8192) or with a tail (8197):
+    the lowest column wins; loss and gradient match float64."""
+    require_backend(backend, device)
+    logits = random_logits(4, vocab, torch.float32, device)
+    top = logits.max() + 1
+    labels = torch.tensor([20, 4100, IGNORE, vocab - 1], device=device)
+    logits[0, [20, 4097, 4000, 8191]] = top  # target tied too: v* = 4000 (block 0) beats lane 1 of block 1
+    logits[1, [8191, 4100, 4099]] = top  # lane 3 of block 1 beats lane 4095 of block 1
+    logits[2, [vocab - 1, 3, 4099]] = top  # ignored: no runner-up saved
+    logits[3, [vocab - 1, vocab - 2]] = top  # the tail's last column is the target
+    ref = reference_ihl(logits, labels, 2.0, 1e9, 0.0)
+    assert ref.runner_up.tolist() == [4000, 4099, -1, vocab - 2]
+    runner_up = ihl_module.IHL_KERNELS[backend].forward(logits, labels.long(), 2.0, 1e9, 0.0, IGNORE)[-1]
+    assert runner_up.cpu().tolist() == ref.runner_up.tolist()
+    loss, _, grad = run_backend(logits, labels, 2.0, 1e9, "none", backend)
+    assert_close(loss, ref.loss * ref.weight, 1e-5, 2e-6, "loss")
+    scale = ref.grad.abs().max()
+    assert_close(grad.cpu() / scale, ref.grad / scale, 0, GRAD_TOL[torch.float32], "grad")
+
+
+@grid(device=DEVICES, backend=BACKENDS)
+def test_ihl_check_values_false_reads_no_device_value(device, backend, monkeypatch):
+    """check_values=False: forward and backward read no device value on the host; a label
+    outside [0, V) (never used as an index) and a row of all -inf give their tokens a NaN
+    loss on every backend, the other tokens' losses and gradients are exact. The default
+    still raises (and reads)."""
+    require_backend(backend, device)
+    logits = random_logits(4, 37, torch.float32, device)
+    logits[2] = float("-inf")
+    labels = torch.tensor([3, 37, 5, 36], device=device)  # 37: out of range
+    leaf = logits.clone().requires_grad_()
+    with monkeypatch.context() as patch:
+        forbid_host_reads(patch)
+        loss, _ = inverted_hinge_loss(leaf, labels, 2.0, 1e9, reduction="none", backend=backend, check_values=False)
+        (grad,) = torch.autograd.grad(loss, leaf, torch.tensor([1.0, 0.0, 0.0, 1.0], device=device))
+        total, _ = inverted_hinge_loss(logits, labels, 2.0, 1e9, backend=backend, check_values=False)
+    assert torch.isnan(loss[[1, 2]]).all().item() and torch.isnan(total).item()
+    kept = [0, 3]
+    ref = reference_ihl(logits[kept], labels[kept], 2.0, 1e9, 0.0)
+    assert_close(loss[kept], ref.loss * ref.weight, 1e-5, 2e-6, "finite tokens, unchecked")
+    assert_close(grad[kept], ref.grad, 0, GRAD_TOL[torch.float32], "grad, unchecked")
+    with pytest.raises(ValueError, match="labels must be in"):
+        inverted_hinge_loss(logits, labels, 2.0, 1e9, backend=backend)
+    with pytest.raises(ValueError, match="all -inf"):
+        inverted_hinge_loss(logits[[2]], labels[[2]], 2.0, 1e9, backend=backend)
+    with monkeypatch.context() as patch, pytest.raises(AssertionError, match="host read"):
+        forbid_host_reads(patch)
+        inverted_hinge_loss(logits[kept], labels[kept], 2.0, 1e9, backend=backend)
+
+
 def test_ihl_eager_gradcheck():
     """Float64 autograd of the eager reference (no ties, thresholds far from the entropies)."""
     logits = torch.randn(5, 7, dtype=torch.float64)
@@ -324,7 +377,8 @@ def test_ihl_bad_input():
 
 def test_ihl_kernels_compile_for_hopper():
     """The interpreter never lowers the kernels: compile them for sm_90 with the launch
-    config of a Llama-3 vocabulary (BLOCK_V 4096, 8 warps), each logits dtype."""
+    config of a Llama-3 vocabulary (BLOCK_V 4096, 8 warps), each logits dtype; on a GPU
+    every exp is one ex2.approx.ftz."""
     config = ihl_module.row_kernel_config(128256)
     num_warps, block_v = config["num_warps"], config["BLOCK_V"]
     specs = []
@@ -338,7 +392,8 @@ def test_ihl_kernels_compile_for_hopper():
         }
         for shannon in (False, True):
             specs.append(dict(module="alter_kernels.ihl", kernel="_ihl_forward_kernel", signature=signature,
-                              constexprs={"BLOCK_V": block_v, "SHANNON": shannon}, num_warps=num_warps))
+                              constexprs={"BLOCK_V": block_v, "SHANNON": shannon}, num_warps=num_warps,
+                              ptx_contains="ex2.approx.ftz.f32"))
         specs.append(dict(module="alter_kernels.ihl", kernel="_ihl_backward_kernel", signature=signature,
-                          constexprs={"BLOCK_V": block_v}, num_warps=num_warps))
+                          constexprs={"BLOCK_V": block_v}, num_warps=num_warps, ptx_contains="ex2.approx.ftz.f32"))
     assert_compiles_for_hopper(specs)
