@@ -468,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     quality.add_argument("--quick", action="store_true",
                          help="one scenario, one seed, 3 steps per run: checks that the suite runs (CI)")
     quality.add_argument("--seeds", type=_seed_list, help="comma-separated seeds (default: the held-out seeds)")
-    quality.add_argument("--workers", type=int, default=2, help="processes, one thread each (default 2)")
+    quality.add_argument("--workers", type=_positive_int, default=2, help="processes, one thread each (default 2)")
     quality.add_argument("--development", action="store_true",
                          help="the development scenarios and seeds (the ones the defaults were tuned on)")
     quality.set_defaults(func=cmd_quality)
