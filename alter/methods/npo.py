@@ -1,0 +1,23 @@
+"""Negative Preference Optimization (Zhang et al., 2024) against the log-probabilities of
+the frozen starting model, computed once before training; needs no retain set."""
+import torch
+
+from alter.methods import register
+from alter.methods.base import FullParameterMethod
+from alter.methods.data import _store_reference_logprob
+from alter.methods.losses import npo_loss, sequence_logprob
+
+
+@register
+class NPO(FullParameterMethod):
+    name = "npo"
+    needs_retain = False
+    uses_retain = False
+
+    def setup(self, model, forget_examples, retain_examples, pad_id):
+        _store_reference_logprob(model, forget_examples, pad_id, self.args.batch_size)
+        return super().setup(model, forget_examples, retain_examples, pad_id)
+
+    def forget_loss(self, logits, batch):
+        logprob = sequence_logprob(logits, batch["labels"])
+        return npo_loss(logprob, batch["ref_logprob"], self.args.npo_beta), torch.tensor(len(logprob))
