@@ -65,6 +65,8 @@ setup(
         "rouge-score",
         "tqdm",
         "matplotlib",
+        # multi-process runs (alter.distributed); 1.10 has the FSDP2 plugin
+        "accelerate>=1.10,<2",
     ],
     entry_points={"console_scripts": ["alter=alter.cli:main"]},
     ext_modules=ext_modules,

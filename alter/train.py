@@ -91,6 +91,7 @@ from tqdm.auto import tqdm
 from alter.config import AlterConfig
 from alter.data import IGNORE_INDEX
 from alter.files import first_line, staged_directory
+from alter.distributed import Engine, launched
 from alter.methods import ADAPTER_METHODS, METHODS, build
 from alter.methods.args import STRUCTURAL_MODES, UnlearnArgs, check_positive as _check_positive
 from alter.methods.base import RETENTION_EXPERT
@@ -224,7 +225,11 @@ class _Checkpointer:
         self.path = None if output_dir is None else os.path.join(output_dir, CHECKPOINT_FILE)
         self.fingerprint = fingerprint
 
-    def save(self, step: int, params: dict, optimizer) -> None:
+    def save(self, step: int, params: dict, optimizer, write: bool = True) -> None:
+        """Save ``params`` (full tensors) and the optimizer; only where ``write`` (the
+        main process of a distributed run)."""
+        if not write:
+            return
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         state = {
             "step": step,
@@ -257,14 +262,24 @@ class _Checkpointer:
             )
         return state
 
-    def restore(self, state: dict, params: dict, optimizer) -> int:
-        """Copy a :meth:`read` state into the parameters, optimizer and RNG; returns its step."""
+    def restore(self, state: dict, model, names: list[str], optimizer) -> int:
+        """Copy a :meth:`read` state into the named parameters of ``model``, the optimizer and
+        RNG (before an engine wraps them); returns its step."""
+        params = dict(model.named_parameters())
         with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(state["params"][name])
+            for name in names:
+                params[name].copy_(state["params"][name])
         optimizer.load_state_dict(state["optimizer"])
         _set_rng_state(state["rng"])
         return state["step"]
+
+
+def _full_state(model, names: list[str], engine) -> dict:
+    """The named parameters of ``model`` as full tensors (gathered when sharded)."""
+    if engine is None:
+        params = dict(model.named_parameters())
+        return {name: params[name] for name in names}
+    return engine.full_state(model, names)
 
 
 def _differences(saved: dict, current: dict, prefix: str = "") -> str:
@@ -394,6 +409,7 @@ def unlearn(
     gradient_checkpointing: bool | None = None,
     router_warmup: int | None = None,
     router_lr: float | None = None,
+    distributed: str | None = None,
     progress: bool = True,
     callback: Callable[[int, dict], None] | None = None,
 ):
@@ -436,7 +452,12 @@ def unlearn(
             Counted in ``max_steps``. Default: as many as the unlearning steps, at most
             ``MAX_ROUTER_WARMUP`` (0 for the full-parameter baselines).
         router_lr: adapter methods: learning rate of the routers (default ``config.lr_B``).
-        progress: show a tqdm progress bar.
+        distributed: ``"ddp"`` or ``"fsdp2"`` to run on the processes of a launcher
+            (``torchrun``), through ``accelerate``; under ``accelerate launch`` its config
+            decides and None is fine. ``batch_size`` is the global batch, split over the
+            processes, so any world size gives the single-process optimization
+            (:mod:`alter.distributed`).
+        progress: show a tqdm progress bar (main process).
         callback: ``callback(step, logs)`` after every optimizer step; ``logs`` holds
             the step's losses as floats.
 
@@ -452,17 +473,23 @@ def unlearn(
                        router_warmup=router_warmup, router_lr=router_lr, structural=structural, npo_beta=npo_beta,
                        max_grad_norm=max_grad_norm, max_length=max_length, epochs=epochs, max_steps=max_steps,
                        output_dir=output_dir, save_every=save_every, resume=resume,
-                       mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing)
+                       mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
+                       distributed=distributed)
     return _run(model, tokenizer, forget, retain, args, progress, callback)
 
 
 def _run(model, tokenizer, forget, retain, args: UnlearnArgs, progress: bool, callback):
     """:func:`unlearn` with its arguments validated."""
     started = time.perf_counter()
+    engine = None
+    if args.distributed is not None or launched():
+        engine = Engine(args.distributed)
+        model.to(engine.device)
     device = next(model.parameters()).device
     on_gpu = device.type == "cuda"
     autocast = _autocast_factory(device, on_gpu if args.mixed_precision is None else args.mixed_precision)
-    method = build(args, autocast)
+    method = build(args, autocast, engine)
+    main = engine is None or engine.is_main
     if retain is None and method.needs_retain:
         raise ValueError(f"method {args.method!r} needs a retain set (retain is None)")
     batch_size, seed = args.batch_size, args.seed
@@ -475,6 +502,7 @@ def _run(model, tokenizer, forget, retain, args: UnlearnArgs, progress: bool, ca
            "data_sha256": _examples_digest(forget_examples, retain_examples)}
     checkpointer = _Checkpointer(args.output_dir, run)
     checkpoint = checkpointer.read() if args.resume else None  # refuse another run before any forward
+    progress = progress and main
     if progress:
         forget_tokens = sum(label != IGNORE_INDEX for example in forget_examples for label in example["labels"])
         print(f"unlearn [{args.method}]: targeting {len(forget_examples)} forget rows ({forget_tokens} labelled "
@@ -483,13 +511,19 @@ def _run(model, tokenizer, forget, retain, args: UnlearnArgs, progress: bool, ca
     forget_prob_before = mean_label_probability(model, forget_examples, pad_id, batch_size)
 
     optimizer = method.setup(model, forget_examples, retain_examples, pad_id)
-    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    start_step = checkpointer.restore(checkpoint, model, names, optimizer) if checkpoint is not None else 0
+    wrapped = model
+    if engine is not None:
+        engine.check_batches(batch_size, len(forget_examples))
+        wrapped, optimizer = engine.prepare(model, optimizer)
+        model = engine.unwrap(wrapped)
+        method.attach(model)
     clip_groups = method.clip_groups(model)
     router_warmup, train_steps = run_length(len(forget_examples), batch_size, args.epochs, args.router_warmup,
                                             method.adapter)
     total_steps = router_warmup + train_steps
     total_steps = total_steps if args.max_steps is None else min(args.max_steps, total_steps)
-    start_step = checkpointer.restore(checkpoint, trainable, optimizer) if checkpoint is not None else 0
     history: list[dict] = []
 
     checkpointing = ((on_gpu if args.gradient_checkpointing is None else args.gradient_checkpointing)
@@ -504,13 +538,17 @@ def _run(model, tokenizer, forget, retain, args: UnlearnArgs, progress: bool, ca
     bar = tqdm(total=total_steps, initial=start_step, desc=f"unlearn [{args.method}]", disable=not progress)
     for step in range(start_step, total_steps):
         forget_ids, retain_ids = _step_indices(step, len(forget_examples), len(retain_examples), batch_size, seed)
+        if engine is not None:  # this process's share of the global batch
+            forget_ids, retain_ids = engine.share(forget_ids), retain_ids if retain_ids is None else engine.share(retain_ids)
         forget_batch = _batch(forget_examples, forget_ids, pad_id, device)
         retain_batch = _batch(retain_examples, retain_ids, pad_id, device) if method.uses_retain else None
         optimizer.zero_grad(set_to_none=True)
         if step < router_warmup:
-            logs = method.router_step(model, forget_batch, retain_batch)
+            logs = method.router_step(wrapped, forget_batch, retain_batch)
         else:
-            logs = method.step(model, forget_batch, retain_batch)
+            logs = method.step(wrapped, forget_batch, retain_batch)
+        if engine is not None:
+            logs = engine.mean(logs)
         if not all(math.isfinite(v) for v in logs.values()):
             raise FloatingPointError(f"unlearn: non-finite loss at step {step + 1}: {logs}")
         if args.max_grad_norm is not None:
@@ -523,7 +561,7 @@ def _run(model, tokenizer, forget, retain, args: UnlearnArgs, progress: bool, ca
         if callback is not None:
             callback(step + 1, logs)
         if args.save_every is not None and (step + 1) % args.save_every == 0:
-            checkpointer.save(step + 1, trainable, optimizer)
+            checkpointer.save(step + 1, _full_state(model, names, engine), optimizer, main)
     bar.close()
     if checkpointing:
         _set_checkpointing(model, False)
@@ -535,13 +573,15 @@ def _run(model, tokenizer, forget, retain, args: UnlearnArgs, progress: bool, ca
     model.unlearn_report = report
     if progress:
         print(report)
-    if report.forget_probability_after > FORGET_WARNING_RATIO * forget_prob_before:
+    if main and report.forget_probability_after > FORGET_WARNING_RATIO * forget_prob_before:
         warnings.warn(f"unlearn [{args.method}]: the forget set is barely forgotten: its tokens' mean probability "
                       f"went {forget_prob_before:.3g} -> {report.forget_probability_after:.3g}; "
                       "train longer (epochs) or with larger learning rates", stacklevel=3)
-    if args.output_dir is not None:
+    if args.output_dir is not None and main:
         record = {**args.record(), **run, "router_warmup_steps": router_warmup, "steps": total_steps}
         _save_result(model, tokenizer, args.output_dir, method, record)
+    if engine is not None:
+        engine.wait()
     return model
 
 

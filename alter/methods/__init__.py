@@ -23,9 +23,9 @@ def method_class(name: str) -> type:
     return _REGISTRY[name]
 
 
-def build(args, autocast, reduce_sum=None):
-    """The method of a run: ``method_class(args.method)(args, autocast, reduce_sum)``."""
-    return method_class(args.method)(args, autocast, reduce_sum)
+def build(args, autocast, engine=None):
+    """The method of a run: ``method_class(args.method)(args, autocast, engine)``."""
+    return method_class(args.method)(args, autocast, engine)
 
 
 # The built-in methods, in the order the docs and the CLI list them; importing a module

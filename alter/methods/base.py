@@ -37,17 +37,23 @@ class Method:
     needs_retain = True  # refuses retain=None
     uses_retain = True  # each step reads a retain batch
 
-    def __init__(self, args: UnlearnArgs, autocast, reduce_sum=None):
+    def __init__(self, args: UnlearnArgs, autocast, engine=None):
         self.args = args
         self.config = args.config
         self.autocast = autocast
-        # reduce_sum(tensor) -> its sum over processes (None: one process)
-        self.reduce_sum = reduce_sum
+        # engine: an alter.distributed.Engine (None: one process, plain autograd)
+        self.reduce_sum = engine.reduce_sum if engine is not None and engine.world > 1 else None
+        self.backward = engine.backward if engine is not None else torch.Tensor.backward
         self.model = None
 
     def setup(self, model, forget_examples: list[dict], retain_examples: list[dict], pad_id: int):
         """Prepare ``model`` and the examples (all processes alike); returns the optimizer."""
         raise NotImplementedError
+
+    def attach(self, model) -> None:
+        """Read the parameters from ``model`` (the unwrapped model), again after an engine
+        replaced them (FSDP2 makes them sharded tensors)."""
+        self.model = model
 
     def clip_groups(self, model) -> list[list[torch.nn.Parameter]]:
         """Parameter groups whose gradient norms are clipped separately."""
@@ -82,7 +88,7 @@ class FullParameterMethod(Method):
     """A full-parameter baseline: AdamW on every weight, ``beta * forget + gamma * retain``."""
 
     def setup(self, model, forget_examples, retain_examples, pad_id):
-        self.model = model
+        self.attach(model)
         return torch.optim.AdamW(model.parameters(), lr=self.args.lr, weight_decay=0.01)
 
     def forget_loss(self, logits, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,7 +109,7 @@ class FullParameterMethod(Method):
             retain_loss = token_nll(retain_logits, retain["labels"])
             loss = loss + cfg.gamma * self.global_mean(retain_loss, _labelled(retain["labels"]))
             logs["retain"] = retain_loss.detach()
-        loss.backward()
+        self.backward(loss)
         logs["loss"] = loss.detach()
         return _floats(logs)
 
@@ -141,9 +147,9 @@ class AdapterMethod(Method):
 
         config = dataclasses.replace(config, **self.config_changes(config))
         apply_alter(model, config)
-        self.config, self.model = config, model
+        self.config = config
+        self.attach(model)
         groups = adapter_parameters(model)
-        self.A_params, self.B_params = groups["A"], groups["B"]
         router_lr = self.args.router_lr
         optimizer = torch.optim.AdamW(
             [{"params": groups["A"], "lr": config.lr_A}, {"params": groups["B"], "lr": config.lr_B},
@@ -158,6 +164,11 @@ class AdapterMethod(Method):
         self.router_routes = self.forget_experts == "subdomain" and config.train_routes == "router"
         self.structural = self.args.structural if self.entropy_guided and config.lam > 0 else None
         return optimizer
+
+    def attach(self, model) -> None:
+        self.model = model
+        groups = adapter_parameters(model)
+        self.A_params, self.B_params = groups["A"], groups["B"]
 
     def config_changes(self, config) -> dict:
         """Changes to the user's config for this method's adapters."""
@@ -216,7 +227,7 @@ class AdapterMethod(Method):
                 routed = batch["route_mask"].bool()
                 route = router_loss(self.model, routed)
                 count = (routed & batch["attention_mask"].bool()).sum()
-                (self.route_weight[forget] * self.global_mean(route, count)).backward()
+                self.backward(self.route_weight[forget] * self.global_mean(route, count))
         finally:
             for param in adapters:
                 param.requires_grad_(True)
@@ -242,7 +253,7 @@ class AdapterMethod(Method):
                 logs["structural"] = structure.detach()
             # Backward inside the routing context: gradient checkpointing recomputes the
             # forward here and must see the same routes and entropy.
-            loss.backward()
+            self.backward(loss)
         if forget and self.router_routes:
             # The forget loss trains the forget experts only: a forget token the router
             # sends to the retention expert must not teach it to forget.
