@@ -26,27 +26,26 @@ def launched() -> bool:
 
 
 class Engine:
-    """The process group, wrapping and collectives of a run, all from ``accelerate``.
+    """The process group, wrapping and collectives of a run, from ``accelerate`` (and
+    torch's ``fully_shard`` for FSDP2).
 
-    ``mode``: ``"ddp"``, ``"fsdp2"`` (``fully_shard`` through accelerate's FSDP plugin,
-    each decoder layer its own unit), or None: what ``accelerate launch``'s config says
-    (DDP under plain ``torchrun``).
+    ``mode``: ``"ddp"``; ``"fsdp2"``: torch's ``fully_shard``, with each adapted layer's
+    frozen base linear, each adapted layer's adapters (A, B, router: one dtype, fp32
+    gradient reduction) and each decoder layer their own units (accelerate 1.16 applies
+    its FSDP plugin on GPUs only: on CPU processes it silently runs DDP instead, so
+    ``fully_shard`` is called here, on the process group accelerate formed); None: what
+    ``accelerate launch``'s config says (DDP, FSDP or DeepSpeed; DDP under ``torchrun``).
     """
 
     def __init__(self, mode: str | None):
         from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs, FullyShardedDataParallelPlugin
+        from accelerate.utils import DistributedDataParallelKwargs
 
-        kwargs = {}
-        if mode == "fsdp2":
-            kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(
-                fsdp_version=2, auto_wrap_policy="transformer_based_wrap", reshard_after_forward=True,
-                state_dict_type="FULL_STATE_DICT")
+        self.mode = mode
         # The routing passes leave A and B without gradient: DDP must not wait for them.
         handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)]
-        # Mixed precision stays the trainer's own autocast (the same as on one process).
         # cpu: accelerate forms a gloo group of CPU processes only when told to.
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=handlers, **kwargs)
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=handlers)
         state = self.accelerator.state
         self.world, self.rank = state.num_processes, state.process_index
         self.device = self.accelerator.device
@@ -66,7 +65,26 @@ class Engine:
         return ids.tensor_split(self.world)[self.rank]
 
     def prepare(self, model, optimizer):
-        return self.accelerator.prepare(model, optimizer)
+        """(the model to call, the optimizer to step): DDP-wrapped, or sharded in place."""
+        if self.mode != "fsdp2":
+            return self.accelerator.prepare(model, optimizer)
+        names = {id(p): name for name, p in model.named_parameters()}
+        _fully_shard(model)
+        # fully_shard swapped every parameter for a sharded one: the same groups, on those.
+        params = dict(model.named_parameters())
+        groups = [{**{k: v for k, v in group.items() if k != "params"},
+                   "params": [params[names[id(p)]] for p in group["params"]]} for group in optimizer.param_groups]
+        return model, type(optimizer)(groups)  # each group carries its settings
+
+    def full_state_dict(self, model) -> dict | None:
+        """FSDP2: ``model.state_dict()`` with full (gathered) CPU tensors, on every process
+        (a collective); None when the model's own tensors are full (DDP)."""
+        if self.mode != "fsdp2":
+            return None
+        from torch.distributed.tensor import DTensor
+
+        return {name: (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu()
+                for name, t in model.state_dict().items()}
 
     def unwrap(self, model):
         return self.accelerator.unwrap_model(model)
@@ -84,8 +102,31 @@ class Engine:
 
     def full_state(self, model, names) -> dict:
         """Full (gathered) tensors of the named parameters, on CPU, on every process."""
-        state = self.accelerator.get_state_dict(model, unwrap=True)
-        return {name: state[name].detach().cpu() for name in names}
+        from torch.distributed.tensor import DTensor
+
+        params = dict(model.named_parameters())
+        full = {}
+        for name in names:
+            param = params[name].detach()
+            full[name] = (param.full_tensor() if isinstance(param, DTensor) else param).cpu()
+        return full
 
     def wait(self) -> None:
         self.accelerator.wait_for_everyone()
+
+
+def _fully_shard(model) -> None:
+    """FSDP2 units, innermost first: each adapted layer's frozen base linear, then the
+    layer itself (its adapters: one dtype, gradients reduced in fp32), each decoder layer
+    (``model.model.layers``), the root."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from alter.model import alter_layers
+
+    fp32_reduce = MixedPrecisionPolicy(reduce_dtype=torch.float32)
+    for layer in alter_layers(model).values():
+        fully_shard(layer.base_layer)
+        fully_shard(layer, mp_policy=fp32_reduce)
+    for block in getattr(getattr(model, "model", None), "layers", []):
+        fully_shard(block)
+    fully_shard(model)

@@ -577,19 +577,21 @@ def _run(model, tokenizer, forget, retain, args: UnlearnArgs, progress: bool, ca
         warnings.warn(f"unlearn [{args.method}]: the forget set is barely forgotten: its tokens' mean probability "
                       f"went {forget_prob_before:.3g} -> {report.forget_probability_after:.3g}; "
                       "train longer (epochs) or with larger learning rates", stacklevel=3)
+    state = engine.full_state_dict(model) if engine is not None and args.output_dir is not None else None
     if args.output_dir is not None and main:
         record = {**args.record(), **run, "router_warmup_steps": router_warmup, "steps": total_steps}
-        _save_result(model, tokenizer, args.output_dir, method, record)
+        _save_result(model, tokenizer, args.output_dir, method, record, state)
     if engine is not None:
         engine.wait()
     return model
 
 
-def _save_result(model, tokenizer, output_dir: str, method, args: dict) -> None:
+def _save_result(model, tokenizer, output_dir: str, method, args: dict, state: dict | None) -> None:
     """The adapter (or model), tokenizer and run record, written together: staged in a
-    temporary sibling directory and moved in only when all are complete."""
+    temporary sibling directory and moved in only when all are complete. ``state``: the
+    model's full tensors when its own are shards."""
     with staged_directory(output_dir) as staging:
-        method.save(model, staging)
+        method.save(model, staging, state)
         tokenizer.save_pretrained(staging)
         with open(os.path.join(staging, RUN_ARGS_FILE), "w") as f:
             json.dump(args, f, indent=2)

@@ -44,6 +44,7 @@ class Method:
         # engine: an alter.distributed.Engine (None: one process, plain autograd)
         self.reduce_sum = engine.reduce_sum if engine is not None and engine.world > 1 else None
         self.backward = engine.backward if engine is not None else torch.Tensor.backward
+        self.sharded = engine is not None and engine.mode == "fsdp2"
         self.model = None
 
     def setup(self, model, forget_examples: list[dict], retain_examples: list[dict], pad_id: int):
@@ -59,8 +60,9 @@ class Method:
         """Parameter groups whose gradient norms are clipped separately."""
         return [[p for p in model.parameters() if p.requires_grad]]
 
-    def save(self, model, directory: str) -> None:
-        model.save_pretrained(directory)
+    def save(self, model, directory: str, state: dict | None = None) -> None:
+        """Write the result; ``state``: the model's full tensors when its own are shards."""
+        model.save_pretrained(directory, state_dict=state)
 
     def global_mean(self, loss: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
         """``loss``, a mean over ``count`` local items, rescaled to the share of the mean over
@@ -185,8 +187,8 @@ class AdapterMethod(Method):
         groups = adapter_parameters(model)
         return [groups["A"] + groups["B"], groups["router"]]
 
-    def save(self, model, directory: str) -> None:
-        save_adapter(model, directory)
+    def save(self, model, directory: str, state: dict | None = None) -> None:
+        save_adapter(model, directory, state)
 
     # ---------------------------------------------------------------- losses
 
@@ -216,21 +218,33 @@ class AdapterMethod(Method):
         forget experts' own effect on the layers below it, which is absent at inference
         whenever those layers route differently."""
         adapters = self.A_params + self.B_params
+        # FSDP2 computes with gathered copies whose requires_grad it fixed when sharding:
+        # there A and B keep their gradients from before the pass instead.
+        kept = [param.grad for param in adapters] if self.sharded else None
         for param in adapters:
             param.requires_grad_(False)
         try:
             with forced_route(self.model, batch["expert"], gate=False), \
                     precomputed_entropy(self.model, batch["entropy"]):
                 with self.autocast():
-                    model(**_model_inputs(batch))
+                    logits = model(**_model_inputs(batch)).logits
                 # The positions mark_routing_targets chose (module doc of alter.train, "Routing targets").
                 routed = batch["route_mask"].bool()
                 route = router_loss(self.model, routed)
                 count = (routed & batch["attention_mask"].bool()).sum()
-                self.backward(self.route_weight[forget] * self.global_mean(route, count))
+                loss = self.route_weight[forget] * self.global_mean(route, count)
+                if self.sharded:
+                    # The routing loss reaches the routers through logits recorded aside;
+                    # through the model's output too, FSDP2 gathers every unit before
+                    # its backward.
+                    loss = loss + 0.0 * logits.sum()
+                self.backward(loss)
         finally:
             for param in adapters:
                 param.requires_grad_(True)
+            if kept is not None:
+                for param, grad in zip(adapters, kept):
+                    param.grad = grad
         return route.detach()
 
     def _pass(self, model, batch: dict, forget: bool) -> dict:
@@ -259,7 +273,7 @@ class AdapterMethod(Method):
             # sends to the retention expert must not teach it to forget.
             for B in self.B_params:
                 if B.grad is not None:
-                    B.grad[RETENTION_EXPERT].zero_()
+                    _zero_expert(B.grad, RETENTION_EXPERT)
         logs["loss"] = loss.detach()
         return logs
 
@@ -277,3 +291,17 @@ class AdapterMethod(Method):
 
     def _route_losses(self, model, forget: dict, retain: dict) -> torch.Tensor:
         return self._routing_pass(model, forget, True) + self._routing_pass(model, retain, False)
+
+
+def _zero_expert(grad: torch.Tensor, expert: int) -> None:
+    """``grad[expert] = 0`` for a B gradient ``[N, out, r]``, also when FSDP2 shards it
+    (row-wise, as ``torch.chunk``: expert 0 is the first local row of the first shard)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(grad, DTensor):
+        grad[expert].zero_()
+        return
+    if expert != 0 or grad.placements != (Shard(0),):
+        raise NotImplementedError(f"zeroing expert {expert} of a gradient sharded as {grad.placements}")
+    if grad.device_mesh.get_local_rank() == 0:
+        grad.to_local()[0].zero_()
