@@ -41,6 +41,11 @@ class Engine:
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs
 
+        if mode is None and os.environ.get("ACCELERATE_USE_FSDP") == "true":
+            # accelerate launch with an FSDP config: alter shards the model itself.
+            if os.environ.get("FSDP_VERSION", "1") != "2":
+                raise ValueError("alter unlearn supports FSDP version 2 only (fsdp_version: 2 in the accelerate config)")
+            mode = "fsdp2"
         self.mode = mode
         # The routing passes leave A and B without gradient: DDP must not wait for them.
         handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)]
