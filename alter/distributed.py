@@ -44,7 +44,8 @@ class Engine:
         if mode is None and os.environ.get("ACCELERATE_USE_FSDP") == "true":
             # accelerate launch with an FSDP config: alter shards the model itself.
             if os.environ.get("FSDP_VERSION", "1") != "2":
-                raise ValueError("alter unlearn supports FSDP version 2 only (fsdp_version: 2 in the accelerate config)")
+                raise ValueError("alter unlearn supports FSDP version 2 only "
+                                 "(fsdp_version: 2 in the accelerate config)")
             mode = "fsdp2"
         self.mode = mode
         # The routing passes leave A and B without gradient: DDP must not wait for them.

@@ -92,8 +92,8 @@ from alter.config import AlterConfig
 from alter.data import IGNORE_INDEX
 from alter.files import first_line, staged_directory
 from alter.distributed import Engine, launched
-from alter.methods import ADAPTER_METHODS, METHODS, build
-from alter.methods.args import STRUCTURAL_MODES, UnlearnArgs, check_positive as _check_positive
+from alter.methods import ADAPTER_METHODS, METHODS, build  # noqa: F401 (the first two: public names)
+from alter.methods.args import STRUCTURAL_MODES, UnlearnArgs, check_positive as _check_positive  # noqa: F401
 from alter.methods.base import RETENTION_EXPERT
 # The data preparation and losses live in alter.methods; these are alter.train's public names.
 from alter.methods.data import (  # noqa: F401
@@ -542,7 +542,8 @@ def _run(model, tokenizer, forget, retain, args: UnlearnArgs, progress: bool, ca
     for step in range(start_step, total_steps):
         forget_ids, retain_ids = _step_indices(step, len(forget_examples), len(retain_examples), batch_size, seed)
         if engine is not None:  # this process's share of the global batch
-            forget_ids, retain_ids = engine.share(forget_ids), retain_ids if retain_ids is None else engine.share(retain_ids)
+            forget_ids = engine.share(forget_ids)
+            retain_ids = None if retain_ids is None else engine.share(retain_ids)
         forget_batch = _batch(forget_examples, forget_ids, pad_id, device)
         retain_batch = _batch(retain_examples, retain_ids, pad_id, device) if method.uses_retain else None
         optimizer.zero_grad(set_to_none=True)

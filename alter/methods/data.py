@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from scipy.cluster.vq import kmeans2
 
-from alter.data import IGNORE_INDEX, collate, encode_qa, encode_text
+from alter.data import collate, encode_qa, encode_text
 from alter.methods.losses import sequence_logprob
 from alter_kernels import tsallis_entropy
 

@@ -20,4 +20,5 @@ class NPO(FullParameterMethod):
 
     def forget_loss(self, logits, batch):
         logprob = sequence_logprob(logits, batch["labels"])
-        return npo_loss(logprob, batch["ref_logprob"], self.args.npo_beta), torch.tensor(len(logprob))
+        loss = npo_loss(logprob, batch["ref_logprob"], self.args.npo_beta)
+        return loss, torch.tensor(len(logprob), device=logprob.device)  # a mean over samples
