@@ -380,7 +380,7 @@ def _train_step_case(device: torch.device, quick: bool) -> BenchCase:
         autocast = train._autocast_factory(dev, dev.type == "cuda")
         args = UnlearnArgs(method="alter", config=_bench_alter_config(variant, "prepass"), batch_size=half)
         objective = methods.build(args, autocast)
-        optimizer = objective.setup(model, forget, retain, 0)
+        optimizer, forget, retain = objective.setup(model, forget, retain, 0)
         forget_batch = train._batch(forget, range(len(forget)), 0, dev)
         retain_batch = train._batch(retain, range(len(retain)), 0, dev)
         model.train()

@@ -1,6 +1,7 @@
 """The per-method layout (alter.methods): the registry, the shared bases, the arguments
 dataclass as the one source of validation, resume fingerprint and run record, and a
 method's step against a float64 recomputation of its loss."""
+import contextlib
 import copy
 import dataclasses
 import json
@@ -101,3 +102,22 @@ def test_grad_diff_step_loss_equals_a_float64_recomputation(data, tokenizer):
     assert logs[0]["forget"] == pytest.approx(-f, rel=1e-6)
     assert logs[0]["retain"] == pytest.approx(r, rel=1e-6)
     assert logs[0]["loss"] == pytest.approx(0.7 * -f + 1.3 * r, rel=1e-6)
+
+
+@pytest.mark.parametrize("method", ["alter", "npo"])
+def test_setup_returns_new_examples_and_leaves_the_given_ones(method, data, tokenizer):
+    from alter.methods import build
+
+    forget = encode_dataset(tokenizer, data["forget"], "forget", None)
+    retain = encode_dataset(tokenizer, data["retain"], "retain", None)
+    before = copy.deepcopy((forget, retain))
+    args = UnlearnArgs(method=method, config=AlterConfig(r=2, num_experts=3), batch_size=2)
+    _, new_forget, new_retain = build(args, lambda: contextlib.nullcontext()).setup(
+        small_model(tokenizer), forget, retain, tokenizer.pad_token_id)
+    assert (forget, retain) == before
+    fields = {"alter": {"entropy", "expert", "route_mask"}, "npo": {"ref_logprob"}}[method]
+    assert all(fields <= set(row) for row in new_forget)
+    assert all(len(row["input_ids"]) == len(example["input_ids"]) for row, example in zip(new_forget, forget))
+    if method == "alter":
+        assert all(row["expert"] == 0 and all(row["route_mask"]) for row in new_retain)
+        assert {row["expert"] for row in new_forget} <= {1, 2}

@@ -561,7 +561,9 @@ def test_routing_shares_against_a_direct_count(data, tokenizer):
 
     model = small_model(tokenizer)
     examples = encode_dataset(tokenizer, data["forget"], "forget", None)
-    base_model_pass(model, examples, _pad_id(tokenizer), CONFIG.tsallis_q, 4)
+    _, entropy = base_model_pass(model, examples, _pad_id(tokenizer), CONFIG.tsallis_q, 4)
+    for example, values in zip(examples, entropy):
+        example["entropy"] = values
     apply_alter(model, CONFIG)
     torch.manual_seed(2)
     for layer in alter_layers(model).values():

@@ -262,7 +262,7 @@ def test_resume_refuses_changed_args_or_data_before_any_forward(change, match, d
     forget = data["forget"]
     if change.pop("forget", None):
         forget = forget.map(lambda row, i: {"answer": row["answer"] if i else "Oslo ."}, with_indices=True)
-    monkeypatch.setattr(alter.methods.npo, "_store_reference_logprob", no_forward)
+    monkeypatch.setattr(alter.methods.npo, "reference_logprobs", no_forward)
     monkeypatch.setattr(alter.methods.base, "base_model_pass", no_forward)
     with pytest.raises(ValueError, match="written by a different run .*" + match):
         unlearn(small_model(tokenizer), tokenizer, forget, None, **{"config": CONFIG, **common, **change}, resume=True)

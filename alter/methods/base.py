@@ -20,7 +20,7 @@ import torch
 
 from alter.data import IGNORE_INDEX
 from alter.methods.args import UnlearnArgs
-from alter.methods.data import _model_inputs, base_model_pass, mark_routing_targets, split_subdomains
+from alter.methods.data import _model_inputs, base_model_pass, routing_targets, split_subdomains, with_fields
 from alter.methods.losses import _floats, _shift, structural_exact, structural_surrogate, token_nll
 from alter.model import adapter_parameters, apply_alter, forced_route, precomputed_entropy, router_loss, save_adapter
 from alter_kernels import inverted_hinge_loss
@@ -48,7 +48,9 @@ class Method:
         self.model = None
 
     def setup(self, model, forget_examples: list[dict], retain_examples: list[dict], pad_id: int):
-        """Prepare ``model`` and the examples (all processes alike); returns the optimizer."""
+        """Prepare ``model`` (all processes alike). Returns the optimizer and the forget
+        and retain examples to train on: new dicts, with the method's per-example fields
+        added (the given ones stay as they are)."""
         raise NotImplementedError
 
     def attach(self, model) -> None:
@@ -91,7 +93,7 @@ class FullParameterMethod(Method):
 
     def setup(self, model, forget_examples, retain_examples, pad_id):
         self.attach(model)
-        return torch.optim.AdamW(model.parameters(), lr=self.args.lr, weight_decay=0.01)
+        return torch.optim.AdamW(model.parameters(), lr=self.args.lr, weight_decay=0.01), forget_examples, retain_examples
 
     def forget_loss(self, logits, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, the count it is a mean over)."""
@@ -134,18 +136,17 @@ class AdapterMethod(Method):
     def setup(self, model, forget_examples, retain_examples, pad_id):
         """Base-model pass (entropy cache, sub-domains), patching, optimizer."""
         config, batch_size = self.config, self.args.batch_size
-        features = base_model_pass(model, forget_examples, pad_id, config.tsallis_q, batch_size)
-        base_model_pass(model, retain_examples, pad_id, config.tsallis_q, batch_size)
+        features, forget_entropy = base_model_pass(model, forget_examples, pad_id, config.tsallis_q, batch_size)
+        _, retain_entropy = base_model_pass(model, retain_examples, pad_id, config.tsallis_q, batch_size)
         if self.forget_experts == "subdomain":
-            subdomain = split_subdomains(features, config.num_experts - 1, self.args.seed)
-            for example, domain in zip(forget_examples, subdomain):
-                example["expert"] = int(domain) + 1
+            forget_experts = [int(d) + 1 for d in split_subdomains(features, config.num_experts - 1, self.args.seed)]
         else:
-            for example in forget_examples:
-                example["expert"] = RETENTION_EXPERT
-        for example in retain_examples:
-            example["expert"] = RETENTION_EXPERT
-        mark_routing_targets(forget_examples, retain_examples)
+            forget_experts = [RETENTION_EXPERT] * len(forget_examples)
+        forget_targets, retain_targets = routing_targets(forget_examples, retain_examples)
+        forget_examples = with_fields(forget_examples, entropy=forget_entropy, expert=forget_experts,
+                                      route_mask=forget_targets)
+        retain_examples = with_fields(retain_examples, entropy=retain_entropy,
+                                      expert=[RETENTION_EXPERT] * len(retain_examples), route_mask=retain_targets)
 
         config = dataclasses.replace(config, **self.config_changes(config))
         apply_alter(model, config)
@@ -165,7 +166,7 @@ class AdapterMethod(Method):
         # for the methods with forget experts; "lora" has one adapter, always forced.
         self.router_routes = self.forget_experts == "subdomain" and config.train_routes == "router"
         self.structural = self.args.structural if self.entropy_guided and config.lam > 0 else None
-        return optimizer
+        return optimizer, forget_examples, retain_examples
 
     def attach(self, model) -> None:
         self.model = model
@@ -228,7 +229,7 @@ class AdapterMethod(Method):
                     precomputed_entropy(self.model, batch["entropy"]):
                 with self.autocast():
                     logits = model(**_model_inputs(batch)).logits
-                # The positions mark_routing_targets chose (module doc of alter.train, "Routing targets").
+                # The positions routing_targets chose (module doc of alter.train, "Routing targets").
                 routed = batch["route_mask"].bool()
                 route = router_loss(self.model, routed)
                 count = (routed & batch["attention_mask"].bool()).sum()

@@ -118,30 +118,30 @@ def _model_inputs(batch: dict) -> dict:
 
 
 @torch.no_grad()
-def base_model_pass(model, examples: list[dict], pad_id: int, q: float, batch_size: int) -> np.ndarray:
-    """Store each token's entropy under the model in ``examples`` and return features.
+def base_model_pass(model, examples: list[dict], pad_id: int, q: float,
+                    batch_size: int) -> tuple[np.ndarray, list[torch.Tensor]]:
+    """Features and token entropy of ``examples`` under the model (run it on the base
+    model, before patching).
 
-    Sets ``example["entropy"]``: float32 ``[len]``, the Tsallis entropy of the model's
-    next-token distribution at each position. Returns float64 ``[n, hidden]``: the
-    mean-pooled last hidden state of each example (the k-means features). Run it on the
-    base model (before patching).
+    Returns float64 ``[n, hidden]``, the mean-pooled last hidden state of each example
+    (the k-means features), and per example float32 ``[len]``, the Tsallis entropy of the
+    model's next-token distribution at each position.
     """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    features = []
+    features, entropies = [], []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         batch = _batch(chunk, range(len(chunk)), pad_id, device)
         out = model(**_model_inputs(batch), output_hidden_states=True)
         entropy = tsallis_entropy(out.logits, q).float().cpu()
-        for row, example in enumerate(chunk):
-            example["entropy"] = entropy[row, : len(example["input_ids"])].clone()
+        entropies += [entropy[row, : len(example["input_ids"])].clone() for row, example in enumerate(chunk)]
         mask = batch["attention_mask"].unsqueeze(-1).to(torch.float64)
         hidden = out.hidden_states[-1].to(torch.float64)
         features.append(((hidden * mask).sum(1) / mask.sum(1)).cpu().numpy())
     model.train(was_training)
-    return np.concatenate(features)
+    return np.concatenate(features), entropies
 
 
 def split_subdomains(features: np.ndarray, num_domains: int, seed: int = 0) -> np.ndarray:
@@ -175,8 +175,9 @@ def _prefix_trie(examples: list[dict]) -> dict:
     return trie
 
 
-def mark_routing_targets(forget_examples: list[dict], retain_examples: list[dict]) -> None:
-    """Set ``example["route_mask"]`` (int ``[len]``): the positions that teach the router.
+def routing_targets(forget_examples: list[dict], retain_examples: list[dict]) -> tuple[list, list]:
+    """The positions that teach the router, per forget and per retained example (int
+    lists ``[len]``, 1 = a target).
 
     A forget position teaches the router its forget expert iff its context (the tokens up
     to and including it) is the prefix of no retained example: before that point the
@@ -185,14 +186,27 @@ def mark_routing_targets(forget_examples: list[dict], retain_examples: list[dict
     two. Every retained position teaches the retention expert.
     """
     trie = _prefix_trie(retain_examples)
+    forget_masks = []
     for example in forget_examples:
         node, mask = 0, []
         for token in example["input_ids"]:
             node = trie.get((node, token), -1) if node >= 0 else -1
             mask.append(int(node < 0))
-        example["route_mask"] = mask
-    for example in retain_examples:
-        example["route_mask"] = [1] * len(example["input_ids"])
+        forget_masks.append(mask)
+    return forget_masks, [[1] * len(example["input_ids"]) for example in retain_examples]
+
+
+def mark_routing_targets(forget_examples: list[dict], retain_examples: list[dict]) -> None:
+    """Set ``example["route_mask"]`` to :func:`routing_targets` in each example."""
+    for examples, masks in zip((forget_examples, retain_examples), routing_targets(forget_examples, retain_examples)):
+        for example, mask in zip(examples, masks):
+            example["route_mask"] = mask
+
+
+def with_fields(examples: list[dict], **fields: list) -> list[dict]:
+    """New examples: each of ``examples`` with its value of every per-example field added
+    (the originals stay as they are)."""
+    return [{**example, **{name: values[i] for name, values in fields.items()}} for i, example in enumerate(examples)]
 
 
 
@@ -223,17 +237,17 @@ def _step_indices(step: int, n_forget: int, n_retain: int, batch_size: int, seed
 
 
 @torch.no_grad()
-def _store_reference_logprob(model, examples: list[dict], pad_id: int, batch_size: int) -> None:
-    """Set ``example["ref_logprob"]``: the sequence log-probability of the labelled tokens
-    under the frozen starting model (NPO's reference), computed once."""
+def reference_logprobs(model, examples: list[dict], pad_id: int, batch_size: int) -> list[float]:
+    """Per example, the sequence log-probability of its labelled tokens under the model
+    (NPO's reference, computed once from the frozen starting model)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    values = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         batch = _batch(chunk, range(len(chunk)), pad_id, device)
-        logprob = sequence_logprob(model(**_model_inputs(batch)).logits, batch["labels"]).cpu()
-        for example, value in zip(chunk, logprob.tolist()):
-            example["ref_logprob"] = value
+        values += sequence_logprob(model(**_model_inputs(batch)).logits, batch["labels"]).cpu().tolist()
     model.train(was_training)
+    return values
 

@@ -4,7 +4,7 @@ import torch
 
 from alter.methods import register
 from alter.methods.base import FullParameterMethod
-from alter.methods.data import _store_reference_logprob
+from alter.methods.data import reference_logprobs, with_fields
 from alter.methods.losses import npo_loss, sequence_logprob
 
 
@@ -15,8 +15,8 @@ class NPO(FullParameterMethod):
     uses_retain = False
 
     def setup(self, model, forget_examples, retain_examples, pad_id):
-        _store_reference_logprob(model, forget_examples, pad_id, self.args.batch_size)
-        return super().setup(model, forget_examples, retain_examples, pad_id)
+        reference = reference_logprobs(model, forget_examples, pad_id, self.args.batch_size)
+        return super().setup(model, with_fields(forget_examples, ref_logprob=reference), retain_examples, pad_id)
 
     def forget_loss(self, logits, batch):
         logprob = sequence_logprob(logits, batch["labels"])
