@@ -264,8 +264,8 @@ def format_markdown(summary: list[dict], scenarios, seeds, seconds: float, quick
               f"{', '.join(map(str, DEVELOPMENT_SEEDS))}): {', '.join(s.name for s in DEVELOPMENT)}.", ""]
     targets = meets_targets(summary)
     lines += ["## Results", "",
-              "| scenario | run | forget acc | retain acc | forget ratio | retain ratio | forget→forget experts | "
-              "retain leak | s/run |", "|---|---|---|---|---|---|---|---|---|"]
+              "| scenario | run | seeds | forget acc | retain acc | forget ratio | retain ratio | forget→forget experts | "
+              "retain leak | s/run |", "|---|---|---|---|---|---|---|---|---|---|"]
 
     def cell(entry, key, digits=2):
         if key not in entry:
@@ -273,7 +273,7 @@ def format_markdown(summary: list[dict], scenarios, seeds, seconds: float, quick
         return f"{entry[key]:.{digits}f} ± {entry[key + '_std']:.{digits}f}"
 
     for e in summary:
-        lines.append(f"| {e['scenario']} | {'**alter (default)**' if e['run'] == 'alter' else e['run']} | "
+        lines.append(f"| {e['scenario']} | {'**alter (default)**' if e['run'] == 'alter' else e['run']} | {e['seeds']} | "
                      f"{cell(e, 'forget_acc')} | {cell(e, 'retain_acc')} | {cell(e, 'forget_ratio')} | "
                      f"{cell(e, 'retain_ratio')} | {cell(e, 'forget_routing_share')} | {cell(e, 'retain_leak_share')} | "
                      f"{e.get('seconds', 0):.0f} |")

@@ -103,7 +103,7 @@ def test_quick_runner_writes_the_report(tmp_path):
     assert {e["seeds"] for e in summary} == {2}
     assert [e["run"] for e in summary] == ["target", "alter", "grad_diff", "alter-no-structural"]
     text = quality.format_markdown(summary, [TINY], [0, 1], 12.0, quick=True)
-    assert "| tiny-test | **alter (default)** |" in text and "smoke sizes" in text
+    assert "| tiny-test | **alter (default)** | 2 |" in text and "smoke sizes" in text
     (tmp_path / "QUALITY.json").write_text(json.dumps(
         {"scenarios": [TINY.to_dict()], "seeds": [0, 1], "seconds": 12.0, "quick": True, "summary": summary}))
     quality.write_report(str(tmp_path))
