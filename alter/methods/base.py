@@ -1,8 +1,8 @@
 """The two kinds of unlearning method, over which each method's module is a few lines.
 
 A method is built from the run's :class:`~alter.methods.args.UnlearnArgs` and an autocast
-factory; :meth:`Method.setup` prepares the model and the examples and returns the
-optimizer; :meth:`Method.step` runs the forward and backward passes of one optimizer
+factory; :meth:`Method.setup` prepares the model and returns the optimizer and the
+examples to train on (with the method's per-example fields); :meth:`Method.step` runs the forward and backward passes of one optimizer
 step (``router_step`` those of a router warm-up step) and returns its losses.
 
 Under a distributed run each process gets its share of the global batch; ``step`` is
@@ -43,6 +43,7 @@ class Method:
         self.autocast = autocast
         # engine: an alter.distributed.Engine (None: one process, plain autograd)
         self.reduce_sum = engine.reduce_sum if engine is not None and engine.world > 1 else None
+        self.world = 1 if engine is None else engine.world
         self.backward = engine.backward if engine is not None else torch.Tensor.backward
         self.sharded = engine is not None and engine.mode == "fsdp2"
         self.model = None
@@ -73,8 +74,7 @@ class Method:
             return loss
         count = count.detach().float()
         total = self.reduce_sum(count.clone())
-        world = self.reduce_sum(torch.ones_like(count))
-        return loss * (count * world / total.clamp_min(1))
+        return loss * (count * self.world / total.clamp_min(1))
 
     def step(self, model, forget: dict, retain: dict | None) -> dict:
         raise NotImplementedError
