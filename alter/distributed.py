@@ -37,7 +37,7 @@ class Engine:
     ``accelerate launch``'s config says (DDP, FSDP or DeepSpeed; DDP under ``torchrun``).
     """
 
-    def __init__(self, mode: str | None):
+    def __init__(self, mode: str | None, unused_parameters: bool = True):
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs
 
@@ -48,8 +48,9 @@ class Engine:
                                  "(fsdp_version: 2 in the accelerate config)")
             mode = "fsdp2"
         self.mode = mode
-        # The routing passes leave A and B without gradient: DDP must not wait for them.
-        handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)]
+        # unused_parameters: some backward passes leave parameters without gradient (the
+        # adapter methods' routing passes: A and B); DDP must not wait for them.
+        handlers = [DistributedDataParallelKwargs(find_unused_parameters=unused_parameters)]
         # cpu: accelerate forms a gloo group of CPU processes only when told to.
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=handlers)
         state = self.accelerator.state

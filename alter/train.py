@@ -92,7 +92,7 @@ from alter.config import AlterConfig
 from alter.data import IGNORE_INDEX
 from alter.files import first_line, staged_directory
 from alter.distributed import Engine, launched
-from alter.methods import ADAPTER_METHODS, METHODS, build  # noqa: F401 (the first two: public names)
+from alter.methods import ADAPTER_METHODS, METHODS, build, method_class  # noqa: F401 (the first two: public names)
 from alter.methods.args import STRUCTURAL_MODES, UnlearnArgs, check_positive as _check_positive  # noqa: F401
 from alter.methods.base import RETENTION_EXPERT
 # The data preparation and losses live in alter.methods; these are alter.train's public names.
@@ -483,7 +483,7 @@ def _run(model, tokenizer, forget, retain, args: UnlearnArgs, progress: bool, ca
     started = time.perf_counter()
     engine = None
     if args.distributed is not None or launched():
-        engine = Engine(args.distributed)
+        engine = Engine(args.distributed, unused_parameters=method_class(args.method).adapter)
         model.to(engine.device)
     device = next(model.parameters()).device
     on_gpu = device.type == "cuda"
