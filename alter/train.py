@@ -2,7 +2,10 @@
 
 :func:`unlearn` takes a causal LM, its tokenizer, a forget set and a retain set
 (``datasets.Dataset`` with ``question``/``answer`` columns, as TOFU, or a ``text`` column,
-as WMDP/MUSE corpora) and returns the unlearned model. Methods:
+as WMDP/MUSE corpora) and returns the unlearned model. This module holds the loop,
+checkpoints and the run report; each method is a module of :mod:`alter.methods` (its
+registry, bases, losses, data preparation and the :class:`~alter.methods.args.UnlearnArgs`
+dataclass), and :mod:`alter.distributed` runs the loop on several processes. Methods:
 
 ``"alter"``
     The paper's method. Before training, one no-grad pass of the base model gives every
