@@ -65,6 +65,8 @@ setup(
         "rouge-score",
         "tqdm",
         "matplotlib",
+        # multi-process runs (alter.distributed); the FSDP2 plugin (fsdp_version=2) is from 1.6
+        "accelerate>=1.6,<2",
     ],
     entry_points={"console_scripts": ["alter=alter.cli:main"]},
     ext_modules=ext_modules,

@@ -359,8 +359,9 @@ def _train_step_case(device: torch.device, quick: bool) -> BenchCase:
     forget samples (a random prompt, then an answer), half retain samples. As in the
     trainer, autocast on a GPU; gradient checkpointing stays off (the kernels are timed,
     not the recompute)."""
-    from alter import train
+    from alter import methods, train
     from alter.data import IGNORE_INDEX
+    from alter.methods.args import UnlearnArgs
 
     config, _, (batch, seq) = _model_config(device, quick)
 
@@ -377,10 +378,9 @@ def _train_step_case(device: torch.device, quick: bool) -> BenchCase:
         half = max(batch // 2, 1)
         forget, retain = examples[:half], examples[half:] or examples[:half]
         autocast = train._autocast_factory(dev, dev.type == "cuda")
-        optimizer, objective = train._setup_adapter_method(
-            model, _bench_alter_config(variant, "prepass"), "alter", forget, retain, 0, half, "surrogate", 0,
-            autocast, None,
-        )
+        args = UnlearnArgs(method="alter", config=_bench_alter_config(variant, "prepass"), batch_size=half)
+        objective = methods.build(args, autocast)
+        optimizer, forget, retain = objective.setup(model, forget, retain, 0)
         forget_batch = train._batch(forget, range(len(forget)), 0, dev)
         retain_batch = train._batch(retain, range(len(retain)), 0, dev)
         model.train()

@@ -207,8 +207,10 @@ def cmd_unlearn(args) -> int:
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, max_steps=args.max_steps,
         structural=args.structural, seed=args.seed, output_dir=args.out,
         save_every=args.save_every, resume=args.resume, router_warmup=args.router_warmup,
-        router_lr=args.router_lr, progress=not args.quiet,
+        router_lr=args.router_lr, distributed=args.distributed, progress=not args.quiet,
     )
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # a distributed run's other processes: the main one writes
     if base is not None:
         with staged_directory(os.path.join(args.out, BASE_MODEL_DIR)) as staging:
             base.save_pretrained(staging)
@@ -378,6 +380,7 @@ def cmd_bench(argv: list[str]) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from alter.data import PROMPT_FORMATS
+    from alter.methods.args import DISTRIBUTED_MODES
     from alter.train import METHODS, STRUCTURAL_MODES
 
     parser = argparse.ArgumentParser(prog="alter", description="ALTER: token-entropy-guided unlearning of LLMs.")
@@ -425,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     un.add_argument("--save-every", type=int, help="checkpoint every N steps")
     un.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     un.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    un.add_argument("--distributed", choices=DISTRIBUTED_MODES,
+                    help="under torchrun: data-parallel (ddp) or sharded (fsdp2) through accelerate; "
+                         "--batch-size is the global batch (under accelerate launch its config decides)")
     un.add_argument("--quiet", action="store_true", help="no progress bar")
     un.set_defaults(func=cmd_unlearn)
 

@@ -157,7 +157,7 @@ def precomputed_entropy(model: nn.Module, entropy: torch.Tensor):
         yield
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
+def save_adapter(model: nn.Module, directory: str | os.PathLike, state_dict: dict | None = None) -> None:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``directory``.
 
     Tensor keys are ``<module path>.lora_A``, ``.lora_B``, ``.router.weight`` and
@@ -165,13 +165,19 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
     The safetensors metadata holds the config and a SHA-256 of the tensors, which
     :func:`load_adapter` checks. Both files are written into a temporary sibling
     directory and moved in only when complete: a failed save (a full disk) leaves the
-    previous adapter in ``directory`` as it was.
+    previous adapter in ``directory`` as it was. ``state_dict``: the model's full tensors
+    by name, read instead of the layers' own (a distributed run's shards).
     """
     from safetensors.torch import save_file
 
     _tracker(model, "save_adapter")
+
+    def tensor(name: str, layer, suffix: str) -> torch.Tensor:
+        value = layer.get_parameter(suffix) if state_dict is None else state_dict[f"{name}.{suffix}"]
+        return value.detach().contiguous().cpu()
+
     tensors = {
-        f"{name}.{suffix}": layer.get_parameter(suffix).detach().contiguous().cpu()
+        f"{name}.{suffix}": tensor(name, layer, suffix)
         for name, layer in alter_layers(model).items()
         for suffix in ADAPTER_TENSOR_SUFFIXES
     }

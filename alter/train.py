@@ -2,7 +2,10 @@
 
 :func:`unlearn` takes a causal LM, its tokenizer, a forget set and a retain set
 (``datasets.Dataset`` with ``question``/``answer`` columns, as TOFU, or a ``text`` column,
-as WMDP/MUSE corpora) and returns the unlearned model. Methods:
+as WMDP/MUSE corpora) and returns the unlearned model. This module holds the loop,
+checkpoints and the run report; each method is a module of :mod:`alter.methods` (its
+registry, bases, losses, data preparation and the :class:`~alter.methods.args.UnlearnArgs`
+dataclass), and :mod:`alter.distributed` runs the loop on several processes. Methods:
 
 ``"alter"``
     The paper's method. Before training, one no-grad pass of the base model gives every
@@ -77,8 +80,6 @@ an uninterrupted run.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -87,32 +88,45 @@ import warnings
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from scipy.cluster.vq import kmeans2
 from tqdm.auto import tqdm
 
 from alter.config import AlterConfig
-from alter.data import IGNORE_INDEX, collate, encode_qa, encode_text
+from alter.data import IGNORE_INDEX
 from alter.files import first_line, staged_directory
-from alter.model import (
-    adapter_parameters,
-    apply_alter,
-    forced_route,
-    is_patched,
-    precomputed_entropy,
-    router_loss,
-    save_adapter,
+from alter.distributed import Engine, launched
+from alter.methods import ADAPTER_METHODS, METHODS, build, method_class  # noqa: F401 (the first two: public names)
+from alter.methods.args import STRUCTURAL_MODES, UnlearnArgs, check_positive as _check_positive  # noqa: F401
+from alter.methods.base import RETENTION_EXPERT
+# The data preparation and losses live in alter.methods; these are alter.train's public names.
+from alter.methods.data import (  # noqa: F401
+    _batch,
+    _epoch_order,
+    _examples_digest,
+    _model_inputs,
+    _pad_id,
+    _step_indices,
+    base_model_pass,
+    check_dataset,
+    check_rows,
+    encode_dataset,
+    mark_routing_targets,
+    model_context_length,
+    split_subdomains,
 )
-from alter_kernels import inverted_hinge_loss, tsallis_entropy
+from alter.methods.losses import (  # noqa: F401
+    _shift,
+    npo_loss,
+    sequence_logprob,
+    structural_exact,
+    structural_surrogate,
+    token_nll,
+)
+from alter.model import is_patched, precomputed_entropy
 
-METHODS = ("alter", "asym_lora", "lora", "grad_ascent", "grad_diff", "npo")
-ADAPTER_METHODS = ("alter", "asym_lora", "lora")
-STRUCTURAL_MODES = ("surrogate", "exact")
 CHECKPOINT_FILE = "checkpoint.pt"
 RUN_ARGS_FILE = "unlearn_args.json"
-RETENTION_EXPERT = 0
+
 # Run sizing when ``epochs`` / ``router_warmup`` are not given (module doc, "Run length").
 DEFAULT_EPOCHS = 10
 MIN_STEPS = 100
@@ -121,188 +135,6 @@ MAX_ROUTER_WARMUP = 200
 # The run report warns when the forget tokens' mean probability kept more than this
 # fraction of its starting value.
 FORGET_WARNING_RATIO = 0.9
-
-
-# ----------------------------------------------------------------------------- data
-
-
-def check_dataset(data, name: str) -> list[str]:
-    """Raise a clear error unless ``data`` is a non-empty ``datasets.Dataset`` of usable
-    QA or text rows (see :func:`check_rows`); returns each row's kind."""
-    import datasets
-
-    if not isinstance(data, datasets.Dataset):
-        raise TypeError(f"{name} must be a datasets.Dataset, got {type(data).__name__}")
-    if len(data) == 0:
-        raise ValueError(f"{name} is empty: unlearning needs at least one example")
-    columns = set(data.column_names)
-    if not ({"question", "answer"} <= columns or "text" in columns):
-        raise ValueError(
-            f"{name} needs 'question' and 'answer' columns (QA) or a 'text' column "
-            f"(corpus); it has {sorted(columns)}"
-        )
-    return check_rows(data, name)
-
-
-def check_rows(rows, name: str) -> list[str]:
-    """The kind of each row of a forget or retain set: ``"qa"`` or ``"text"``.
-
-    ``rows``: an iterable of dicts (a ``datasets.Dataset`` or parsed JSON rows). A row
-    with a ``question`` or an ``answer`` (not None) is a QA row and needs both, else a
-    row with a ``text`` is a text row; a set may mix the two (a table built from mixed
-    rows holds None in the other kind's columns). A field in use must be a string with
-    more than whitespace. Anything else raises ValueError naming the split, the row index
-    and the field, because such a row would otherwise be trained on as ``"Question:
-    None"`` with only EOS labelled, i.e. never unlearned.
-    """
-    kinds = []
-    for i, row in enumerate(rows):
-        where = f"{name}[{i}]"
-        if not isinstance(row, dict):
-            raise ValueError(f"{where}: a row must be an object with question/answer or text, got {type(row).__name__}")
-        if row.get("question") is not None or row.get("answer") is not None:
-            kinds.append("qa")
-            fields = ("question", "answer")
-        elif row.get("text") is not None:
-            kinds.append("text")
-            fields = ("text",)
-        else:
-            shown = {k: v for k, v in row.items() if v is not None} or "no non-null field"
-            raise ValueError(f"{where}: needs 'question' and 'answer' (QA) or 'text' (corpus); it has {shown}")
-        for field in fields:
-            value = row.get(field)
-            if value is None:
-                raise ValueError(f"{where}: {field!r} is missing (a QA row needs a question and an answer)")
-            if not isinstance(value, str):
-                raise ValueError(f"{where}: {field!r} must be a string, got {type(value).__name__} {value!r}")
-            if not value.strip():
-                raise ValueError(f"{where}: {field!r} is empty")
-    return kinds
-
-
-def model_context_length(model) -> int | None:
-    """The longest sequence the model accepts (``max_position_embeddings``), if known."""
-    return getattr(model.config, "max_position_embeddings", None)
-
-
-def encode_dataset(tokenizer, data, name: str, max_length: int | None) -> list[dict]:
-    """Tokenize a QA or text dataset into examples for :func:`alter.data.collate`.
-
-    Each example holds ``input_ids``, ``attention_mask``, ``labels`` (int lists; QA rows
-    are labelled on the answer only, text rows on every token). A row that is not a
-    usable QA or text row (:func:`check_rows`) raises ``ValueError``, and so does an
-    example longer than ``max_length``, naming the split and row, because truncating it
-    would silently drop what should be forgotten or kept.
-    """
-    kinds = check_dataset(data, name)
-    examples = []
-    for i, (row, kind) in enumerate(zip(data, kinds)):
-        try:
-            if kind == "qa":
-                example = encode_qa(tokenizer, row["question"], row["answer"], max_length)
-            else:
-                example = encode_text(tokenizer, row["text"], max_length)
-        except ValueError as exc:
-            raise ValueError(f"{name}[{i}]: {exc} (max_length defaults to the model's context)") from exc
-        examples.append(example)
-    return examples
-
-
-def _pad_id(tokenizer) -> int:
-    pad = tokenizer.pad_token_id
-    return tokenizer.eos_token_id if pad is None else pad
-
-
-def _batch(examples: list[dict], indices, pad_id: int, device) -> dict:
-    """Collate ``examples[indices]`` (right padding) onto ``device``. Per-token fields
-    other than ids and labels (the cached ``entropy``) pad with 0."""
-    batch = collate([examples[int(i)] for i in indices], pad_id)
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-def _model_inputs(batch: dict) -> dict:
-    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-
-
-# ------------------------------------------------------------------ base-model pass
-
-
-@torch.no_grad()
-def base_model_pass(model, examples: list[dict], pad_id: int, q: float, batch_size: int) -> np.ndarray:
-    """Store each token's entropy under the model in ``examples`` and return features.
-
-    Sets ``example["entropy"]``: float32 ``[len]``, the Tsallis entropy of the model's
-    next-token distribution at each position. Returns float64 ``[n, hidden]``: the
-    mean-pooled last hidden state of each example (the k-means features). Run it on the
-    base model (before patching).
-    """
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    features = []
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
-        batch = _batch(chunk, range(len(chunk)), pad_id, device)
-        out = model(**_model_inputs(batch), output_hidden_states=True)
-        entropy = tsallis_entropy(out.logits, q).float().cpu()
-        for row, example in enumerate(chunk):
-            example["entropy"] = entropy[row, : len(example["input_ids"])].clone()
-        mask = batch["attention_mask"].unsqueeze(-1).to(torch.float64)
-        hidden = out.hidden_states[-1].to(torch.float64)
-        features.append(((hidden * mask).sum(1) / mask.sum(1)).cpu().numpy())
-    model.train(was_training)
-    return np.concatenate(features)
-
-
-def split_subdomains(features: np.ndarray, num_domains: int, seed: int = 0) -> np.ndarray:
-    """k-means split of ``features [n, D]`` into ``num_domains`` sub-domains.
-
-    Returns int64 labels ``[n]`` in ``0..num_domains-1``, the same for the same seed
-    (``scipy.cluster.vq.kmeans2`` with k-means++ initialization). With no more distinct
-    samples than domains, each distinct sample is its own sub-domain.
-    """
-    features = np.asarray(features, dtype=np.float64)
-    if features.ndim != 2 or features.shape[0] == 0:
-        raise ValueError(f"features must be a non-empty [n, D] array, got shape {features.shape}")
-    if num_domains < 1:
-        raise ValueError(f"num_domains must be >= 1, got {num_domains}")
-    if num_domains == 1:
-        return np.zeros(features.shape[0], dtype=np.int64)
-    distinct, inverse = np.unique(features, axis=0, return_inverse=True)
-    if len(distinct) <= num_domains:
-        return inverse.reshape(-1).astype(np.int64)  # each distinct sample its own sub-domain
-    _, labels = kmeans2(features, num_domains, minit="++", missing="warn", rng=np.random.default_rng(seed))
-    return labels.astype(np.int64)
-
-
-def _prefix_trie(examples: list[dict]) -> dict:
-    """The token-prefix trie of ``examples``: ``{(node, token): child}``, root node 0."""
-    trie: dict = {}
-    for example in examples:
-        node = 0
-        for token in example["input_ids"]:
-            node = trie.setdefault((node, token), len(trie) + 1)
-    return trie
-
-
-def mark_routing_targets(forget_examples: list[dict], retain_examples: list[dict]) -> None:
-    """Set ``example["route_mask"]`` (int ``[len]``): the positions that teach the router.
-
-    A forget position teaches the router its forget expert iff its context (the tokens up
-    to and including it) is the prefix of no retained example: before that point the
-    context cannot tell the forget example from a retained one (a shared BOS, question
-    template or sentence opening), and a per-token router would only learn the mix of the
-    two. Every retained position teaches the retention expert.
-    """
-    trie = _prefix_trie(retain_examples)
-    for example in forget_examples:
-        node, mask = 0, []
-        for token in example["input_ids"]:
-            node = trie.get((node, token), -1) if node >= 0 else -1
-            mask.append(int(node < 0))
-        example["route_mask"] = mask
-    for example in retain_examples:
-        example["route_mask"] = [1] * len(example["input_ids"])
 
 
 @torch.no_grad()
@@ -343,226 +175,6 @@ def routing_shares(model, examples: list[dict], pad_id: int, batch_size: int) ->
             handle.remove()
         model.train(was_training)
     return total / count if count else float("nan")
-
-
-# ---------------------------------------------------------------------------- losses
-
-
-def _shift(logits: torch.Tensor, labels: torch.Tensor):
-    """Logits at position t predict the label at t + 1: ``[B·L, V]`` and ``[B·L]``, the
-    last position of each sample ignored. The labels move, not the logits, so that the
-    logits stay a view (``logits[:, :-1]`` would copy all ``[T, V]`` of them)."""
-    shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-    return logits.reshape(-1, logits.shape[-1]), shifted.reshape(-1)
-
-
-def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token NLL over labelled tokens (``labels != -100``)."""
-    flat_logits, flat_labels = _shift(logits, labels)
-    return F.cross_entropy(flat_logits.float(), flat_labels, ignore_index=IGNORE_INDEX)
-
-
-def sequence_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of next-token log-probabilities of the labelled tokens of each sample: ``[B]``."""
-    targets = labels[:, 1:]
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    picked = logp.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-    return (picked * (targets != IGNORE_INDEX)).sum(-1)
-
-
-def npo_loss(logprob: torch.Tensor, ref_logprob: torch.Tensor, beta: float) -> torch.Tensor:
-    """NPO (Zhang et al., 2024): ``-(2/beta) * mean log sigmoid(-beta * log(pi/pi_ref))``."""
-    return -(2.0 / beta) * F.logsigmoid(-beta * (logprob - ref_logprob)).mean()
-
-
-def _high_entropy_tokens(batch: dict, threshold: float) -> torch.Tensor:
-    return (batch["entropy"] > threshold) & batch["attention_mask"].bool()
-
-
-def structural_surrogate(logits, batch: dict, q: float, threshold: float, backend=None) -> torch.Tensor:
-    """``E_H[(S_q^adapted - S_q^base)^2]`` over the high-entropy tokens H of the batch."""
-    high = _high_entropy_tokens(batch, threshold)
-    adapted = tsallis_entropy(logits, q, backend=backend)
-    # A masked mean, not [high].mean(): no host sync, and 0 when H is empty.
-    return ((adapted - batch["entropy"]) ** 2 * high).sum() / high.sum().clamp_min(1)
-
-
-def structural_exact(logits, batch: dict, q: float, threshold: float, A_params) -> torch.Tensor:
-    """``E_H[||grad_A S_q(x_t)||^2]`` (eq. 8): one double-backward per high-entropy token."""
-    high = _high_entropy_tokens(batch, threshold)
-    if not high.any():
-        return logits.new_zeros((), dtype=torch.float32)
-    adapted = tsallis_entropy(logits, q, backend="eager")
-    positions = high.nonzero().tolist()
-    total = 0.0
-    for b, t in positions:
-        grads = torch.autograd.grad(adapted[b, t], A_params, create_graph=True, allow_unused=True)
-        total = total + sum((g.to(torch.promote_types(g.dtype, torch.float32)) ** 2).sum() for g in grads if g is not None)
-    return total / len(positions)
-
-
-# -------------------------------------------------------------------------- objectives
-
-
-@dataclass
-class _AdapterRecipe:
-    """How one adapter method uses the shared AsymLoRA machinery."""
-
-    forget_loss: str  # "ihl": entropy-weighted IHL, "ihl_uniform", "nll_ascent"
-    forget_experts: str  # "subdomain": expert d for sub-domain d, "retention": expert 0
-    entropy_guided: bool  # A from high-entropy tokens only, structural term on
-
-
-_ADAPTER_RECIPES = {
-    "alter": _AdapterRecipe("ihl", "subdomain", True),
-    "asym_lora": _AdapterRecipe("ihl_uniform", "subdomain", False),
-    "lora": _AdapterRecipe("nll_ascent", "retention", False),
-}
-
-
-class _AdapterObjective:
-    """One step of an adapter method, under the cached base-model entropy, gradients
-    accumulated: a forget pass and a retain pass under forced routes (the losses of A and
-    B), then the same two batches with the routers gating on their own (the routing loss,
-    for the routers only)."""
-
-    uses_retain = True
-
-    def __init__(self, model, config: AlterConfig, recipe: _AdapterRecipe, structural: str, autocast,
-                 n_forget: int, n_retain: int):
-        self.config = config
-        self.recipe = recipe
-        # Routing loss of each pass weighted by its set's share of the data (module doc).
-        total = n_forget + n_retain
-        self.route_weight = {True: 2 * n_forget / total, False: 2 * n_retain / total}
-        # Experts trained under the routers' own gating (config.train_routes == "router"),
-        # for the methods with forget experts; "lora" has one adapter, always forced.
-        self.router_routes = recipe.forget_experts == "subdomain" and config.train_routes == "router"
-        self.structural = structural if recipe.entropy_guided and config.lam > 0 else None
-        self.autocast = autocast
-        groups = adapter_parameters(model)
-        self.A_params, self.B_params = groups["A"], groups["B"]
-
-    def _forget_loss(self, logits, labels):
-        if self.recipe.forget_loss == "nll_ascent" or self.config.forget_loss == "nll_ascent":
-            return -token_nll(logits, labels)
-        flat_logits, flat_labels = _shift(logits, labels)
-        weight = self.config.high_entropy_weight if self.recipe.forget_loss == "ihl" else 1.0
-        loss, _ = inverted_hinge_loss(
-            flat_logits, flat_labels, self.config.tsallis_q, self.config.entropy_threshold,
-            high_entropy_weight=weight, backend=self.config.backend,
-        )
-        return loss
-
-    def _structural(self, logits, batch):
-        cfg = self.config
-        if self.structural == "exact":
-            return structural_exact(logits, batch, cfg.tsallis_q, cfg.entropy_threshold, self.A_params)
-        return structural_surrogate(logits, batch, cfg.tsallis_q, cfg.entropy_threshold, cfg.backend)
-
-    def _routed_tokens(self, batch: dict, forget: bool):
-        # The positions mark_routing_targets chose (module doc, "Routing targets").
-        return batch["route_mask"].bool()
-
-    def _routing_pass(self, model, batch: dict, forget: bool) -> torch.Tensor:
-        """Routing loss of the routers gating on their own, as at inference, with gradients
-        for the routers only. Under forced routes a router would learn to recognize the
-        forget experts' own effect on the layers below it, which is absent at inference
-        whenever those layers route differently."""
-        adapters = self.A_params + self.B_params
-        for param in adapters:
-            param.requires_grad_(False)
-        try:
-            with forced_route(model, batch["expert"], gate=False), precomputed_entropy(model, batch["entropy"]):
-                with self.autocast():
-                    model(**_model_inputs(batch))
-                route = router_loss(model, self._routed_tokens(batch, forget))
-                (self.route_weight[forget] * route).backward()
-        finally:
-            for param in adapters:
-                param.requires_grad_(True)
-        return route.detach()
-
-    def _pass(self, model, batch: dict, forget: bool) -> dict:
-        cfg = self.config
-        gate = not self.router_routes
-        with forced_route(model, batch["expert"], gate=gate), precomputed_entropy(model, batch["entropy"]):
-            with self.autocast():
-                logits = model(**_model_inputs(batch)).logits
-            if forget:
-                main = self._forget_loss(logits, batch["labels"])
-                loss = cfg.beta * main
-            else:
-                main = token_nll(logits, batch["labels"])
-                loss = cfg.gamma * main
-            logs = {"forget" if forget else "retain": main.detach()}
-            if self.structural is not None:
-                structure = self._structural(logits, batch)
-                loss = loss + cfg.lam * structure
-                logs["structural"] = structure.detach()
-            # Backward inside the routing context: gradient checkpointing recomputes the
-            # forward here and must see the same routes and entropy.
-            loss.backward()
-        if forget and self.router_routes:
-            # The forget loss trains the forget experts only: a forget token the router
-            # sends to the retention expert must not teach it to forget.
-            for B in self.B_params:
-                if B.grad is not None:
-                    B.grad[RETENTION_EXPERT].zero_()
-        logs["loss"] = loss.detach()
-        return logs
-
-    def step(self, model, forget: dict, retain: dict) -> dict:
-        """Forward and backward of one unlearning step; returns its losses."""
-        logs = self._pass(model, forget, True)
-        for key, value in self._pass(model, retain, False).items():
-            logs[key] = logs[key] + value if key in logs else value
-        logs["route"] = self._route_losses(model, forget, retain)
-        return _floats(logs)
-
-    def router_step(self, model, forget: dict, retain: dict) -> dict:
-        """The routing loss alone (a router warm-up step), gradients for the routers only."""
-        return _floats({"route": self._route_losses(model, forget, retain)})
-
-    def _route_losses(self, model, forget: dict, retain: dict) -> torch.Tensor:
-        return self._routing_pass(model, forget, True) + self._routing_pass(model, retain, False)
-
-
-class _FullParameterObjective:
-    """One step of a full-parameter baseline (gradient ascent, GradDiff, NPO)."""
-
-    def __init__(self, method: str, beta: float, gamma: float, npo_beta: float, autocast):
-        self.method = method
-        self.beta, self.gamma, self.npo_beta = beta, gamma, npo_beta
-        self.autocast = autocast
-        self.uses_retain = method == "grad_diff"
-
-    def step(self, model, forget: dict, retain: dict | None) -> dict:
-        """Forward and backward of one unlearning step; returns its losses."""
-        with self.autocast():
-            logits = model(**_model_inputs(forget)).logits
-        if self.method == "npo":
-            forget_loss = npo_loss(sequence_logprob(logits, forget["labels"]), forget["ref_logprob"], self.npo_beta)
-        else:
-            forget_loss = -token_nll(logits, forget["labels"])
-        loss = self.beta * forget_loss
-        logs = {"forget": forget_loss.detach()}
-        if self.uses_retain:
-            with self.autocast():
-                retain_logits = model(**_model_inputs(retain)).logits
-            retain_loss = token_nll(retain_logits, retain["labels"])
-            loss = loss + self.gamma * retain_loss
-            logs["retain"] = retain_loss.detach()
-        loss.backward()
-        logs["loss"] = loss.detach()
-        return _floats(logs)
-
-
-def _floats(logs: dict[str, torch.Tensor]) -> dict[str, float]:
-    """A step's scalar losses as floats, read with one device-to-host copy (each
-    ``.item()`` would stall the host until the device drains its queue)."""
-    values = torch.stack([value.float() for value in logs.values()]).tolist()
-    return dict(zip(logs, values))
 
 
 # ------------------------------------------------------------------------ the loop
@@ -616,7 +228,11 @@ class _Checkpointer:
         self.path = None if output_dir is None else os.path.join(output_dir, CHECKPOINT_FILE)
         self.fingerprint = fingerprint
 
-    def save(self, step: int, params: dict, optimizer) -> None:
+    def save(self, step: int, params: dict, optimizer, write: bool = True) -> None:
+        """Save ``params`` (full tensors) and the optimizer; only where ``write`` (the
+        main process of a distributed run)."""
+        if not write:
+            return
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         state = {
             "step": step,
@@ -649,14 +265,24 @@ class _Checkpointer:
             )
         return state
 
-    def restore(self, state: dict, params: dict, optimizer) -> int:
-        """Copy a :meth:`read` state into the parameters, optimizer and RNG; returns its step."""
+    def restore(self, state: dict, model, names: list[str], optimizer) -> int:
+        """Copy a :meth:`read` state into the named parameters of ``model``, the optimizer and
+        RNG (before an engine wraps them); returns its step."""
+        params = dict(model.named_parameters())
         with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(state["params"][name])
+            for name in names:
+                params[name].copy_(state["params"][name])
         optimizer.load_state_dict(state["optimizer"])
         _set_rng_state(state["rng"])
         return state["step"]
+
+
+def _full_state(model, names: list[str], engine) -> dict:
+    """The named parameters of ``model`` as full tensors (gathered when sharded)."""
+    if engine is None:
+        params = dict(model.named_parameters())
+        return {name: params[name] for name in names}
+    return engine.full_state(model, names)
 
 
 def _differences(saved: dict, current: dict, prefix: str = "") -> str:
@@ -669,36 +295,6 @@ def _differences(saved: dict, current: dict, prefix: str = "") -> str:
         elif have != want:
             parts.append(f"{prefix}{key}: {have!r} -> {want!r}")
     return ", ".join(parts)
-
-
-def _examples_digest(*splits: list[dict]) -> str:
-    """SHA-256 of the token ids and labels of encoded splits: what the run trains on."""
-    digest = hashlib.sha256()
-    for examples in splits:
-        digest.update(json.dumps([[e["input_ids"], e["labels"]] for e in examples]).encode())
-    return digest.hexdigest()
-
-
-def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=generator)
-
-
-def _step_indices(step: int, n_forget: int, n_retain: int, batch_size: int, seed: int):
-    """Forget and retain example indices of global ``step``: a pure function of its
-    arguments, so that a resumed run sees the same batches without replaying RNG."""
-    per_epoch = math.ceil(n_forget / batch_size)
-    epoch, j = divmod(step, per_epoch)
-    forget_order = _epoch_order(n_forget, seed, 2 * epoch)
-    forget_ids = forget_order[j * batch_size : (j + 1) * batch_size]
-    retain_order = _epoch_order(n_retain, seed, 2 * epoch + 1)
-    retain_ids = retain_order[(torch.arange(batch_size) + j * batch_size) % n_retain] if n_retain else None
-    return forget_ids, retain_ids
-
-
-def _check_positive(name: str, value, kind=int) -> None:
-    if not isinstance(value, kind) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name} must be a positive {kind.__name__}, got {value!r}")
 
 
 def run_length(n_forget: int, batch_size: int, epochs: int | None, router_warmup: int | None,
@@ -816,6 +412,7 @@ def unlearn(
     gradient_checkpointing: bool | None = None,
     router_warmup: int | None = None,
     router_lr: float | None = None,
+    distributed: str | None = None,
     progress: bool = True,
     callback: Callable[[int, dict], None] | None = None,
 ):
@@ -858,7 +455,12 @@ def unlearn(
             Counted in ``max_steps``. Default: as many as the unlearning steps, at most
             ``MAX_ROUTER_WARMUP`` (0 for the full-parameter baselines).
         router_lr: adapter methods: learning rate of the routers (default ``config.lr_B``).
-        progress: show a tqdm progress bar.
+        distributed: ``"ddp"`` or ``"fsdp2"`` to run on the processes of a launcher
+            (``torchrun``), through ``accelerate``; under ``accelerate launch`` its config
+            decides and None is fine. ``batch_size`` is the global batch, split over the
+            processes, so any world size gives the single-process optimization
+            (:mod:`alter.distributed`).
+        progress: show a tqdm progress bar (main process).
         callback: ``callback(step, logs)`` after every optimizer step; ``logs`` holds
             the step's losses as floats.
 
@@ -870,210 +472,137 @@ def unlearn(
     its token entropy from ``"lagged"`` tracking: a prepass for whole sequences (as
     ``"prepass"`` does) and the lagged entropy for tokens decoded by ``model.generate``.
     """
-    config = _check_unlearn_args(config, method, retain, structural, epochs, batch_size, max_steps,
-                                 save_every, output_dir, resume, router_warmup, router_lr)
+    args = UnlearnArgs(method=method, config=config, seed=seed, batch_size=batch_size, lr=lr,
+                       router_warmup=router_warmup, router_lr=router_lr, structural=structural, npo_beta=npo_beta,
+                       max_grad_norm=max_grad_norm, max_length=max_length, epochs=epochs, max_steps=max_steps,
+                       output_dir=output_dir, save_every=save_every, resume=resume,
+                       mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
+                       distributed=distributed)
+    return _run(model, tokenizer, forget, retain, args, progress, callback)
+
+
+def _run(model, tokenizer, forget, retain, args: UnlearnArgs, progress: bool, callback):
+    """:func:`unlearn` with its arguments validated."""
     started = time.perf_counter()
+    engine = None
+    if args.distributed is not None or launched():
+        engine = Engine(args.distributed, unused_parameters=method_class(args.method).adapter)
+        model.to(engine.device)
     device = next(model.parameters()).device
     on_gpu = device.type == "cuda"
-    autocast = _autocast_factory(device, on_gpu if mixed_precision is None else mixed_precision)
-    # What decides the result, for the resume check and the saved record (max_length as
-    # given: the model's context when None).
-    run = {"method": method, "seed": seed, "batch_size": batch_size, "lr": lr, "router_warmup": router_warmup,
-           "router_lr": router_lr, "structural": structural, "npo_beta": npo_beta, "max_grad_norm": max_grad_norm,
-           "max_length": max_length, "config": config.to_dict()}
-    max_length = model_context_length(model) if max_length is None else max_length
+    autocast = _autocast_factory(device, on_gpu if args.mixed_precision is None else args.mixed_precision)
+    method = build(args, autocast, engine)
+    main = engine is None or engine.is_main
+    if retain is None and method.needs_retain:
+        raise ValueError(f"method {args.method!r} needs a retain set (retain is None)")
+    batch_size, seed = args.batch_size, args.seed
+    max_length = model_context_length(model) if args.max_length is None else args.max_length
     pad_id = _pad_id(tokenizer)
     forget_examples = encode_dataset(tokenizer, forget, "forget", max_length)
     retain_examples = encode_dataset(tokenizer, retain, "retain", max_length) if retain is not None else []
-    run.update(n_forget=len(forget_examples), n_retain=len(retain_examples),
-               data_sha256=_examples_digest(forget_examples, retain_examples))
-    checkpointer = _Checkpointer(output_dir, run)
-    checkpoint = checkpointer.read() if resume else None  # refuse another run before any forward
+    # What decides the result, for the resume check and the saved record.
+    run = {**args.fingerprint(), "n_forget": len(forget_examples), "n_retain": len(retain_examples),
+           "data_sha256": _examples_digest(forget_examples, retain_examples)}
+    checkpointer = _Checkpointer(args.output_dir, run)
+    checkpoint = checkpointer.read() if args.resume else None  # refuse another run before any forward
+    progress = progress and main
     if progress:
         forget_tokens = sum(label != IGNORE_INDEX for example in forget_examples for label in example["labels"])
-        print(f"unlearn [{method}]: targeting {len(forget_examples)} forget rows ({forget_tokens} labelled tokens), "
-              f"keeping {len(retain_examples)} retain rows", flush=True)
+        print(f"unlearn [{args.method}]: targeting {len(forget_examples)} forget rows ({forget_tokens} labelled "
+              f"tokens), keeping {len(retain_examples)} retain rows", flush=True)
     torch.manual_seed(seed)
     forget_prob_before = mean_label_probability(model, forget_examples, pad_id, batch_size)
 
-    if method in ADAPTER_METHODS:
-        optimizer, objective = _setup_adapter_method(
-            model, config, method, forget_examples, retain_examples, pad_id, batch_size, structural, seed, autocast,
-            router_lr)
-    else:
-        if method == "npo":
-            _store_reference_logprob(model, forget_examples, pad_id, batch_size)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-        objective = _FullParameterObjective(method, config.beta, config.gamma, npo_beta, autocast)
-
-    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    if method in ADAPTER_METHODS:
-        groups = adapter_parameters(model)
-        clip_groups = [groups["A"] + groups["B"], groups["router"]]
-    else:
-        clip_groups = [list(trainable.values())]
-    router_warmup, train_steps = run_length(len(forget_examples), batch_size, epochs, router_warmup,
-                                            method in ADAPTER_METHODS)
+    optimizer, forget_examples, retain_examples = method.setup(model, forget_examples, retain_examples, pad_id)
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    start_step = checkpointer.restore(checkpoint, model, names, optimizer) if checkpoint is not None else 0
+    wrapped = model
+    if engine is not None:
+        engine.check_batches(batch_size, len(forget_examples))
+        if engine.mode == "fsdp2" and args.save_every is not None:
+            raise ValueError("save_every under fsdp2 is not supported yet (a checkpoint holds the full optimizer "
+                             "state, which FSDP2 shards); checkpoint under ddp")
+        wrapped, optimizer = engine.prepare(model, optimizer)
+        model = engine.unwrap(wrapped)
+        method.attach(model)
+    clip_groups = method.clip_groups(model)
+    router_warmup, train_steps = run_length(len(forget_examples), batch_size, args.epochs, args.router_warmup,
+                                            method.adapter)
     total_steps = router_warmup + train_steps
-    total_steps = total_steps if max_steps is None else min(max_steps, total_steps)
-    start_step = checkpointer.restore(checkpoint, trainable, optimizer) if checkpoint is not None else 0
+    total_steps = total_steps if args.max_steps is None else min(args.max_steps, total_steps)
     history: list[dict] = []
 
-    checkpointing = (on_gpu if gradient_checkpointing is None else gradient_checkpointing) and not _checkpointing_on(model)
+    checkpointing = ((on_gpu if args.gradient_checkpointing is None else args.gradient_checkpointing)
+                     and not _checkpointing_on(model))
     if checkpointing:
         _set_checkpointing(model, True)
     attention = getattr(model.config, "_attn_implementation", None)
-    if structural == "exact" and attention not in (None, "eager"):
+    if args.structural == "exact" and attention not in (None, "eager"):
         # Fused attention kernels (SDPA, flash) have no double backward.
         model.set_attn_implementation("eager")
     model.train()
-    bar = tqdm(total=total_steps, initial=start_step, desc=f"unlearn [{method}]", disable=not progress)
+    bar = tqdm(total=total_steps, initial=start_step, desc=f"unlearn [{args.method}]", disable=not progress)
     for step in range(start_step, total_steps):
         forget_ids, retain_ids = _step_indices(step, len(forget_examples), len(retain_examples), batch_size, seed)
+        if engine is not None:  # this process's share of the global batch
+            forget_ids = engine.share(forget_ids)
+            retain_ids = None if retain_ids is None else engine.share(retain_ids)
         forget_batch = _batch(forget_examples, forget_ids, pad_id, device)
-        retain_batch = _batch(retain_examples, retain_ids, pad_id, device) if objective.uses_retain else None
+        retain_batch = _batch(retain_examples, retain_ids, pad_id, device) if method.uses_retain else None
         optimizer.zero_grad(set_to_none=True)
         if step < router_warmup:
-            logs = objective.router_step(model, forget_batch, retain_batch)
+            logs = method.router_step(wrapped, forget_batch, retain_batch)
         else:
-            logs = objective.step(model, forget_batch, retain_batch)
+            logs = method.step(wrapped, forget_batch, retain_batch)
+        if engine is not None:
+            logs = engine.mean(logs)
         if not all(math.isfinite(v) for v in logs.values()):
             raise FloatingPointError(f"unlearn: non-finite loss at step {step + 1}: {logs}")
-        if max_grad_norm is not None:
+        if args.max_grad_norm is not None:
             for params in clip_groups:
-                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
         optimizer.step()
         bar.update(1)
         bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items()})
         history.append(logs)
         if callback is not None:
             callback(step + 1, logs)
-        if save_every is not None and (step + 1) % save_every == 0:
-            checkpointer.save(step + 1, trainable, optimizer)
+        if args.save_every is not None and (step + 1) % args.save_every == 0:
+            checkpointer.save(step + 1, _full_state(model, names, engine), optimizer, main)
     bar.close()
     if checkpointing:
         _set_checkpointing(model, False)
     if model.config._attn_implementation != attention:
         model.set_attn_implementation(attention)
     model.eval()
-    model.unlearn_report = _report(model, method, forget_examples, retain_examples, pad_id, batch_size, history,
-                                   start_step, router_warmup, forget_prob_before, time.perf_counter() - started)
+    report = _report(model, args.method, forget_examples, retain_examples, pad_id, batch_size, history,
+                     start_step, router_warmup, forget_prob_before, time.perf_counter() - started)
+    model.unlearn_report = report
     if progress:
-        print(model.unlearn_report)
-    if model.unlearn_report.forget_probability_after > FORGET_WARNING_RATIO * forget_prob_before:
-        warnings.warn(f"unlearn [{method}]: the forget set is barely forgotten: its tokens' mean probability went "
-                      f"{forget_prob_before:.3g} -> {model.unlearn_report.forget_probability_after:.3g}; "
-                      "train longer (epochs) or with larger learning rates", stacklevel=2)
-    if output_dir is not None:
-        _save_result(model, tokenizer, output_dir, method,
-                     {**run, "epochs": epochs, "router_warmup_steps": router_warmup, "steps": total_steps})
+        print(report)
+    if main and report.forget_probability_after > FORGET_WARNING_RATIO * forget_prob_before:
+        warnings.warn(f"unlearn [{args.method}]: the forget set is barely forgotten: its tokens' mean probability "
+                      f"went {forget_prob_before:.3g} -> {report.forget_probability_after:.3g}; "
+                      "train longer (epochs) or with larger learning rates", stacklevel=3)
+    state = engine.full_state_dict(model) if engine is not None and args.output_dir is not None else None
+    if args.output_dir is not None and main:
+        record = {**args.record(), **run, "router_warmup_steps": router_warmup, "steps": total_steps}
+        _save_result(model, tokenizer, args.output_dir, method, record, state)
+    if engine is not None:
+        engine.wait()
     return model
 
 
-def _check_unlearn_args(config, method, retain, structural, epochs, batch_size, max_steps, save_every,
-                        output_dir, resume, router_warmup, router_lr) -> AlterConfig:
-    """Validate :func:`unlearn`'s arguments; returns the config to train with."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if config is None:
-        config = AlterConfig()
-    elif not isinstance(config, AlterConfig):
-        raise TypeError(f"config must be an AlterConfig, got {type(config).__name__}")
-    if structural not in STRUCTURAL_MODES:
-        raise ValueError(f"structural must be one of {STRUCTURAL_MODES}, got {structural!r}")
-    if structural == "exact":
-        if config.backend not in (None, "eager"):
-            raise ValueError(f"structural='exact' needs the eager backend, but config.backend is {config.backend!r}")
-        config = dataclasses.replace(config, backend="eager")
-    if epochs is not None:
-        _check_positive("epochs", epochs)
-    _check_positive("batch_size", batch_size)
-    if max_steps is not None:
-        _check_positive("max_steps", max_steps)
-    if save_every is not None:
-        _check_positive("save_every", save_every)
-        if output_dir is None:
-            raise ValueError("save_every needs output_dir, where the checkpoints go")
-    if resume and output_dir is None:
-        raise ValueError("resume=True needs output_dir, where the checkpoint is")
-    if router_warmup is not None and (not isinstance(router_warmup, int) or isinstance(router_warmup, bool)
-                                      or router_warmup < 0):
-        raise ValueError(f"router_warmup must be an int >= 0, got {router_warmup!r}")
-    for name, value in (("router_warmup", router_warmup), ("router_lr", router_lr)):
-        if value and method not in ADAPTER_METHODS:
-            raise ValueError(f"{name} is for the adapter methods {ADAPTER_METHODS}; {method!r} has no router")
-    if router_lr is not None and (isinstance(router_lr, bool) or not isinstance(router_lr, (int, float))
-                                  or not router_lr > 0):
-        raise ValueError(f"router_lr must be a positive number or None, got {router_lr!r}")
-    if retain is None and method not in ("grad_ascent", "npo"):
-        raise ValueError(f"method {method!r} needs a retain set (retain is None)")
-    return config
-
-
-def _setup_adapter_method(model, config, method, forget_examples, retain_examples, pad_id, batch_size,
-                          structural, seed, autocast, router_lr):
-    """Base-model pass (entropy cache, sub-domains), patching, optimizer and objective."""
-    recipe = _ADAPTER_RECIPES[method]
-    features = base_model_pass(model, forget_examples, pad_id, config.tsallis_q, batch_size)
-    base_model_pass(model, retain_examples, pad_id, config.tsallis_q, batch_size)
-    if recipe.forget_experts == "subdomain":
-        subdomain = split_subdomains(features, config.num_experts - 1, seed)
-        for example, domain in zip(forget_examples, subdomain):
-            example["expert"] = int(domain) + 1
-    else:
-        for example in forget_examples:
-            example["expert"] = RETENTION_EXPERT
-    for example in retain_examples:
-        example["expert"] = RETENTION_EXPERT
-    mark_routing_targets(forget_examples, retain_examples)
-
-    changes = {}
-    if config.entropy_source == "prepass":
-        changes["entropy_source"] = "lagged"  # prepass on whole sequences, and generate() works
-    if not recipe.entropy_guided:
-        changes["a_learns_from_high_entropy_only"] = False
-    if method == "lora":
-        # One adapter: each token keeps only its top expert, which the router learns is 0.
-        changes.update(k_high=1, k_low=1)
-    config = dataclasses.replace(config, **changes)
-    apply_alter(model, config)
-    groups = adapter_parameters(model)
-    optimizer = torch.optim.AdamW(
-        [{"params": groups["A"], "lr": config.lr_A}, {"params": groups["B"], "lr": config.lr_B},
-         {"params": groups["router"], "lr": config.lr_B if router_lr is None else router_lr}],
-        weight_decay=0.0,
-    )
-    objective = _AdapterObjective(model, config, recipe, structural, autocast, len(forget_examples), len(retain_examples))
-    return optimizer, objective
-
-
-def _save_result(model, tokenizer, output_dir: str, method: str, args: dict) -> None:
+def _save_result(model, tokenizer, output_dir: str, method, args: dict, state: dict | None) -> None:
     """The adapter (or model), tokenizer and run record, written together: staged in a
-    temporary sibling directory and moved in only when all are complete."""
+    temporary sibling directory and moved in only when all are complete. ``state``: the
+    model's full tensors when its own are shards."""
     with staged_directory(output_dir) as staging:
-        if method in ADAPTER_METHODS:
-            save_adapter(model, staging)
-        else:
-            model.save_pretrained(staging)
+        method.save(model, staging, state)
         tokenizer.save_pretrained(staging)
         with open(os.path.join(staging, RUN_ARGS_FILE), "w") as f:
             json.dump(args, f, indent=2)
 
-
-@torch.no_grad()
-def _store_reference_logprob(model, examples: list[dict], pad_id: int, batch_size: int) -> None:
-    """Set ``example["ref_logprob"]``: the sequence log-probability of the labelled tokens
-    under the frozen starting model (NPO's reference), computed once."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
-        batch = _batch(chunk, range(len(chunk)), pad_id, device)
-        logprob = sequence_logprob(model(**_model_inputs(batch)).logits, batch["labels"]).cpu()
-        for example, value in zip(chunk, logprob.tolist()):
-            example["ref_logprob"] = value
-    model.train(was_training)
 
 
 # ----------------------------------------------------------------- memorization

@@ -10,6 +10,7 @@ import torch
 
 from alter.config import AlterConfig
 from alter.data import qa_texts, tofu_mini
+import alter.methods.base
 import alter.train
 from alter.model import adapter_parameters, alter_layers, apply_alter, forced_route, is_patched, router_loss
 from alter.tiny import build_tokenizer, tiny_llama
@@ -158,7 +159,7 @@ def test_forget_routing_loss_counts_only_the_routing_targets(data, tokenizer, mo
         seen.append(token_mask)
         return router_loss(model, token_mask)
 
-    monkeypatch.setattr(alter.train, "router_loss", recording_router_loss)
+    monkeypatch.setattr(alter.methods.base, "router_loss", recording_router_loss)
     run(small_model(tokenizer), tokenizer, data, "alter", router_warmup=1)  # a warm-up step, then a training step
     assert len(seen) == 4  # forget and retain pass of each step
     for forget_mask, retain_mask in (seen[0:2], seen[2:4]):
@@ -560,7 +561,9 @@ def test_routing_shares_against_a_direct_count(data, tokenizer):
 
     model = small_model(tokenizer)
     examples = encode_dataset(tokenizer, data["forget"], "forget", None)
-    base_model_pass(model, examples, _pad_id(tokenizer), CONFIG.tsallis_q, 4)
+    _, entropy = base_model_pass(model, examples, _pad_id(tokenizer), CONFIG.tsallis_q, 4)
+    for example, values in zip(examples, entropy):
+        example["entropy"] = values
     apply_alter(model, CONFIG)
     torch.manual_seed(2)
     for layer in alter_layers(model).values():
@@ -601,13 +604,13 @@ def test_paper_preset_and_router_training_routes(data, tokenizer, monkeypatch):
         1e-5, 1e-3, "forced", 1.0, 1.0, 0.01)
     assert AlterConfig.paper(r=4).r == 4
     gates = []
-    original = alter.train.forced_route
+    original = alter.methods.base.forced_route
 
     def recording_forced_route(model, experts, gate=True):
         gates.append(gate)
         return original(model, experts, gate)
 
-    monkeypatch.setattr(alter.train, "forced_route", recording_forced_route)
+    monkeypatch.setattr(alter.methods.base, "forced_route", recording_forced_route)
     for config, want in ((AlterConfig.paper(r=4, num_experts=3), True), (CONFIG, False)):
         gates.clear()
         model = small_model(tokenizer)

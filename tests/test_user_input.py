@@ -12,6 +12,8 @@ import pytest
 import safetensors.torch
 import torch
 
+import alter.methods.base
+import alter.methods.npo
 import alter.train
 from alter.cli import main, read_records
 from alter.config import AlterConfig
@@ -260,8 +262,8 @@ def test_resume_refuses_changed_args_or_data_before_any_forward(change, match, d
     forget = data["forget"]
     if change.pop("forget", None):
         forget = forget.map(lambda row, i: {"answer": row["answer"] if i else "Oslo ."}, with_indices=True)
-    monkeypatch.setattr(alter.train, "_store_reference_logprob", no_forward)
-    monkeypatch.setattr(alter.train, "base_model_pass", no_forward)
+    monkeypatch.setattr(alter.methods.npo, "reference_logprobs", no_forward)
+    monkeypatch.setattr(alter.methods.base, "base_model_pass", no_forward)
     with pytest.raises(ValueError, match="written by a different run .*" + match):
         unlearn(small_model(tokenizer), tokenizer, forget, None, **{"config": CONFIG, **common, **change}, resume=True)
 
@@ -312,7 +314,7 @@ def test_cli_resume_refuses_changed_data_and_a_corrupt_checkpoint(files, data, t
     argv = ["unlearn", "--model", "tiny", "--forget", forget, "--retain", retain, "--out", str(out), "--quiet",
             "--max-steps", "1", "--batch-size", "2", "--rank", "2", "--num-experts", "3", "--save-every", "1"]
     assert main(argv) == 0
-    monkeypatch.setattr(alter.train, "base_model_pass", no_forward)
+    monkeypatch.setattr(alter.methods.base, "base_model_pass", no_forward)
     rows = qa_rows(data)
     rows[0]["answer"] = rows[1]["answer"]  # same words (same tiny vocabulary), other data
     write_jsonl(tmp_path / "forget.jsonl", rows)

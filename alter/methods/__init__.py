@@ -1,0 +1,36 @@
+"""The unlearning methods, one module each, over two shared bases
+(:mod:`alter.methods.base`): the adapter methods (``alter`` extends ``asym_lora``;
+``lora``) and the full-parameter baselines (``grad_ascent``, ``grad_diff``, ``npo``).
+
+A method registers its class under its ``name`` with :func:`register`; :func:`build`
+makes the method of a run from its :class:`~alter.methods.args.UnlearnArgs`.
+"""
+from __future__ import annotations
+
+import importlib
+
+_REGISTRY: dict[str, type] = {}
+
+
+def register(cls):
+    """Class decorator: make ``cls`` the method named ``cls.name``."""
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def method_class(name: str) -> type:
+    """The class of method ``name`` (one of ``METHODS``)."""
+    return _REGISTRY[name]
+
+
+def build(args, autocast, engine=None):
+    """The method of a run: ``method_class(args.method)(args, autocast, engine)``."""
+    return method_class(args.method)(args, autocast, engine)
+
+
+# The built-in methods, in the order the docs and the CLI list them; importing a module
+# registers its class.
+METHODS = ("alter", "asym_lora", "lora", "grad_ascent", "grad_diff", "npo")
+for _name in METHODS:
+    importlib.import_module(f"alter.methods.{_name}")
+ADAPTER_METHODS = tuple(name for name in METHODS if _REGISTRY[name].adapter)

@@ -1,0 +1,123 @@
+"""The per-method layout (alter.methods): the registry, the shared bases, the arguments
+dataclass as the one source of validation, resume fingerprint and run record, and a
+method's step against a float64 recomputation of its loss."""
+import contextlib
+import copy
+import dataclasses
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from alter.config import AlterConfig
+from alter.data import qa_texts, tofu_mini
+from alter.methods import ADAPTER_METHODS, METHODS, method_class
+from alter.methods.alter import Alter
+from alter.methods.args import UnlearnArgs
+from alter.methods.asym_lora import AsymLoRA
+from alter.methods.base import AdapterMethod, FullParameterMethod
+from alter.tiny import build_tokenizer, tiny_llama
+from alter.train import RUN_ARGS_FILE, encode_dataset, unlearn
+
+
+@pytest.fixture(scope="module")
+def data():
+    return tofu_mini(num_authors=4, facts_per_author=2, forget_fraction=0.5, seed=2)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(data):
+    return build_tokenizer(qa_texts(data))
+
+
+def small_model(tokenizer):
+    return tiny_llama(tokenizer, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=48,
+                      max_position_embeddings=64, seed=3)
+
+
+def test_registry_has_one_class_per_method_over_the_two_bases():
+    assert METHODS == ("alter", "asym_lora", "lora", "grad_ascent", "grad_diff", "npo")
+    for name in METHODS:
+        cls = method_class(name)
+        assert cls.name == name
+        assert issubclass(cls, AdapterMethod) == (name in ADAPTER_METHODS)
+        assert issubclass(cls, FullParameterMethod) == (name not in ADAPTER_METHODS)
+    assert issubclass(Alter, AsymLoRA) and Alter.entropy_guided and not AsymLoRA.entropy_guided
+    assert [name for name in METHODS if not method_class(name).needs_retain] == ["grad_ascent", "npo"]
+
+
+def test_args_fields_are_the_fingerprint_and_the_record():
+    roles = {f.name: f.metadata["role"] for f in dataclasses.fields(UnlearnArgs)}
+    args = UnlearnArgs(method="npo", npo_beta=0.3, max_grad_norm=None, max_length=50)
+    assert set(args.fingerprint()) == {name for name, role in roles.items() if role == "fingerprint"}
+    assert set(args.record()) == set(args.fingerprint()) | {"epochs"}
+    # what the hand-written lists used to miss
+    assert {"npo_beta": 0.3, "max_grad_norm": None, "max_length": 50}.items() <= args.fingerprint().items()
+    assert args.fingerprint()["config"] == AlterConfig().to_dict()
+    with pytest.raises(ValueError, match="method must be one of"):
+        UnlearnArgs(method="nope")
+    with pytest.raises(ValueError, match="router_lr is for the adapter methods"):
+        UnlearnArgs(method="npo", router_lr=1e-3)
+    with pytest.raises(ValueError, match="distributed must be one of"):
+        UnlearnArgs(distributed="ring")
+
+
+def test_saved_record_holds_every_recorded_argument(data, tokenizer, tmp_path):
+    unlearn(small_model(tokenizer), tokenizer, data["forget"], None, method="grad_ascent", batch_size=2, max_steps=1,
+            npo_beta=0.2, epochs=3, output_dir=str(tmp_path), progress=False)
+    record = json.loads((tmp_path / RUN_ARGS_FILE).read_text())
+    expected = UnlearnArgs(method="grad_ascent", batch_size=2, npo_beta=0.2, epochs=3).record()
+    assert {k: record[k] for k in expected} == expected
+    assert record["steps"] == 1 and record["n_forget"] == len(data["forget"])
+
+
+def test_grad_diff_step_loss_equals_a_float64_recomputation(data, tokenizer):
+    """The logged loss of grad_diff's first step is beta * -NLL(forget) + gamma * NLL(retain)
+    of the batches the run picked, recomputed here in float64 from the starting model (the
+    trainer takes the NLL of float64 logits in float32)."""
+    model = small_model(tokenizer).double()
+    start = copy.deepcopy(model)
+    logs = []
+    config = AlterConfig(beta=0.7, gamma=1.3)
+    unlearn(model, tokenizer, data["forget"], data["retain"], config, "grad_diff", batch_size=2, max_steps=1,
+            progress=False, callback=lambda step, log: logs.append(log))
+    from alter.train import _step_indices
+
+    def nll(rows):
+        total = count = 0.0
+        for example in rows:
+            ids = torch.tensor([example["input_ids"]])
+            labels = torch.tensor(example["labels"])[1:]
+            logits = start(input_ids=ids).logits[0, :-1]
+            keep = labels != -100
+            total += F.cross_entropy(logits[keep], labels[keep], reduction="sum").item()
+            count += int(keep.sum())
+        return total / count
+
+    forget = encode_dataset(tokenizer, data["forget"], "forget", None)
+    retain = encode_dataset(tokenizer, data["retain"], "retain", None)
+    forget_ids, retain_ids = _step_indices(0, len(forget), len(retain), 2, 0)
+    f, r = nll([forget[int(i)] for i in forget_ids]), nll([retain[int(i)] for i in retain_ids])
+    assert logs[0]["forget"] == pytest.approx(-f, rel=1e-6)
+    assert logs[0]["retain"] == pytest.approx(r, rel=1e-6)
+    assert logs[0]["loss"] == pytest.approx(0.7 * -f + 1.3 * r, rel=1e-6)
+
+
+@pytest.mark.parametrize("method", ["alter", "npo"])
+def test_setup_returns_new_examples_and_leaves_the_given_ones(method, data, tokenizer):
+    from alter.methods import build
+
+    forget = encode_dataset(tokenizer, data["forget"], "forget", None)
+    retain = encode_dataset(tokenizer, data["retain"], "retain", None)
+    before = copy.deepcopy((forget, retain))
+    args = UnlearnArgs(method=method, config=AlterConfig(r=2, num_experts=3), batch_size=2)
+    _, new_forget, new_retain = build(args, lambda: contextlib.nullcontext()).setup(
+        small_model(tokenizer), forget, retain, tokenizer.pad_token_id)
+    assert (forget, retain) == before
+    fields = {"alter": {"entropy", "expert", "route_mask"}, "npo": {"ref_logprob"}}[method]
+    assert all(fields <= set(row) for row in new_forget)
+    assert all(len(row["input_ids"]) == len(example["input_ids"]) for row, example in zip(new_forget, forget))
+    if method == "alter":
+        assert all(row["expert"] == 0 and all(row["route_mask"]) for row in new_retain)
+        assert {row["expert"] for row in new_forget} <= {1, 2}
