@@ -15,9 +15,11 @@ dataclass), and :mod:`alter.distributed` runs the loop on several processes. Met
     states), which k-means splits into ``num_experts - 1`` sub-domains: the routing
     target of a forget sample of sub-domain d is forget expert d, of a retained sample the
     retention expert 0. Each step minimizes ``beta * IHL(forget, low-entropy tokens) +
-    gamma * NLL(retain) + lam * structural + routing loss``. A (at ``lr_A``) learns only
-    from high-entropy tokens; B learns at ``lr_B``, the routers at ``router_lr`` (default
-    ``lr_B``). After training the router gates on its own (no forced route).
+    gamma * NLL(retain) + lam * structural + routing loss``. A learns at ``lr_A`` (from
+    every token by default; from high-entropy tokens only with
+    ``config.a_learns_from_high_entropy_only``, the paper's setting), B at ``lr_B``, the
+    routers at ``router_lr`` (default ``lr_B``). After training the router gates on its
+    own (no forced route).
 
     *Training routes* (``config.train_routes``). ``"router"`` (default): the forget and
     retain losses run with the routers gating on their own, as at inference; the forget

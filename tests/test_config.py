@@ -51,7 +51,7 @@ def _non_default_config():
         lr_B=3e-3,
         entropy_source="lagged",
         backend="eager",
-        a_learns_from_high_entropy_only=False,
+        a_learns_from_high_entropy_only=True,
     )
 
 

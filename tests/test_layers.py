@@ -296,7 +296,7 @@ def forced_grads64(layer, x, experts, grad_out, a_mask):
 
 @pytest.mark.parametrize("training", [True, False])
 def test_lora_a_learns_only_from_high_entropy_tokens_in_training(training):
-    layer = make_layer(entropy_threshold=1.5).train(training)
+    layer = make_layer(entropy_threshold=1.5, a_learns_from_high_entropy_only=True).train(training)
     x = layer_input(requires_grad=True)
     entropy = token_entropy(0.5, 2.5)
     assert (entropy > 1.5).any() and (entropy <= 1.5).any()
@@ -314,7 +314,7 @@ def test_lora_a_learns_only_from_high_entropy_tokens_in_training(training):
 
 
 def test_lora_a_gets_no_gradient_when_no_token_is_high_entropy():
-    layer = make_layer(entropy_threshold=100.0).train()
+    layer = make_layer(entropy_threshold=100.0, a_learns_from_high_entropy_only=True).train()
     layer.tracker.set_entropy(token_entropy())
     with layer.tracker.forced([0, 1, 2]):
         (layer(layer_input()) * torch.randn(BATCH, SEQ, OUT)).sum().backward()

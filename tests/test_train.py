@@ -98,12 +98,13 @@ def test_every_method_end_to_end(method, data, tokenizer):
 
 
 def test_method_settings_reach_the_adapter(data, tokenizer):
-    """asym_lora and lora let A learn from every token; lora keeps one expert per token;
-    alter keeps A to the high-entropy tokens."""
+    """Given a config that keeps A to the high-entropy tokens, alter keeps it; asym_lora and
+    lora let A learn from every token; lora keeps one expert per token."""
     configs = {}
+    guided = dataclasses.replace(CONFIG, a_learns_from_high_entropy_only=True)
     for method in ADAPTER_METHODS:
         model = small_model(tokenizer)
-        run(model, tokenizer, data, method)
+        run(model, tokenizer, data, method, config=guided)
         configs[method] = model.alter_config
     assert configs["alter"].a_learns_from_high_entropy_only
     assert not configs["asym_lora"].a_learns_from_high_entropy_only
@@ -602,6 +603,7 @@ def test_paper_preset_and_router_training_routes(data, tokenizer, monkeypatch):
     paper = AlterConfig.paper()
     assert (paper.lr_A, paper.lr_B, paper.train_routes, paper.beta, paper.gamma, paper.lam) == (
         1e-5, 1e-3, "forced", 1.0, 1.0, 0.01)
+    assert paper.a_learns_from_high_entropy_only and not AlterConfig().a_learns_from_high_entropy_only
     assert AlterConfig.paper(r=4).r == 4
     gates = []
     original = alter.methods.base.forced_route

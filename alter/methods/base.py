@@ -129,7 +129,9 @@ class AdapterMethod(Method):
 
     adapter = True
     forget_experts = "subdomain"  # "subdomain": expert d for sub-domain d, "retention": expert 0
-    entropy_guided = False  # A from high-entropy tokens only, structural term on
+    # True: entropy-weighted IHL, the structural term, A as the config says; False: uniform
+    # IHL, no structural term, A from every token.
+    entropy_guided = False
 
     # ----------------------------------------------------------------- setup
 
