@@ -458,7 +458,7 @@ def test_precomputed_entropy_of_the_wrong_shape_is_refused():
 
 @pytest.mark.parametrize("threshold, a_learns", [(100.0, False), (0.001, True)])
 def test_lora_a_learns_only_through_high_entropy_tokens(threshold, a_learns):
-    model = apply_alter(tiny_model(), alter_config(entropy_threshold=threshold))
+    model = apply_alter(tiny_model(), alter_config(entropy_threshold=threshold, a_learns_from_high_entropy_only=True))
     randomize_adapters(model)  # B != 0, else dA = 0 whatever the gating
     model.train()
     ids = tokens()
