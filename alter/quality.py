@@ -130,6 +130,11 @@ def _ratio(after: float, before: float) -> float:
     return after / before if before > 0 else float("nan")
 
 
+def _pair_cost(scenario: Scenario) -> int:
+    """A proxy of a pair's run time: facts to memorize and unlearn times depth."""
+    return scenario.num_entities * scenario.facts_per_entity * scenario.num_layers
+
+
 def _pair_job(args):
     return run_pair(*args)
 
@@ -141,6 +146,8 @@ def run_suite(scenarios, seeds, runs=ALL_RUNS, workers: int = 2, max_steps: int 
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     jobs = [(scenario, seed, tuple(runs), max_steps) for scenario in scenarios for seed in seeds]
+    # Largest scenarios first, so that no long pair runs alone at the end.
+    jobs.sort(key=lambda job: -_pair_cost(job[0]))
     results: list[dict] = []
     if workers <= 1:
         for job in jobs:
