@@ -156,8 +156,11 @@ def _load_model(path: str):
 def _alter_config(args):
     from alter.config import AlterConfig
 
+    if args.config and args.preset == "paper":
+        raise ValueError("--preset paper and --config both give the starting config; pass one")
     try:
-        config = AlterConfig.from_json_file(args.config) if args.config else AlterConfig()
+        config = AlterConfig.from_json_file(args.config) if args.config else (
+            AlterConfig.paper() if args.preset == "paper" else AlterConfig())
     except ValueError as exc:
         raise ValueError(f"--config: {exc}") from exc
     overrides = {
@@ -405,6 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
     un.add_argument("--method", choices=METHODS, default="alter")
     un.add_argument("--out", required=True, help="output directory")
     un.add_argument("--config", help="AlterConfig JSON file (adapter_config.json layout); flags below override it")
+    un.add_argument("--preset", choices=("default", "paper"), default="default",
+                    help="starting config instead of --config: the library's defaults or the paper's settings "
+                         "(AlterConfig.paper(): lr_A 1e-5, lr_B 1e-3, A from high-entropy tokens, forced routes)")
     un.add_argument("--epochs", type=int, help="passes over the forget set (default: sized from the data)")
     un.add_argument("--batch-size", type=int, default=4)
     un.add_argument("--max-steps", type=int)

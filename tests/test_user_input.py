@@ -382,3 +382,21 @@ def test_beam_search_with_lagged_entropy_raises():
 
     remove_alter(model)
     assert "_reorder_cache" not in vars(model)
+
+
+def test_cli_preset_paper_reaches_the_adapter_and_excludes_config(files, tmp_path, capsys):
+    """--preset paper starts from AlterConfig.paper() (flags still override it); with
+    --config as well it is a user error."""
+    forget, retain = files
+    out = tmp_path / "paper"
+    base = ["unlearn", "--model", "tiny", "--forget", forget, "--retain", retain, "--quiet", "--max-steps", "1",
+            "--batch-size", "2"]
+    assert main(base + ["--out", str(out), "--preset", "paper", "--rank", "2"]) == 0
+    saved = json.loads((out / "adapter_config.json").read_text())
+    paper = AlterConfig.paper()
+    assert saved["r"] == 2 and saved["a_learns_from_high_entropy_only"]
+    assert (saved["lr_A"], saved["lr_B"], saved["train_routes"]) == (paper.lr_A, paper.lr_B, paper.train_routes)
+    config_file = tmp_path / "c.json"
+    AlterConfig().to_json_file(config_file)
+    assert "--preset paper and --config both give the starting config" in cli_error(
+        capsys, base + ["--out", str(tmp_path / "o2"), "--preset", "paper", "--config", str(config_file)])
