@@ -21,7 +21,6 @@ NLL of x given the question)``:
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import zlib
 from typing import Mapping, Sequence
@@ -35,6 +34,7 @@ from tqdm.auto import tqdm
 
 from alter.data import (IGNORE_INDEX, MCQ_LETTERS, PromptFormat, collate, encode_completion, encode_qa, encode_text,
                         format_mcq, prompt_format_of)
+from alter.model import evaluating
 
 UTILITY_SPLITS = ("retain", "real_authors", "world_facts")
 UTILITY_METRICS = ("prob", "rouge", "truth_ratio")
@@ -44,18 +44,6 @@ UTILITY_KEYS = tuple(f"{split}_{metric}" for split in UTILITY_SPLITS for metric 
 # --------------------------------------------------------------------------------------
 # Model plumbing
 # --------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _evaluating(model):
-    """No gradients and eval mode (no dropout), restoring the model's mode afterwards."""
-    was_training = getattr(model, "training", False)
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
 
 
 def _device(model) -> torch.device:
@@ -100,7 +88,7 @@ def _labelled_logits(model, tokenizer, encoded: Sequence[dict], batch_size: int,
     (from :func:`alter.data.encode_completion`): the model's next-token logits at the
     positions whose next token is labelled, and those tokens, in order."""
     device, pad_id = _device(model), _pad_id(tokenizer)
-    with _evaluating(model):
+    with evaluating(model):
         for indices, chunk in _batches(encoded, batch_size, desc):
             batch = collate([{k: e[k] for k in ("input_ids", "attention_mask", "labels")} for e in chunk], pad_id)
             logits = _logits(model(input_ids=batch["input_ids"].to(device),
@@ -251,7 +239,7 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 32,
         encoded.append({"input_ids": ids, "attention_mask": [1] * len(ids)})
     device, pad_id = _device(model), _pad_id(tokenizer)
     texts = [""] * len(prompts)
-    with _evaluating(model):
+    with evaluating(model):
         for indices, chunk in _batches(encoded, batch_size, "generate"):
             batch = collate(chunk, pad_id, padding_side="left")  # generation continues at the right end
             output = model.generate(input_ids=batch["input_ids"].to(device),
@@ -715,7 +703,7 @@ def _last_token_logprobs(model, tokenizer, prompt_ids: Sequence[list[int]], cand
     takes_positions = "position_ids" in inspect.signature(model.forward).parameters
     encoded = [{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in prompt_ids]
     scores = np.zeros(candidates.shape, dtype=np.float64)
-    with _evaluating(model):
+    with evaluating(model):
         for indices, chunk in _batches(encoded, batch_size, "mcq_accuracy"):
             batch = collate(chunk, pad_id, padding_side="left")  # the last position is the prompt's end
             mask = batch["attention_mask"].to(device)

@@ -109,6 +109,7 @@ from alter.methods.data import (  # noqa: F401
     _pad_id,
     _step_indices,
     base_model_pass,
+    batches,
     check_dataset,
     check_rows,
     encode_dataset,
@@ -124,7 +125,7 @@ from alter.methods.losses import (  # noqa: F401
     structural_surrogate,
     token_nll,
 )
-from alter.model import is_patched, precomputed_entropy
+from alter.model import evaluating, is_patched, precomputed_entropy
 
 CHECKPOINT_FILE = "checkpoint.pt"
 RUN_ARGS_FILE = "unlearn_args.json"
@@ -139,7 +140,6 @@ MAX_ROUTER_WARMUP = 200
 FORGET_WARNING_RATIO = 0.9
 
 
-@torch.no_grad()
 def routing_shares(model, examples: list[dict], pad_id: int, batch_size: int) -> float:
     """Share of the routing weight that the model's routers, gating on their own (as at
     inference, base-model entropy from ``example["entropy"]``), give the forget experts
@@ -149,7 +149,6 @@ def routing_shares(model, examples: list[dict], pad_id: int, batch_size: int) ->
     from alter_kernels import route
 
     config = model.alter_config
-    device = next(model.parameters()).device
     shares: list[torch.Tensor] = []
 
     def hook(router, inputs, logits):
@@ -158,24 +157,20 @@ def routing_shares(model, examples: list[dict], pad_id: int, batch_size: int) ->
         shares.append((weights * (experts > RETENTION_EXPERT)).sum(-1).float())
 
     handles = [layer.router.register_forward_hook(hook) for layer in alter_layers(model).values()]
-    was_training = model.training
-    model.eval()
     total = count = 0.0
     try:
-        for start in range(0, len(examples), batch_size):
-            chunk = examples[start : start + batch_size]
-            batch = _batch(chunk, range(len(chunk)), pad_id, device)
-            shares.clear()
-            with precomputed_entropy(model, batch["entropy"]):
-                model(**_model_inputs(batch))
-            mask = (batch["route_mask"].bool() & batch["attention_mask"].bool()).reshape(-1)
-            per_token = torch.stack(shares).mean(0)
-            total += float(per_token[mask].sum())
-            count += float(mask.sum())
+        with evaluating(model):
+            for _, batch in batches(examples, pad_id, batch_size, next(model.parameters()).device):
+                shares.clear()
+                with precomputed_entropy(model, batch["entropy"]):
+                    model(**_model_inputs(batch))
+                mask = (batch["route_mask"].bool() & batch["attention_mask"].bool()).reshape(-1)
+                per_token = torch.stack(shares).mean(0)
+                total += float(per_token[mask].sum())
+                count += float(mask.sum())
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
     return total / count if count else float("nan")
 
 
@@ -312,27 +307,21 @@ def run_length(n_forget: int, batch_size: int, epochs: int | None, router_warmup
     return router_warmup, steps
 
 
-@torch.no_grad()
 def mean_label_probability(model, examples: list[dict], pad_id: int, batch_size: int) -> float:
     """Mean probability the model gives the labelled tokens of ``examples`` (teacher forced)."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
     total = count = 0.0
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
-        batch = _batch(chunk, range(len(chunk)), pad_id, device)
-        if "entropy" in batch and is_patched(model):
-            with precomputed_entropy(model, batch["entropy"]):
+    with evaluating(model):
+        for _, batch in batches(examples, pad_id, batch_size, next(model.parameters()).device):
+            if "entropy" in batch and is_patched(model):
+                with precomputed_entropy(model, batch["entropy"]):
+                    logits = model(**_model_inputs(batch)).logits
+            else:
                 logits = model(**_model_inputs(batch)).logits
-        else:
-            logits = model(**_model_inputs(batch)).logits
-        flat_logits, flat_labels = _shift(logits, batch["labels"])
-        keep = flat_labels != IGNORE_INDEX
-        logp = torch.log_softmax(flat_logits[keep].float(), -1).gather(-1, flat_labels[keep, None])
-        total += float(logp.exp().sum())
-        count += float(keep.sum())
-    model.train(was_training)
+            flat_logits, flat_labels = _shift(logits, batch["labels"])
+            keep = flat_labels != IGNORE_INDEX
+            logp = torch.log_softmax(flat_logits[keep].float(), -1).gather(-1, flat_labels[keep, None])
+            total += float(logp.exp().sum())
+            count += float(keep.sum())
     return total / max(count, 1.0)
 
 

@@ -88,6 +88,12 @@ def _dense_gate(weights: torch.Tensor, experts: torch.Tensor, num_experts: int, 
     )
 
 
+def _b_cat(B: torch.Tensor) -> torch.Tensor:
+    """B_cat [d, N·r]: the experts' B [N, d, r] laid side by side (column e·r + j = B[e, :, j])."""
+    N, d, r = B.shape
+    return B.permute(1, 0, 2).reshape(d, N * r)
+
+
 def asym_lora_eager_dense(x, A, B, weights, experts, scaling, a_grad_mask=None):
     """Fast plain-PyTorch :func:`asym_lora` (same contract as :func:`asym_lora_eager`).
 
@@ -96,12 +102,11 @@ def asym_lora_eager_dense(x, A, B, weights, experts, scaling, a_grad_mask=None):
     B_cat [d, N·r] = B laid side by side. No host syncs; memory O(T·N·r).
     """
     T = experts.shape[0]
-    N, d, r = B.shape
+    N, _, r = B.shape
     h = _shrink(x, A, a_grad_mask)
     gate = _dense_gate(weights, experts, N, x.dtype)
     gated_h = (gate[:, :, None] * h[:, None, :]).reshape(T, N * r)
-    B_cat = B.permute(1, 0, 2).reshape(d, N * r)
-    return scaling * (gated_h @ B_cat.t())
+    return scaling * (gated_h @ _b_cat(B).t())
 
 
 # --------------------------------------------------------------------------- triton
@@ -277,7 +282,7 @@ class AsymLoRATriton(torch.autograd.Function):
         gate = _dense_gate(weights, experts, N, acc)
         grad_x = grad_A = grad_B = grad_weights = None
         if need_x or need_A or need_weights:
-            projected = (grad_out @ B.permute(1, 0, 2).reshape(d, N * r)).view(T, N, r).to(acc)  # P
+            projected = (grad_out @ _b_cat(B)).view(T, N, r).to(acc)  # P
             if need_weights:
                 grad_gate = s * (projected * h.to(acc)[:, None, :]).sum(dim=2)
                 grad_weights = torch.where(

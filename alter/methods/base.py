@@ -21,7 +21,8 @@ import torch
 from alter.data import IGNORE_INDEX
 from alter.methods.args import UnlearnArgs
 from alter.methods.data import _model_inputs, base_model_pass, routing_targets, split_subdomains, with_fields
-from alter.methods.losses import _floats, _shift, structural_exact, structural_surrogate, token_nll
+from alter.methods.losses import (_floats, _high_entropy_tokens, _shift, structural_exact, structural_surrogate,
+                                  token_nll)
 from alter.model import adapter_parameters, apply_alter, forced_route, precomputed_entropy, router_loss, save_adapter
 from alter_kernels import inverted_hinge_loss
 from alter_kernels.ihl import token_weights
@@ -265,7 +266,7 @@ class AdapterMethod(Method):
             logs = {"forget" if forget else "retain": main.detach()}
             if self.structural is not None:
                 structure = self._structural(logits, batch)
-                high = (batch["entropy"] > cfg.entropy_threshold) & batch["attention_mask"].bool()
+                high = _high_entropy_tokens(batch, cfg.entropy_threshold)
                 loss = loss + cfg.lam * self.global_mean(structure, high.sum())
                 logs["structural"] = structure.detach()
             # Backward inside the routing context: gradient checkpointing recomputes the

@@ -13,6 +13,7 @@ from scipy.cluster.vq import kmeans2
 
 from alter.data import collate, encode_qa, encode_text
 from alter.methods.losses import sequence_logprob
+from alter.model import evaluating
 from alter_kernels import tsallis_entropy
 
 
@@ -114,10 +115,17 @@ def _model_inputs(batch: dict) -> dict:
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
+def batches(examples: list[dict], pad_id: int, batch_size: int, device):
+    """``(chunk, batch)`` for consecutive chunks of ``batch_size`` examples, in order: the
+    chunk and its :func:`_batch` on ``device`` (the evaluation passes of a run)."""
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        yield chunk, _batch(chunk, range(len(chunk)), pad_id, device)
+
+
 # ------------------------------------------------------------------ base-model pass
 
 
-@torch.no_grad()
 def base_model_pass(model, examples: list[dict], pad_id: int, q: float,
                     batch_size: int) -> tuple[np.ndarray, list[torch.Tensor]]:
     """Features and token entropy of ``examples`` under the model (run it on the base
@@ -127,20 +135,15 @@ def base_model_pass(model, examples: list[dict], pad_id: int, q: float,
     (the k-means features), and per example float32 ``[len]``, the Tsallis entropy of the
     model's next-token distribution at each position.
     """
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
     features, entropies = [], []
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
-        batch = _batch(chunk, range(len(chunk)), pad_id, device)
-        out = model(**_model_inputs(batch), output_hidden_states=True)
-        entropy = tsallis_entropy(out.logits, q).float().cpu()
-        entropies += [entropy[row, : len(example["input_ids"])].clone() for row, example in enumerate(chunk)]
-        mask = batch["attention_mask"].unsqueeze(-1).to(torch.float64)
-        hidden = out.hidden_states[-1].to(torch.float64)
-        features.append(((hidden * mask).sum(1) / mask.sum(1)).cpu().numpy())
-    model.train(was_training)
+    with evaluating(model):
+        for chunk, batch in batches(examples, pad_id, batch_size, next(model.parameters()).device):
+            out = model(**_model_inputs(batch), output_hidden_states=True)
+            entropy = tsallis_entropy(out.logits, q).float().cpu()
+            entropies += [entropy[row, : len(example["input_ids"])].clone() for row, example in enumerate(chunk)]
+            mask = batch["attention_mask"].unsqueeze(-1).to(torch.float64)
+            hidden = out.hidden_states[-1].to(torch.float64)
+            features.append(((hidden * mask).sum(1) / mask.sum(1)).cpu().numpy())
     return np.concatenate(features), entropies
 
 
@@ -209,7 +212,6 @@ def with_fields(examples: list[dict], **fields: list) -> list[dict]:
     return [{**example, **{name: values[i] for name, values in fields.items()}} for i, example in enumerate(examples)]
 
 
-
 def _examples_digest(*splits: list[dict]) -> str:
     """SHA-256 of the token ids and labels of encoded splits: what the run trains on."""
     digest = hashlib.sha256()
@@ -235,19 +237,12 @@ def _step_indices(step: int, n_forget: int, n_retain: int, batch_size: int, seed
     return forget_ids, retain_ids
 
 
-
-@torch.no_grad()
 def reference_logprobs(model, examples: list[dict], pad_id: int, batch_size: int) -> list[float]:
     """Per example, the sequence log-probability of its labelled tokens under the model
     (NPO's reference, computed once from the frozen starting model)."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
     values = []
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
-        batch = _batch(chunk, range(len(chunk)), pad_id, device)
-        values += sequence_logprob(model(**_model_inputs(batch)).logits, batch["labels"]).cpu().tolist()
-    model.train(was_training)
+    with evaluating(model):
+        for _, batch in batches(examples, pad_id, batch_size, next(model.parameters()).device):
+            values += sequence_logprob(model(**_model_inputs(batch)).logits, batch["labels"]).cpu().tolist()
     return values
 

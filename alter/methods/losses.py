@@ -62,7 +62,6 @@ def structural_exact(logits, batch: dict, q: float, threshold: float, A_params) 
     return total / len(positions)
 
 
-
 def _floats(logs: dict[str, torch.Tensor]) -> dict[str, float]:
     """A step's scalar losses as floats, read with one device-to-host copy (each
     ``.item()`` would stall the host until the device drains its queue)."""
