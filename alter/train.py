@@ -230,7 +230,6 @@ class _Checkpointer:
         main process of a distributed run)."""
         if not write:
             return
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
         state = {
             "step": step,
             "fingerprint": self.fingerprint,
@@ -238,9 +237,9 @@ class _Checkpointer:
             "optimizer": optimizer.state_dict(),
             "rng": _rng_state(),
         }
-        tmp = self.path + ".tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, self.path)  # a run killed mid-write keeps the previous checkpoint
+        # staged and renamed: a run killed mid-write keeps the previous checkpoint
+        with staged_directory(os.path.dirname(self.path)) as staging:
+            torch.save(state, os.path.join(staging, CHECKPOINT_FILE))
 
     def read(self) -> dict | None:
         """The checkpoint's state (None when there is none), after checking that this run
@@ -478,6 +477,9 @@ def _run(model, tokenizer, forget, retain, args: UnlearnArgs, progress: bool, ca
     engine = None
     if args.distributed is not None or launched():
         engine = Engine(args.distributed, unused_parameters=method_class(args.method).adapter)
+        if engine.mode == "fsdp2" and args.save_every is not None:  # refused before any work
+            raise ValueError("save_every under fsdp2 is not supported yet (a checkpoint holds the full optimizer "
+                             "state, which FSDP2 shards); checkpoint under ddp")
         model.to(engine.device)
     device = next(model.parameters()).device
     on_gpu = device.type == "cuda"
@@ -510,9 +512,6 @@ def _run(model, tokenizer, forget, retain, args: UnlearnArgs, progress: bool, ca
     wrapped = model
     if engine is not None:
         engine.check_batches(batch_size, len(forget_examples))
-        if engine.mode == "fsdp2" and args.save_every is not None:
-            raise ValueError("save_every under fsdp2 is not supported yet (a checkpoint holds the full optimizer "
-                             "state, which FSDP2 shards); checkpoint under ddp")
         wrapped, optimizer = engine.prepare(model, optimizer)
         model = engine.unwrap(wrapped)
         method.attach(model)
@@ -593,7 +592,6 @@ def _save_result(model, tokenizer, output_dir: str, method, args: dict, state: d
         tokenizer.save_pretrained(staging)
         with open(os.path.join(staging, RUN_ARGS_FILE), "w") as f:
             json.dump(args, f, indent=2)
-
 
 
 # ----------------------------------------------------------------- memorization
