@@ -493,6 +493,8 @@ def _run(model, tokenizer, forget, retain, args: UnlearnArgs, progress: bool, ca
     pad_id = _pad_id(tokenizer)
     forget_examples = encode_dataset(tokenizer, forget, "forget", max_length)
     retain_examples = encode_dataset(tokenizer, retain, "retain", max_length) if retain is not None else []
+    if engine is not None:
+        engine.check_batches(batch_size, len(forget_examples))
     # What decides the result, for the resume check and the saved record.
     run = {**args.fingerprint(), "n_forget": len(forget_examples), "n_retain": len(retain_examples),
            "data_sha256": _examples_digest(forget_examples, retain_examples)}
@@ -511,7 +513,6 @@ def _run(model, tokenizer, forget, retain, args: UnlearnArgs, progress: bool, ca
     start_step = checkpointer.restore(checkpoint, model, names, optimizer) if checkpoint is not None else 0
     wrapped = model
     if engine is not None:
-        engine.check_batches(batch_size, len(forget_examples))
         wrapped, optimizer = engine.prepare(model, optimizer)
         model = engine.unwrap(wrapped)
         method.attach(model)
