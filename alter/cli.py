@@ -289,6 +289,7 @@ def cmd_eval(args) -> int:
     from alter.config import read_json
     from alter.data import PromptFormat
     from alter.eval import evaluate_tofu, open_unlearning_summary
+    from alter.files import write_json
 
     # The inputs that need no model first: a bad one fails before the model is loaded.
     device = _device(args.device)
@@ -313,12 +314,9 @@ def cmd_eval(args) -> int:
                             batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, prompt_format=fmt,
                             num_questions=args.num_questions, retain_model_auc=retain_auc,
                             reference_model=reference_model)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(metrics, f, indent=2)
+    write_json(args.out, metrics)
     summary_file = args.summary or os.path.join(os.path.dirname(os.path.abspath(args.out)), "TOFU_SUMMARY.json")
-    with open(summary_file, "w") as f:
-        json.dump(open_unlearning_summary(metrics), f, indent=4)
+    write_json(summary_file, open_unlearning_summary(metrics), indent=4)
     shown = {k: metrics[k] for k in ("forget_quality", "model_utility", "forget_rouge", "retain_rouge")}
     print(json.dumps(shown, indent=2))
     print(f"metrics written to {args.out}; open-unlearning summary to {summary_file}")

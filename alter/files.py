@@ -41,13 +41,13 @@ def staged_directory(directory: str | os.PathLike):
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def write_json(path: str | os.PathLike, values) -> None:
+def write_json(path: str | os.PathLike, values, indent: int = 2) -> None:
     """Write ``values`` as indented JSON to ``path`` atomically (a sibling file, fsynced,
-    then renamed over ``path``)."""
+    then renamed over ``path``; the folder is created if needed)."""
     path = os.path.abspath(os.fspath(path))
     with staged_directory(os.path.dirname(path)) as staging:
         with open(os.path.join(staging, os.path.basename(path)), "w", encoding="utf-8") as f:
-            json.dump(values, f, indent=2)
+            json.dump(values, f, indent=indent)
             f.write("\n")
 
 
