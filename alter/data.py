@@ -393,6 +393,14 @@ def _is_numeric_sequence(value) -> bool:
         isinstance(value, (list, tuple)) and all(isinstance(x, (int, float, bool)) for x in value))
 
 
+def pad_id_of(tokenizer) -> int:
+    """The id :func:`collate` pads with: the tokenizer's pad token, else its EOS."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token")
+    return pad
+
+
 def collate(batch: Sequence[dict], pad_token_id: int, padding_side: str = "right") -> dict:
     """Pad encoded examples to the longest and stack them into tensors.
 

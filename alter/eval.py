@@ -33,7 +33,7 @@ from scipy import stats
 from tqdm.auto import tqdm
 
 from alter.data import (IGNORE_INDEX, MCQ_LETTERS, PromptFormat, collate, encode_completion, encode_qa, encode_text,
-                        format_mcq, prompt_format_of)
+                        format_mcq, pad_id_of, prompt_format_of)
 from alter.model import evaluating
 
 UTILITY_SPLITS = ("retain", "real_authors", "world_facts")
@@ -64,13 +64,6 @@ def _logits(output) -> torch.Tensor:
     return logits if logits is not None else output[0]
 
 
-def _pad_id(tokenizer) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise ValueError("the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token")
-    return pad
-
-
 def _batches(encoded: Sequence[dict], batch_size: int, desc: str):
     """Yields ``(indices, examples)`` batches of the encoded examples, longest first: batches
     of similar lengths waste little on padding. Callers put results back by ``indices``."""
@@ -87,7 +80,7 @@ def _labelled_logits(model, tokenizer, encoded: Sequence[dict], batch_size: int,
     """Yields ``(i, logits [n_i, V] float32, targets [n_i] int64)`` for every encoded example
     (from :func:`alter.data.encode_completion`): the model's next-token logits at the
     positions whose next token is labelled, and those tokens, in order."""
-    device, pad_id = _device(model), _pad_id(tokenizer)
+    device, pad_id = _device(model), pad_id_of(tokenizer)
     with evaluating(model):
         for indices, chunk in _batches(encoded, batch_size, desc):
             batch = collate([{k: e[k] for k in ("input_ids", "attention_mask", "labels")} for e in chunk], pad_id)
@@ -237,7 +230,7 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 32,
             raise ValueError(f"generate: prompt {prompt[:80]!r} is {len(ids)} tokens; with max_new_tokens="
                              f"{max_new_tokens} it exceeds the model's context of {context}")
         encoded.append({"input_ids": ids, "attention_mask": [1] * len(ids)})
-    device, pad_id = _device(model), _pad_id(tokenizer)
+    device, pad_id = _device(model), pad_id_of(tokenizer)
     texts = [""] * len(prompts)
     with evaluating(model):
         for indices, chunk in _batches(encoded, batch_size, "generate"):
@@ -699,7 +692,7 @@ def _last_token_logprobs(model, tokenizer, prompt_ids: Sequence[list[int]], cand
     Position ids count real tokens only, when the model takes them: models with absolute
     position embeddings (GPT-2, OPT) would otherwise score a left-padded prompt
     differently from the same prompt alone (RoPE models would not: RoPE is relative)."""
-    device, pad_id = _device(model), _pad_id(tokenizer)
+    device, pad_id = _device(model), pad_id_of(tokenizer)
     takes_positions = "position_ids" in inspect.signature(model.forward).parameters
     encoded = [{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in prompt_ids]
     scores = np.zeros(candidates.shape, dtype=np.float64)

@@ -94,7 +94,7 @@ import torch
 from tqdm.auto import tqdm
 
 from alter.config import AlterConfig
-from alter.data import IGNORE_INDEX
+from alter.data import IGNORE_INDEX, pad_id_of
 from alter.files import first_line, staged_directory
 from alter.distributed import Engine, launched
 from alter.methods import ADAPTER_METHODS, METHODS, build, method_class  # noqa: F401 (the first two: public names)
@@ -106,7 +106,6 @@ from alter.methods.data import (  # noqa: F401
     _epoch_order,
     _examples_digest,
     _model_inputs,
-    _pad_id,
     _step_indices,
     base_model_pass,
     batches,
@@ -490,7 +489,7 @@ def _run(model, tokenizer, forget, retain, args: UnlearnArgs, progress: bool, ca
         raise ValueError(f"method {args.method!r} needs a retain set (retain is None)")
     batch_size, seed = args.batch_size, args.seed
     max_length = model_context_length(model) if args.max_length is None else args.max_length
-    pad_id = _pad_id(tokenizer)
+    pad_id = pad_id_of(tokenizer)
     forget_examples = encode_dataset(tokenizer, forget, "forget", max_length)
     retain_examples = encode_dataset(tokenizer, retain, "retain", max_length) if retain is not None else []
     if engine is not None:
@@ -619,7 +618,7 @@ def finetune(
     _check_positive("epochs", epochs)
     _check_positive("batch_size", batch_size)
     device = next(model.parameters()).device
-    pad_id = _pad_id(tokenizer)
+    pad_id = pad_id_of(tokenizer)
     examples = encode_dataset(tokenizer, data, "data", model_context_length(model) if max_length is None else max_length)
     torch.manual_seed(seed)
     steps_per_epoch = math.ceil(len(examples) / batch_size)

@@ -557,12 +557,13 @@ def test_run_report_and_forgetting_warning(data, tokenizer, capsys):
 def test_routing_shares_against_a_direct_count(data, tokenizer):
     """routing_shares: the mean over layers and marked positions of the routing weight on
     experts >= 1, recomputed here from each router's logits with route()."""
-    from alter.train import _pad_id, base_model_pass, encode_dataset, routing_shares
+    from alter.data import pad_id_of
+    from alter.train import base_model_pass, encode_dataset, routing_shares
     from alter_kernels import route
 
     model = small_model(tokenizer)
     examples = encode_dataset(tokenizer, data["forget"], "forget", None)
-    _, entropy = base_model_pass(model, examples, _pad_id(tokenizer), CONFIG.tsallis_q, 4)
+    _, entropy = base_model_pass(model, examples, pad_id_of(tokenizer), CONFIG.tsallis_q, 4)
     for example, values in zip(examples, entropy):
         example["entropy"] = values
     apply_alter(model, CONFIG)
@@ -571,7 +572,7 @@ def test_routing_shares_against_a_direct_count(data, tokenizer):
         torch.nn.init.normal_(layer.router.weight, std=1.0)
     for example in examples:
         example["route_mask"] = [int(i % 2 == 0) for i in range(len(example["input_ids"]))]
-    got = routing_shares(model, examples, _pad_id(tokenizer), 3)
+    got = routing_shares(model, examples, pad_id_of(tokenizer), 3)
     total = count = 0.0
     for example in examples:
         ids = torch.tensor([example["input_ids"]])

@@ -99,11 +99,6 @@ def encode_dataset(tokenizer, data, name: str, max_length: int | None) -> list[d
     return examples
 
 
-def _pad_id(tokenizer) -> int:
-    pad = tokenizer.pad_token_id
-    return tokenizer.eos_token_id if pad is None else pad
-
-
 def _batch(examples: list[dict], indices, pad_id: int, device) -> dict:
     """Collate ``examples[indices]`` (right padding) onto ``device``. Per-token fields
     other than ids and labels (the cached ``entropy``) pad with 0."""
