@@ -12,7 +12,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 # Key of adapter_config.json that describes the base model rather than the adapter.
@@ -156,14 +156,9 @@ class AlterConfig:
         _check_real("dropout", self.dropout, positive=False)
         if not self.dropout < 1:
             raise ValueError(f"AlterConfig: dropout must be in [0, 1), got {self.dropout}")
-        if self.entropy_source not in ENTROPY_SOURCES:
-            raise ValueError(f"AlterConfig: entropy_source must be one of {ENTROPY_SOURCES}, got {self.entropy_source!r}")
-        if self.forget_loss not in FORGET_LOSSES:
-            raise ValueError(f"AlterConfig: forget_loss must be one of {FORGET_LOSSES}, got {self.forget_loss!r}")
-        if self.train_routes not in TRAIN_ROUTES:
-            raise ValueError(f"AlterConfig: train_routes must be one of {TRAIN_ROUTES}, got {self.train_routes!r}")
-        if self.backend not in BACKEND_CHOICES:
-            raise ValueError(f"AlterConfig: backend must be one of {BACKEND_CHOICES}, got {self.backend!r}")
+        for name, allowed in (("entropy_source", ENTROPY_SOURCES), ("forget_loss", FORGET_LOSSES),
+                              ("train_routes", TRAIN_ROUTES), ("backend", BACKEND_CHOICES)):
+            check_choice(name, getattr(self, name), allowed, "AlterConfig")
         if not isinstance(self.a_learns_from_high_entropy_only, bool):
             raise ValueError(
                 f"AlterConfig: a_learns_from_high_entropy_only must be a bool, got {self.a_learns_from_high_entropy_only!r}"
@@ -232,6 +227,13 @@ def read_json(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(values).__name__}")
     return values
+
+
+def check_choice(name: str, value, allowed: Iterable, fn: str) -> None:
+    """ValueError ``"{fn}: {name} must be one of {allowed}, got {value!r}"`` unless ``value`` is allowed."""
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise ValueError(f"{fn}: {name} must be one of {allowed}, got {value!r}")
 
 
 def _check_real(name: str, value, *, positive: bool) -> None:

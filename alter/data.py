@@ -16,11 +16,13 @@ import random
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 from urllib.parse import urlparse
 
 import datasets
 import torch
+
+from alter.config import check_choice
 
 IGNORE_INDEX = -100
 
@@ -247,7 +249,7 @@ class PromptFormat:
     template_kwargs: tuple = ()  # (name, value) pairs: the dataclass stays hashable
 
     def __post_init__(self):
-        _check_choice("style", self.style, PROMPT_FORMATS, "PromptFormat")
+        check_choice("style", self.style, PROMPT_FORMATS, "PromptFormat")
         if self.style != "chat" and (self.system_prompt is not None or self.template_kwargs):
             raise ValueError(f"PromptFormat: system_prompt and template_kwargs apply to the 'chat' style, "
                              f"not {self.style!r}")
@@ -538,12 +540,6 @@ def _check_string_lists(ds: datasets.Dataset, column: str, what: str) -> None:
         raise ValueError(f"{what}: column {column!r} must hold lists of strings, got {feature}")
 
 
-def _check_choice(name: str, value: str, allowed: Iterable[str], fn: str) -> None:
-    allowed = tuple(allowed)
-    if value not in allowed:
-        raise ValueError(f"{fn}: {name} must be one of {allowed}, got {value!r}")
-
-
 def load_tofu(config: str = "forget10", path=None, split: str = "train") -> datasets.Dataset:
     """A TOFU config (``locuslab/TOFU``): ``forget10``, ``retain90``, ``forget10_perturbed``,
     ``real_authors_perturbed``, ``world_facts_perturbed``, ... (see ``shared/DATASETS.md``).
@@ -575,7 +571,7 @@ def load_wmdp(config: str = "wmdp-bio", path=None, split: str = "test") -> datas
     """WMDP multiple-choice questions (``cais/wmdp``): ``question``, ``choices`` (4 strings),
     ``answer`` (int 0-3). ``path``: a data file, or a folder holding ``{config}.*`` or the
     hub layout ``{config}/test-*.parquet``."""
-    _check_choice("config", config, _WMDP_CONFIGS, "load_wmdp")
+    check_choice("config", config, _WMDP_CONFIGS, "load_wmdp")
     return _load("cais/wmdp", config, split, path, [f"{config}/{split}", config], _MCQ_COLUMNS,
                  f"load_wmdp({config!r})")
 
@@ -611,10 +607,10 @@ def load_muse(corpus: str = "News", subset: str = "raw", split: str | None = Non
     subset's first split. ``path``: a data file, or a folder (the corpus) holding
     ``{subset}/{split}.*`` or hub shards ``{subset}/{split}-*.parquet``.
     """
-    _check_choice("corpus", corpus, ("News", "Books"), "load_muse")
-    _check_choice("subset", subset, tuple(_MUSE_SPLITS), "load_muse")
+    check_choice("corpus", corpus, ("News", "Books"), "load_muse")
+    check_choice("subset", subset, tuple(_MUSE_SPLITS), "load_muse")
     split = _MUSE_SPLITS[subset][0] if split is None else split
-    _check_choice("split", split, _MUSE_SPLITS[subset], "load_muse")
+    check_choice("split", split, _MUSE_SPLITS[subset], "load_muse")
     return _load(f"muse-bench/MUSE-{corpus}", subset, split, path, [f"{subset}/{split}"],
                  _MUSE_COLUMNS[subset], f"load_muse({corpus!r}, {subset!r}, {split!r})")
 
