@@ -22,6 +22,7 @@ import os
 import sys
 
 from alter.files import first_line
+from alter.methods.args import DEFAULT_EARLY_STOP_SHARE
 
 TINY = "tiny"
 BASE_MODEL_DIR = "base_model"
@@ -210,7 +211,8 @@ def cmd_unlearn(args) -> int:
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, max_steps=args.max_steps,
         structural=args.structural, seed=args.seed, output_dir=args.out,
         save_every=args.save_every, resume=args.resume, router_warmup=args.router_warmup,
-        router_lr=args.router_lr, distributed=args.distributed, progress=not args.quiet,
+        router_lr=args.router_lr, early_stop_share=args.early_stop_share, distributed=args.distributed,
+        progress=not args.quiet,
     )
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # a distributed run's other processes: the main one writes
@@ -343,6 +345,18 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _share_or_none(text: str) -> float | None:
+    if text.strip().lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1) or 'none', got {text!r}")
+    return value
+
+
 def cmd_quality(args) -> int:
     from alter.quality import main as quality_main
 
@@ -416,6 +430,10 @@ def build_parser() -> argparse.ArgumentParser:
     un.add_argument("--lr-a", type=float, help="learning rate of A (default 1e-3)")
     un.add_argument("--lr-b", type=float, help="learning rate of the B experts (default 3e-3)")
     un.add_argument("--router-lr", type=float, help="learning rate of the routers (default: --lr-b)")
+    un.add_argument("--early-stop-share", type=_share_or_none, default=DEFAULT_EARLY_STOP_SHARE,
+                    help="stop once at most this share of the forget tokens predicted at the start is still "
+                         f"predicted, checked after each pass over the forget set (default {DEFAULT_EARLY_STOP_SHARE}; "
+                         "'none': run every step)")
     un.add_argument("--beta", type=float, help="forget loss weight")
     un.add_argument("--gamma", type=float, help="retain loss weight")
     un.add_argument("--lam", type=float, help="structural term weight")

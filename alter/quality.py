@@ -176,7 +176,7 @@ def summarize(results: list[dict]) -> list[dict]:
     for (scenario, run), rows in groups.items():
         entry = {"scenario": scenario, "run": run, "seeds": len(rows)}
         for key in ("forget_acc", "retain_acc", "forget_ratio", "retain_ratio", "forget_routing_share",
-                    "retain_leak_share", "seconds"):
+                    "retain_leak_share", "steps", "seconds"):
             values = [r[key] for r in rows if r.get(key) is not None and not _isnan(r[key])]
             if values:
                 entry[key] = float(np.mean(values))
@@ -255,7 +255,9 @@ def format_markdown(summary: list[dict], scenarios, seeds, seconds: float, quick
              "",
              "Each scenario: a tiny Llama memorizes every row (forget + retain); each method then runs from a copy "
              "with `alter.unlearn(model, tokenizer, forget, retain, method=...)` and nothing else (ablations change "
-             "one `AlterConfig` field; the full-parameter baselines get `lr=1e-4`, see `alter.quality.BASELINE_LR`). "
+             "one `AlterConfig` field; the full-parameter baselines get `lr=1e-4`, see `alter.quality.BASELINE_LR`); "
+             "every run stops early by unlearn's default rule (`early_stop_share`, module doc of `alter.train`, "
+             "\"Run length\"); steps: the optimizer steps run, router warm-up included. "
              "Accuracy: teacher-forced argmax over the tokens of the fact values only. Ratios: after / before "
              "(forget: lower is better, target ≤ 0.5; retain: higher is better, target ≥ 0.9). Routing shares "
              "(from `model.unlearn_report`): routing weight the trained routers give the forget experts on the "
@@ -273,7 +275,7 @@ def format_markdown(summary: list[dict], scenarios, seeds, seconds: float, quick
     targets = meets_targets(summary)
     lines += ["## Results", "",
               "| scenario | run | seeds | forget acc | retain acc | forget ratio | retain ratio | forget→forget experts | "
-              "retain leak | s/run |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "retain leak | steps | s/run |", "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def cell(entry, key, digits=2):
         if key not in entry:
@@ -284,7 +286,7 @@ def format_markdown(summary: list[dict], scenarios, seeds, seconds: float, quick
         lines.append(f"| {e['scenario']} | {'**alter (default)**' if e['run'] == 'alter' else e['run']} | {e['seeds']} | "
                      f"{cell(e, 'forget_acc')} | {cell(e, 'retain_acc')} | {cell(e, 'forget_ratio')} | "
                      f"{cell(e, 'retain_ratio')} | {cell(e, 'forget_routing_share')} | {cell(e, 'retain_leak_share')} | "
-                     f"{e.get('seconds', 0):.0f} |")
+                     f"{format(e['steps'], '.0f') if 'steps' in e else '–'} | {e.get('seconds', 0):.0f} |")
     lines += ["", "## Targets (default call, seed means)", "",
               "Forget ratio ≤ 0.5 and retain ratio ≥ 0.9; runs that dominate the default ALTER call "
               "(forget ratio ≤ and retain ratio ≥ ALTER's, one of them strictly):", ""]

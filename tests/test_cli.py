@@ -63,9 +63,10 @@ def test_unlearn_then_eval_tiny(data_dir, tmp_path, capsys):
     forget, retain = str(data_dir / "forget.jsonl"), str(data_dir / "retain.json")
     assert main(["unlearn", "--model", "tiny", "--forget", forget, "--retain", retain, "--out", str(out),
                  "--max-steps", "2", "--batch-size", "2", "--rank", "2", "--num-experts", "3",
-                 "--router-lr", "0.02", "--quiet"]) == 0
+                 "--router-lr", "0.02", "--early-stop-share", "none", "--quiet"]) == 0
     run = json.loads((out / "unlearn_args.json").read_text())
     assert run["method"] == "alter" and run["steps"] == 2 and run["router_lr"] == 0.02
+    assert run["early_stop_share"] is None
     adapter_config = json.loads((out / "adapter_config.json").read_text())
     assert adapter_config["r"] == 2 and adapter_config["num_experts"] == 3
     assert (out / "adapter_model.safetensors").exists() and (out / "base_model" / "config.json").exists()
@@ -99,6 +100,15 @@ def test_unlearn_full_parameter_baseline_without_retain(data_dir, tmp_path):
     assert main(["unlearn", "--model", "tiny", "--forget", str(data_dir / "forget.jsonl"), "--method", "grad_ascent",
                  "--out", str(out), "--max-steps", "1", "--quiet"]) == 0
     assert (out / "model.safetensors").exists() and not (out / "adapter_config.json").exists()
+
+
+@pytest.mark.parametrize("share", ["1", "-0.5", "most"])
+def test_early_stop_share_flag_is_checked_by_the_parser(share, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["unlearn", "--model", "tiny", "--forget", "f.jsonl", "--out", str(tmp_path / "o"),
+              "--early-stop-share", share])
+    assert exit_info.value.code == 2
+    assert "--early-stop-share: must be a number in [0, 1) or 'none'" in capsys.readouterr().err
 
 
 def test_bad_data_file_is_a_clear_error(tmp_path, capsys):

@@ -1,5 +1,6 @@
 """The unlearning harness (alter.train): every method end to end on a tiny Llama, resume,
 bad input, the k-means split, and the loss terms against float64 references."""
+import copy
 import dataclasses
 import math
 
@@ -530,11 +531,69 @@ def test_run_length_is_sized_from_the_data():
 
     assert run_length(10, 4, None, None, True) == (MIN_STEPS, MIN_STEPS)  # 3 batches an epoch
     assert run_length(1000, 4, None, None, True) == (MAX_ROUTER_WARMUP, MAX_DEFAULT_STEPS)
-    assert run_length(4000, 4, None, None, True) == (MAX_ROUTER_WARMUP, 1000)  # at least one epoch
+    assert run_length(8000, 4, None, None, True) == (MAX_ROUTER_WARMUP, 2000)  # at least one epoch
     assert run_length(120, 4, None, None, True) == (MAX_ROUTER_WARMUP, min(300, MAX_DEFAULT_STEPS))
     assert run_length(10, 4, 2, None, True) == (6, 6)  # explicit epochs: 2 x 3 batches
     assert run_length(10, 4, None, 7, True)[0] == 7
     assert run_length(10, 4, None, None, False)[0] == 0  # no router, no warm-up
+
+
+def test_bigram_surprisal_weighs_template_words_zero_and_values_by_their_spread():
+    """-log2 p(token | previous) over the labelled tokens of the corpus: 5 always follows
+    4 (0 bits), 4 is followed by 5 always; 7, 8 and 9 share the context 6 (log2 3 bits)."""
+    from alter.train import bigram_surprisal
+
+    forget = [{"input_ids": [1, 4, 5, 6, 7], "labels": [-100, -100, 5, 6, 7]}]
+    retain = [{"input_ids": [1, 4, 5, 6, 8], "labels": [-100, 4, 5, 6, 8]},
+              {"input_ids": [2, 6, 9], "labels": [-100, -100, 9]}]
+    got = bigram_surprisal(forget, forget + retain)
+    # forget's labelled tokens: 5 after 4, 6 after 5, 7 after 6
+    torch.testing.assert_close(got, torch.tensor([0.0, 0.0, math.log2(3)], dtype=torch.float64))
+
+
+def test_kept_share_counts_the_start_predictions_still_made_with_their_weights():
+    from alter.train import LabelScores
+
+    start = LabelScores(0.9, torch.tensor([True, True, True, False]))
+    now = LabelScores(0.5, torch.tensor([True, False, False, True]))
+    assert now.kept_share(start) == pytest.approx(1 / 3)  # a token newly predicted does not count
+    assert now.kept_share(start, torch.tensor([3.0, 1.0, 0.0, 5.0], dtype=torch.float64)) == pytest.approx(3 / 4)
+    assert now.kept_share(LabelScores(0.0, torch.zeros(4, dtype=torch.bool))) == 1.0  # nothing to forget
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # "barely forgotten" is not what this test checks
+@pytest.mark.parametrize("method", ["alter", "grad_diff"])
+def test_early_stop_ends_the_run_at_the_first_check_below_the_share(method, data, tokenizer):
+    """With a share the start already meets (0.99 after a few large steps) the run stops at
+    the first check, one pass over the forget set after the warm-up; with None it runs
+    every step. The report records each check."""
+    settings = dict(method=method, batch_size=2, progress=False, max_steps=12, seed=0,
+                    **({"config": dataclasses.replace(CONFIG, lr_B=5e-2, lr_A=5e-2), "router_warmup": 2}
+                       if method == "alter" else {"lr": 5e-2}))
+    warmup = settings.get("router_warmup", 0)
+    check_every = math.ceil(len(data["forget"]) / 2)
+    memorized = small_model(tokenizer)  # predicts its forget answers: there is something to stop on
+    finetune(memorized, tokenizer, datasets.concatenate_datasets([data["forget"], data["retain"]]), epochs=40,
+             batch_size=4, lr=1e-2, progress=False)
+    model = copy.deepcopy(memorized)
+    unlearn(model, tokenizer, data["forget"], data["retain"], early_stop_share=0.99, **settings)
+    report = model.unlearn_report
+    assert report.stopped_early and report.forget_kept_history[-1][1] <= 0.99
+    first_check = warmup + check_every
+    assert [step for step, _ in report.forget_kept_history] == list(range(first_check, report.steps + 1, check_every))
+    assert report.steps % check_every == warmup % check_every and report.steps < 12
+    assert "(early stop)" in str(report)
+    model = copy.deepcopy(memorized)
+    unlearn(model, tokenizer, data["forget"], data["retain"], early_stop_share=None, **settings)
+    assert model.unlearn_report.steps == 12 and not model.unlearn_report.stopped_early
+    assert model.unlearn_report.forget_kept_history == []
+
+
+@pytest.mark.parametrize("share", [-0.1, 1.0, True, "0.3", float("nan")])
+def test_early_stop_share_is_validated(share, data, tokenizer):
+    with pytest.raises(ValueError, match="early_stop_share"):
+        unlearn(small_model(tokenizer), tokenizer, data["forget"], data["retain"], early_stop_share=share,
+                progress=False)
 
 
 def test_run_report_and_forgetting_warning(data, tokenizer, capsys):

@@ -14,6 +14,8 @@ from alter.config import AlterConfig
 
 STRUCTURAL_MODES = ("surrogate", "exact")
 DISTRIBUTED_MODES = ("ddp", "fsdp2")
+# unlearn's default early stop (alter.train module doc, "Run length").
+DEFAULT_EARLY_STOP_SHARE = 0.4
 
 
 def _role(role: str | None, default):
@@ -37,6 +39,7 @@ class UnlearnArgs:
     lr: float = _role("fingerprint", 1e-5)
     router_warmup: int | None = _role("fingerprint", None)
     router_lr: float | None = _role("fingerprint", None)
+    early_stop_share: float | None = _role("fingerprint", DEFAULT_EARLY_STOP_SHARE)
     structural: str = _role("fingerprint", "surrogate")
     npo_beta: float = _role("fingerprint", 0.1)
     max_grad_norm: float | None = _role("fingerprint", 1.0)
@@ -87,6 +90,10 @@ class UnlearnArgs:
         lr = self.router_lr
         if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0):
             raise ValueError(f"router_lr must be a positive number or None, got {lr!r}")
+        share = self.early_stop_share
+        if share is not None and (isinstance(share, bool) or not isinstance(share, (int, float))
+                                  or not 0 <= share < 1):
+            raise ValueError(f"early_stop_share must be a number in [0, 1) or None, got {share!r}")
         if self.distributed is not None and self.distributed not in DISTRIBUTED_MODES:
             raise ValueError(f"distributed must be one of {DISTRIBUTED_MODES} or None, got {self.distributed!r}")
 
