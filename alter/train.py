@@ -66,15 +66,15 @@ dataclass), and :mod:`alter.distributed` runs the loop on several processes. Met
     and 1, development) 100 unlearning steps took model utility to 0.75-0.79x the
     target's, while the share crossed 0.4 after 50-60 steps at 0.92-0.93x with forget
     quality 0.83; unweighted, the answers' template words kept the share above 0.6 until
-    the facts were gone (forget ROUGE at the retain model's). On the development scenarios (seed 0, alter) the stop at 0.4
-    left forget accuracy at 0.25-0.41x its start (0.0 on dev-authors-text) and retain
-    accuracy at 0.93-1.0x. The check costs one no-grad pass over the forget set per
-    epoch (about an eighth of the epoch's training passes). With the stop in place the
-    cap is 1000 steps (10 epochs of a 400-row set); at 400, as before, it cut large sets
-    short of the stop: development islands-qa-280 (280 forget rows, seed 0) ended at 0.49x
-    forget accuracy after 400 steps and crossed the share at 420 (0.42x, retain 0.97x),
-    villages-text-400 (seeds 0, 1, alter and asym_lora) stopped at 400-500 steps
-    (0.26-0.34x, retain >= 0.91x).
+    the facts were gone (forget ROUGE at the retain model's). On the development
+    scenarios (seed 0, alter) the stop at 0.4 left forget accuracy at 0.25-0.41x its
+    start (0.0 on dev-authors-text) and retain accuracy at 0.91-1.0x. The check costs one
+    no-grad pass over the forget set per epoch (about an eighth of the epoch's training
+    passes). With the stop in place the cap is 1000 steps (10 epochs of a 400-row set);
+    at 400, as before, it cut large sets short of the stop: development islands-qa-280
+    (280 forget rows, seed 0) ended at 0.49x forget accuracy after 400 steps and reached
+    the share by 420-490 steps (0.38-0.42x, retain 0.94-0.97x); villages-text-400 (seeds
+    0 and 1, alter and asym_lora) stopped at 400-500 steps (0.26-0.34x, retain >= 0.91x).
 ``"asym_lora"``
     AsymLoRA without entropy: the same routes and routing targets, IHL with uniform
     token weights, A learning from every token, no structural term.
@@ -528,7 +528,8 @@ def unlearn(
     The model comes back in eval mode with ``model.unlearn_report``, an
     :class:`UnlearnReport` (steps, loss trajectories, routing shares, the forget tokens'
     probability before and after), printed unless ``progress=False``; a ``UserWarning``
-    says when the forget set was barely forgotten. An adapted model routes with its trained router
+    says when the forget set was barely forgotten, or when the run ended before the early
+    stop's share was reached. An adapted model routes with its trained router
     (no forced route) and, unless ``config.entropy_source`` is ``"precomputed"``, gets
     its token entropy from ``"lagged"`` tracking: a prepass for whole sequences (as
     ``"prepass"`` does) and the lagged entropy for tokens decoded by ``model.generate``.
@@ -659,6 +660,11 @@ def _run(model, tokenizer, forget, retain, args: UnlearnArgs, progress: bool, ca
         warnings.warn(f"unlearn [{args.method}]: the forget set is barely forgotten: its tokens' mean probability "
                       f"went {forget_start.probability:.3g} -> {report.forget_probability_after:.3g}; "
                       "train longer (epochs) or with larger learning rates", stacklevel=3)
+    elif (main and args.early_stop_share is not None and args.max_steps is None and not report.stopped_early
+          and report.forget_kept_share > args.early_stop_share):
+        warnings.warn(f"unlearn [{args.method}]: the run ended after {report.steps} steps with "
+                      f"{report.forget_kept_share:.2f} of the forget tokens still predicted (weighted), above "
+                      f"early_stop_share {args.early_stop_share}: more epochs would forget more", stacklevel=3)
     state = engine.full_state_dict(model) if engine is not None and args.output_dir is not None else None
     if args.output_dir is not None and main:
         record = {**args.record(), **run, "router_warmup_steps": router_warmup, "steps": total_steps}

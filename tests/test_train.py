@@ -561,9 +561,19 @@ def test_kept_share_counts_the_start_predictions_still_made_with_their_weights()
     assert now.kept_share(LabelScores(0.0, torch.zeros(4, dtype=torch.bool))) == 1.0  # nothing to forget
 
 
+@pytest.fixture(scope="module")
+def memorized(data, tokenizer):
+    """A small model trained on forget + retain: it predicts its forget answers, so there
+    is something for the early stop to measure."""
+    model = small_model(tokenizer)
+    finetune(model, tokenizer, datasets.concatenate_datasets([data["forget"], data["retain"]]), epochs=40,
+             batch_size=4, lr=1e-2, progress=False)
+    return model
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")  # "barely forgotten" is not what this test checks
 @pytest.mark.parametrize("method", ["alter", "grad_diff"])
-def test_early_stop_ends_the_run_at_the_first_check_below_the_share(method, data, tokenizer):
+def test_early_stop_ends_the_run_at_the_first_check_below_the_share(method, memorized, data, tokenizer):
     """With a share the start already meets (0.99 after a few large steps) the run stops at
     the first check, one pass over the forget set after the warm-up; with None it runs
     every step. The report records each check."""
@@ -572,9 +582,6 @@ def test_early_stop_ends_the_run_at_the_first_check_below_the_share(method, data
                        if method == "alter" else {"lr": 5e-2}))
     warmup = settings.get("router_warmup", 0)
     check_every = math.ceil(len(data["forget"]) / 2)
-    memorized = small_model(tokenizer)  # predicts its forget answers: there is something to stop on
-    finetune(memorized, tokenizer, datasets.concatenate_datasets([data["forget"], data["retain"]]), epochs=40,
-             batch_size=4, lr=1e-2, progress=False)
     model = copy.deepcopy(memorized)
     unlearn(model, tokenizer, data["forget"], data["retain"], early_stop_share=0.99, **settings)
     report = model.unlearn_report
@@ -587,6 +594,13 @@ def test_early_stop_ends_the_run_at_the_first_check_below_the_share(method, data
     unlearn(model, tokenizer, data["forget"], data["retain"], early_stop_share=None, **settings)
     assert model.unlearn_report.steps == 12 and not model.unlearn_report.stopped_early
     assert model.unlearn_report.forget_kept_history == []
+
+
+def test_a_run_ending_short_of_the_early_stop_says_so(memorized, data, tokenizer):
+    with pytest.warns(UserWarning, match="above early_stop_share 0.0: more epochs would forget more"):
+        unlearn(copy.deepcopy(memorized), tokenizer, data["forget"], data["retain"], early_stop_share=0.0, epochs=2,
+                config=dataclasses.replace(CONFIG, lr_B=5e-2, lr_A=5e-2), router_warmup=2, batch_size=2,
+                progress=False)
 
 
 @pytest.mark.parametrize("share", [-0.1, 1.0, True, "0.3", float("nan")])
