@@ -2,6 +2,7 @@
 bad input, the k-means split, and the loss terms against float64 references."""
 import copy
 import dataclasses
+import json
 import math
 
 import datasets
@@ -573,7 +574,7 @@ def memorized(data, tokenizer):
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # "barely forgotten" is not what this test checks
 @pytest.mark.parametrize("method", ["alter", "grad_diff"])
-def test_early_stop_ends_the_run_at_the_first_check_below_the_share(method, memorized, data, tokenizer):
+def test_early_stop_ends_the_run_at_the_first_check_below_the_share(method, memorized, data, tokenizer, tmp_path):
     """With a share the start already meets (0.99 after a few large steps) the run stops at
     the first check, one pass over the forget set after the warm-up; with None it runs
     every step. The report records each check."""
@@ -583,13 +584,16 @@ def test_early_stop_ends_the_run_at_the_first_check_below_the_share(method, memo
     warmup = settings.get("router_warmup", 0)
     check_every = math.ceil(len(data["forget"]) / 2)
     model = copy.deepcopy(memorized)
-    unlearn(model, tokenizer, data["forget"], data["retain"], early_stop_share=0.99, **settings)
+    unlearn(model, tokenizer, data["forget"], data["retain"], early_stop_share=0.99, output_dir=str(tmp_path),
+            **settings)
     report = model.unlearn_report
     assert report.stopped_early and report.forget_kept_history[-1][1] <= 0.99
     first_check = warmup + check_every
     assert [step for step, _ in report.forget_kept_history] == list(range(first_check, report.steps + 1, check_every))
     assert report.steps % check_every == warmup % check_every and report.steps < 12
     assert "(early stop)" in str(report)
+    record = json.loads((tmp_path / "unlearn_args.json").read_text())
+    assert (record["steps"], record["stopped_early"]) == (report.steps, True)
     model = copy.deepcopy(memorized)
     unlearn(model, tokenizer, data["forget"], data["retain"], early_stop_share=None, **settings)
     assert model.unlearn_report.steps == 12 and not model.unlearn_report.stopped_early
