@@ -117,7 +117,8 @@ from alter.data import IGNORE_INDEX, pad_id_of
 from alter.files import first_line, staged_directory
 from alter.distributed import Engine, launched
 from alter.methods import ADAPTER_METHODS, METHODS, build, method_class  # noqa: F401 (the first two: public names)
-from alter.methods.args import DEFAULT_EARLY_STOP_SHARE, STRUCTURAL_MODES, UnlearnArgs, check_positive as _check_positive  # noqa: F401
+from alter.methods.args import (DEFAULT_EARLY_STOP_SHARE, STRUCTURAL_MODES, UnlearnArgs,  # noqa: F401
+                                check_positive as _check_positive)
 from alter.methods.base import RETENTION_EXPERT
 # The data preparation and losses live in alter.methods; these are alter.train's public names.
 from alter.methods.data import (  # noqa: F401
@@ -393,7 +394,8 @@ class UnlearnReport:
     ``retain_leak_share`` the same on every retained token (None for methods without
     forget experts); ``forget_probability_before/after``: the mean probability of the
     forget set's labelled tokens; ``forget_kept_share``: the share of the forget tokens the
-    model predicted (argmax) at the start that it still predicts, at the end and, in
+    model predicted (argmax) at the start that it still predicts, weighted by
+    :func:`bigram_surprisal`, at the end and, in
     ``forget_kept_history``, as ``(step, share)`` at each early-stop check;
     ``stopped_early``: whether the run stopped there (module doc, "Run length");
     ``seconds``: wall time.
@@ -515,7 +517,8 @@ def unlearn(
         router_lr: adapter methods: learning rate of the routers (default ``config.lr_B``).
         early_stop_share: after each pass over the forget set (unlearning steps only),
             stop once at most this share of the forget tokens the model predicted at the
-            start is still its prediction (module doc, "Run length"); None: run every step.
+            start is still its prediction, each token weighted by its bigram surprisal
+            (module doc, "Run length"); None: run every step.
         distributed: ``"ddp"`` or ``"fsdp2"`` to run on the processes of a launcher
             (``torchrun``), through ``accelerate``; under ``accelerate launch`` its config
             decides and None is fine. ``batch_size`` is the global batch, split over the
