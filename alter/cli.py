@@ -22,7 +22,7 @@ import os
 import sys
 
 from alter.files import first_line
-from alter.methods.args import DEFAULT_EARLY_STOP_SHARE
+from alter.methods.args import DEFAULT_EARLY_STOP_SHARE, check_early_stop_share
 
 TINY = "tiny"
 BASE_MODEL_DIR = "base_model"
@@ -350,10 +350,9 @@ def _share_or_none(text: str) -> float | None:
         return None
     try:
         value = float(text)
+        check_early_stop_share(value)
     except ValueError:
-        value = -1.0
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1) or 'none', got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1) or 'none', got {text!r}") from None
     return value
 
 

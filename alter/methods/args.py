@@ -22,6 +22,12 @@ def _role(role: str | None, default):
     return field(default=default, metadata={"role": role})
 
 
+def check_early_stop_share(share) -> None:
+    """ValueError unless ``share`` is a number in [0, 1) or None (``unlearn``'s early stop)."""
+    if share is not None and (isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share < 1):
+        raise ValueError(f"early_stop_share must be a number in [0, 1) or None, got {share!r}")
+
+
 def check_positive(name: str, value, kind=int) -> None:
     if not isinstance(value, kind) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"{name} must be a positive {kind.__name__}, got {value!r}")
@@ -90,10 +96,7 @@ class UnlearnArgs:
         lr = self.router_lr
         if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0):
             raise ValueError(f"router_lr must be a positive number or None, got {lr!r}")
-        share = self.early_stop_share
-        if share is not None and (isinstance(share, bool) or not isinstance(share, (int, float))
-                                  or not 0 <= share < 1):
-            raise ValueError(f"early_stop_share must be a number in [0, 1) or None, got {share!r}")
+        check_early_stop_share(self.early_stop_share)
         if self.distributed is not None and self.distributed not in DISTRIBUTED_MODES:
             raise ValueError(f"distributed must be one of {DISTRIBUTED_MODES} or None, got {self.distributed!r}")
 
