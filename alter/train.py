@@ -429,8 +429,10 @@ class UnlearnReport:
 
 
 def _report(model, method, forget_examples, retain_examples, pad_id, batch_size, history, start_step,
-            router_warmup, forget_start: LabelScores, fact_weight, kept_history, stopped_early,
+            router_warmup, forget_start: LabelScores, fact_weight, kept_history, forget_end: LabelScores | None,
             seconds) -> UnlearnReport:
+    """The run's :class:`UnlearnReport`; ``forget_end``: the early stop's scores of the
+    forget set when the run stopped early (the model has not changed since), else None."""
     losses: dict[str, dict] = {}
     for logs in history:
         for name, value in logs.items():
@@ -441,7 +443,9 @@ def _report(model, method, forget_examples, retain_examples, pad_id, batch_size,
         shares = (routing_shares(model, forget_examples, pad_id, batch_size),
                   routing_shares(model, retain_examples, pad_id, batch_size))
     warmup_run = max(0, min(router_warmup, start_step + len(history)) - start_step)
-    forget_end = label_scores(model, forget_examples, pad_id, batch_size)
+    stopped_early = forget_end is not None
+    if forget_end is None:
+        forget_end = label_scores(model, forget_examples, pad_id, batch_size)
     return UnlearnReport(method, len(history), warmup_run, losses, *shares, forget_start.probability,
                          forget_end.probability, forget_end.kept_share(forget_start, fact_weight), kept_history,
                          stopped_early, seconds)
@@ -599,7 +603,7 @@ def _run(model, tokenizer, forget, retain, args: UnlearnArgs, progress: bool, ca
     total_steps = total_steps if args.max_steps is None else min(args.max_steps, total_steps)
     history: list[dict] = []
     kept_history: list[tuple[int, float]] = []
-    stopped_early = False
+    stopped_at: LabelScores | None = None  # the forget set's scores where the early stop ended the run
     check_every = math.ceil(len(forget_examples) / batch_size)  # once per pass over the forget set
     fact_weight = bigram_surprisal(forget_examples, forget_examples + retain_examples)
 
@@ -642,10 +646,11 @@ def _run(model, tokenizer, forget, retain, args: UnlearnArgs, progress: bool, ca
             checkpointer.save(step + 1, _full_state(model, names, engine), optimizer, main)
         if args.early_stop_share is not None and step >= router_warmup \
                 and (step + 1 - router_warmup) % check_every == 0 and step + 1 < total_steps:
-            kept = label_scores(model, forget_examples, pad_id, batch_size).kept_share(forget_start, fact_weight)
+            scores = label_scores(model, forget_examples, pad_id, batch_size)
+            kept = scores.kept_share(forget_start, fact_weight)
             kept_history.append((step + 1, kept))
             if kept <= args.early_stop_share:
-                stopped_early = True
+                stopped_at = scores
                 break
     bar.close()
     if checkpointing:
@@ -654,7 +659,7 @@ def _run(model, tokenizer, forget, retain, args: UnlearnArgs, progress: bool, ca
         model.set_attn_implementation(attention)
     model.eval()
     report = _report(model, args.method, forget_examples, retain_examples, pad_id, batch_size, history,
-                     start_step, router_warmup, forget_start, fact_weight, kept_history, stopped_early,
+                     start_step, router_warmup, forget_start, fact_weight, kept_history, stopped_at,
                      time.perf_counter() - started)
     model.unlearn_report = report
     if progress:
@@ -671,7 +676,7 @@ def _run(model, tokenizer, forget, retain, args: UnlearnArgs, progress: bool, ca
     state = engine.full_state_dict(model) if engine is not None and args.output_dir is not None else None
     if args.output_dir is not None and main:
         record = {**args.record(), **run, "router_warmup_steps": router_warmup, "steps": start_step + len(history),
-                  "stopped_early": stopped_early}
+                  "stopped_early": report.stopped_early}
         _save_result(model, tokenizer, args.output_dir, method, record, state)
     if engine is not None:
         engine.wait()

@@ -588,6 +588,7 @@ def test_early_stop_ends_the_run_at_the_first_check_below_the_share(method, memo
             **settings)
     report = model.unlearn_report
     assert report.stopped_early and report.forget_kept_history[-1][1] <= 0.99
+    assert report.forget_kept_share == report.forget_kept_history[-1][1]  # the stop's scores, not a new pass
     first_check = warmup + check_every
     assert [step for step, _ in report.forget_kept_history] == list(range(first_check, report.steps + 1, check_every))
     assert report.steps % check_every == warmup % check_every and report.steps < 12
