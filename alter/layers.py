@@ -63,8 +63,9 @@ class AsymLoRALinear(nn.Module):
 
     forward(x [..., in]) -> [..., out] in the base layer's output dtype (x's dtype, or the
     autocast dtype under autocast); the adapter runs in x's dtype (the parameters are
-    cast to it). Per-token entropy and forced routes come from the
-    tracker, in the token order of ``x.reshape(-1, in)``. In training mode, with
+    cast to it). Per-token entropy and forced routes come from the state of the model
+    call the layer runs in (``tracker.call_state()``; a layer called on its own reads what
+    was given to its tracker), in the token order of ``x.reshape(-1, in)``. In training mode, with
     ``config.a_learns_from_high_entropy_only``, lora_A learns only from tokens whose
     entropy exceeds ``config.entropy_threshold``.
     """
@@ -95,17 +96,18 @@ class AsymLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tracker = self.tracker
         config = tracker.config
-        if not tracker.adapters_enabled:
+        state = tracker.call_state()
+        if not state.adapters_enabled:
             return self.base_layer(x)
         result = self.base_layer(x)
         tokens = x.reshape(-1, self.in_features)
         num_tokens = tokens.shape[0]
-        entropy = tracker.token_entropy(num_tokens, x.device)
+        entropy = tracker.token_entropy(state, num_tokens, x.device)
         router_logits = self.router(tokens, entropy)
-        forced = tracker.token_experts(num_tokens, x.device)
+        forced = tracker.token_experts(state, num_tokens, x.device)
         if forced is not None:
-            tracker.record_router_logits(self, router_logits, forced)
-        if forced is None or not tracker.gate_forced:
+            tracker.record_router_logits(state, self, router_logits, forced)
+        if forced is None or not state.gate_forced:
             weights, experts = route(
                 router_logits,
                 entropy,

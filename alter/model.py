@@ -127,9 +127,9 @@ def forced_route(model: nn.Module, experts, gate: bool = True):
     experts: [B] integers in [0, num_experts) (a tensor or a sequence), B the batch of
     the forwards run inside. The router logits of those forwards are recorded for
     :func:`router_loss`. With ``gate=False`` the routes are not forced (the router gates
-    as at inference) and ``experts`` are only router_loss's targets. With gradient
-    checkpointing, call ``backward`` inside the context too: the recomputed forward must
-    see the same routes.
+    as at inference) and ``experts`` are only router_loss's targets. Each forward keeps
+    the routes it started with: a checkpointed recompute during a later ``backward``,
+    inside or outside the context, sees them again.
     """
     with _tracker(model, "forced_route").forced(experts, gate):
         yield
@@ -349,8 +349,9 @@ def _adopt_config(model: nn.Module, saved: AlterConfig, directory) -> None:
         shown = ", ".join(f"{k}: {have!r} -> {want!r}" for k, (have, want) in changed.items())
         warnings.warn(f"load_adapter: the model now uses the settings the adapter in {directory} was trained with "
                       f"({shown})", stacklevel=3)
-    model.alter_config = config
-    model.alter_tracker.config = config
+    # In place: the model, its tracker and its layers share this one config object.
+    for field in dataclasses.fields(AlterConfig):
+        setattr(current, field.name, getattr(config, field.name))
 
 
 def _module_of_key(key: str, path) -> str:

@@ -1,22 +1,31 @@
-"""``EntropyTracker``: the per-model state that the AsymLoRA layers read during a forward.
+"""Per-call state of a patched model: what its AsymLoRA layers read during one forward.
 
-One tracker is owned by a patched model (``model.alter_tracker``) and shared by all of
-its ``AsymLoRALinear`` layers. It holds, for the batch being run:
+A patched model owns one :class:`EntropyTracker` (``model.alter_tracker``), shared by all
+of its ``AsymLoRALinear`` layers. The tracker holds only what the *caller* set (the
+config, entropy given with :meth:`EntropyTracker.precomputed`, forced routes, the adapter
+switch). Each forward of the model turns that into a :class:`CallState`, an immutable
+value built by a forward pre-hook before any layer runs and dropped when the call ends:
 
 - ``entropy`` [B, L] float32: each token's entropy (DESIGN §1: the entropy of the base
-  model's next-token distribution at that position). Layers flatten it to [T] in the
-  token order of ``x.reshape(-1, in_features)``;
-- ``forced_experts`` [B] int64 or None: forced routing, every token of sample i goes to
-  expert ``forced_experts[i]``;
+  model's next-token distribution at that position), on the input's device. Layers
+  flatten it to [T] in the token order of ``x.reshape(-1, in_features)``;
+- ``forced_experts`` [B] int64 or None: every token of sample i goes to expert
+  ``forced_experts[i]``;
 - ``adapters_enabled``: when False the layers compute exactly their base ``nn.Linear``;
-- the router logits recorded under forced routing, for :meth:`router_loss`.
+- ``router_records``: the router logits the layers record under forced routing, for
+  :meth:`EntropyTracker.router_loss`.
 
-How ``entropy`` is filled is ``config.entropy_source`` (see :class:`EntropyTracker`);
-a forward pre-hook on the top-level model does it before any layer runs.
+The layers read the state of the call they run in, and nothing else. Gradient
+checkpointing recomputes a layer's forward during backward, after later forwards may have
+run: the checkpoint function of a Hugging Face model is wrapped so that the recompute runs
+under the state of its own call (:class:`_StatefulCheckpoint`). A layer run outside any
+call (called on its own) builds its state from what the caller gave, and raises when that
+is not enough; it never reuses an earlier call's state.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import numbers
 
@@ -33,8 +42,27 @@ _PREPASS_INPUTS = ("input_ids", "inputs_embeds", "attention_mask", "position_ids
 _CACHE_INPUTS = ("cache", "past_key_values")  # transformers >= 5.x renames the latter
 
 
+@dataclasses.dataclass(frozen=True)
+class CallState:
+    """What the adapted layers read during one forward of a patched model (see the module doc).
+
+    ``router_records`` maps layer -> (router logits [T, N], forced expert [T] int64, token
+    mask [T] bool or None); keyed by layer so that a checkpointed recompute of the same
+    call replaces its own entry. ``prepass``: the base-model pass that computes the entropy
+    (adapters off, the model's hooks do not re-enter).
+    """
+
+    adapters_enabled: bool = True
+    entropy: torch.Tensor | None = None
+    forced_experts: torch.Tensor | None = None
+    gate_forced: bool = True
+    token_mask: torch.Tensor | None = None
+    router_records: dict = dataclasses.field(default_factory=dict)
+    prepass: bool = False
+
+
 class EntropyTracker:
-    """Entropy, forced routes and the adapter switch of one patched model.
+    """The caller's settings of one patched model, and the per-call state built from them.
 
     ``config.entropy_source`` decides where each forward's entropy comes from:
 
@@ -49,9 +77,13 @@ class EntropyTracker:
     - ``"lagged"``: generation. A prompt (empty cache) is gated by a prepass; a token
       decoded with the KV cache is gated by the entropy of the distribution that
       produced it, i.e. of the previous forward's last-position logits (kept by a forward
-      hook). Greedy and sampling decoding are supported; beam search reorders the batch
-      between steps, which the lagged entropy cannot follow: it raises RuntimeError at
-      its first reorder (``_reorder_cache``, which transformers calls when a model has it).
+      hook in ``lagged_entropy``). Greedy and sampling decoding are supported; beam search
+      reorders the batch between steps, which the lagged entropy cannot follow: it raises
+      RuntimeError at its first reorder (``_reorder_cache``, which transformers calls when
+      a model has it).
+
+    ``last_call`` is the :class:`CallState` of the last completed forward, for
+    :meth:`router_loss` and for inspection; no layer reads it.
     """
 
     def __init__(self, config: AlterConfig):
@@ -59,29 +91,27 @@ class EntropyTracker:
             raise TypeError(f"EntropyTracker: config must be an AlterConfig, got {type(config).__name__}")
         self.config = config
         self.adapters_enabled = True
-        self.entropy: torch.Tensor | None = None
+        # Caller-given: entropy [B, L] (set_entropy / precomputed) and forced routes [B].
+        self.given_entropy: torch.Tensor | None = None
         self.forced_experts: torch.Tensor | None = None
         # False: forced_experts are router_loss targets only; the router gates on its own.
         self.gate_forced = True
-        # [B, L] bool from a 2D attention_mask: padding does not count in router_loss.
-        self.token_mask: torch.Tensor | None = None
-        # layer -> (router logits [T, N], forced expert [T], token mask [T] or None). Keyed
-        # by layer so that a recomputed forward (gradient checkpointing) replaces its entry.
-        self.router_records: dict[nn.Module, tuple] = {}
-        self._entropy_given = False
         # "lagged": entropy [B] of the last forward's last-position logits (adapters on).
         self.lagged_entropy: torch.Tensor | None = None
-        self._in_prepass = False
+        self.last_call: CallState | None = None
+        # The states of the calls running now (a prepass runs inside its model's call).
+        self._calls: list[CallState] = []
         self._hooks: list = []
+        self._checkpointing_modules: list[nn.Module] = []
         # (parameter, requires_grad) of the model before apply_alter froze it, for remove_alter.
         self.requires_grad_before: list[tuple[nn.Parameter, bool]] = []
 
     def __repr__(self) -> str:
-        entropy = None if self.entropy is None else tuple(self.entropy.shape)
+        entropy = None if self.given_entropy is None else tuple(self.given_entropy.shape)
         forced = None if self.forced_experts is None else self.forced_experts.tolist()
         return (
             f"EntropyTracker(source={self.config.entropy_source!r}, adapters_enabled={self.adapters_enabled}, "
-            f"entropy={entropy}, forced_experts={forced})"
+            f"given_entropy={entropy}, forced_experts={forced})"
         )
 
     # --- state set by the caller ------------------------------------------------------
@@ -95,22 +125,20 @@ class EntropyTracker:
                 f"entropy must be a float tensor of shape [batch, seq_len], got shape {tuple(entropy.shape)} "
                 f"and dtype {entropy.dtype}"
             )
-        self.entropy = entropy.detach().float()
-        self._entropy_given = True
+        self.given_entropy = entropy.detach().float()
 
     def clear_entropy(self) -> None:
-        self.entropy = None
-        self._entropy_given = False
+        self.given_entropy = None
 
     @contextlib.contextmanager
     def precomputed(self, entropy: torch.Tensor):
         """Context: forwards inside it use ``entropy`` [B, L] instead of computing it."""
-        saved = (self.entropy, self._entropy_given)
+        saved = self.given_entropy
         self.set_entropy(entropy)
         try:
             yield self
         finally:
-            self.entropy, self._entropy_given = saved
+            self.given_entropy = saved
 
     @contextlib.contextmanager
     def forced(self, experts, gate: bool = True):
@@ -159,9 +187,19 @@ class EntropyTracker:
 
     # --- what the layers read ----------------------------------------------------------
 
-    def token_entropy(self, num_tokens: int, device: torch.device) -> torch.Tensor:
-        """The entropy of each of the layer's ``num_tokens`` tokens: [T] float32."""
-        if self.entropy is None:
+    def call_state(self) -> CallState:
+        """The state of the call a layer runs in; outside any call (a layer called on its
+        own), a fresh state from what the caller gave."""
+        if self._calls:
+            return self._calls[-1]
+        state = CallState(self.adapters_enabled, self.given_entropy, self.forced_experts, self.gate_forced)
+        self.last_call = state  # router_loss after a layer called on its own
+        return state
+
+    def token_entropy(self, state: CallState, num_tokens: int, device: torch.device) -> torch.Tensor:
+        """The entropy of each of the layer's ``num_tokens`` tokens under ``state``: [T] float32."""
+        entropy = state.entropy
+        if entropy is None:
             if self.config.entropy_source == "precomputed":
                 raise RuntimeError(
                     "entropy_source='precomputed' but no entropy was given: run the model inside "
@@ -169,48 +207,60 @@ class EntropyTracker:
                 )
             raise RuntimeError(
                 "no token entropy for this forward: an AsymLoRALinear ran outside its patched model's "
-                "forward (which fills the entropy); give it with precomputed_entropy(model, entropy)"
+                "forward (which computes the entropy of each call); give it with precomputed_entropy(model, entropy)"
             )
-        if self.entropy.numel() != num_tokens:
+        if entropy.numel() != num_tokens:
             raise ValueError(
-                f"the tracked entropy has shape {tuple(self.entropy.shape)} ({self.entropy.numel()} tokens) but the "
+                f"the given entropy has shape {tuple(entropy.shape)} ({entropy.numel()} tokens) but the "
                 f"layer input has {num_tokens} tokens"
             )
-        return self.entropy.reshape(-1).to(device)
+        return entropy.reshape(-1).to(device)
 
-    def token_experts(self, num_tokens: int, device: torch.device) -> torch.Tensor | None:
-        """The forced expert of each token, [T] int32, or None when routing is not forced."""
-        if self.forced_experts is None:
+    @staticmethod
+    def token_experts(state: CallState, num_tokens: int, device: torch.device) -> torch.Tensor | None:
+        """The forced expert of each token under ``state``, [T] int32, or None when routing is not forced."""
+        forced = state.forced_experts
+        if forced is None:
             return None
-        batch = self.forced_experts.numel()
+        batch = forced.numel()
         if num_tokens % batch:
             raise ValueError(
                 f"forced_route: experts were given for {batch} samples but the layer input has "
                 f"{num_tokens} tokens, not a multiple of {batch}"
             )
-        experts = self.forced_experts.to(device=device, dtype=torch.int32)
-        return experts.repeat_interleave(num_tokens // batch)
+        return forced.to(device=device, dtype=torch.int32).repeat_interleave(num_tokens // batch)
 
-    def record_router_logits(self, layer: nn.Module, router_logits: torch.Tensor, experts: torch.Tensor) -> None:
+    @staticmethod
+    def record_router_logits(state: CallState, layer: nn.Module, router_logits: torch.Tensor,
+                             experts: torch.Tensor) -> None:
         """Keep a layer's router logits [T, N] and forced experts [T] for :meth:`router_loss`."""
-        mask = self.token_mask
+        mask = state.token_mask
         if mask is not None:
             mask = mask.reshape(-1).to(router_logits.device) if mask.numel() == experts.numel() else None
-        self.router_records[layer] = (router_logits, experts.long(), mask)
+        state.router_records[layer] = (router_logits, experts.long(), mask)
 
     def router_loss(self, token_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Cross-entropy of the recorded router logits against the forced experts.
+        """Cross-entropy of the last forward's recorded router logits against its forced experts.
 
         Averaged over the (non-padding) tokens of each layer, then over layers. Gradients
         reach each layer's router weight and entropy weight. ``token_mask`` ([B, L] bool,
         the forward's token shape) restricts the tokens that count further.
         """
-        if not self.router_records:
+        records = {} if self.last_call is None else self.last_call.router_records
+        if not records:
             raise RuntimeError(
                 "router_loss: no router logits were recorded; run a forward inside forced_route(model, experts) first"
             )
+        if torch.is_grad_enabled() and any(
+            layer.router.weight.requires_grad and not logits.requires_grad for layer, (logits, _, _) in records.items()
+        ):
+            raise RuntimeError(
+                "router_loss: the last forward recorded its router logits without gradients while the routers train "
+                "(reentrant gradient checkpointing runs the forward under no_grad); use non-reentrant checkpointing, "
+                "model.activation_checkpointing_enable({'use_reentrant': False}), the Hugging Face default"
+            )
         if token_mask is not None:
-            first_logits, first_experts, _ = next(iter(self.router_records.values()))
+            first_logits, first_experts, _ = next(iter(records.values()))
             if token_mask.numel() != first_experts.numel():
                 raise ValueError(
                     f"router_loss: token_mask has {token_mask.numel()} tokens (shape {tuple(token_mask.shape)}) "
@@ -219,7 +269,7 @@ class EntropyTracker:
             # One copy to the layers' device, not one per layer.
             token_mask = token_mask.reshape(-1).to(device=first_logits.device, dtype=torch.bool)
         losses = []
-        for logits, experts, mask in self.router_records.values():
+        for logits, experts, mask in records.values():
             if token_mask is not None:
                 keep = token_mask.to(logits.device)
                 mask = keep if mask is None else mask & keep
@@ -230,51 +280,79 @@ class EntropyTracker:
                 losses.append((per_token * mask).sum() / mask.sum().clamp_min(1))
         return torch.stack(losses).mean()
 
+    @contextlib.contextmanager
+    def running(self, state: CallState):
+        """Context: layers run under ``state`` (a call, its checkpointed recompute, the prepass)."""
+        self._calls.append(state)
+        try:
+            yield state
+        finally:
+            self._calls.pop()
+
     # --- hooks on the top-level model ----------------------------------------------------
 
     def attach(self, model: nn.Module) -> None:
-        """Register the hooks that fill the entropy before each forward of ``model``."""
+        """Register the hooks that build each forward's state of ``model``."""
         if self._hooks:
             raise RuntimeError("EntropyTracker.attach: the tracker is already attached to a model")
+        # always_call: a forward that raises still ends its call.
         self._hooks = [
             model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
-            model.register_forward_hook(self._after_forward, with_kwargs=True),
+            model.register_forward_hook(self._after_forward, with_kwargs=True, always_call=True),
             _BeamReorderGuard(model, self),
         ]
+        self._checkpointing_modules = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
 
     def detach(self) -> None:
         for handle in self._hooks:
             handle.remove()
-        self._hooks = []
+        for module in self._checkpointing_modules:
+            checkpoint = module.__dict__.get("_gradient_checkpointing_func")
+            if isinstance(checkpoint, _StatefulCheckpoint):
+                module._gradient_checkpointing_func = checkpoint.checkpoint
+        self._hooks, self._checkpointing_modules = [], []
+
+    def _in_prepass(self) -> bool:
+        return bool(self._calls) and self._calls[-1].prepass
 
     def _before_forward(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self._in_prepass:
+        if self._in_prepass():
             return
-        self.router_records.clear()
+        # Open the call first: the post-hook (always called) closes it even when building
+        # its state raises here.
+        self._calls.append(CallState(adapters_enabled=False))
         inputs = _named_inputs(model, args, kwargs)
         tokens = _token_input(inputs)
         batch, seq_len = tokens.shape[0], tokens.shape[1]
         mask = inputs.get("attention_mask")
         is_2d_mask = isinstance(mask, torch.Tensor) and tuple(mask.shape) == (batch, seq_len)
-        self.token_mask = mask.bool() if is_2d_mask else None
-        if self.forced_experts is not None and self.forced_experts.numel() != batch:
-            raise ValueError(
-                f"forced_route: experts were given for {self.forced_experts.numel()} samples but the batch has {batch}"
-            )
+        forced = self.forced_experts
+        if forced is not None and forced.numel() != batch:
+            raise ValueError(f"forced_route: experts were given for {forced.numel()} samples but the batch has {batch}")
         # Move what the caller gave to the input's device once per forward, not once per
         # layer: a host-to-device copy blocks the host (hundreds of layers in a large model).
-        if self.forced_experts is not None:
-            self.forced_experts = self.forced_experts.to(tokens.device)
-        if self._entropy_given:
-            if tuple(self.entropy.shape) != (batch, seq_len):
+        if forced is not None:
+            forced = forced.to(tokens.device)
+        entropy = self._call_entropy(model, inputs, batch, seq_len, tokens.device)
+        self._calls[-1] = CallState(
+            adapters_enabled=self.adapters_enabled, entropy=entropy, forced_experts=forced,
+            gate_forced=self.gate_forced, token_mask=mask.bool() if is_2d_mask else None,
+        )
+        if model.training and torch.is_grad_enabled():
+            self._wrap_checkpointing()
+
+    def _call_entropy(self, model: nn.Module, inputs: dict, batch: int, seq_len: int, device) -> torch.Tensor | None:
+        """The entropy [B, L] of this call, on ``device`` (None with adapters off)."""
+        given = self.given_entropy
+        if given is not None:
+            if tuple(given.shape) != (batch, seq_len):
                 raise ValueError(
-                    f"precomputed entropy has shape {tuple(self.entropy.shape)} but the input has shape "
+                    f"precomputed entropy has shape {tuple(given.shape)} but the input has shape "
                     f"{(batch, seq_len)} (batch, seq_len)"
                 )
-            self.entropy = self.entropy.to(tokens.device)
-            return
+            return given.to(device)
         if not self.adapters_enabled:
-            return
+            return None
         source = self.config.entropy_source
         if source == "precomputed":
             raise RuntimeError(
@@ -290,17 +368,19 @@ class EntropyTracker:
                     f"forward's last logits; got {seq_len} new tokens for {batch} samples after a forward that "
                     f"left {None if lagged is None else lagged.numel()} entropies"
                 )
-            self.entropy = lagged.reshape(batch, 1)
-            return
+            return lagged.reshape(batch, 1)
         if cached:
             raise RuntimeError(
                 "entropy_source='prepass' cannot gate tokens decoded with a non-empty KV cache (the base model's "
                 "cache is not kept); use entropy_source='lagged' for generation"
             )
-        self.entropy = self._base_entropy(model, inputs)
+        return self._base_entropy(model, inputs)
 
     def _after_forward(self, model: nn.Module, args: tuple, kwargs: dict, output) -> None:
-        if self._in_prepass or self.config.entropy_source != "lagged":
+        if self._in_prepass():
+            return
+        self.last_call = self._calls.pop()
+        if output is None or self.config.entropy_source != "lagged":  # None: the forward raised
             return
         logits = _output_logits(output)
         with torch.no_grad():
@@ -310,21 +390,26 @@ class EntropyTracker:
                 logits[:, -1].detach(), self.config.tsallis_q, backend=self.config.backend, check_finite=False
             )
 
+    def _wrap_checkpointing(self) -> None:
+        """Make each checkpointed block of the model recompute under its own call's state
+        (Hugging Face sets ``_gradient_checkpointing_func`` when checkpointing is enabled,
+        possibly after the model was patched)."""
+        for module in self._checkpointing_modules:
+            checkpoint = getattr(module, "_gradient_checkpointing_func", None)
+            if checkpoint is not None and not isinstance(checkpoint, _StatefulCheckpoint):
+                module._gradient_checkpointing_func = _StatefulCheckpoint(checkpoint, self)
+
     @contextlib.contextmanager
     def _base_model_pass(self, model: nn.Module):
         """No grad, adapters off, eval mode (no dropout), and no re-entry of the hooks."""
         training = [(m, m.training) for m in model.modules()]
-        saved = self.adapters_enabled
-        self._in_prepass, self.adapters_enabled = True, False
         model.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), self.running(CallState(adapters_enabled=False, prepass=True)):
                 yield
         finally:
-            self._in_prepass, self.adapters_enabled = False, saved
             for module, mode in training:
                 module.training = mode
-
     def _base_entropy(self, model: nn.Module, inputs: dict) -> torch.Tensor:
         """Entropy [B, L] of the base model's next-token distributions for ``inputs``."""
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -350,6 +435,27 @@ class EntropyTracker:
                 return entropy.reshape(hidden.shape[:-1])
             logits = model(**base_inputs, use_cache=False).logits
             return tsallis_entropy(logits, q, backend=backend)
+
+
+class _StatefulCheckpoint:
+    """A checkpoint function that runs (and so recomputes) its block under the state of
+    the call it was first run in: the recompute happens during backward, when later calls
+    may have run."""
+
+    def __init__(self, checkpoint, tracker: EntropyTracker):
+        self.checkpoint, self.tracker = checkpoint, tracker
+
+    def __call__(self, function, *args, **kwargs):
+        calls = self.tracker._calls
+        if not calls:
+            return self.checkpoint(function, *args, **kwargs)
+        state, running = calls[-1], self.tracker.running
+
+        def under_state(*inner_args, **inner_kwargs):
+            with running(state):
+                return function(*inner_args, **inner_kwargs)
+
+        return self.checkpoint(under_state, *args, **kwargs)
 
 
 class _BeamReorderGuard:

@@ -346,7 +346,7 @@ def test_config_must_be_an_alter_config():
 def test_entropy_of_another_shape_is_an_error_not_a_broadcast():
     layer = make_layer()
     layer.tracker.set_entropy(torch.rand(BATCH, SEQ + 1))
-    with pytest.raises(ValueError, match=r"tracked entropy has shape \(3, 6\) \(18 tokens\) but the layer input has 15"):
+    with pytest.raises(ValueError, match=r"given entropy has shape \(3, 6\) \(18 tokens\) but the layer input has 15"):
         layer(layer_input())
 
 

@@ -178,7 +178,7 @@ def test_triton_backend_matches_eager_through_the_model(device):
     for m in (model.train(), reference.train()):
         out = m(input_ids=ids, labels=ids)
         out.loss.backward()
-        outputs.append((out.logits, m.alter_tracker.entropy))
+        outputs.append((out.logits, m.alter_tracker.last_call.entropy))
     (logits, entropy), (ref_logits, ref_entropy) = outputs
     # fp32 kernels against fp32 eager: accumulation order only.
     torch.testing.assert_close(entropy, ref_entropy, rtol=1e-5, atol=1e-5)
@@ -391,7 +391,7 @@ def test_prepass_entropy_is_the_base_models_entropy(family):
     model.model.register_forward_hook(lambda *args: decoder_calls.append(1))
     model.train()
     model(input_ids=ids, attention_mask=mask)
-    torch.testing.assert_close(model.alter_tracker.entropy.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.alter_tracker.last_call.entropy.double(), expected, rtol=1e-5, atol=1e-5)
     assert len(decoder_calls) == 2  # one prepass, one adapted forward: no recursion
     assert all(m.training for m in model.modules())  # train mode restored after the prepass
 
@@ -408,7 +408,7 @@ def test_precomputed_entropy_replaces_the_prepass():
     randomize_adapters(model)
     ids = tokens()
     prepass_logits = model(input_ids=ids).logits
-    base_entropy = model.alter_tracker.entropy.clone()
+    base_entropy = model.alter_tracker.last_call.entropy.clone()
     assert (base_entropy > 1.2).any() and (base_entropy <= 1.2).any()  # both routing branches run
     model.alter_config.entropy_source = "precomputed"
     with pytest.raises(RuntimeError, match="entropy_source='precomputed' but no entropy was given"):
@@ -430,16 +430,17 @@ def test_given_entropy_and_routes_reach_the_layers_without_per_layer_copies(devi
     seen = []
     read_entropy = EntropyTracker.token_entropy
 
-    def token_entropy(self, num_tokens, layer_device):
-        entropy = read_entropy(self, num_tokens, layer_device)
-        seen.append(entropy.data_ptr() == self.entropy.data_ptr() and self.forced_experts.device == layer_device)
+    def token_entropy(self, state, num_tokens, layer_device):
+        entropy = read_entropy(self, state, num_tokens, layer_device)
+        seen.append(entropy.data_ptr() == state.entropy.data_ptr() and state.forced_experts.device == layer_device)
         return entropy
 
     monkeypatch.setattr(EntropyTracker, "token_entropy", token_entropy)
     ids = tokens().to(device)
     with precomputed_entropy(model, torch.rand(BATCH, SEQ) * 3), forced_route(model, [1, 0]):
         model(input_ids=ids)
-        assert tracker.entropy.device == ids.device and tracker.forced_experts.device == ids.device
+        call = tracker.last_call
+        assert call.entropy.device == ids.device and call.forced_experts.device == ids.device
     assert len(seen) == len(alter_layers(model)) and all(seen), seen
 
 
@@ -483,7 +484,7 @@ def test_router_loss_matches_cross_entropy_by_hand():
     with forced_route(model, experts):
         model(input_ids=ids, attention_mask=mask)
     loss = router_loss(model)
-    entropy = model.alter_tracker.entropy.reshape(-1).double()
+    entropy = model.alter_tracker.last_call.entropy.reshape(-1).double()
     targets = experts.repeat_interleave(SEQ)
     keep = mask.reshape(-1).bool()
     per_layer = []

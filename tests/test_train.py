@@ -192,7 +192,7 @@ def test_router_loss_token_mask_against_float64():
         loss = router_loss(model, token_mask)
         with pytest.raises(ValueError, match="token_mask has 9 tokens"):
             router_loss(model, token_mask[0])
-    entropy = model.alter_tracker.entropy.reshape(-1).double()
+    entropy = model.alter_tracker.last_call.entropy.reshape(-1).double()
     keep = (token_mask & attention.bool()).reshape(-1)
     targets = experts.repeat_interleave(9)[keep]
     expected = []

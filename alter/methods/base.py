@@ -269,8 +269,6 @@ class AdapterMethod(Method):
                 high = _high_entropy_tokens(batch, cfg.entropy_threshold)
                 loss = loss + cfg.lam * self.global_mean(structure, high.sum())
                 logs["structural"] = structure.detach()
-            # Backward inside the routing context: gradient checkpointing recomputes the
-            # forward here and must see the same routes and entropy.
             self.backward(loss)
         if forget and self.router_routes:
             # The forget loss trains the forget experts only: a forget token the router
