@@ -1,0 +1,35 @@
+"""Evaluation of unlearning: TOFU metrics, multiple-choice accuracy (WMDP, MMLU), MUSE
+memorization, membership inference and extraction metrics (definitions in
+``shared/DATASETS.md``; each function cites its formula), in the settings of TOFU,
+open-unlearning, MUSE and lm-evaluation-harness (prompt formats, generation length, stop
+strings, stemming), with open-unlearning's metric names for its summary layout.
+
+Every function takes any causal LM that ``model(input_ids=..., attention_mask=...)``
+answers with logits (an ALTER-patched model included) and its tokenizer; generation uses
+``model.generate`` (greedy). Statistics come from ``scipy.stats`` and ROUGE from
+``rouge_score``. Per-example results are float64 numpy arrays.
+
+One module per protocol: ``tofu`` (answer probability, truth ratio, forget quality, model
+utility, :func:`evaluate_tofu`), ``summary`` (open-unlearning's layout), ``mia``
+(membership inference, PrivLeak), ``memorization`` (extraction strength, exact
+memorization), ``mcq`` (WMDP, MMLU), ``muse``, ``generation`` (greedy answers, ROUGE-L);
+all score through the one teacher-forced pass of ``scoring``; ``validation`` checks
+their arguments.
+"""
+from alter.evaluation.generation import generate, rouge_l_recall
+from alter.evaluation.mcq import mcq_accuracy
+from alter.evaluation.memorization import exact_memorization, extraction_strength
+from alter.evaluation.mia import MIA_ATTACKS, mia_auc, mia_scores, privleak
+from alter.evaluation.muse import KNOWMEM_STOP, evaluate_muse, knowmem_prompt, knowmem_rouge, verbmem_rouge
+from alter.evaluation.summary import open_unlearning_summary
+from alter.evaluation.tofu import (UTILITY_KEYS, UTILITY_METRICS, UTILITY_SPLITS, answer_log_likelihood,
+                                   answer_probability, evaluate_tofu, forget_quality, model_utility, truth_ratio,
+                                   utility_components)
+
+__all__ = [
+    "MIA_ATTACKS", "KNOWMEM_STOP", "UTILITY_KEYS", "UTILITY_METRICS", "UTILITY_SPLITS",
+    "answer_log_likelihood", "answer_probability", "evaluate_muse", "evaluate_tofu", "exact_memorization",
+    "extraction_strength", "forget_quality", "generate", "knowmem_prompt", "knowmem_rouge", "mcq_accuracy",
+    "mia_auc", "mia_scores", "model_utility", "open_unlearning_summary", "privleak", "rouge_l_recall",
+    "truth_ratio", "utility_components", "verbmem_rouge",
+]
