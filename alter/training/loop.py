@@ -1,0 +1,301 @@
+"""Unlearning: :func:`unlearn` and its loop, one harness for ALTER and the baselines.
+
+:func:`unlearn` takes a causal LM, its tokenizer, a forget set and a retain set
+(``datasets.Dataset`` with ``question``/``answer`` columns, as TOFU, or a ``text`` column,
+as WMDP/MUSE corpora), trains the model in place and returns it with its run report. The
+loop is method-agnostic: each method is a module of :mod:`alter.methods` that prepares
+the model and data and runs the passes of a step. Methods:
+
+- ``"alter"``: AsymLoRA guided by the base model's token entropy (entropy-weighted IHL on
+  the forget set, NLL on the retain set, the structural term, the routing loss);
+- ``"asym_lora"``: the same adapters and routing without entropy;
+- ``"lora"``: one plain LoRA adapter trained with the GradDiff objective;
+- ``"grad_ascent"``, ``"grad_diff"``, ``"npo"``: the full-parameter baselines of TOFU's
+  harness.
+
+How they train, with the measurements behind each choice (training routes, routing
+targets, run length and early stop, the structural term, reproducibility):
+docs/training.md.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+import warnings
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from alter.config import AlterConfig
+from alter.data import IGNORE_INDEX, pad_id_of
+from alter.methods import build, method_class
+from alter.methods.data import _batch, _examples_digest, _step_indices, encode_dataset, model_context_length
+from alter.training.args import DEFAULT_EARLY_STOP_SHARE, UnlearnArgs
+from alter.training.checkpoint import _Checkpointer, _full_state, _save_result
+from alter.training.distributed import Engine, launched
+from alter.training.report import _report
+from alter.training.schedule import LabelScores, bigram_surprisal, label_scores, run_length
+
+# The run report warns when the forget tokens' mean probability kept more than this
+# fraction of its starting value.
+FORGET_WARNING_RATIO = 0.9
+
+
+def _autocast_factory(device: torch.device, mixed_precision: bool):
+    if mixed_precision:
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def _checkpointing_on(model) -> bool:
+    # transformers 5 renamed gradient_checkpointing_* to activation_checkpointing_*.
+    name = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else "is_gradient_checkpointing"
+    return bool(getattr(model, name, False))
+
+
+def _set_checkpointing(model, on: bool) -> None:
+    """Activation checkpointing on (non-reentrant: the adapters' frozen base needs no
+    input gradients) or off."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        if on:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+
+
+def unlearn(
+    model,
+    tokenizer,
+    forget,
+    retain=None,
+    config: AlterConfig | None = None,
+    method: str = "alter",
+    *,
+    epochs: int | None = None,
+    batch_size: int = 4,
+    lr: float = 1e-5,
+    max_steps: int | None = None,
+    max_length: int | None = None,
+    structural: str = "surrogate",
+    npo_beta: float = 0.1,
+    max_grad_norm: float | None = 1.0,
+    seed: int = 0,
+    output_dir: str | None = None,
+    save_every: int | None = None,
+    resume: bool = False,
+    mixed_precision: bool | None = None,
+    gradient_checkpointing: bool | None = None,
+    router_warmup: int | None = None,
+    router_lr: float | None = None,
+    early_stop_share: float | None = DEFAULT_EARLY_STOP_SHARE,
+    distributed: str | None = None,
+    progress: bool = True,
+    callback: Callable[[int, dict], None] | None = None,
+):
+    """Unlearn ``forget`` from ``model`` while keeping ``retain``; returns the model.
+
+    Args:
+        model: a Hugging Face causal LM, trained in place: the adapter methods patch it
+            with ``apply_alter``; the full-parameter baselines update its weights.
+        tokenizer: its tokenizer.
+        forget, retain: ``datasets.Dataset`` with ``question``/``answer`` columns or a
+            ``text`` column. ``retain`` may be None for ``grad_ascent`` and ``npo``.
+        config: ``AlterConfig`` of the adapter methods (rank, experts, entropy threshold,
+            loss weights ``beta``/``gamma``/``lam``, ``lr_A``/``lr_B``, ...); default
+            ``AlterConfig()``. The full-parameter baselines read ``beta`` and ``gamma``.
+        method: one of ``METHODS``.
+        epochs, batch_size: passes over the forget set, and samples per batch (each
+            forget batch is paired with a retain batch of the same size). Default
+            epochs: sized from the data (docs/training.md, "Run length and early stop").
+        lr: learning rate of the full-parameter baselines (AdamW, weight decay 0.01).
+        max_steps: stop after this many optimizer steps (default: all epochs). The data
+            order does not depend on it, so a run stopped early is a prefix of a full one.
+        max_length: longest example allowed (default: the model's context); a longer one
+            raises ``ValueError`` (it is not truncated silently).
+        structural: ``"surrogate"`` (default) or ``"exact"`` (eq. 8 by double backward,
+            eager backend; one backward per high-entropy token, so small models only).
+        npo_beta: inverse temperature of NPO.
+        max_grad_norm: gradient-norm clipping (None: off). The adapter methods clip the
+            routers apart from A and B, so that large forget-loss gradients do not shrink
+            the routing loss's.
+        seed: seeds the adapter initialization, dropout, data order and k-means.
+        output_dir: where checkpoints and the result go: the adapter (``save_adapter``
+            format) or the model (``save_pretrained``), the tokenizer, ``unlearn_args.json``.
+        save_every: write a checkpoint every this many steps (needs ``output_dir``).
+        resume: continue from the checkpoint in ``output_dir`` if there is one.
+        mixed_precision: bf16 autocast (default: on when the model is on a GPU).
+        gradient_checkpointing: default on when the model is on a GPU.
+        router_warmup: adapter methods: optimizer steps, before unlearning, that train
+            only the routers, on the routing loss (B is still zero, so the model is the
+            base model and the routers learn the sub-domain assignment on its features).
+            Counted in ``max_steps``. Default: as many as the unlearning steps, at most
+            ``MAX_ROUTER_WARMUP`` (0 for the full-parameter baselines).
+        router_lr: adapter methods: learning rate of the routers (default ``config.lr_B``).
+        early_stop_share: after each pass over the forget set (unlearning steps only),
+            stop once at most this share of the forget tokens the model predicted at the
+            start is still its prediction, each token weighted by its bigram surprisal
+            (docs/training.md, "Run length and early stop"); None: run every step.
+        distributed: ``"ddp"`` or ``"fsdp2"`` to run on the processes of a launcher
+            (``torchrun``), through ``accelerate``; under ``accelerate launch`` its config
+            decides and None is fine. ``batch_size`` is the global batch, split over the
+            processes, so any world size gives the single-process optimization
+            (:mod:`alter.training.distributed`).
+        progress: show a tqdm progress bar (main process).
+        callback: ``callback(step, logs)`` after every optimizer step; ``logs`` holds
+            the step's losses as floats.
+
+    The model comes back in eval mode with ``model.unlearn_report``, an
+    :class:`UnlearnReport` (steps, loss trajectories, routing shares, the forget tokens'
+    probability before and after), printed unless ``progress=False``; a ``UserWarning``
+    says when the forget set was barely forgotten, or when the run ended before the early
+    stop's share was reached. An adapted model routes with its trained router
+    (no forced route) and, unless ``config.entropy_source`` is ``"precomputed"``, gets
+    its token entropy from ``"lagged"`` tracking: a prepass for whole sequences (as
+    ``"prepass"`` does) and the lagged entropy for tokens decoded by ``model.generate``.
+    """
+    args = UnlearnArgs(method=method, config=config, seed=seed, batch_size=batch_size, lr=lr,
+                       router_warmup=router_warmup, router_lr=router_lr, early_stop_share=early_stop_share,
+                       structural=structural, npo_beta=npo_beta,
+                       max_grad_norm=max_grad_norm, max_length=max_length, epochs=epochs, max_steps=max_steps,
+                       output_dir=output_dir, save_every=save_every, resume=resume,
+                       mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
+                       distributed=distributed)
+    return _run(model, tokenizer, forget, retain, args, progress, callback)
+
+
+def _run(model, tokenizer, forget, retain, args: UnlearnArgs, progress: bool, callback):
+    """:func:`unlearn` with its arguments validated."""
+    started = time.perf_counter()
+    engine = None
+    if args.distributed is not None or launched():
+        engine = Engine(args.distributed, unused_parameters=method_class(args.method).adapter)
+        if engine.mode == "fsdp2" and args.save_every is not None:  # refused before any work
+            raise ValueError("save_every under fsdp2 is not supported yet (a checkpoint holds the full optimizer "
+                             "state, which FSDP2 shards); checkpoint under ddp")
+        model.to(engine.device)
+    device = next(model.parameters()).device
+    on_gpu = device.type == "cuda"
+    autocast = _autocast_factory(device, on_gpu if args.mixed_precision is None else args.mixed_precision)
+    method = build(args, autocast, engine)
+    main = engine is None or engine.is_main
+    if retain is None and method.needs_retain:
+        raise ValueError(f"method {args.method!r} needs a retain set (retain is None)")
+    batch_size, seed = args.batch_size, args.seed
+    max_length = model_context_length(model) if args.max_length is None else args.max_length
+    pad_id = pad_id_of(tokenizer)
+    forget_examples = encode_dataset(tokenizer, forget, "forget", max_length)
+    retain_examples = encode_dataset(tokenizer, retain, "retain", max_length) if retain is not None else []
+    if engine is not None:
+        engine.check_batches(batch_size, len(forget_examples))
+    # What decides the result, for the resume check and the saved record.
+    run = {**args.fingerprint(), "n_forget": len(forget_examples), "n_retain": len(retain_examples),
+           "data_sha256": _examples_digest(forget_examples, retain_examples)}
+    checkpointer = _Checkpointer(args.output_dir, run)
+    checkpoint = checkpointer.read() if args.resume else None  # refuse another run before any forward
+    progress = progress and main
+    if progress:
+        forget_tokens = sum(label != IGNORE_INDEX for example in forget_examples for label in example["labels"])
+        print(f"unlearn [{args.method}]: targeting {len(forget_examples)} forget rows ({forget_tokens} labelled "
+              f"tokens), keeping {len(retain_examples)} retain rows", flush=True)
+    torch.manual_seed(seed)
+    forget_start = label_scores(model, forget_examples, pad_id, batch_size)
+
+    optimizer, forget_examples, retain_examples = method.setup(model, forget_examples, retain_examples, pad_id)
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    start_step = checkpointer.restore(checkpoint, model, names, optimizer) if checkpoint is not None else 0
+    wrapped = model
+    if engine is not None:
+        wrapped, optimizer = engine.prepare(model, optimizer)
+        model = engine.unwrap(wrapped)
+        method.attach(model)
+    clip_groups = method.clip_groups(model)
+    router_warmup, train_steps = run_length(len(forget_examples), batch_size, args.epochs, args.router_warmup,
+                                            method.adapter)
+    total_steps = router_warmup + train_steps
+    total_steps = total_steps if args.max_steps is None else min(args.max_steps, total_steps)
+    history: list[dict] = []
+    kept_history: list[tuple[int, float]] = []
+    stopped_at: LabelScores | None = None  # the forget set's scores where the early stop ended the run
+    check_every = math.ceil(len(forget_examples) / batch_size)  # once per pass over the forget set
+    fact_weight = bigram_surprisal(forget_examples, forget_examples + retain_examples)
+
+    checkpointing = ((on_gpu if args.gradient_checkpointing is None else args.gradient_checkpointing)
+                     and not _checkpointing_on(model))
+    if checkpointing:
+        _set_checkpointing(model, True)
+    attention = getattr(model.config, "_attn_implementation", None)
+    if args.structural == "exact" and attention not in (None, "eager"):
+        # Fused attention kernels (SDPA, flash) have no double backward.
+        model.set_attn_implementation("eager")
+    model.train()
+    bar = tqdm(total=total_steps, initial=start_step, desc=f"unlearn [{args.method}]", disable=not progress)
+    for step in range(start_step, total_steps):
+        forget_ids, retain_ids = _step_indices(step, len(forget_examples), len(retain_examples), batch_size, seed)
+        if engine is not None:  # this process's share of the global batch
+            forget_ids = engine.share(forget_ids)
+            retain_ids = None if retain_ids is None else engine.share(retain_ids)
+        forget_batch = _batch(forget_examples, forget_ids, pad_id, device)
+        retain_batch = _batch(retain_examples, retain_ids, pad_id, device) if method.uses_retain else None
+        optimizer.zero_grad(set_to_none=True)
+        if step < router_warmup:
+            logs = method.router_step(wrapped, forget_batch, retain_batch)
+        else:
+            logs = method.step(wrapped, forget_batch, retain_batch)
+        if engine is not None:
+            logs = engine.mean(logs)
+        if not all(math.isfinite(v) for v in logs.values()):
+            raise FloatingPointError(f"unlearn: non-finite loss at step {step + 1}: {logs}")
+        if args.max_grad_norm is not None:
+            for params in clip_groups:
+                torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        optimizer.step()
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items()})
+        history.append(logs)
+        if callback is not None:
+            callback(step + 1, logs)
+        if args.save_every is not None and (step + 1) % args.save_every == 0:
+            checkpointer.save(step + 1, _full_state(model, names, engine), optimizer, main)
+        if args.early_stop_share is not None and step >= router_warmup \
+                and (step + 1 - router_warmup) % check_every == 0 and step + 1 < total_steps:
+            scores = label_scores(model, forget_examples, pad_id, batch_size)
+            kept = scores.kept_share(forget_start, fact_weight)
+            kept_history.append((step + 1, kept))
+            if kept <= args.early_stop_share:
+                stopped_at = scores
+                break
+    bar.close()
+    if checkpointing:
+        _set_checkpointing(model, False)
+    if model.config._attn_implementation != attention:
+        model.set_attn_implementation(attention)
+    model.eval()
+    report = _report(model, method, forget_examples, retain_examples, pad_id, batch_size, history,
+                     start_step, router_warmup, forget_start, fact_weight, kept_history, stopped_at,
+                     time.perf_counter() - started)
+    model.unlearn_report = report
+    if progress:
+        print(report)
+    if main and report.forget_probability_after > FORGET_WARNING_RATIO * forget_start.probability:
+        warnings.warn(f"unlearn [{args.method}]: the forget set is barely forgotten: its tokens' mean probability "
+                      f"went {forget_start.probability:.3g} -> {report.forget_probability_after:.3g}; "
+                      "train longer (epochs) or with larger learning rates", stacklevel=3)
+    elif (main and args.early_stop_share is not None and args.max_steps is None and not report.stopped_early
+          and report.forget_kept_share > args.early_stop_share):
+        warnings.warn(f"unlearn [{args.method}]: the run ended after {report.steps} steps with "
+                      f"{report.forget_kept_share:.2f} of the forget tokens still predicted (weighted), above "
+                      f"early_stop_share {args.early_stop_share}: more epochs would forget more", stacklevel=3)
+    state = engine.full_state_dict(model) if engine is not None and args.output_dir is not None else None
+    if args.output_dir is not None and main:
+        record = {**args.record(), **run, "router_warmup_steps": router_warmup, "steps": start_step + len(history),
+                  "stopped_early": report.stopped_early}
+        _save_result(model, tokenizer, args.output_dir, method, record, state)
+    if engine is not None:
+        engine.wait()
+    return model
