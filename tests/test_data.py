@@ -345,7 +345,7 @@ def test_hub_failure_falls_back_to_data_dir(tmp_path, monkeypatch):
             raise ConnectionError(f"Couldn't reach '{name}' on the Hub")
         return real_load(name, *args, **kwargs)
 
-    monkeypatch.setattr(D, "_hub_reachable", lambda timeout=3.0: True)
+    monkeypatch.setattr(D.loaders, "_hub_reachable", lambda timeout=3.0: True)
     monkeypatch.setattr(D.datasets, "load_dataset", offline_load)
     monkeypatch.delenv(D.DATA_DIR_ENV, raising=False)
     with pytest.raises(ConnectionError, match="pass path="):
@@ -357,7 +357,7 @@ def test_hub_failure_falls_back_to_data_dir(tmp_path, monkeypatch):
     assert D.load_tofu("forget10").to_list() == [{"question": "Q", "answer": "A"}]
 
     # An unreachable hub is not even asked.
-    monkeypatch.setattr(D, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(D.loaders, "_hub_reachable", lambda timeout=3.0: False)
     assert len(D.load_tofu("forget10")) == 1
     assert hub_calls == ["locuslab/TOFU", "locuslab/TOFU"]
 
