@@ -2,7 +2,7 @@
 
 The JSON layout follows PEFT: ``save_pretrained(directory)`` writes
 ``adapter_config.json`` (the config fields, plus an optional ``"base_model"`` record that
-:func:`alter.model.save_adapter` uses to check the model an adapter is loaded into), and
+:func:`alter.adapters.save_adapter` uses to check the model an adapter is loaded into), and
 ``from_pretrained(directory)`` reads it back.
 """
 from __future__ import annotations

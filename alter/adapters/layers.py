@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from alter.config import AlterConfig
-from alter.tracker import EntropyTracker
+from alter.adapters.state import EntropyTracker
 from alter_kernels import asym_lora, route
 
 

@@ -18,7 +18,7 @@ value built by a forward pre-hook before any layer runs and dropped when the cal
 The layers read the state of the call they run in, and nothing else. Gradient
 checkpointing recomputes a layer's forward during backward, after later forwards may have
 run: the checkpoint function of a Hugging Face model is wrapped so that the recompute runs
-under the state of its own call (:class:`_StatefulCheckpoint`). A layer run outside any
+under the state of its own call (:class:`StatefulCheckpoint`). A layer run outside any
 call (called on its own) builds its state from what the caller gave, and raises when that
 is not enough; it never reuses an earlier call's state.
 """
@@ -26,20 +26,20 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 import numbers
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from alter.adapters.hooks import (BeamReorderGuard, StatefulCheckpoint, cache_length, logits_are_plain_linear,
+                                  named_inputs, output_logits, token_input)
 from alter.config import AlterConfig
 from alter_kernels import fused_linear_entropy, tsallis_entropy
 
 # Inputs of a causal LM forward that the base-model prepass repeats; the cache is left
 # out on purpose: the prepass must neither read nor extend the adapted model's cache.
 _PREPASS_INPUTS = ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "token_type_ids")
-_CACHE_INPUTS = ("cache", "past_key_values")  # transformers >= 5.x renames the latter
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,7 +299,7 @@ class EntropyTracker:
         self._hooks = [
             model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
             model.register_forward_hook(self._after_forward, with_kwargs=True, always_call=True),
-            _BeamReorderGuard(model, self),
+            BeamReorderGuard(model, self),
         ]
         self._checkpointing_modules = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
 
@@ -308,7 +308,7 @@ class EntropyTracker:
             handle.remove()
         for module in self._checkpointing_modules:
             checkpoint = module.__dict__.get("_gradient_checkpointing_func")
-            if isinstance(checkpoint, _StatefulCheckpoint):
+            if isinstance(checkpoint, StatefulCheckpoint):
                 module._gradient_checkpointing_func = checkpoint.checkpoint
         self._hooks, self._checkpointing_modules = [], []
 
@@ -321,8 +321,8 @@ class EntropyTracker:
         # Open the call first: the post-hook (always called) closes it even when building
         # its state raises here.
         self._calls.append(CallState(adapters_enabled=False))
-        inputs = _named_inputs(model, args, kwargs)
-        tokens = _token_input(inputs)
+        inputs = named_inputs(model, args, kwargs)
+        tokens = token_input(inputs)
         batch, seq_len = tokens.shape[0], tokens.shape[1]
         mask = inputs.get("attention_mask")
         is_2d_mask = isinstance(mask, torch.Tensor) and tuple(mask.shape) == (batch, seq_len)
@@ -359,7 +359,7 @@ class EntropyTracker:
                 "entropy_source='precomputed' but no entropy was given: run the model inside "
                 "precomputed_entropy(model, entropy) or call model.alter_tracker.set_entropy(entropy)"
             )
-        cached = _cache_length(inputs)
+        cached = cache_length(inputs)
         if cached and source == "lagged":
             lagged = self.lagged_entropy
             if seq_len != 1 or lagged is None or lagged.numel() != batch:
@@ -382,7 +382,7 @@ class EntropyTracker:
         self.last_call = self._calls.pop()
         if output is None or self.config.entropy_source != "lagged":  # None: the forward raised
             return
-        logits = _output_logits(output)
+        logits = output_logits(output)
         with torch.no_grad():
             # No host sync in a decode step (CUDA-graph capture): a model's logits always
             # have a finite entry, and the layers' routing runs unchecked too.
@@ -396,8 +396,8 @@ class EntropyTracker:
         possibly after the model was patched)."""
         for module in self._checkpointing_modules:
             checkpoint = getattr(module, "_gradient_checkpointing_func", None)
-            if checkpoint is not None and not isinstance(checkpoint, _StatefulCheckpoint):
-                module._gradient_checkpointing_func = _StatefulCheckpoint(checkpoint, self)
+            if checkpoint is not None and not isinstance(checkpoint, StatefulCheckpoint):
+                module._gradient_checkpointing_func = StatefulCheckpoint(checkpoint, self)
 
     @contextlib.contextmanager
     def _base_model_pass(self, model: nn.Module):
@@ -428,112 +428,10 @@ class EntropyTracker:
         base_inputs = {k: inputs[k] for k in _PREPASS_INPUTS if inputs.get(k) is not None}
         q, backend = self.config.tsallis_q, self.config.backend
         with self._base_model_pass(model):
-            if _logits_are_plain_linear(model, head):
+            if logits_are_plain_linear(model, head):
                 decoder = getattr(model, model.base_model_prefix)
                 hidden = decoder(**base_inputs, use_cache=False).last_hidden_state
                 entropy = fused_linear_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight, q, backend=backend)
                 return entropy.reshape(hidden.shape[:-1])
             logits = model(**base_inputs, use_cache=False).logits
             return tsallis_entropy(logits, q, backend=backend)
-
-
-class _StatefulCheckpoint:
-    """A checkpoint function that runs (and so recomputes) its block under the state of
-    the call it was first run in: the recompute happens during backward, when later calls
-    may have run."""
-
-    def __init__(self, checkpoint, tracker: EntropyTracker):
-        self.checkpoint, self.tracker = checkpoint, tracker
-
-    def __call__(self, function, *args, **kwargs):
-        calls = self.tracker._calls
-        if not calls:
-            return self.checkpoint(function, *args, **kwargs)
-        state, running = calls[-1], self.tracker.running
-
-        def under_state(*inner_args, **inner_kwargs):
-            with running(state):
-                return function(*inner_args, **inner_kwargs)
-
-        return self.checkpoint(under_state, *args, **kwargs)
-
-
-class _BeamReorderGuard:
-    """An instance ``_reorder_cache`` on the patched model: transformers' beam search calls
-    it to reorder the KV cache between steps, where ``"lagged"`` entropy would gate each
-    beam's next token with another beam's entropy. It raises then; otherwise it reorders
-    as the model would. ``remove()`` takes it off, like a hook handle."""
-
-    def __init__(self, model: nn.Module, tracker: EntropyTracker):
-        self.model, self.tracker = model, tracker
-        self.original = getattr(model, "_reorder_cache", None)
-        model._reorder_cache = self
-
-    def __call__(self, cache, beam_idx):
-        if self.tracker.config.entropy_source == "lagged" and self.tracker.adapters_enabled:
-            raise RuntimeError(
-                "entropy_source='lagged' does not support beam search (num_beams > 1): reordering the beams "
-                "would gate each token with another beam's entropy; decode greedily or by sampling, or use "
-                "entropy_source='prepass' with use_cache=False"
-            )
-        if self.original is not None:
-            return self.original(cache, beam_idx)
-        cache.reorder_cache(beam_idx)
-        return cache
-
-    def remove(self) -> None:
-        if self.model.__dict__.get("_reorder_cache") is self:
-            del self.model.__dict__["_reorder_cache"]
-
-
-def _named_inputs(model: nn.Module, args: tuple, kwargs: dict) -> dict:
-    """The forward's arguments by name (positional ones bound to the signature)."""
-    if not args:
-        inputs = dict(kwargs)
-    else:
-        bound = inspect.signature(model.forward).bind_partial(*args, **kwargs)
-        inputs = {}
-        for name, value in bound.arguments.items():
-            param = bound.signature.parameters[name]
-            if param.kind is inspect.Parameter.VAR_KEYWORD:
-                inputs.update(value)
-            else:
-                inputs[name] = value
-    return inputs
-
-
-def _token_input(inputs: dict) -> torch.Tensor:
-    """The forward's ``input_ids`` [B, L] or else ``inputs_embeds`` [B, L, D]."""
-    for key in ("input_ids", "inputs_embeds"):
-        if isinstance(inputs.get(key), torch.Tensor):
-            return inputs[key]
-    raise ValueError("the patched model needs input_ids or inputs_embeds to know its tokens")
-
-
-def _output_logits(output) -> torch.Tensor:
-    """The logits [B, L, V] of a causal LM's output; a ``return_dict=False`` tuple starts
-    with the loss when labels were given, so take its first 3-D tensor."""
-    if hasattr(output, "logits"):
-        return output.logits
-    return next(t for t in output if isinstance(t, torch.Tensor) and t.dim() == 3)
-
-
-def _cache_length(inputs: dict) -> int:
-    for key in _CACHE_INPUTS:
-        cache = inputs.get(key)
-        if cache is not None and hasattr(cache, "get_seq_length"):
-            return int(cache.get_seq_length())
-    return 0
-
-
-def _logits_are_plain_linear(model: nn.Module, head: nn.Module) -> bool:
-    """True when logits = head(final hidden states) exactly, so the fused entropy applies."""
-    config = getattr(model, "config", None)
-    return (
-        type(head) is nn.Linear
-        and head.bias is None
-        and hasattr(model, "base_model_prefix")
-        and getattr(config, "final_logit_softcapping", None) is None
-        and getattr(config, "logit_scale", None) in (None, 1, 1.0)
-        and getattr(config, "logits_scaling", None) in (None, 1, 1.0)
-    )

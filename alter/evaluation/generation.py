@@ -10,7 +10,7 @@ from rouge_score import rouge_scorer
 from alter.data import PromptFormat, pad_id_of, prompt_format_of
 from alter.evaluation.scoring import context_length, device_of, padded_batches
 from alter.evaluation.validation import check_pairs, check_texts
-from alter.model import evaluating
+from alter.adapters import evaluating
 
 
 def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 32,

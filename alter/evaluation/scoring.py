@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from alter.data import IGNORE_INDEX, collate, pad_id_of
-from alter.model import evaluating
+from alter.adapters import evaluating
 
 # The fields of an encoded example that the model reads or that score it.
 _FIELDS = ("input_ids", "attention_mask", "labels")

@@ -23,7 +23,7 @@ from alter.methods.args import UnlearnArgs
 from alter.methods.data import _model_inputs, base_model_pass, routing_targets, split_subdomains, with_fields
 from alter.methods.losses import (_floats, _high_entropy_tokens, _shift, structural_exact, structural_surrogate,
                                   token_nll)
-from alter.model import adapter_parameters, apply_alter, forced_route, precomputed_entropy, router_loss, save_adapter
+from alter.adapters import adapter_parameters, apply_alter, forced_route, precomputed_entropy, router_loss, save_adapter
 from alter_kernels import inverted_hinge_loss
 from alter_kernels.ihl import token_weights
 

@@ -13,7 +13,7 @@ from scipy.cluster.vq import kmeans2
 
 from alter.data import collate, encode_qa, encode_text
 from alter.methods.losses import sequence_logprob
-from alter.model import evaluating
+from alter.adapters import evaluating
 from alter_kernels import tsallis_entropy
 
 

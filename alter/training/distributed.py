@@ -128,7 +128,7 @@ def _fully_shard(model) -> None:
     (``model.model.layers``), the root."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    from alter.model import alter_layers
+    from alter.adapters import alter_layers
 
     fp32_reduce = MixedPrecisionPolicy(reduce_dtype=torch.float32)
     for layer in alter_layers(model).values():

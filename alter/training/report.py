@@ -8,7 +8,7 @@ import torch
 
 from alter.methods.base import RETENTION_EXPERT
 from alter.methods.data import _model_inputs, batches
-from alter.model import alter_layers, evaluating, precomputed_entropy
+from alter.adapters import alter_layers, evaluating, precomputed_entropy
 from alter.training.schedule import LabelScores, label_scores
 from alter_kernels import route
 

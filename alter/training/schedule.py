@@ -12,7 +12,7 @@ import torch
 from alter.data import IGNORE_INDEX
 from alter.methods.data import _model_inputs, batches
 from alter.methods.losses import _shift
-from alter.model import evaluating, is_patched, precomputed_entropy
+from alter.adapters import evaluating, is_patched, precomputed_entropy
 
 # Run sizing when ``epochs`` / ``router_warmup`` are not given (docs/training.md, "Run
 # length and early stop").

@@ -1,0 +1,14 @@
+"""The adapter core: AsymLoRA layers (:mod:`.layers`), the per-call state their model's
+forwards build (:mod:`.state`, with the Hugging Face specifics in :mod:`.hooks`),
+patching a model (:mod:`.patching`) and adapter files (:mod:`.io`)."""
+from alter.adapters.io import ADAPTER_TENSOR_SUFFIXES, ADAPTER_WEIGHTS_NAME, load_adapter, save_adapter
+from alter.adapters.layers import AlterRouter, AsymLoRALinear
+from alter.adapters.patching import (adapter_parameters, alter_layers, apply_alter, disable_adapters, evaluating,
+                                     forced_route, is_patched, precomputed_entropy, remove_alter, router_loss)
+from alter.adapters.state import CallState, EntropyTracker
+
+__all__ = [
+    "ADAPTER_TENSOR_SUFFIXES", "ADAPTER_WEIGHTS_NAME", "AlterRouter", "AsymLoRALinear", "CallState", "EntropyTracker",
+    "adapter_parameters", "alter_layers", "apply_alter", "disable_adapters", "evaluating", "forced_route",
+    "is_patched", "load_adapter", "precomputed_entropy", "remove_alter", "router_loss", "save_adapter",
+]

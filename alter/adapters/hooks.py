@@ -1,0 +1,114 @@
+"""What the :class:`~alter.adapters.state.EntropyTracker` hooks need from a Hugging Face
+model: its forward's inputs by name, its logits, its KV-cache length, whether its head is
+a plain linear map, and two instance overrides (the checkpoint function and the beam
+reorder) that keep per-call state right."""
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+_CACHE_INPUTS = ("cache", "past_key_values")  # transformers >= 5.x renames the latter
+
+
+class StatefulCheckpoint:
+    """A checkpoint function that runs (and so recomputes) its block under the state of
+    the call it was first run in: the recompute happens during backward, when later calls
+    may have run."""
+
+    def __init__(self, checkpoint, tracker):
+        self.checkpoint, self.tracker = checkpoint, tracker
+
+    def __call__(self, function, *args, **kwargs):
+        calls = self.tracker._calls
+        if not calls:
+            return self.checkpoint(function, *args, **kwargs)
+        state, running = calls[-1], self.tracker.running
+
+        def under_state(*inner_args, **inner_kwargs):
+            with running(state):
+                return function(*inner_args, **inner_kwargs)
+
+        return self.checkpoint(under_state, *args, **kwargs)
+
+
+class BeamReorderGuard:
+    """An instance ``_reorder_cache`` on the patched model: transformers' beam search calls
+    it to reorder the KV cache between steps, where ``"lagged"`` entropy would gate each
+    beam's next token with another beam's entropy. It raises then; otherwise it reorders
+    as the model would. ``remove()`` takes it off, like a hook handle."""
+
+    def __init__(self, model: nn.Module, tracker):
+        self.model, self.tracker = model, tracker
+        self.original = getattr(model, "_reorder_cache", None)
+        model._reorder_cache = self
+
+    def __call__(self, cache, beam_idx):
+        if self.tracker.config.entropy_source == "lagged" and self.tracker.adapters_enabled:
+            raise RuntimeError(
+                "entropy_source='lagged' does not support beam search (num_beams > 1): reordering the beams "
+                "would gate each token with another beam's entropy; decode greedily or by sampling, or use "
+                "entropy_source='prepass' with use_cache=False"
+            )
+        if self.original is not None:
+            return self.original(cache, beam_idx)
+        cache.reorder_cache(beam_idx)
+        return cache
+
+    def remove(self) -> None:
+        if self.model.__dict__.get("_reorder_cache") is self:
+            del self.model.__dict__["_reorder_cache"]
+
+
+def named_inputs(model: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """The forward's arguments by name (positional ones bound to the signature)."""
+    if not args:
+        inputs = dict(kwargs)
+    else:
+        bound = inspect.signature(model.forward).bind_partial(*args, **kwargs)
+        inputs = {}
+        for name, value in bound.arguments.items():
+            param = bound.signature.parameters[name]
+            if param.kind is inspect.Parameter.VAR_KEYWORD:
+                inputs.update(value)
+            else:
+                inputs[name] = value
+    return inputs
+
+
+def token_input(inputs: dict) -> torch.Tensor:
+    """The forward's ``input_ids`` [B, L] or else ``inputs_embeds`` [B, L, D]."""
+    for key in ("input_ids", "inputs_embeds"):
+        if isinstance(inputs.get(key), torch.Tensor):
+            return inputs[key]
+    raise ValueError("the patched model needs input_ids or inputs_embeds to know its tokens")
+
+
+def output_logits(output) -> torch.Tensor:
+    """The logits [B, L, V] of a causal LM's output; a ``return_dict=False`` tuple starts
+    with the loss when labels were given, so take its first 3-D tensor."""
+    if hasattr(output, "logits"):
+        return output.logits
+    return next(t for t in output if isinstance(t, torch.Tensor) and t.dim() == 3)
+
+
+def cache_length(inputs: dict) -> int:
+    for key in _CACHE_INPUTS:
+        cache = inputs.get(key)
+        if cache is not None and hasattr(cache, "get_seq_length"):
+            return int(cache.get_seq_length())
+    return 0
+
+
+def logits_are_plain_linear(model: nn.Module, head: nn.Module) -> bool:
+    """True when logits = head(final hidden states) exactly, so the fused entropy applies."""
+    config = getattr(model, "config", None)
+    return (
+        type(head) is nn.Linear
+        and head.bias is None
+        and hasattr(model, "base_model_prefix")
+        and getattr(config, "final_logit_softcapping", None) is None
+        and getattr(config, "logit_scale", None) in (None, 1, 1.0)
+        and getattr(config, "logits_scaling", None) in (None, 1, 1.0)
+    )
