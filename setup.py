@@ -1,6 +1,8 @@
 """Build of alter_kernels._C, the compiled extension (C++ CPU kernels, CUDA kernels when
-torch has CUDA). Install with ``pip install --no-build-isolation -e .`` so it compiles
-against the torch already installed. ``ALTER_NO_EXT=1`` skips the extension."""
+torch has CUDA), and the package's dependencies: the core, and extras for evaluation,
+plots, benchmarks and multi-process runs (``EXTRAS``). Install with
+``pip install --no-build-isolation -e '.[all]'`` so it compiles against the torch already
+installed. ``ALTER_NO_EXT=1`` skips the extension."""
 import glob
 import os
 
@@ -46,6 +48,16 @@ def _extensions():
 
 ext_modules, cmdclass = _extensions()
 
+# Optional dependencies, by what needs them; `pip install alter-kernels[all]` installs every one.
+EXTRAS = {
+    "eval": ["rouge-score"],  # alter.eval's ROUGE, alter eval, alter demo, alter quality
+    "plot": ["matplotlib"],  # the plots of alter demo, alter quality and the benchmark harness
+    "bench": ["matplotlib", "pytest>=8", "pytest-benchmark>=4"],  # benchmarks/harness.py, alter bench
+    # multi-process runs (alter.distributed); the FSDP2 plugin (fsdp_version=2) is from 1.6
+    "distributed": ["accelerate>=1.6,<2"],
+}
+EXTRAS["all"] = sorted({requirement for extra in EXTRAS.values() for requirement in extra})
+
 setup(
     name="alter-kernels",
     version="0.1.0",
@@ -54,20 +66,19 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["alter_kernels", "alter_kernels.*", "alter", "alter.*"]),
     python_requires=">=3.10",
+    # The core: the kernels, the adapters, unlearning (alter.unlearn reads datasets.Dataset,
+    # alter.data imports datasets, the sub-domain k-means is scipy's) and alter unlearn.
     install_requires=[
         "torch>=2.4",
         "triton>=3.6; platform_system == 'Linux'",
         "numpy",
         "transformers>=5.0",
-        "datasets>=2.19",
         "safetensors",
-        "scipy",
-        "rouge-score",
         "tqdm",
-        "matplotlib",
-        # multi-process runs (alter.distributed); the FSDP2 plugin (fsdp_version=2) is from 1.6
-        "accelerate>=1.6,<2",
+        "datasets>=2.19",
+        "scipy",
     ],
+    extras_require=EXTRAS,
     entry_points={"console_scripts": ["alter=alter.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -1,4 +1,5 @@
-"""The ``alter`` command: ``demo``, ``unlearn``, ``eval`` and ``bench``.
+"""The ``alter`` command: ``demo``, ``unlearn``, ``eval``, ``quality`` and ``bench`` (their
+flags: :mod:`alter.cli_parser`).
 
 ``alter unlearn`` writes into ``--out`` either an adapter (``adapter_config.json`` +
 ``adapter_model.safetensors``, for the adapter methods) or a full model (for the
@@ -12,20 +13,22 @@ recorded base model is looked for in the output directory first, then as given, 
 
 Every user error (bad data rows or files, an unavailable backend or device, an unwritable
 ``--out``, a checkpoint of another run or data, a corrupted adapter) ends the command
-with one line on stderr and exit status 2, before the first forward of the model.
+with one line on stderr and exit status 2, before the first forward of the model; so does
+a missing optional dependency, naming the extra that installs it (``alter-kernels[eval]``).
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import os
 import sys
 
+from alter.cli_parser import TINY, build_parser, config_overrides, negative_values_attached
 from alter.files import first_line
-from alter.methods.args import DEFAULT_EARLY_STOP_SHARE, check_early_stop_share
 
-TINY = "tiny"
 BASE_MODEL_DIR = "base_model"
+# The optional modules a command may need -> the extra of setup.py that installs them.
+EXTRAS = {"rouge_score": "eval", "matplotlib": "plot", "accelerate": "distributed"}
 
 
 def read_rows(path: str) -> list[dict]:
@@ -164,21 +167,17 @@ def _alter_config(args):
             AlterConfig.paper() if args.preset == "paper" else AlterConfig())
     except ValueError as exc:
         raise ValueError(f"--config: {exc}") from exc
-    overrides = {
-        "r": args.rank,
-        "num_experts": args.num_experts,
-        "lr_A": args.lr_a,
-        "lr_B": args.lr_b,
-        "beta": args.beta,
-        "gamma": args.gamma,
-        "lam": args.lam,
-        "entropy_threshold": args.threshold,
-        "tsallis_q": args.q,
-        "backend": args.backend,
-    }
     values = config.to_dict()
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    values.update(config_overrides(args))
     return AlterConfig.from_dict(values)
+
+
+def _unlearn_args(args):
+    """The :class:`~alter.training.args.UnlearnArgs` of the flags, checked."""
+    from alter.training.args import UnlearnArgs
+
+    values = {field.name: getattr(args, field.name) for field in dataclasses.fields(UnlearnArgs)}
+    return UnlearnArgs(**{**values, "config": _alter_config(args)})
 
 
 def cmd_unlearn(args) -> int:
@@ -188,14 +187,14 @@ def cmd_unlearn(args) -> int:
     from alter.files import staged_directory, write_json
     from alter.train import RUN_ARGS_FILE, unlearn
 
-    # Every check that needs no model first; unlearn() checks the rest (arguments, the
-    # resume checkpoint against this run and data) before its first forward.
+    # Every check that needs no model first, the arguments before the data; unlearn()
+    # checks the rest (the resume checkpoint against this run and data) before its first forward.
+    run_args = _unlearn_args(args)
     forget = _training_records(args.forget, "forget")
     retain = _training_records(args.retain, "retain") if args.retain else None
-    config = _alter_config(args)
     device = _device(args.device)
-    _check_backend(config, args.method, device)
-    _check_writable(args.out)
+    _check_backend(run_args.config, args.method, device)
+    _check_writable(args.output_dir)
     base = None
     if args.model == TINY:
         from alter.tiny import build_tokenizer, tiny_llama
@@ -206,25 +205,19 @@ def cmd_unlearn(args) -> int:
     else:
         model, tokenizer = _load_model(args.model)
     model.to(device)
-    unlearn(
-        model, tokenizer, forget, retain, config, args.method,
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, max_steps=args.max_steps,
-        structural=args.structural, seed=args.seed, output_dir=args.out,
-        save_every=args.save_every, resume=args.resume, router_warmup=args.router_warmup,
-        router_lr=args.router_lr, early_stop_share=args.early_stop_share, distributed=args.distributed,
-        progress=not args.quiet,
-    )
+    unlearn(model, tokenizer, forget, retain, progress=not args.quiet,
+            **{field.name: getattr(run_args, field.name) for field in dataclasses.fields(run_args)})
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # a distributed run's other processes: the main one writes
     if base is not None:
-        with staged_directory(os.path.join(args.out, BASE_MODEL_DIR)) as staging:
+        with staged_directory(os.path.join(args.output_dir, BASE_MODEL_DIR)) as staging:
             base.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
-    run_file = os.path.join(args.out, RUN_ARGS_FILE)
+    run_file = os.path.join(args.output_dir, RUN_ARGS_FILE)
     run = read_json(run_file)
     run["base_model"] = BASE_MODEL_DIR if base is not None else args.model  # as given: no absolute path
     write_json(run_file, run)
-    print(f"unlearned model ({args.method}) written to {args.out}")
+    print(f"unlearned model ({args.method}) written to {args.output_dir}")
     return 0
 
 
@@ -335,27 +328,6 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
-
-
-def _share_or_none(text: str) -> float | None:
-    if text.strip().lower() == "none":
-        return None
-    try:
-        value = float(text)
-        check_early_stop_share(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1) or 'none', got {text!r}") from None
-    return value
-
-
 def cmd_quality(args) -> int:
     from alter.quality import main as quality_main
 
@@ -363,165 +335,45 @@ def cmd_quality(args) -> int:
     return 0
 
 
-def _seed_list(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(s) for s in text.split(",") if s.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"seeds must be comma-separated integers, got {text!r}") from None
-
-
-def _method_list(text: str) -> tuple[str, ...]:
-    from alter.train import METHODS
-
-    methods = tuple(m.strip() for m in text.split(",") if m.strip())
-    unknown = [m for m in methods if m not in METHODS]
-    if not methods or unknown:
-        raise argparse.ArgumentTypeError(f"unknown method(s) {unknown or text!r}; choose from {','.join(METHODS)}")
-    return methods
-
-
 def cmd_bench(argv: list[str]) -> int:
-    try:
-        from alter.bench import main as bench_main
-    except ImportError as exc:
-        print(f"alter bench is not available in this installation ({exc})", file=sys.stderr)
-        return 2
-    return bench_main(argv) or 0
+    from alter.bench import main as bench_main
+
+    return bench_main(argv)
 
 
-# ---------------------------------------------------------------------------- parser
+COMMANDS = {"demo": cmd_demo, "unlearn": cmd_unlearn, "eval": cmd_eval, "quality": cmd_quality}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from alter.data import PROMPT_FORMATS
-    from alter.methods.args import DISTRIBUTED_MODES
-    from alter.train import METHODS, STRUCTURAL_MODES
+def _user_error(exc: BaseException) -> str | None:
+    """The one-line message of an error the user can fix, None for a bug."""
+    from safetensors import SafetensorError
 
-    parser = argparse.ArgumentParser(prog="alter", description="ALTER: token-entropy-guided unlearning of LLMs.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,unlearn,eval,quality,bench}")
+    from alter_kernels import BackendUnavailable
 
-    demo = sub.add_parser("demo", help="the whole pipeline on tofu_mini with a tiny model (CPU, minutes)",
-                          description="Build tofu_mini and a tiny Llama, memorize the facts, unlearn the forget "
-                                      "split with ALTER and every baseline, evaluate, and write a table and a plot.")
-    demo.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--quick", action="store_true", help="smaller data and fewer steps (a smoke run)")
-    demo.add_argument("--methods", type=_method_list, default=METHODS, metavar="M1,M2",
-                      help=f"comma-separated unlearning methods to run (default: all of {','.join(METHODS)})")
-    demo.set_defaults(func=cmd_demo)
-
-    un = sub.add_parser("unlearn", help="unlearn a forget set from a model",
-                        description="Unlearn the forget set from a model while keeping the retain set. Data files "
-                                    "are JSON or JSON lines with question/answer fields (QA) or a text field.")
-    un.add_argument("--model", required=True, help=f"Hugging Face model directory or name, or '{TINY}' for a small random Llama")
-    un.add_argument("--forget", required=True, help="forget set (json/jsonl)")
-    un.add_argument("--retain", help="retain set (json/jsonl); required except for grad_ascent and npo")
-    un.add_argument("--method", choices=METHODS, default="alter")
-    un.add_argument("--out", required=True, help="output directory")
-    un.add_argument("--config", help="AlterConfig JSON file (adapter_config.json layout); flags below override it")
-    un.add_argument("--preset", choices=("default", "paper"), default="default",
-                    help="starting config instead of --config: the library's defaults or the paper's settings "
-                         "(AlterConfig.paper(): lr_A 1e-5, lr_B 1e-3, A from high-entropy tokens, forced routes)")
-    un.add_argument("--epochs", type=int, help="passes over the forget set (default: sized from the data)")
-    un.add_argument("--batch-size", type=int, default=4)
-    un.add_argument("--max-steps", type=int)
-    un.add_argument("--lr", type=float, default=1e-5, help="learning rate of the full-parameter baselines")
-    un.add_argument("--lr-a", type=float, help="learning rate of A (default 1e-3)")
-    un.add_argument("--lr-b", type=float, help="learning rate of the B experts (default 3e-3)")
-    un.add_argument("--router-lr", type=float, help="learning rate of the routers (default: --lr-b)")
-    un.add_argument("--early-stop-share", type=_share_or_none, default=DEFAULT_EARLY_STOP_SHARE,
-                    help="stop once at most this share of the forget tokens predicted at the start is still "
-                         f"predicted, checked after each pass over the forget set (default {DEFAULT_EARLY_STOP_SHARE}; "
-                         "'none': run every step)")
-    un.add_argument("--beta", type=float, help="forget loss weight")
-    un.add_argument("--gamma", type=float, help="retain loss weight")
-    un.add_argument("--lam", type=float, help="structural term weight")
-    un.add_argument("--rank", type=int, help="LoRA rank r")
-    un.add_argument("--num-experts", type=int, help="B experts N (retention + N-1 forget experts)")
-    un.add_argument("--threshold", type=float, help="entropy threshold of high-entropy tokens")
-    un.add_argument("--q", type=float, help="Tsallis q")
-    un.add_argument("--backend", choices=("eager", "triton", "cpp"), help="op backend (default: automatic)")
-    un.add_argument("--structural", choices=STRUCTURAL_MODES, default="surrogate",
-                    help="structural term: cheap surrogate (default) or exact double backward (small models)")
-    un.add_argument("--router-warmup", type=int,
-                    help="router-only steps before unlearning (default: sized from the data)")
-    un.add_argument("--seed", type=int, default=0)
-    un.add_argument("--save-every", type=int, help="checkpoint every N steps")
-    un.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
-    un.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    un.add_argument("--distributed", choices=DISTRIBUTED_MODES,
-                    help="under torchrun: data-parallel (ddp) or sharded (fsdp2) through accelerate; "
-                         "--batch-size is the global batch (under accelerate launch its config decides)")
-    un.add_argument("--quiet", action="store_true", help="no progress bar")
-    un.set_defaults(func=cmd_unlearn)
-
-    ev = sub.add_parser("eval", help="TOFU metrics of a model or adapter directory",
-                        description="Evaluate a model (or an alter unlearn output directory) on TOFU-format data "
-                                    "and write the metrics as JSON.")
-    ev.add_argument("--model", required=True, help="model directory or alter unlearn output directory")
-    ev.add_argument("--base-model", help="base model of an adapter directory (default: the one it records)")
-    ev.add_argument("--data", default="tofu_mini",
-                    help="'tofu_mini' (default) or a folder of TOFU-schema files forget/retain/real_authors/"
-                         "world_facts .json or .jsonl (question, answer, paraphrased_answer, perturbed_answer), "
-                         "and holdout (question, answer) for membership inference")
-    ev.add_argument("--retain-metrics", help="metrics JSON of a retain model (from alter eval): gives forget quality "
-                                             "and, with a holdout split, privleak")
-    ev.add_argument("--seed", type=int, default=0, help="seed of tofu_mini")
-    ev.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    ev.add_argument("--out", required=True, help="metrics JSON file to write")
-    ev.add_argument("--summary", help="also the metrics in open-unlearning's summary layout, written here "
-                                      "(default: TOFU_SUMMARY.json beside --out)")
-    ev.add_argument("--max-new-tokens", type=_positive_int, default=200,
-                    help="greedy answer length for ROUGE (default: 200, as TOFU and open-unlearning)")
-    ev.add_argument("--prompt-format", choices=PROMPT_FORMATS,
-                    help="how questions are prompted: 'plain' (default; 'Question: ...\\nAnswer:', as alter unlearn "
-                         "trains), 'llama2-inst' ('[INST] ... [/INST]', TOFU's Llama-2) or 'chat' (the tokenizer's "
-                         "chat template, open-unlearning's instruct models)")
-    ev.add_argument("--chat-template", action="store_true", help="same as --prompt-format chat")
-    ev.add_argument("--system-prompt", help="system turn of the chat template (open-unlearning's Llama-3 models: "
-                                            "'You are a helpful assistant.')")
-    ev.add_argument("--num-questions", type=_positive_int,
-                    help="evaluate the first N questions of each split (TOFU's ds_size: 300; default: all)")
-    ev.add_argument("--batch-size", type=_positive_int, default=16, help="evaluation batch size (default: 16)")
-    ev.add_argument("--reference-model", help="model directory for the reference membership-inference attack "
-                                              "(e.g. the retain model): adds mia_reference")
-    ev.set_defaults(func=cmd_eval)
-
-    quality = sub.add_parser("quality", help="unlearning quality of the default call on held-out scenarios",
-                             description="Memorize fictitious-knowledge scenarios with tiny models, unlearn with "
-                                         "the default call of every method and ALTER's ablations, and write "
-                                         "QUALITY.md, QUALITY.json and quality_tradeoff.png.")
-    quality.add_argument("--out", default="benchmarks", help="output directory (default: benchmarks)")
-    quality.add_argument("--quick", action="store_true",
-                         help="one scenario, one seed, 3 steps per run: checks that the suite runs (CI)")
-    quality.add_argument("--seeds", type=_seed_list, help="comma-separated seeds (default: the held-out seeds)")
-    quality.add_argument("--workers", type=_positive_int, default=2, help="processes, one thread each (default 2)")
-    quality.add_argument("--development", action="store_true",
-                         help="the development scenarios and seeds (the ones the defaults were tuned on)")
-    quality.set_defaults(func=cmd_quality)
-
-    bench = sub.add_parser("bench", help="kernel and training-step benchmarks (see alter bench --help)", add_help=False)
-    bench.set_defaults(func=None)
-    return parser
+    if isinstance(exc, ModuleNotFoundError) and (exc.name or "").split(".")[0] in EXTRAS:
+        module = exc.name.split(".")[0]
+        return f"{module} is not installed: pip install 'alter-kernels[{EXTRAS[module]}]'"
+    # OSError: missing files, models transformers cannot load; SafetensorError: a damaged
+    # weights file. A message that spans lines is joined.
+    if isinstance(exc, (ValueError, TypeError, OSError, BackendUnavailable, SafetensorError)):
+        return " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "bench":
-        # Everything after "bench" belongs to alter.bench's own parser (its --help too).
+        # Everything after "bench" belongs to the harness's own parser (its --help too).
         return cmd_bench(argv[1:])
-    from safetensors import SafetensorError
-
-    from alter_kernels import BackendUnavailable
-
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    # Only the flags of the command given: `alter --help` imports no torch.
+    parser = build_parser(argv[0] if argv else "")
+    args = parser.parse_args(negative_values_attached(argv))
     try:
-        return args.func(args)
-    # OSError: missing files, models transformers cannot load; SafetensorError: a damaged
-    # weights file. One line: a message that spans lines is joined.
-    except (ValueError, TypeError, OSError, BackendUnavailable, SafetensorError) as exc:
-        message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+        return COMMANDS[args.command](args)
+    except Exception as exc:
+        message = _user_error(exc)
+        if message is None:
+            raise
         parser.exit(2, f"alter {args.command}: error: {message}\n")
 
 

@@ -6,8 +6,8 @@ import os
 
 import pytest
 import torch
+from bench_cases import bench_device
 
-from alter.bench import bench_device
 from alter_kernels import available_backends
 
 

@@ -3,9 +3,9 @@ case timed in the same run so that ratios to the eager path are meaningful.
 
     pytest benchmarks/                      # CPU shapes on a CPU, Llama-3-8B shapes on a GPU
     ALTER_BENCH_QUICK=1 pytest benchmarks/  # CI sizes, two rounds
-    alter bench                              # runs this suite and prints one table
+    python benchmarks/harness.py            # runs this suite and prints one table (alter bench)
 
-Each result carries its peak memory (see ``alter.bench``) in ``extra_info``. Timings are
+Each result carries its peak memory (see ``harness.py``) in ``extra_info``. Timings are
 reported, never asserted.
 """
 import os
@@ -14,16 +14,8 @@ from functools import lru_cache
 
 import pytest
 
-from alter.bench import (
-    DEADLINE_ENV,
-    all_cases,
-    bench_device,
-    cpu_peak_memory_bytes,
-    cuda_peak_memory_bytes,
-    measure_ceilings,
-    synchronize,
-    variant_unavailable,
-)
+from bench_cases import bench_device, synchronize, variant_unavailable
+from harness import DEADLINE_ENV, all_cases, cpu_peak_memory_bytes, cuda_peak_memory_bytes, measure_ceilings
 
 QUICK = os.environ.get("ALTER_BENCH_QUICK", "0") == "1"
 DEVICE = bench_device()

@@ -1,20 +1,18 @@
-"""The benchmark harness (alter.bench) without benchmarking: the ratios of the table,
-the CPU peak-memory measurement, and that each variant of the model-level cases runs
-the backends its name says."""
+"""The benchmark harness (benchmarks/harness.py and its cases) without benchmarking: the
+ratios of the table, the CPU peak-memory measurement, and that each variant of the
+model-level cases runs the backends its name says."""
 import importlib
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from alter.bench import (
-    all_cases,
-    cpu_peak_rss_supported,
-    find_case,
-    format_table,
-    peak_rss_growth,
-    summarize,
-)
 from alter_kernels._dispatch import unavailable_reason
+
+# The harness is a script folder of the source checkout, not a package.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from harness import all_cases, cpu_peak_rss_supported, find_case, format_table, peak_rss_growth, summarize  # noqa: E402
 
 CPU = torch.device("cpu")
 MiB = 2**20

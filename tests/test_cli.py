@@ -1,5 +1,9 @@
-"""The ``alter`` command line: help of every subcommand, a tiny ``alter unlearn`` and
-``alter eval`` round trip on files the test writes, bench delegation and bad input."""
+"""The ``alter`` command line: help of every subcommand (without torch), the flags of
+``alter unlearn`` generated from UnlearnArgs, a tiny ``alter unlearn`` and ``alter eval``
+round trip on files the test writes, bench delegation and bad input."""
+import argparse
+import dataclasses
+import inspect
 import json
 import subprocess
 import sys
@@ -10,6 +14,7 @@ import transformers
 import alter.demo
 from alter.cli import main
 from alter.data import tofu_mini
+from alter.training.args import UnlearnArgs
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +57,120 @@ def test_bench_is_delegated(monkeypatch):
     assert seen == [["--quick", "--out", "somewhere"], ["--help"]]
 
 
-def test_bench_missing_gives_a_clear_message(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "alter.bench", None)  # import alter.bench raises ImportError
+def test_bench_runs_the_harness_of_the_checkout(monkeypatch, tmp_path, capfd):
+    import alter.bench
+
+    assert alter.bench.HARNESS.is_file()  # this is a source checkout
+    fake = tmp_path / "harness.py"
+    fake.write_text("import sys; print(sys.argv[1:]); sys.exit(3)\n")
+    monkeypatch.setattr(alter.bench, "HARNESS", fake)
+    assert main(["bench", "--quick", "-k", "route"]) == 3
+    assert "['--quick', '-k', 'route']" in capfd.readouterr().out
+
+
+def test_bench_without_a_checkout_gives_a_clear_message(monkeypatch, tmp_path, capsys):
+    import alter.bench
+
+    monkeypatch.setattr(alter.bench, "HARNESS", tmp_path / "site-packages" / "benchmarks" / "harness.py")
     assert main(["bench"]) == 2
-    assert "alter bench is not available" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "alter bench runs from a source checkout" in err
+
+
+# ------------------------------------------------------------------- unlearn's flags
+
+
+def _unlearn_parser():
+    from alter.cli_parser import add_unlearn_flags
+
+    parser = argparse.ArgumentParser(prog="alter unlearn")
+    add_unlearn_flags(parser)
+    return parser
+
+
+def test_every_unlearn_argument_is_a_flag_with_its_help_and_default():
+    from alter.cli_parser import FIELD_FLAGS
+
+    actions = {action.dest: action for action in _unlearn_parser()._actions}
+    for field in dataclasses.fields(UnlearnArgs):
+        if field.name == "config":  # built from the config flags
+            continue
+        action = actions[field.name]
+        flags = list(FIELD_FLAGS.get(field.name, ["--" + field.name.replace("_", "-")]))
+        assert action.option_strings[:len(flags)] == flags
+        assert field.metadata["help"] and action.help.startswith(field.metadata["help"])
+        assert action.default == field.default
+        assert action.required or action.help.endswith("(default: %(default)s)")
+        if field.type.startswith("bool"):
+            assert "--no-" + field.name.replace("_", "-") in action.option_strings
+    assert {"--max-length", "--npo-beta", "--max-grad-norm", "--mixed-precision", "--gradient-checkpointing"} <= {
+        flag for action in actions.values() for flag in action.option_strings}
+
+
+def test_unlearn_flags_give_the_dataclass_defaults_and_parse_every_type():
+    from alter.cli import _unlearn_args
+
+    parse = _unlearn_parser().parse_args
+    required = ["--model", "m", "--forget", "f.jsonl", "--out", "o"]
+    assert _unlearn_args(parse(required)) == UnlearnArgs(output_dir="o")
+    args = _unlearn_args(parse(required + [
+        "--max-length", "64", "--npo-beta", "0.2", "--max-grad-norm", "none", "--no-mixed-precision",
+        "--gradient-checkpointing", "--resume", "--structural", "exact", "--router-lr", "None", "--rank", "2"]))
+    assert (args.max_length, args.npo_beta, args.max_grad_norm, args.router_lr) == (64, 0.2, None, None)
+    assert (args.mixed_precision, args.gradient_checkpointing, args.resume) == (False, True, True)
+    assert args.structural == "exact" and args.config.r == 2 and args.config.backend == "eager"
+
+
+def test_every_unlearn_argument_is_a_keyword_of_unlearn():
+    # cmd_unlearn passes the fields as keywords
+    from alter.train import unlearn
+
+    keywords = inspect.signature(unlearn).parameters
+    assert all(field.name in keywords for field in dataclasses.fields(UnlearnArgs))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lr-b", "-1e-3"], "AlterConfig: lr_B must be > 0, got -0.001"),
+    (["--lr", "-1"], "lr must be a positive number, got -1.0"),
+    (["--max-grad-norm", "-.5"], "max_grad_norm must be a positive number or None, got -0.5"),
+    (["--max-length", "-8"], "max_length must be a positive int, got -8"),
+    (["--router-warmup", "-2"], "router_warmup must be an int >= 0, got -2"),
+])
+def test_negative_numbers_reach_validation(flags, message, tmp_path, capsys):
+    # before the data is read: the forget file need not exist
+    with pytest.raises(SystemExit) as exit_info:
+        main(["unlearn", "--model", "tiny", "--forget", "missing.jsonl", "--out", str(tmp_path / "o"), *flags])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"alter unlearn: error: {message}\n"
+
+
+def test_negative_values_are_attached_to_their_flag_only():
+    from alter.cli_parser import negative_values_attached
+
+    assert negative_values_attached(["--lr-b", "-1e-3", "--q", "-inf", "--seed", "-1", "-x", "-2"]) == [
+        "--lr-b=-1e-3", "--q=-inf", "--seed=-1", "-x", "-2"]
+    assert negative_values_attached(["--lr=-1", "-5", "--quiet", "--lr-a"]) == ["--lr=-1", "-5", "--quiet", "--lr-a"]
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["quality", "--help"], ["unlearn", "--help"], ["demo", "--help"]])
+def test_help_imports_no_torch(argv):
+    # -X importtime lists every module imported, on stderr
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "alter", *argv], capture_output=True, text=True)
+    assert done.returncode == 0 and "usage: alter" in done.stdout
+    imported = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in done.stderr.splitlines()}
+    assert not imported & {"torch", "triton", "transformers", "datasets"}
+
+
+def test_missing_optional_dependency_names_its_extra(monkeypatch, capsys):
+    def no_matplotlib(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'matplotlib'", name="matplotlib")
+
+    monkeypatch.setattr(alter.demo, "run_demo", no_matplotlib)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--quick"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        "alter demo: error: matplotlib is not installed: pip install 'alter-kernels[plot]'\n")
 
 
 def test_unlearn_then_eval_tiny(data_dir, tmp_path, capsys):

@@ -14,7 +14,7 @@ from alter.config import AlterConfig
 from alter.data import qa_texts, tofu_mini
 from alter.methods import ADAPTER_METHODS, METHODS, method_class
 from alter.methods.alter import Alter
-from alter.methods.args import UnlearnArgs
+from alter.training.args import UnlearnArgs
 from alter.methods.asym_lora import AsymLoRA
 from alter.methods.base import AdapterMethod, FullParameterMethod
 from alter.tiny import build_tokenizer, tiny_llama

@@ -3,7 +3,7 @@
 ``lora``) and the full-parameter baselines (``grad_ascent``, ``grad_diff``, ``npo``).
 
 A method registers its class under its ``name`` with :func:`register`; :func:`build`
-makes the method of a run from its :class:`~alter.methods.args.UnlearnArgs`.
+makes the method of a run from its :class:`~alter.training.args.UnlearnArgs`.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def register(cls):
 
 def method_class(name: str) -> type:
     """The class of method ``name`` (one of ``METHODS``)."""
-    return _REGISTRY[name]
+    return _registry()[name]
 
 
 def build(args, autocast, engine=None):
@@ -29,8 +29,18 @@ def build(args, autocast, engine=None):
 
 
 # The built-in methods, in the order the docs and the CLI list them; importing a module
-# registers its class.
+# registers its class. Imported on first use, so that the names (and alter.methods.args)
+# cost no torch import.
 METHODS = ("alter", "asym_lora", "lora", "grad_ascent", "grad_diff", "npo")
-for _name in METHODS:
-    importlib.import_module(f"alter.methods.{_name}")
-ADAPTER_METHODS = tuple(name for name in METHODS if _REGISTRY[name].adapter)
+
+
+def _registry() -> dict[str, type]:
+    for name in METHODS:
+        importlib.import_module(f"alter.methods.{name}")
+    return _REGISTRY
+
+
+def __getattr__(name: str):
+    if name == "ADAPTER_METHODS":
+        return tuple(m for m in METHODS if _registry()[m].adapter)
+    raise AttributeError(f"module 'alter.methods' has no attribute {name!r}")

@@ -7,4 +7,5 @@ from alter.training.args import (  # noqa: F401
     _role,
     check_early_stop_share,
     check_positive,
+    check_positive_number,
 )

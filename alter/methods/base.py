@@ -1,6 +1,6 @@
 """The two kinds of unlearning method, over which each method's module is a few lines.
 
-A method is built from the run's :class:`~alter.methods.args.UnlearnArgs` and an autocast
+A method is built from the run's :class:`~alter.training.args.UnlearnArgs` and an autocast
 factory; :meth:`Method.setup` prepares the model and returns the optimizer and the
 examples to train on (with the method's per-example fields); :meth:`Method.step` runs the forward and backward passes of one optimizer
 step (``router_step`` those of a router warm-up step) and returns its losses.
@@ -15,17 +15,20 @@ batch (the single-process gradient).
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import torch
 
 from alter.data import IGNORE_INDEX
-from alter.methods.args import UnlearnArgs
 from alter.methods.data import _model_inputs, base_model_pass, routing_targets, split_subdomains, with_fields
 from alter.methods.losses import (_floats, _high_entropy_tokens, _shift, structural_exact, structural_surrogate,
                                   token_nll)
 from alter.adapters import adapter_parameters, apply_alter, forced_route, precomputed_entropy, router_loss, save_adapter
 from alter_kernels import inverted_hinge_loss
 from alter_kernels.ihl import token_weights
+
+if TYPE_CHECKING:  # the run's arguments live a layer above the methods
+    from alter.training.args import UnlearnArgs
 
 RETENTION_EXPERT = 0
 

@@ -1,9 +1,10 @@
 """The arguments of an unlearning run, validated in one place.
 
-Each field's ``metadata["role"]`` says what it is for: ``"fingerprint"`` fields decide the
-result (a resume with another value is refused) and are saved in the run record;
-``"record"`` fields are saved only (``epochs``: a resumed run may be extended); the rest
-(where output goes, how it is computed) are neither.
+Each field's ``metadata["help"]`` documents it in one line (``alter unlearn``'s flags are
+generated from the fields). Its ``metadata["role"]`` says what it is for: ``"fingerprint"``
+fields decide the result (a resume with another value is refused) and are saved in the run
+record; ``"record"`` fields are saved only (``epochs``: a resumed run may be extended); the
+rest (where output goes, how it is computed) are neither.
 """
 from __future__ import annotations
 
@@ -18,8 +19,11 @@ DISTRIBUTED_MODES = ("ddp", "fsdp2")
 DEFAULT_EARLY_STOP_SHARE = 0.4
 
 
-def _role(role: str | None, default):
-    return field(default=default, metadata={"role": role})
+def _field(role: str | None, default, help: str, **metadata):
+    """A field with its ``metadata``: ``role`` (module doc), ``help`` (one line, shown by
+    ``alter unlearn --help``, whose flags are generated from these fields) and, for
+    string fields with a fixed set of values, ``choices``."""
+    return field(default=default, metadata={"role": role, "help": help, **metadata})
 
 
 def check_early_stop_share(share) -> None:
@@ -33,32 +37,58 @@ def check_positive(name: str, value, kind=int) -> None:
         raise ValueError(f"{name} must be a positive {kind.__name__}, got {value!r}")
 
 
+def check_positive_number(name: str, value, none_ok: bool = False) -> None:
+    """ValueError unless ``value`` is an int or float > 0 (or None when ``none_ok``)."""
+    if none_ok and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a positive number{' or None' if none_ok else ''}, got {value!r}")
+
+
 @dataclass
 class UnlearnArgs:
-    """Everything :func:`alter.unlearn` takes besides the model, tokenizer and data (its
-    docstring documents each field). ``config`` None becomes ``AlterConfig()``."""
+    """Everything :func:`alter.unlearn` takes besides the model, tokenizer and data, each
+    field under its own name with its help in ``metadata["help"]``. ``config`` None becomes
+    ``AlterConfig()``."""
 
-    method: str = _role("fingerprint", "alter")
-    config: AlterConfig | None = _role("fingerprint", None)
-    seed: int = _role("fingerprint", 0)
-    batch_size: int = _role("fingerprint", 4)
-    lr: float = _role("fingerprint", 1e-5)
-    router_warmup: int | None = _role("fingerprint", None)
-    router_lr: float | None = _role("fingerprint", None)
-    early_stop_share: float | None = _role("fingerprint", DEFAULT_EARLY_STOP_SHARE)
-    structural: str = _role("fingerprint", "surrogate")
-    npo_beta: float = _role("fingerprint", 0.1)
-    max_grad_norm: float | None = _role("fingerprint", 1.0)
+    method: str = _field("fingerprint", "alter", "unlearning method")
+    config: AlterConfig | None = _field(
+        "fingerprint", None, "AlterConfig of the adapter methods (None: AlterConfig()); the full-parameter "
+        "baselines read its beta and gamma")
+    seed: int = _field("fingerprint", 0, "seeds the adapter initialization, dropout, data order and k-means")
+    batch_size: int = _field(
+        "fingerprint", 4, "samples per batch, each forget batch paired with a retain batch of the same size; "
+        "under a launcher, the global batch")
+    lr: float = _field("fingerprint", 1e-5, "learning rate of the full-parameter baselines (AdamW)")
+    router_warmup: int | None = _field(
+        "fingerprint", None, "adapter methods: router-only steps before unlearning, counted in max_steps "
+        "(None: sized from the data)")
+    router_lr: float | None = _field(
+        "fingerprint", None, "adapter methods: learning rate of the routers (None: the config's lr_B)")
+    early_stop_share: float | None = _field(
+        "fingerprint", DEFAULT_EARLY_STOP_SHARE, "stop once at most this share of the forget tokens predicted at "
+        "the start is still predicted, checked after each pass over the forget set (None: run every step)")
+    structural: str = _field(
+        "fingerprint", "surrogate", "structural term: the cheap surrogate or the exact double backward (eager "
+        "backend, small models)", choices=STRUCTURAL_MODES)
+    npo_beta: float = _field("fingerprint", 0.1, "inverse temperature of NPO")
+    max_grad_norm: float | None = _field("fingerprint", 1.0, "gradient-norm clipping (None: off)")
     # as given: None is the model's context
-    max_length: int | None = _role("fingerprint", None)
-    epochs: int | None = _role("record", None)
-    max_steps: int | None = _role(None, None)
-    output_dir: str | None = _role(None, None)
-    save_every: int | None = _role(None, None)
-    resume: bool = _role(None, False)
-    mixed_precision: bool | None = _role(None, None)
-    gradient_checkpointing: bool | None = _role(None, None)
-    distributed: str | None = _role(None, None)
+    max_length: int | None = _field(
+        "fingerprint", None, "longest example in tokens; a longer one is an error, not truncated "
+        "(None: the model's context)")
+    epochs: int | None = _field("record", None, "passes over the forget set (None: sized from the data)")
+    max_steps: int | None = _field(None, None, "stop after this many optimizer steps (None: every epoch)")
+    output_dir: str | None = _field(
+        None, None, "where the result (adapter or model, tokenizer, unlearn_args.json) and checkpoints go")
+    save_every: int | None = _field(None, None, "write a checkpoint every this many steps (None: no checkpoints)")
+    resume: bool = _field(None, False, "continue from the checkpoint in the output directory, if there is one")
+    mixed_precision: bool | None = _field(None, None, "bf16 autocast (None: on when the model is on a GPU)")
+    gradient_checkpointing: bool | None = _field(
+        None, None, "recompute activations in the backward (None: on when the model is on a GPU)")
+    distributed: str | None = _field(
+        None, None, "under torchrun: data-parallel (ddp) or sharded (fsdp2) through accelerate (None: one "
+        "process, or the config of accelerate launch)", choices=DISTRIBUTED_MODES)
 
     def __post_init__(self):
         from alter.methods import METHODS, ADAPTER_METHODS
@@ -79,6 +109,11 @@ class UnlearnArgs:
         if self.epochs is not None:
             check_positive("epochs", self.epochs)
         check_positive("batch_size", self.batch_size)
+        check_positive_number("lr", self.lr)
+        check_positive_number("npo_beta", self.npo_beta)
+        check_positive_number("max_grad_norm", self.max_grad_norm, none_ok=True)
+        if self.max_length is not None:
+            check_positive("max_length", self.max_length)
         if self.max_steps is not None:
             check_positive("max_steps", self.max_steps)
         if self.save_every is not None:
@@ -93,9 +128,7 @@ class UnlearnArgs:
         for name in ("router_warmup", "router_lr"):
             if getattr(self, name) and self.method not in ADAPTER_METHODS:
                 raise ValueError(f"{name} is for the adapter methods {ADAPTER_METHODS}; {self.method!r} has no router")
-        lr = self.router_lr
-        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0):
-            raise ValueError(f"router_lr must be a positive number or None, got {lr!r}")
+        check_positive_number("router_lr", self.router_lr, none_ok=True)
         check_early_stop_share(self.early_stop_share)
         if self.distributed is not None and self.distributed not in DISTRIBUTED_MODES:
             raise ValueError(f"distributed must be one of {DISTRIBUTED_MODES} or None, got {self.distributed!r}")

@@ -1,0 +1,260 @@
+"""The argument parser of the ``alter`` command.
+
+``alter unlearn``'s run flags are generated from the fields of
+:class:`~alter.training.args.UnlearnArgs`: each field is a flag (``max_length`` is
+``--max-length``) with the field's type, its ``metadata["help"]`` and its default; a bool
+field is ``--flag`` / ``--no-flag``; a field that may be None takes ``none`` too. The field
+``config`` is built from the config flags (``--config``, ``--preset``, ``--rank``, ...).
+
+A subcommand's flags are added only when that subcommand is parsed, and the modules they
+need (torch, transformers, datasets) are imported only then: ``alter --help`` imports none.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import types
+import typing
+
+TINY = "tiny"
+
+# Flags of UnlearnArgs fields spelled otherwise than --field-name (the first is shown).
+FIELD_FLAGS = {"output_dir": ("--out", "--output-dir")}
+# AlterConfig fields settable by a flag of alter unlearn: flag -> (field, type, help).
+CONFIG_FLAGS = {
+    "--rank": ("r", int, "LoRA rank r"),
+    "--num-experts": ("num_experts", int, "B experts N (retention + N-1 forget experts)"),
+    "--lr-a": ("lr_A", float, "learning rate of A"),
+    "--lr-b": ("lr_B", float, "learning rate of the B experts"),
+    "--beta": ("beta", float, "forget loss weight"),
+    "--gamma": ("gamma", float, "retain loss weight"),
+    "--lam": ("lam", float, "structural term weight"),
+    "--threshold": ("entropy_threshold", float, "entropy threshold of high-entropy tokens"),
+    "--q": ("tsallis_q", float, "Tsallis q"),
+    "--backend": ("backend", str, "op backend (default: automatic)"),
+}
+CONFIG_DEST = "config_{}"  # namespace attribute of a config flag's field
+# A negative number in any notation Python reads: argparse takes '-1e-3' for an option.
+_NEGATIVE_NUMBER = re.compile(r"-(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?|-inf(?:inity)?|-nan", re.IGNORECASE)
+
+
+def negative_values_attached(argv: list[str]) -> list[str]:
+    """``argv`` with each negative number that follows a ``--flag`` joined to it
+    (``--lr-b -1e-3`` -> ``--lr-b=-1e-3``), so that it reaches the flag's checks."""
+    joined: list[str] = []
+    for token in argv:
+        if joined and joined[-1].startswith("--") and "=" not in joined[-1] and _NEGATIVE_NUMBER.fullmatch(token):
+            joined[-1] += "=" + token
+        else:
+            joined.append(token)
+    return joined
+
+
+# ----------------------------------------------------------------------------- values
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _share_or_none(text: str) -> float | None:
+    from alter.training.args import check_early_stop_share
+
+    if text.strip().lower() == "none":
+        return None
+    try:
+        value = float(text)
+        check_early_stop_share(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1) or 'none', got {text!r}") from None
+    return value
+
+
+def _or_none(kind: type):
+    """The value parser of a field of type ``kind | None``: ``none`` is None."""
+    def parse(text: str):
+        return None if text.strip().lower() == "none" else kind(text)
+
+    parse.__name__ = f"{kind.__name__} or none"  # argparse's "invalid ... value" names it
+    return parse
+
+
+def _seed_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds must be comma-separated integers, got {text!r}") from None
+
+
+def _method_list(text: str) -> tuple[str, ...]:
+    from alter.methods import METHODS
+
+    methods = tuple(m.strip() for m in text.split(",") if m.strip())
+    unknown = [m for m in methods if m not in METHODS]
+    if not methods or unknown:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {unknown or text!r}; choose from {','.join(METHODS)}")
+    return methods
+
+
+# Value parsers of UnlearnArgs fields checked while parsing.
+FIELD_PARSERS = {"early_stop_share": _share_or_none}
+
+
+# --------------------------------------------------------------------------- unlearn
+
+
+def _scalar_type(hint) -> tuple[type, bool]:
+    """(bool, int, float or str; whether None is allowed) of a field's annotation."""
+    args = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    kinds = [a for a in args if a is not type(None)]
+    if len(kinds) != 1 or kinds[0] not in (bool, int, float, str):
+        raise TypeError(f"no flag for a field of type {hint}: give it one in alter.cli_parser")
+    return kinds[0], len(kinds) < len(args)
+
+
+def add_field_flag(group, field: dataclasses.Field, hint, choices=None):
+    """The flag of one UnlearnArgs field (dest: the field's name)."""
+    kind, optional = _scalar_type(hint)
+    flags = FIELD_FLAGS.get(field.name, ("--" + field.name.replace("_", "-"),))
+    kwargs = dict(dest=field.name, default=field.default)
+    if kind is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    else:
+        choices = choices or field.metadata.get("choices")
+        kwargs["type"] = FIELD_PARSERS.get(field.name) or (_or_none(kind) if optional and not choices else kind)
+        kwargs["choices"] = choices
+    if field.name == "output_dir":
+        kwargs["required"] = True
+    action = group.add_argument(*flags, **kwargs)
+    action.help = field.metadata["help"] + ("" if action.required else " (default: %(default)s)")
+    return action
+
+
+def add_unlearn_flags(un: argparse.ArgumentParser) -> None:
+    from alter.config import BACKEND_CHOICES, AlterConfig
+    from alter.methods import METHODS
+    from alter.training.args import UnlearnArgs
+
+    un.add_argument("--model", required=True, help=f"Hugging Face model directory or name, or '{TINY}' for a small "
+                                                   "random Llama")
+    un.add_argument("--forget", required=True, help="forget set (json/jsonl)")
+    un.add_argument("--retain", help="retain set (json/jsonl); required except for grad_ascent and npo")
+    run = un.add_argument_group("run", "the arguments of alter.unlearn (alter.training.args.UnlearnArgs); "
+                                       "'none' gives None")
+    hints = typing.get_type_hints(UnlearnArgs)
+    for field in dataclasses.fields(UnlearnArgs):
+        if field.name != "config":  # built from the config flags
+            add_field_flag(run, field, hints[field.name], choices=METHODS if field.name == "method" else None)
+
+    config = un.add_argument_group("config", "the AlterConfig of the adapter methods")
+    config.add_argument("--config", help="AlterConfig JSON file (adapter_config.json layout); flags below override it")
+    config.add_argument("--preset", choices=("default", "paper"), default="default",
+                        help="starting config instead of --config: the library's defaults or the paper's settings "
+                             "(AlterConfig.paper(): lr_A 1e-5, lr_B 1e-3, A from high-entropy tokens, forced routes)")
+    defaults = AlterConfig()
+    for flag, (name, kind, text) in CONFIG_FLAGS.items():
+        choices = [b for b in BACKEND_CHOICES if b is not None] if name == "backend" else None
+        shown = "" if name == "backend" else f" (default: {getattr(defaults, name)}, or --config/--preset's)"
+        config.add_argument(flag, dest=CONFIG_DEST.format(name), type=kind, choices=choices, help=text + shown)
+
+    un.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    un.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def config_overrides(args: argparse.Namespace) -> dict:
+    """The AlterConfig fields given by config flags: {field: value}."""
+    values = {name: getattr(args, CONFIG_DEST.format(name)) for name, _, _ in CONFIG_FLAGS.values()}
+    return {name: value for name, value in values.items() if value is not None}
+
+
+# ----------------------------------------------------------------------- other commands
+
+
+def add_demo_flags(demo: argparse.ArgumentParser) -> None:
+    from alter.methods import METHODS
+
+    demo.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--quick", action="store_true", help="smaller data and fewer steps (a smoke run)")
+    demo.add_argument("--methods", type=_method_list, default=METHODS, metavar="M1,M2",
+                      help=f"comma-separated unlearning methods to run (default: all of {','.join(METHODS)})")
+
+
+def add_eval_flags(ev: argparse.ArgumentParser) -> None:
+    from alter.data import PROMPT_FORMATS
+
+    ev.add_argument("--model", required=True, help="model directory or alter unlearn output directory")
+    ev.add_argument("--base-model", help="base model of an adapter directory (default: the one it records)")
+    ev.add_argument("--data", default="tofu_mini",
+                    help="'tofu_mini' (default) or a folder of TOFU-schema files forget/retain/real_authors/"
+                         "world_facts .json or .jsonl (question, answer, paraphrased_answer, perturbed_answer), "
+                         "and holdout (question, answer) for membership inference")
+    ev.add_argument("--retain-metrics", help="metrics JSON of a retain model (from alter eval): gives forget quality "
+                                             "and, with a holdout split, privleak")
+    ev.add_argument("--seed", type=int, default=0, help="seed of tofu_mini")
+    ev.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    ev.add_argument("--out", required=True, help="metrics JSON file to write")
+    ev.add_argument("--summary", help="also the metrics in open-unlearning's summary layout, written here "
+                                      "(default: TOFU_SUMMARY.json beside --out)")
+    ev.add_argument("--max-new-tokens", type=positive_int, default=200,
+                    help="greedy answer length for ROUGE (default: 200, as TOFU and open-unlearning)")
+    ev.add_argument("--prompt-format", choices=PROMPT_FORMATS,
+                    help="how questions are prompted: 'plain' (default; 'Question: ...\\nAnswer:', as alter unlearn "
+                         "trains), 'llama2-inst' ('[INST] ... [/INST]', TOFU's Llama-2) or 'chat' (the tokenizer's "
+                         "chat template, open-unlearning's instruct models)")
+    ev.add_argument("--chat-template", action="store_true", help="same as --prompt-format chat")
+    ev.add_argument("--system-prompt", help="system turn of the chat template (open-unlearning's Llama-3 models: "
+                                            "'You are a helpful assistant.')")
+    ev.add_argument("--num-questions", type=positive_int,
+                    help="evaluate the first N questions of each split (TOFU's ds_size: 300; default: all)")
+    ev.add_argument("--batch-size", type=positive_int, default=16, help="evaluation batch size (default: 16)")
+    ev.add_argument("--reference-model", help="model directory for the reference membership-inference attack "
+                                              "(e.g. the retain model): adds mia_reference")
+
+
+def add_quality_flags(quality: argparse.ArgumentParser) -> None:
+    quality.add_argument("--out", default="benchmarks", help="output directory (default: benchmarks)")
+    quality.add_argument("--quick", action="store_true",
+                         help="one scenario, one seed, 3 steps per run: checks that the suite runs (CI)")
+    quality.add_argument("--seeds", type=_seed_list, help="comma-separated seeds (default: the held-out seeds)")
+    quality.add_argument("--workers", type=positive_int, default=2, help="processes, one thread each (default 2)")
+    quality.add_argument("--development", action="store_true",
+                         help="the development scenarios and seeds (the ones the defaults were tuned on)")
+
+
+# name: (help, description, flags); bench's flags are the harness's own (benchmarks/harness.py).
+SUBCOMMANDS = {
+    "demo": ("the whole pipeline on tofu_mini with a tiny model (CPU, minutes)",
+             "Build tofu_mini and a tiny Llama, memorize the facts, unlearn the forget split with ALTER and every "
+             "baseline, evaluate, and write a table and a plot.", add_demo_flags),
+    "unlearn": ("unlearn a forget set from a model",
+                "Unlearn the forget set from a model while keeping the retain set. Data files are JSON or JSON lines "
+                "with question/answer fields (QA) or a text field.", add_unlearn_flags),
+    "eval": ("TOFU metrics of a model or adapter directory",
+             "Evaluate a model (or an alter unlearn output directory) on TOFU-format data and write the metrics as "
+             "JSON.", add_eval_flags),
+    "quality": ("unlearning quality of the default call on held-out scenarios",
+                "Memorize fictitious-knowledge scenarios with tiny models, unlearn with the default call of every "
+                "method and ALTER's ablations, and write QUALITY.md, QUALITY.json and quality_tradeoff.png.",
+                add_quality_flags),
+    "bench": ("kernel and training-step benchmarks, from a source checkout (see alter bench --help)", None, None),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of ``alter``: with ``command``, only that subcommand's flags are added
+    (``""``: none, enough for ``alter --help``); with None, every subcommand's."""
+    parser = argparse.ArgumentParser(prog="alter", description="ALTER: token-entropy-guided unlearning of LLMs.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(SUBCOMMANDS) + "}")
+    for name, (help, description, add_flags) in SUBCOMMANDS.items():
+        subparser = sub.add_parser(name, help=help, description=description, add_help=add_flags is not None)
+        if add_flags is not None and command in (None, name):
+            add_flags(subparser)
+    return parser

@@ -1,0 +1,152 @@
+"""Model-level benchmark cases: one ALTER training step through the trainer's own code,
+and prefill and greedy decoding of a patched model against the unpatched one. A tiny
+Llama on the CPU, Llama-3-8B cut to two layers on a GPU.
+"""
+from __future__ import annotations
+
+import torch
+from bench_cases import BenchCase
+
+from alter.config import AlterConfig
+
+
+def _model_config(device: torch.device, quick: bool):
+    """(LlamaConfig, dtype, (batch, seq_len)): Llama-3-8B cut to two layers on a GPU,
+    a tiny Llama on the CPU."""
+    from transformers import LlamaConfig
+
+    if device.type == "cuda":
+        return LlamaConfig(
+            vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=2,
+            num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096,
+        ), torch.bfloat16, (4, 1024)
+    return LlamaConfig(
+        vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
+        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
+    ), torch.float32, ((2, 64) if quick else (4, 128))
+
+
+def _bench_alter_config(variant: str, entropy_source: str) -> AlterConfig:
+    """``eager`` puts every op of the layers and the prepass on the eager path;
+    ``kernels`` lets the dispatcher pick the fastest backend of each op."""
+    # high_entropy_weight: a random model's tokens are all high-entropy; a nonzero weight
+    # keeps every forget token in the IHL, as the low-entropy tokens of real data are.
+    return AlterConfig(
+        r=8, num_experts=8, k_high=3, high_entropy_weight=0.1, entropy_source=entropy_source,
+        backend="eager" if variant == "eager" else None,
+    )
+
+
+def _build_model(device, quick, variant, entropy_source="prepass"):
+    """The model of :func:`_model_config`, built on ``device``; ``base`` leaves it
+    unpatched, ``eager`` / ``kernels`` patch it (see :func:`_bench_alter_config`) with
+    random experts B (their zero init would make every adapter output zero)."""
+    from transformers import LlamaForCausalLM
+
+    from alter.model import apply_alter
+
+    config, dtype, (batch, seq) = _model_config(device, quick)
+    torch.manual_seed(0)
+    with torch.device(device):  # initialize on the device: an 8B-shaped model on a GPU in ms
+        model = LlamaForCausalLM._from_config(config, dtype=dtype)
+    alter_config = None
+    if variant != "base":
+        alter_config = _bench_alter_config(variant, entropy_source)
+        model = apply_alter(model, alter_config)
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                torch.nn.init.normal_(p, std=0.01)
+    input_ids = torch.randint(0, config.vocab_size, (batch, seq), device=device)
+    return model, alter_config, input_ids
+
+
+def _train_step_case(device: torch.device, quick: bool) -> BenchCase:
+    """One ALTER step as ``alter.unlearn`` runs it, through the trainer's own setup and step
+    function (so the case cannot drift from the trainer): the base-model pass caches the
+    entropy, the model is patched, then each step is the objective's ``step`` (a forget and
+    a retain pass under forced routes with β·IHL + γ·NLL + structural term, and the two
+    router-only passes of the routing loss) and the optimizer step. Half the rows are
+    forget samples (a random prompt, then an answer), half retain samples. As in the
+    trainer, autocast on a GPU; gradient checkpointing stays off (the kernels are timed,
+    not the recompute)."""
+    from alter import methods, train
+    from alter.data import IGNORE_INDEX
+    from alter.training.args import UnlearnArgs
+
+    config, _, (batch, seq) = _model_config(device, quick)
+
+    def build(variant, dev):
+        model, _, _ = _build_model(dev, quick, "base")
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        ids = torch.randint(0, config.vocab_size, (batch, seq), generator=gen)
+        prompt = seq // 4
+        examples = [
+            {"input_ids": row.tolist(), "attention_mask": [1] * seq,
+             "labels": [IGNORE_INDEX] * prompt + row[prompt:].tolist()}
+            for row in ids
+        ]
+        half = max(batch // 2, 1)
+        forget, retain = examples[:half], examples[half:] or examples[:half]
+        autocast = train._autocast_factory(dev, dev.type == "cuda")
+        args = UnlearnArgs(method="alter", config=_bench_alter_config(variant, "prepass"), batch_size=half)
+        objective = methods.build(args, autocast)
+        optimizer, forget, retain = objective.setup(model, forget, retain, 0)
+        forget_batch = train._batch(forget, range(len(forget)), 0, dev)
+        retain_batch = train._batch(retain, range(len(retain)), 0, dev)
+        model.train()
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            objective.step(model, forget_batch, retain_batch)
+            optimizer.step()
+
+        return step
+
+    what = "Llama-3-8B x2 layers" if device.type == "cuda" else "tiny Llama"
+    return BenchCase(f"ALTER train step {what} [{batch}x{seq}]", "train_step", ("eager", "kernels"), build,
+                     tokens=batch * seq)
+
+
+def _inference_cases(device: torch.device, quick: bool) -> list[BenchCase]:
+    """Prefill (entropy prepass + forward) and greedy decoding (entropy lagged by one
+    token) of a patched model against the unpatched model (``base``, the baseline)."""
+    _, _, (batch, seq) = _model_config(device, quick)
+    prompt_len = min(16, seq)
+    new_tokens = 8 if quick else 32
+
+    def prefill(variant, dev):
+        model, _, input_ids = _build_model(dev, quick, variant)
+        model.eval()
+
+        def step():
+            with torch.no_grad():
+                model(input_ids)
+
+        return step
+
+    def decode(variant, dev):
+        model, _, input_ids = _build_model(dev, quick, variant, entropy_source="lagged")
+        model.eval()
+        prompt = input_ids[:, :prompt_len]
+
+        def step():
+            with torch.no_grad():
+                model.generate(
+                    prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                    min_new_tokens=new_tokens, do_sample=False, pad_token_id=model.config.eos_token_id,
+                )
+
+        return step
+
+    variants = ("base", "eager", "kernels")
+    return [
+        BenchCase(f"prefill [{batch}x{seq}]", "inference", variants, prefill, tokens=batch * seq),
+        BenchCase(f"decode {new_tokens} tokens x{batch} (prompt {prompt_len})", "inference", variants, decode,
+                  tokens=batch * new_tokens),
+    ]
+
+
+
+def model_cases(device: torch.device, quick: bool) -> list[BenchCase]:
+    return [_train_step_case(device, quick), *_inference_cases(device, quick)]
+
