@@ -50,10 +50,10 @@ ext_modules, cmdclass = _extensions()
 
 # Optional dependencies, by what needs them; `pip install alter-kernels[all]` installs every one.
 EXTRAS = {
-    "eval": ["rouge-score"],  # alter.eval's ROUGE, alter eval, alter demo, alter quality
+    "eval": ["rouge-score"],  # alter.evaluation's ROUGE, alter eval, alter demo, alter quality
     "plot": ["matplotlib"],  # the plots of alter demo, alter quality and the benchmark harness
     "bench": ["matplotlib", "pytest>=8", "pytest-benchmark>=4"],  # benchmarks/harness.py, alter bench
-    # multi-process runs (alter.distributed); the FSDP2 plugin (fsdp_version=2) is from 1.6
+    # multi-process runs (alter.training.distributed); the FSDP2 plugin (fsdp_version=2) is from 1.6
     "distributed": ["accelerate>=1.6,<2"],
 }
 EXTRAS["all"] = sorted({requirement for extra in EXTRAS.values() for requirement in extra})

@@ -65,8 +65,8 @@ def read_records(path: str, rows: list[dict] | None = None):
 
 
 def _training_records(path: str, name: str):
-    """A forget or retain set, every row checked (:func:`alter.train.check_rows`) first."""
-    from alter.train import check_rows
+    """A forget or retain set, every row checked (:func:`alter.methods.data.check_rows`) first."""
+    from alter.methods.data import check_rows
 
     rows = read_rows(path)
     if not rows:
@@ -96,7 +96,7 @@ def _device(spec: str | None):
 
 def _check_backend(config, method: str, device) -> None:
     """The backend asked for (``--backend`` / the config, or ``ALTER_BACKEND``) runs on ``device``."""
-    from alter.train import ADAPTER_METHODS
+    from alter.methods import ADAPTER_METHODS
     from alter_kernels import BACKENDS, available_backends
 
     for source, backend in (("--backend", config.backend), ("ALTER_BACKEND", os.environ.get("ALTER_BACKEND") or None)):
@@ -126,7 +126,7 @@ def _check_writable(directory: str) -> None:
 def _vocabulary_texts(*sets) -> list[str]:
     """Texts to build the tiny model's word-level vocabulary from (a set may mix QA and text rows)."""
     from alter.data import qa_texts
-    from alter.train import check_rows
+    from alter.methods.data import check_rows
 
     texts = []
     for data in sets:
@@ -185,7 +185,8 @@ def cmd_unlearn(args) -> int:
 
     from alter.config import read_json
     from alter.files import staged_directory, write_json
-    from alter.train import RUN_ARGS_FILE, unlearn
+    from alter.training.checkpoint import RUN_ARGS_FILE
+    from alter.training.loop import unlearn
 
     # Every check that needs no model first, the arguments before the data; unlearn()
     # checks the rest (the resume checkpoint against this run and data) before its first forward.
@@ -234,8 +235,8 @@ def load_unlearned(path: str, base_model: str | None = None):
     from transformers import AutoTokenizer
 
     from alter.config import ADAPTER_CONFIG_NAME, read_json
-    from alter.model import load_adapter
-    from alter.train import RUN_ARGS_FILE
+    from alter.adapters import load_adapter
+    from alter.training.checkpoint import RUN_ARGS_FILE
 
     if not os.path.isdir(path):
         raise FileNotFoundError(f"--model: no such directory: {path}")
@@ -283,7 +284,7 @@ def _tofu_data(spec: str, seed: int):
 def cmd_eval(args) -> int:
     from alter.config import read_json
     from alter.data import PromptFormat
-    from alter.eval import evaluate_tofu, open_unlearning_summary
+    from alter.evaluation import evaluate_tofu, open_unlearning_summary
     from alter.files import write_json
 
     # The inputs that need no model first: a bad one fails before the model is loaded.

@@ -72,7 +72,7 @@ class AlterConfig:
         (generation: a decoded token is gated by the entropy of the distribution that
         produced it).
 
-    Losses and optimisation (used by ``alter.train``):
+    Losses and optimisation (used by ``alter.training``; docs/training.md):
       high_entropy_weight: weight of high-entropy tokens in the inverted hinge loss (>= 0).
       beta, gamma, lam: weights of the forget (IHL), retain (NLL) and structural terms (>= 0).
       lr_A, lr_B: learning rates of the shared A and of the B experts and router (> 0).
@@ -81,7 +81,7 @@ class AlterConfig:
         gate as at inference (the forget loss reaches the forget experts only, the retain
         loss every expert a retained token is routed to); "forced": every token of a
         forget sample of sub-domain d goes to forget expert d, every retained token to
-        the retention expert (the paper's). See ``alter.train``.
+        the retention expert (the paper's). See docs/training.md.
 
     The defaults are the settings measured to unlearn across the scenario suite of
     ``alter quality`` (benchmarks/QUALITY.md); :meth:`paper` gives the paper's settings.

@@ -4,7 +4,7 @@
 2. Target model: memorize every fact (forget + retain + real authors + world facts).
    Retain model: the same from the same initialization, without the forget split.
 3. Unlearn the forget split from copies of the target model with ALTER and every
-   baseline, evaluate each with ``alter.eval.evaluate_tofu`` (forget quality against the
+   baseline, evaluate each with ``alter.evaluation.evaluate_tofu`` (forget quality against the
    retain model's truth ratios), and write the table (``results.json``) and the
    utility-vs-forget-quality plot (``tradeoff.png``, the paper's Fig. 4) into ``out``.
 
@@ -25,7 +25,9 @@ import time
 import torch
 
 from alter.config import AlterConfig
-from alter.train import ADAPTER_METHODS, METHODS, finetune, unlearn
+from alter.methods import ADAPTER_METHODS, METHODS
+from alter.training.finetune import finetune
+from alter.training.loop import unlearn
 
 # 25 fictitious authors, 4 facts each, 5 forgotten: 20 forget questions, enough for the
 # KS test of forget quality to tell distributions apart.
@@ -93,13 +95,13 @@ def facts(split):
 def run_demo(out: str, seed: int = 0, quick: bool = False, methods=METHODS) -> list[dict]:
     """Run the demo; returns the table rows (also written to ``out/results.json``).
 
-    ``methods``: the unlearning methods to run (a subset of ``alter.train.METHODS``); the
+    ``methods``: the unlearning methods to run (a subset of ``alter.methods.METHODS``); the
     retain and target models are always built and listed first.
     """
     import datasets
 
     from alter.data import qa_texts, tofu_mini
-    from alter.eval import evaluate_tofu, forget_quality
+    from alter.evaluation import evaluate_tofu, forget_quality
     from alter.tiny import build_tokenizer, tiny_llama
 
     methods = tuple(methods)

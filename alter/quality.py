@@ -1,15 +1,15 @@
 """``alter quality``: does the default ``unlearn`` call unlearn, on data it was never tuned on?
 
-For each scenario of :mod:`alter.scenarios` and each seed: a tiny Llama memorizes every
-row (forget and retain; full-parameter :func:`alter.train.finetune`), giving the target
+For each scenario of :mod:`alter.data.scenarios` and each seed: a tiny Llama memorizes every
+row (forget and retain; full-parameter :func:`alter.training.finetune`), giving the target
 model; then each method runs from a copy of it with ``unlearn(model, tokenizer, forget,
 retain, method=...)`` and nothing else (the ablations of ALTER change one
 :class:`AlterConfig` field). Metrics, before and after:
 
 * fact accuracy on forget and retain: teacher-forced argmax accuracy over the tokens of
-  the fact values only (:func:`alter.scenarios.fact_token_mask`), micro-averaged;
+  the fact values only (:func:`alter.data.scenarios.fact_token_mask`), micro-averaged;
 * for the ``tofu`` scenario (TOFU format, :func:`alter.data.tofu_mini`): forget quality and
-  model utility (:func:`alter.eval.evaluate_tofu`, against a retain model).
+  model utility (:func:`alter.evaluation.evaluate_tofu`, against a retain model).
 
 :func:`run_suite` runs (scenario, seed) pairs in a process pool (one thread each),
 memorizes once per pair and writes ``QUALITY.json``, ``QUALITY.md`` and a trade-off plot.
@@ -29,9 +29,11 @@ import torch
 
 from alter.config import AlterConfig
 from alter.data import collate
-from alter.scenarios import (DEVELOPMENT, DEVELOPMENT_SEEDS, HELD_OUT, HELD_OUT_SEEDS, Scenario, build_scenario,
+from alter.data.scenarios import (DEVELOPMENT, DEVELOPMENT_SEEDS, HELD_OUT, HELD_OUT_SEEDS, Scenario, build_scenario,
                              fact_token_mask)
-from alter.train import METHODS, finetune, unlearn
+from alter.methods import METHODS
+from alter.training.finetune import finetune
+from alter.training.loop import unlearn
 
 # ALTER with one component off: the AlterConfig fields that switch it.
 ABLATIONS = {
@@ -256,7 +258,7 @@ def format_markdown(summary: list[dict], scenarios, seeds, seconds: float, quick
              "Each scenario: a tiny Llama memorizes every row (forget + retain); each method then runs from a copy "
              "with `alter.unlearn(model, tokenizer, forget, retain, method=...)` and nothing else (ablations change "
              "one `AlterConfig` field; the full-parameter baselines get `lr=1e-4`, see `alter.quality.BASELINE_LR`); "
-             "every run stops early by unlearn's default rule (`early_stop_share`, module doc of `alter.train`, "
+             "every run stops early by unlearn's default rule (`early_stop_share`, docs/training.md, "Run length and early stop"; "
              "\"Run length\"); steps: the optimizer steps run, router warm-up included. "
              "Accuracy: teacher-forced argmax over the tokens of the fact values only. Ratios: after / before "
              "(forget: lower is better, target ≤ 0.5; retain: higher is better, target ≥ 0.9). Routing shares "
@@ -270,7 +272,7 @@ def format_markdown(summary: list[dict], scenarios, seeds, seconds: float, quick
         lines.append(f"| {s.name} | {split} | {s.domain} | {s.format} | {s.num_entities} × {s.facts_per_entity} | "
                      f"{s.forget_rows} | {s.tokenizer} | {s.num_layers} × {s.hidden_size} |")
     lines += ["", "Development scenarios (the only ones the defaults were tuned on, seeds "
-              f"{', '.join(map(str, DEVELOPMENT_SEEDS))}; see `alter.scenarios.DEVELOPMENT`): "
+              f"{', '.join(map(str, DEVELOPMENT_SEEDS))}; see `alter.data.scenarios.DEVELOPMENT`): "
               f"{', '.join(s.name for s in DEVELOPMENT)}.", ""]
     targets = meets_targets(summary)
     lines += ["## Results", "",

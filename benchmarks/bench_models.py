@@ -43,7 +43,7 @@ def _build_model(device, quick, variant, entropy_source="prepass"):
     random experts B (their zero init would make every adapter output zero)."""
     from transformers import LlamaForCausalLM
 
-    from alter.model import apply_alter
+    from alter.adapters import apply_alter
 
     config, dtype, (batch, seq) = _model_config(device, quick)
     torch.manual_seed(0)

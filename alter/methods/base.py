@@ -45,7 +45,7 @@ class Method:
         self.args = args
         self.config = args.config
         self.autocast = autocast
-        # engine: an alter.distributed.Engine (None: one process, plain autograd)
+        # engine: an alter.training.distributed.Engine (None: one process, plain autograd)
         self.reduce_sum = engine.reduce_sum if engine is not None and engine.world > 1 else None
         self.world = 1 if engine is None else engine.world
         self.backward = engine.backward if engine is not None else torch.Tensor.backward
@@ -165,7 +165,7 @@ class AdapterMethod(Method):
              {"params": groups["router"], "lr": config.lr_B if router_lr is None else router_lr}],
             weight_decay=0.0,
         )
-        # Routing loss of each pass weighted by its set's share of the data (module doc of alter.train).
+        # Routing loss of each pass weighted by its set's share of the data (docs/training.md, "Routing targets").
         total = len(forget_examples) + len(retain_examples)
         self.route_weight = {True: 2 * len(forget_examples) / total, False: 2 * len(retain_examples) / total}
         # Experts trained under the routers' own gating (config.train_routes == "router"),
@@ -235,7 +235,7 @@ class AdapterMethod(Method):
                     precomputed_entropy(self.model, batch["entropy"]):
                 with self.autocast():
                     logits = model(**_model_inputs(batch)).logits
-                # The positions routing_targets chose (module doc of alter.train, "Routing targets").
+                # The positions routing_targets chose (docs/training.md, "Routing targets").
                 routed = batch["route_mask"].bool()
                 route = router_loss(self.model, routed)
                 count = (routed & batch["attention_mask"].bool()).sum()

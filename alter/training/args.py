@@ -15,7 +15,7 @@ from alter.config import AlterConfig
 
 STRUCTURAL_MODES = ("surrogate", "exact")
 DISTRIBUTED_MODES = ("ddp", "fsdp2")
-# unlearn's default early stop (alter.train module doc, "Run length").
+# unlearn's default early stop (docs/training.md, "Run length and early stop").
 DEFAULT_EARLY_STOP_SHARE = 0.4
 
 
