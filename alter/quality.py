@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from alter.config import AlterConfig
-from alter.data import collate
+from alter.data import collated_batches
+from alter.model import evaluating
 from alter.scenarios import (DEVELOPMENT, DEVELOPMENT_SEEDS, HELD_OUT, HELD_OUT_SEEDS, Scenario, build_scenario,
                              fact_token_mask)
 from alter.train import METHODS, finetune, unlearn
@@ -44,24 +45,23 @@ ALL_RUNS = METHODS + tuple(ABLATIONS)
 MEMORIZE = {"batch_size": 16, "lr": 3e-3}
 
 
-@torch.no_grad()
 def fact_accuracy(model, tokenizer, rows: list[dict], batch_size: int = 32) -> float:
-    """Teacher-forced argmax accuracy over the fact-value tokens of ``rows`` (micro-average)."""
-    model.eval()
+    """Teacher-forced argmax accuracy over the fact-value tokens of ``rows`` (micro-average),
+    in eval mode without gradients (the model's mode is restored afterwards)."""
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id
+    examples = []
+    for row in rows:
+        ids, mask = fact_token_mask(tokenizer, row)
+        examples.append({"input_ids": ids, "attention_mask": [1] * len(ids), "fact": [int(m) for m in mask]})
     correct = total = 0
-    for start in range(0, len(rows), batch_size):
-        examples = []
-        for row in rows[start:start + batch_size]:
-            ids, mask = fact_token_mask(tokenizer, row)
-            examples.append({"input_ids": ids, "attention_mask": [1] * len(ids), "fact": [int(m) for m in mask]})
-        batch = collate(examples, pad)
-        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-        predicted = logits[:, :-1].argmax(-1).cpu()
-        fact = batch["fact"][:, 1:].bool()
-        correct += int((predicted == batch["input_ids"][:, 1:])[fact].sum())
-        total += int(fact.sum())
+    with evaluating(model):
+        for _, batch in collated_batches(examples, tokenizer.pad_token_id, batch_size):
+            logits = model(input_ids=batch["input_ids"].to(device),
+                           attention_mask=batch["attention_mask"].to(device)).logits
+            predicted = logits[:, :-1].argmax(-1).cpu()
+            fact = batch["fact"][:, 1:].bool()
+            correct += int((predicted == batch["input_ids"][:, 1:])[fact].sum())
+            total += int(fact.sum())
     return correct / max(total, 1)
 
 
