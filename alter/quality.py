@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from alter.config import AlterConfig
-from alter.data import collate
+from alter.adapters import evaluating
+from alter.data import collated_batches
 from alter.data.scenarios import (DEVELOPMENT, DEVELOPMENT_SEEDS, HELD_OUT, HELD_OUT_SEEDS, Scenario, build_scenario,
                              fact_token_mask)
 from alter.methods import METHODS
@@ -46,24 +47,23 @@ ALL_RUNS = METHODS + tuple(ABLATIONS)
 MEMORIZE = {"batch_size": 16, "lr": 3e-3}
 
 
-@torch.no_grad()
 def fact_accuracy(model, tokenizer, rows: list[dict], batch_size: int = 32) -> float:
-    """Teacher-forced argmax accuracy over the fact-value tokens of ``rows`` (micro-average)."""
-    model.eval()
+    """Teacher-forced argmax accuracy over the fact-value tokens of ``rows`` (micro-average),
+    in eval mode without gradients (the model's mode is restored afterwards)."""
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id
+    examples = []
+    for row in rows:
+        ids, mask = fact_token_mask(tokenizer, row)
+        examples.append({"input_ids": ids, "attention_mask": [1] * len(ids), "fact": [int(m) for m in mask]})
     correct = total = 0
-    for start in range(0, len(rows), batch_size):
-        examples = []
-        for row in rows[start:start + batch_size]:
-            ids, mask = fact_token_mask(tokenizer, row)
-            examples.append({"input_ids": ids, "attention_mask": [1] * len(ids), "fact": [int(m) for m in mask]})
-        batch = collate(examples, pad)
-        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-        predicted = logits[:, :-1].argmax(-1).cpu()
-        fact = batch["fact"][:, 1:].bool()
-        correct += int((predicted == batch["input_ids"][:, 1:])[fact].sum())
-        total += int(fact.sum())
+    with evaluating(model):
+        for _, batch in collated_batches(examples, tokenizer.pad_token_id, batch_size):
+            logits = model(input_ids=batch["input_ids"].to(device),
+                           attention_mask=batch["attention_mask"].to(device)).logits
+            predicted = logits[:, :-1].argmax(-1).cpu()
+            fact = batch["fact"][:, 1:].bool()
+            correct += int((predicted == batch["input_ids"][:, 1:])[fact].sum())
+            total += int(fact.sum())
     return correct / max(total, 1)
 
 
@@ -258,8 +258,8 @@ def format_markdown(summary: list[dict], scenarios, seeds, seconds: float, quick
              "Each scenario: a tiny Llama memorizes every row (forget + retain); each method then runs from a copy "
              "with `alter.unlearn(model, tokenizer, forget, retain, method=...)` and nothing else (ablations change "
              "one `AlterConfig` field; the full-parameter baselines get `lr=1e-4`, see `alter.quality.BASELINE_LR`); "
-             "every run stops early by unlearn's default rule (`early_stop_share`, docs/training.md, "Run length and early stop"; "
-             "\"Run length\"); steps: the optimizer steps run, router warm-up included. "
+             "every run stops early by unlearn's default rule (`early_stop_share`, docs/training.md, "
+             "\"Run length and early stop\"); steps: the optimizer steps run, router warm-up included. "
              "Accuracy: teacher-forced argmax over the tokens of the fact values only. Ratios: after / before "
              "(forget: lower is better, target ≤ 0.5; retain: higher is better, target ≥ 0.9). Routing shares "
              "(from `model.unlearn_report`): routing weight the trained routers give the forget experts on the "

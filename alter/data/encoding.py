@@ -90,13 +90,14 @@ def pad_id_of(tokenizer) -> int:
     return pad
 
 
-def collate(batch: Sequence[dict], pad_token_id: int, padding_side: str = "right") -> dict:
+def collate(batch: Sequence[dict], pad_token_id: int, padding_side: str = "right", *, device=None) -> dict:
     """Pad encoded examples to the longest and stack them into tensors.
 
     ``input_ids`` is padded with ``pad_token_id``, ``attention_mask`` with 0, ``labels`` with
     -100 and any other per-token field (e.g. a cached ``entropy``) with 0; per-example
     numbers become a 1-D tensor and anything else a list. ``padding_side="left"`` is for
-    generation. Returns a dict of ``[B, L]`` tensors (int64 ids, mask and labels).
+    generation. Returns a dict of ``[B, L]`` tensors (int64 ids, mask and labels), on
+    ``device`` when given (else the CPU).
     """
     if not batch:
         raise ValueError("collate: batch is empty")
@@ -123,6 +124,8 @@ def collate(batch: Sequence[dict], pad_token_id: int, padding_side: str = "right
             out[key] = torch.tensor(values)
         else:
             out[key] = values
+    if device is not None:
+        out = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in out.items()}
     return out
 
 
@@ -131,21 +134,25 @@ def collated_batches(examples: Sequence[dict], pad_token_id: int, batch_size: in
                      keys: Sequence[str] | None = None, device=None) -> Iterator[tuple[list[int], dict]]:
     """Yields ``(indices, batch)``: the encoded ``examples`` ``batch_size`` at a time, in
     order, or longest first with ``longest_first`` (batches of similar lengths waste little
-    on padding; callers put results back by ``indices``).
+    on padding; callers put results back by ``indices``). The one batching loop of the
+    library: evaluation, the base-model pass, the early stop's scores and the quality
+    suite all batch through it.
 
     ``batch`` is :func:`collate` of ``[examples[i] for i in indices]`` (restricted to
-    ``keys`` when given, e.g. to leave out fields that are not per-token), with its tensors
-    moved to ``device`` when given.
+    ``keys`` when given, e.g. to leave out fields that are not per-token) on ``device``.
+    A bad ``batch_size`` raises ``ValueError`` at the call, not at the first batch.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     order = list(range(len(examples)))
     if longest_first:
         order.sort(key=lambda i: -len(examples[i]["input_ids"]))
+    return _batches_in(order, examples, pad_token_id, batch_size, padding_side, keys, device)
+
+
+def _batches_in(order: list[int], examples: Sequence[dict], pad_token_id: int, batch_size: int,
+                padding_side: str, keys: Sequence[str] | None, device) -> Iterator[tuple[list[int], dict]]:
     for start in range(0, len(order), batch_size):
         indices = order[start:start + batch_size]
         chunk = [examples[i] if keys is None else {k: examples[i][k] for k in keys} for i in indices]
-        batch = collate(chunk, pad_token_id, padding_side)
-        if device is not None:
-            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        yield indices, batch
+        yield indices, collate(chunk, pad_token_id, padding_side, device=device)

@@ -17,6 +17,7 @@ Generation batches its prompts with :func:`padded_batches`, the same batching.
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Sequence
 
 import numpy as np
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from alter.data import IGNORE_INDEX, collate, pad_id_of
+from alter.data import IGNORE_INDEX, collated_batches, pad_id_of
 from alter.adapters import evaluating
 
 # The fields of an encoded example that the model reads or that score it.
@@ -51,18 +52,18 @@ def _logits(output) -> torch.Tensor:
 
 
 def padded_batches(encoded: Sequence[dict], batch_size: int, desc: str, pad_id: int, padding_side: str = "right"):
-    """Yields ``(indices, batch)``: the encoded examples in batches of ``batch_size``,
-    longest first, each collated (:func:`alter.data.collate`, int64 ``[b, L]`` tensors on
-    the CPU) with ``padding_side``. Callers put results back by ``indices``. ``desc``
-    names the caller in the progress bar and in the error a bad ``batch_size`` raises."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"{desc}: batch_size must be a positive int, got {batch_size!r}")
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]["input_ids"]))
-    starts = range(0, len(order), batch_size)
-    for start in tqdm(starts, desc=desc, leave=False, disable=None if len(starts) > 1 else True):
-        indices = order[start:start + batch_size]
-        chunk = [{k: encoded[i][k] for k in _FIELDS if k in encoded[i]} for i in indices]
-        yield indices, collate(chunk, pad_id, padding_side=padding_side)
+    """Yields ``(indices, batch)``: :func:`alter.data.collated_batches` of the encoded
+    examples, longest first, with ``padding_side`` (int64 ``[b, L]`` tensors on the CPU),
+    under a progress bar. Callers put results back by ``indices``. ``desc`` names the
+    caller in the progress bar and in the error a bad ``batch_size`` raises."""
+    keys = [k for k in _FIELDS if all(k in example for example in encoded)]
+    try:
+        batches = collated_batches(encoded, pad_id, batch_size, longest_first=True, padding_side=padding_side,
+                                   keys=keys)
+    except ValueError as exc:
+        raise ValueError(f"{desc}: {exc}") from exc
+    n_batches = math.ceil(len(encoded) / batch_size)
+    yield from tqdm(batches, total=n_batches, desc=desc, leave=False, disable=None if n_batches > 1 else True)
 
 
 def forward_batches(model, tokenizer, encoded: Sequence[dict], batch_size: int, desc: str,

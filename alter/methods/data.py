@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from scipy.cluster.vq import kmeans2
 
-from alter.data import collate, encode_qa, encode_text
+from alter.data import collate, collated_batches, encode_qa, encode_text
 from alter.methods.losses import sequence_logprob
 from alter.adapters import evaluating
 from alter_kernels import tsallis_entropy
@@ -100,10 +100,9 @@ def encode_dataset(tokenizer, data, name: str, max_length: int | None) -> list[d
 
 
 def _batch(examples: list[dict], indices, pad_id: int, device) -> dict:
-    """Collate ``examples[indices]`` (right padding) onto ``device``. Per-token fields
-    other than ids and labels (the cached ``entropy``) pad with 0."""
-    batch = collate([examples[int(i)] for i in indices], pad_id)
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    """Collate ``examples[indices]`` (right padding) onto ``device``: one training step's
+    batch. Per-token fields other than ids and labels (the cached ``entropy``) pad with 0."""
+    return collate([examples[int(i)] for i in indices], pad_id, device=device)
 
 
 def _model_inputs(batch: dict) -> dict:
@@ -111,11 +110,9 @@ def _model_inputs(batch: dict) -> dict:
 
 
 def batches(examples: list[dict], pad_id: int, batch_size: int, device):
-    """``(chunk, batch)`` for consecutive chunks of ``batch_size`` examples, in order: the
-    chunk and its :func:`_batch` on ``device`` (the evaluation passes of a run)."""
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
-        yield chunk, _batch(chunk, range(len(chunk)), pad_id, device)
+    """:func:`alter.data.collated_batches` of ``examples`` in order on ``device``, for the
+    callers that import this name (``alter.training.report``, ``alter.train``)."""
+    return collated_batches(examples, pad_id, batch_size, device=device)
 
 
 # ------------------------------------------------------------------ base-model pass
@@ -132,10 +129,10 @@ def base_model_pass(model, examples: list[dict], pad_id: int, q: float,
     """
     features, entropies = [], []
     with evaluating(model):
-        for chunk, batch in batches(examples, pad_id, batch_size, next(model.parameters()).device):
+        for indices, batch in collated_batches(examples, pad_id, batch_size, device=next(model.parameters()).device):
             out = model(**_model_inputs(batch), output_hidden_states=True)
             entropy = tsallis_entropy(out.logits, q).float().cpu()
-            entropies += [entropy[row, : len(example["input_ids"])].clone() for row, example in enumerate(chunk)]
+            entropies += [entropy[row, : len(examples[i]["input_ids"])].clone() for row, i in enumerate(indices)]
             mask = batch["attention_mask"].unsqueeze(-1).to(torch.float64)
             hidden = out.hidden_states[-1].to(torch.float64)
             features.append(((hidden * mask).sum(1) / mask.sum(1)).cpu().numpy())
@@ -237,7 +234,7 @@ def reference_logprobs(model, examples: list[dict], pad_id: int, batch_size: int
     (NPO's reference, computed once from the frozen starting model)."""
     values = []
     with evaluating(model):
-        for _, batch in batches(examples, pad_id, batch_size, next(model.parameters()).device):
+        for _, batch in collated_batches(examples, pad_id, batch_size, device=next(model.parameters()).device):
             values += sequence_logprob(model(**_model_inputs(batch)).logits, batch["labels"]).cpu().tolist()
     return values
 

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
-from alter.data import IGNORE_INDEX
-from alter.methods.data import _model_inputs, batches
+from alter.data import IGNORE_INDEX, collated_batches
+from alter.methods.data import _model_inputs
 from alter.methods.losses import _shift
 from alter.adapters import evaluating, is_patched, precomputed_entropy
 
@@ -78,7 +78,8 @@ def label_scores(model, examples: list[dict], pad_id: int, batch_size: int) -> L
     total = 0.0
     predicted = []
     with evaluating(model):
-        for _, batch in batches(examples, pad_id, batch_size, next(model.parameters()).device):
+        # In example order: ``predicted`` is compared token by token across calls.
+        for _, batch in collated_batches(examples, pad_id, batch_size, device=next(model.parameters()).device):
             if "entropy" in batch and is_patched(model):
                 with precomputed_entropy(model, batch["entropy"]):
                     logits = model(**_model_inputs(batch)).logits
