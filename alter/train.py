@@ -8,7 +8,6 @@ from alter.methods.data import (  # noqa: F401
     _model_inputs,
     _step_indices,
     base_model_pass,
-    batches,
     check_dataset,
     check_rows,
     encode_dataset,

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-from rouge_score import rouge_scorer
 
 from alter.data import PromptFormat, pad_id_of, prompt_format_of
 from alter.evaluation.scoring import context_length, device_of, padded_batches
@@ -55,6 +54,11 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 32,
 def rouge_l(predictions: Sequence[str], references: Sequence[str], field: str, stem: bool = True) -> np.ndarray:
     """ROUGE-L ``field`` ("recall" or "fmeasure") of each prediction against its reference
     (float64 ``[n]``); TOFU stems words (Porter), MUSE does not."""
+    try:  # the [eval] extra: the rest of the package imports without it
+        from rouge_score import rouge_scorer
+    except ModuleNotFoundError as exc:
+        raise ModuleNotFoundError("ROUGE-L needs rouge-score: pip install 'alter-kernels[eval]'",
+                                  name="rouge_score") from exc
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=stem)
     return np.array([getattr(scorer.score(ref, pred)["rougeL"], field)
                      for pred, ref in zip(predictions, references)], dtype=np.float64)

@@ -109,12 +109,6 @@ def _model_inputs(batch: dict) -> dict:
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
-def batches(examples: list[dict], pad_id: int, batch_size: int, device):
-    """:func:`alter.data.collated_batches` of ``examples`` in order on ``device``, for the
-    callers that import this name (``alter.training.report``, ``alter.train``)."""
-    return collated_batches(examples, pad_id, batch_size, device=device)
-
-
 # ------------------------------------------------------------------ base-model pass
 
 

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from alter.methods.base import RETENTION_EXPERT
-from alter.methods.data import _model_inputs, batches
+from alter.data import collated_batches
+from alter.methods.data import _model_inputs
 from alter.adapters import alter_layers, evaluating, precomputed_entropy
 from alter.training.schedule import LabelScores, label_scores
 from alter_kernels import route
@@ -30,7 +31,7 @@ def routing_shares(model, examples: list[dict], pad_id: int, batch_size: int) ->
     total = count = 0.0
     try:
         with evaluating(model):
-            for _, batch in batches(examples, pad_id, batch_size, next(model.parameters()).device):
+            for _, batch in collated_batches(examples, pad_id, batch_size, device=next(model.parameters()).device):
                 shares.clear()
                 with precomputed_entropy(model, batch["entropy"]):
                     model(**_model_inputs(batch))
