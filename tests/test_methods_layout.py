@@ -72,6 +72,15 @@ def test_saved_record_holds_every_recorded_argument(data, tokenizer, tmp_path):
     assert record["steps"] == 1 and record["n_forget"] == len(data["forget"])
 
 
+def test_saved_record_and_adapter_hold_one_config(data, tokenizer, tmp_path):
+    """The adapter methods gate generation by lagged entropy: the run record says so too."""
+    unlearn(small_model(tokenizer), tokenizer, data["forget"], data["retain"], method="asym_lora", batch_size=2,
+            max_steps=1, router_warmup=0, output_dir=str(tmp_path), progress=False)
+    record = json.loads((tmp_path / RUN_ARGS_FILE).read_text())
+    assert record["config"] == AlterConfig.from_pretrained(tmp_path).to_dict()
+    assert record["config"]["entropy_source"] == "lagged"
+
+
 def test_grad_diff_step_loss_equals_a_float64_recomputation(data, tokenizer):
     """The logged loss of grad_diff's first step is beta * -NLL(forget) + gamma * NLL(retain)
     of the batches the run picked, recomputed here in float64 from the starting model (the

@@ -293,8 +293,10 @@ def _run(model, tokenizer, forget, retain, args: UnlearnArgs, progress: bool, ca
                       f"early_stop_share {args.early_stop_share}: more epochs would forget more", stacklevel=3)
     state = engine.full_state_dict(model) if engine is not None and args.output_dir is not None else None
     if args.output_dir is not None and main:
-        record = {**args.record(), **run, "router_warmup_steps": router_warmup, "steps": start_step + len(history),
-                  "stopped_early": report.stopped_early}
+        # The config the result runs with (a method may change the given one: the adapter
+        # methods gate generation by lagged entropy), as its adapter_config.json says.
+        record = {**args.record(), **run, "config": method.config.to_dict(), "router_warmup_steps": router_warmup,
+                  "steps": start_step + len(history), "stopped_early": report.stopped_early}
         _save_result(model, tokenizer, args.output_dir, method, record, state)
     if engine is not None:
         engine.wait()
