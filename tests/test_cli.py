@@ -121,12 +121,20 @@ def test_unlearn_flags_give_the_dataclass_defaults_and_parse_every_type():
     assert args.structural == "exact" and args.config.r == 2 and args.config.backend == "eager"
 
 
-def test_every_unlearn_argument_is_a_keyword_of_unlearn():
-    # cmd_unlearn passes the fields as keywords
-    from alter.train import unlearn
+def test_every_unlearn_argument_is_a_keyword_of_unlearn_and_documented():
+    # cmd_unlearn passes the fields as keywords; unlearn's docstring lists them from the fields
+    from alter import unlearn
 
-    keywords = inspect.signature(unlearn).parameters
-    assert all(field.name in keywords for field in dataclasses.fields(UnlearnArgs))
+    keywords = set(inspect.signature(unlearn).parameters) - {"run_args"}
+    for field in dataclasses.fields(UnlearnArgs):
+        assert field.name in keywords or f"``{field.name}`` [{field.default!r}]: {field.metadata['help']}" in unlearn.__doc__
+
+
+def test_unlearn_refuses_an_unknown_argument_by_name():
+    from alter import unlearn
+
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['batchsize'\]; the run's arguments are"):
+        unlearn(None, None, None, batchsize=4)
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -10,7 +10,7 @@ import torch
 from rouge_score import rouge_scorer
 from torch import nn
 
-import alter.eval
+import alter.evaluation
 from alter import eval as E
 from alter.cli import main
 from alter.data import PromptFormat, encode_qa, format_mcq, format_qa, qa_texts, tofu_mini
@@ -281,7 +281,7 @@ def recorded_eval(monkeypatch, tmp_path, tokenizer):
                 "forget_prob": 0.1, "utility_components": {"retain_prob": 0.2}, "mia_min_k": 0.6,
                 "privleak": None}
 
-    monkeypatch.setattr(alter.eval, "evaluate_tofu", fake_evaluate_tofu)
+    monkeypatch.setattr(alter.evaluation, "evaluate_tofu", fake_evaluate_tofu)
 
     def run(*flags):
         return main(["eval", "--model", str(model_dir), "--out", str(tmp_path / "out" / "m.json"), *flags])

@@ -15,7 +15,6 @@ batch (the single-process gradient).
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -26,9 +25,6 @@ from alter.methods.losses import (_floats, _high_entropy_tokens, _shift, structu
 from alter.adapters import adapter_parameters, apply_alter, forced_route, precomputed_entropy, router_loss, save_adapter
 from alter_kernels import inverted_hinge_loss
 from alter_kernels.ihl import token_weights
-
-if TYPE_CHECKING:  # the run's arguments live a layer above the methods
-    from alter.training.args import UnlearnArgs
 
 RETENTION_EXPERT = 0
 
@@ -41,7 +37,8 @@ class Method:
     needs_retain = True  # refuses retain=None
     uses_retain = True  # each step reads a retain batch
 
-    def __init__(self, args: UnlearnArgs, autocast, engine=None):
+    def __init__(self, args, autocast, engine=None):
+        # args: the run's alter.training.args.UnlearnArgs (a layer above the methods)
         self.args = args
         self.config = args.config
         self.autocast = autocast

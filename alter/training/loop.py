@@ -20,6 +20,7 @@ docs/training.md.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 import warnings
@@ -32,7 +33,7 @@ from alter.config import AlterConfig
 from alter.data import IGNORE_INDEX, pad_id_of
 from alter.methods import build, method_class
 from alter.methods.data import _batch, _examples_digest, _step_indices, encode_dataset, model_context_length
-from alter.training.args import DEFAULT_EARLY_STOP_SHARE, UnlearnArgs
+from alter.training.args import UnlearnArgs
 from alter.training.checkpoint import _Checkpointer, _full_state, _save_result
 from alter.training.distributed import Engine, launched
 from alter.training.report import _report
@@ -77,26 +78,9 @@ def unlearn(
     config: AlterConfig | None = None,
     method: str = "alter",
     *,
-    epochs: int | None = None,
-    batch_size: int = 4,
-    lr: float = 1e-5,
-    max_steps: int | None = None,
-    max_length: int | None = None,
-    structural: str = "surrogate",
-    npo_beta: float = 0.1,
-    max_grad_norm: float | None = 1.0,
-    seed: int = 0,
-    output_dir: str | None = None,
-    save_every: int | None = None,
-    resume: bool = False,
-    mixed_precision: bool | None = None,
-    gradient_checkpointing: bool | None = None,
-    router_warmup: int | None = None,
-    router_lr: float | None = None,
-    early_stop_share: float | None = DEFAULT_EARLY_STOP_SHARE,
-    distributed: str | None = None,
     progress: bool = True,
     callback: Callable[[int, dict], None] | None = None,
+    **run_args,
 ):
     """Unlearn ``forget`` from ``model`` while keeping ``retain``; returns the model.
 
@@ -110,45 +94,13 @@ def unlearn(
             loss weights ``beta``/``gamma``/``lam``, ``lr_A``/``lr_B``, ...); default
             ``AlterConfig()``. The full-parameter baselines read ``beta`` and ``gamma``.
         method: one of ``METHODS``.
-        epochs, batch_size: passes over the forget set, and samples per batch (each
-            forget batch is paired with a retain batch of the same size). Default
-            epochs: sized from the data (docs/training.md, "Run length and early stop").
-        lr: learning rate of the full-parameter baselines (AdamW, weight decay 0.01).
-        max_steps: stop after this many optimizer steps (default: all epochs). The data
-            order does not depend on it, so a run stopped early is a prefix of a full one.
-        max_length: longest example allowed (default: the model's context); a longer one
-            raises ``ValueError`` (it is not truncated silently).
-        structural: ``"surrogate"`` (default) or ``"exact"`` (eq. 8 by double backward,
-            eager backend; one backward per high-entropy token, so small models only).
-        npo_beta: inverse temperature of NPO.
-        max_grad_norm: gradient-norm clipping (None: off). The adapter methods clip the
-            routers apart from A and B, so that large forget-loss gradients do not shrink
-            the routing loss's.
-        seed: seeds the adapter initialization, dropout, data order and k-means.
-        output_dir: where checkpoints and the result go: the adapter (``save_adapter``
-            format) or the model (``save_pretrained``), the tokenizer, ``unlearn_args.json``.
-        save_every: write a checkpoint every this many steps (needs ``output_dir``).
-        resume: continue from the checkpoint in ``output_dir`` if there is one.
-        mixed_precision: bf16 autocast (default: on when the model is on a GPU).
-        gradient_checkpointing: default on when the model is on a GPU.
-        router_warmup: adapter methods: optimizer steps, before unlearning, that train
-            only the routers, on the routing loss (B is still zero, so the model is the
-            base model and the routers learn the sub-domain assignment on its features).
-            Counted in ``max_steps``. Default: as many as the unlearning steps, at most
-            ``MAX_ROUTER_WARMUP`` (0 for the full-parameter baselines).
-        router_lr: adapter methods: learning rate of the routers (default ``config.lr_B``).
-        early_stop_share: after each pass over the forget set (unlearning steps only),
-            stop once at most this share of the forget tokens the model predicted at the
-            start is still its prediction, each token weighted by its bigram surprisal
-            (docs/training.md, "Run length and early stop"); None: run every step.
-        distributed: ``"ddp"`` or ``"fsdp2"`` to run on the processes of a launcher
-            (``torchrun``), through ``accelerate``; under ``accelerate launch`` its config
-            decides and None is fine. ``batch_size`` is the global batch, split over the
-            processes, so any world size gives the single-process optimization
-            (:mod:`alter.training.distributed`).
         progress: show a tqdm progress bar (main process).
         callback: ``callback(step, logs)`` after every optimizer step; ``logs`` holds
             the step's losses as floats.
+        **run_args: the other fields of :class:`~alter.training.args.UnlearnArgs`, the one
+            source of the run's arguments (``alter unlearn --help`` shows the same), listed
+            below with their defaults. Without ``epochs`` the run length is sized from the
+            data (docs/training.md, "Run length and early stop").
 
     The model comes back in eval mode with ``model.unlearn_report``, an
     :class:`UnlearnReport` (steps, loss trajectories, routing shares, the forget tokens'
@@ -159,14 +111,19 @@ def unlearn(
     its token entropy from ``"lagged"`` tracking: a prepass for whole sequences (as
     ``"prepass"`` does) and the lagged entropy for tokens decoded by ``model.generate``.
     """
-    args = UnlearnArgs(method=method, config=config, seed=seed, batch_size=batch_size, lr=lr,
-                       router_warmup=router_warmup, router_lr=router_lr, early_stop_share=early_stop_share,
-                       structural=structural, npo_beta=npo_beta,
-                       max_grad_norm=max_grad_norm, max_length=max_length, epochs=epochs, max_steps=max_steps,
-                       output_dir=output_dir, save_every=save_every, resume=resume,
-                       mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
-                       distributed=distributed)
+    unknown = sorted(set(run_args) - set(RUN_ARG_NAMES))
+    if unknown:
+        raise TypeError(f"unlearn() got unexpected keyword arguments {unknown}; the run's arguments are "
+                        f"{list(RUN_ARG_NAMES)}")
+    args = UnlearnArgs(method=method, config=config, **run_args)
     return _run(model, tokenizer, forget, retain, args, progress, callback)
+
+
+# The keyword arguments of unlearn besides config and method, documented from the fields.
+RUN_ARG_NAMES = tuple(f.name for f in dataclasses.fields(UnlearnArgs) if f.name not in ("method", "config"))
+unlearn.__doc__ += "\n    Run arguments (``UnlearnArgs`` fields, default in brackets):\n\n" + "\n".join(
+    f"    - ``{f.name}`` [{f.default!r}]: {f.metadata['help']}"
+    for f in dataclasses.fields(UnlearnArgs) if f.name in RUN_ARG_NAMES) + "\n"
 
 
 def _run(model, tokenizer, forget, retain, args: UnlearnArgs, progress: bool, callback):
