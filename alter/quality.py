@@ -32,7 +32,7 @@ from alter.adapters import evaluating
 from alter.data import collated_batches
 from alter.data.scenarios import (DEVELOPMENT, DEVELOPMENT_SEEDS, HELD_OUT, HELD_OUT_SEEDS, Scenario, build_scenario,
                              fact_token_mask)
-from alter.methods import METHODS
+from alter.methods import METHODS, method_class
 from alter.training.finetune import finetune
 from alter.training.loop import unlearn
 
@@ -112,7 +112,7 @@ def run_pair(scenario: Scenario, seed: int, runs: tuple[str, ...], max_steps: in
     for name in runs:
         method, config = run_config(name)
         model = copy.deepcopy(target)
-        extra = {} if method in ("alter", "asym_lora", "lora") else {"lr": BASELINE_LR}
+        extra = {} if method_class(method).adapter else {"lr": BASELINE_LR}
         t0 = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
