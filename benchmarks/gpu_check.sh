@@ -58,7 +58,7 @@ tail -15 "$OUT/tests.log"
 # --budget: no case starts in the last 60 s, so the suite ends on its own and writes its table.
 limit=$(clamp $(( $(left) - 5 )) 120 600)
 echo "== benchmarks, ${limit} s at most (log: $OUT/bench.log)"
-timeout -k 10 "$limit" $PY benchmarks/harness.py --out "$OUT/bench" --budget $(( limit - 60 )) > "$OUT/bench.log" 2>&1
+PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" timeout -k 10 "$limit" $PY benchmarks/harness.py --out "$OUT/bench" --budget $(( limit - 60 )) > "$OUT/bench.log" 2>&1
 [ $? -eq 0 ] || status=1
 grep -E "passed|failed|error" "$OUT/bench.log" | tail -3
 cat "$OUT/bench/table.txt" 2>/dev/null || { echo "no table: see $OUT/bench.log"; tail -30 "$OUT/bench.log"; }
