@@ -20,6 +20,7 @@ _EXPORTS = {
     "forced_route": "alter.adapters",
     "router_loss": "alter.adapters",
     "disable_adapters": "alter.adapters",
+    "frozen_adapters": "alter.adapters",
     "precomputed_entropy": "alter.adapters",
     "adapter_parameters": "alter.adapters",
     "alter_layers": "alter.adapters",

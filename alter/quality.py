@@ -112,7 +112,7 @@ def run_pair(scenario: Scenario, seed: int, runs: tuple[str, ...], max_steps: in
     for name in runs:
         method, config = run_config(name)
         model = copy.deepcopy(target)
-        extra = {} if method_class(method).adapter else {"lr": BASELINE_LR}
+        extra = {} if method_class(method).routed() else {"lr": BASELINE_LR}
         t0 = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -122,11 +122,11 @@ TRAIN_STEP = "ALTER train step tiny Llama [2x64]"
 
 
 def test_train_step_runs_the_trainers_own_step(monkeypatch):
-    from alter.methods.base import AdapterMethod
+    from alter.methods.base import Method
 
     calls = []
-    real = AdapterMethod.step
-    monkeypatch.setattr(AdapterMethod, "step", lambda self, *args: calls.append(args) or real(self, *args))
+    real = Method.step
+    monkeypatch.setattr(Method, "step", lambda self, *args: calls.append(args) or real(self, *args))
     find_case(TRAIN_STEP, CPU, quick=True).build("eager", CPU)()
     assert len(calls) == 1
     _, forget, retain = calls[0]

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from alter import alter_layers, apply_alter, forced_route, precomputed_entropy, router_loss
+from alter import alter_layers, apply_alter, forced_route, frozen_adapters, precomputed_entropy, router_loss
 from test_model import alter_config, randomize_adapters, tiny_model, tokens
 
 # Each call: its own tokens, routes and entropy source, so that states differ.
@@ -150,3 +150,24 @@ def test_compiled_fullgraph_model_trains_as_the_eager_one():
     for (name, param), ref in zip(model.named_parameters(), reference.parameters()):
         if param.requires_grad:
             torch.testing.assert_close(param.grad, ref.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_frozen_adapters_keep_the_values_and_stop_the_gradients():
+    """One loss may sum forwards that train different parameters: inside
+    frozen_adapters(model, experts) those experts' B get no gradient, inside
+    frozen_adapters(model) neither A nor any B does; the outputs are unchanged."""
+    model = _patched(None)
+    ids = tokens()
+    free = model(input_ids=ids).logits
+    with frozen_adapters(model, [0, 2]):
+        frozen_b = model(input_ids=ids).logits
+    with frozen_adapters(model):
+        frozen_all = model(input_ids=ids).logits
+    assert torch.equal(free, frozen_b) and torch.equal(free, frozen_all)
+    (frozen_b.square().mean() + frozen_all.square().mean()).backward()  # one backward, both calls
+    for layer in alter_layers(model).values():
+        assert layer.lora_B.grad[[0, 2]].abs().sum() == 0 and layer.lora_B.grad[[1, 3]].abs().sum() > 0
+        assert layer.lora_A.grad.abs().sum() > 0 and layer.router.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match=r"expert ids must be in \[0, 4\)"):
+        with frozen_adapters(model, [4]):
+            pass

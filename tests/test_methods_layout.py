@@ -16,7 +16,7 @@ from alter.methods import ADAPTER_METHODS, METHODS, method_class
 from alter.methods.alter import Alter
 from alter.training.args import UnlearnArgs
 from alter.methods.asym_lora import AsymLoRA
-from alter.methods.base import AdapterMethod, FullParameterMethod
+from alter.methods.base import Method, RoutedMethod
 from alter.tiny import build_tokenizer, tiny_llama
 from alter.train import RUN_ARGS_FILE, encode_dataset, unlearn
 
@@ -36,14 +36,16 @@ def small_model(tokenizer):
                       max_position_embeddings=64, seed=3)
 
 
-def test_registry_has_one_class_per_method_over_the_two_bases():
+def test_registry_has_one_class_per_method_each_owning_its_loss():
     assert METHODS == ("alter", "asym_lora", "lora", "grad_ascent", "grad_diff", "npo")
     for name in METHODS:
         cls = method_class(name)
-        assert cls.name == name
-        assert issubclass(cls, AdapterMethod) == (name in ADAPTER_METHODS)
-        assert issubclass(cls, FullParameterMethod) == (name not in ADAPTER_METHODS)
-    assert issubclass(Alter, AsymLoRA) and Alter.entropy_guided and not AsymLoRA.entropy_guided
+        assert cls.name == name and issubclass(cls, Method)
+        assert "loss" in vars(cls), f"{name} does not define its own loss"
+        assert issubclass(cls, RoutedMethod) == (name in ADAPTER_METHODS) == cls.routed()
+        assert cls.params == ("asym_lora" if name in ADAPTER_METHODS else "full")
+    assert [name for name in METHODS if method_class(name).has_forget_experts] == ["alter", "asym_lora"]
+    assert not issubclass(Alter, AsymLoRA)  # two losses side by side, not flags on one
     assert [name for name in METHODS if not method_class(name).needs_retain] == ["grad_ascent", "npo"]
 
 

@@ -4,11 +4,12 @@ patching a model (:mod:`.patching`) and adapter files (:mod:`.io`)."""
 from alter.adapters.io import ADAPTER_TENSOR_SUFFIXES, ADAPTER_WEIGHTS_NAME, load_adapter, save_adapter
 from alter.adapters.layers import AlterRouter, AsymLoRALinear
 from alter.adapters.patching import (adapter_parameters, alter_layers, apply_alter, disable_adapters, evaluating,
+                                     frozen_adapters,
                                      forced_route, is_patched, precomputed_entropy, remove_alter, router_loss)
 from alter.adapters.state import CallState, EntropyTracker
 
 __all__ = [
     "ADAPTER_TENSOR_SUFFIXES", "ADAPTER_WEIGHTS_NAME", "AlterRouter", "AsymLoRALinear", "CallState", "EntropyTracker",
-    "adapter_parameters", "alter_layers", "apply_alter", "disable_adapters", "evaluating", "forced_route",
+    "adapter_parameters", "alter_layers", "apply_alter", "disable_adapters", "evaluating", "forced_route", "frozen_adapters",
     "is_patched", "load_adapter", "precomputed_entropy", "remove_alter", "router_loss", "save_adapter",
 ]

@@ -1,7 +1,8 @@
 """What the :class:`~alter.adapters.state.EntropyTracker` hooks need from a Hugging Face
-model: its forward's inputs by name, its logits, its KV-cache length, whether its head is
-a plain linear map, and two instance overrides (the checkpoint function and the beam
-reorder) that keep per-call state right."""
+model: its forward's inputs by name, its logits, its KV-cache length, the base model's
+entropy (the prepass, fused with the head when the head is a plain linear map), and two
+instance overrides (the checkpoint function and the beam reorder) that keep per-call
+state right."""
 from __future__ import annotations
 
 import inspect
@@ -9,7 +10,12 @@ import inspect
 import torch
 from torch import nn
 
+from alter_kernels import fused_linear_entropy, tsallis_entropy
+
 _CACHE_INPUTS = ("cache", "past_key_values")  # transformers >= 5.x renames the latter
+# Inputs of a causal LM forward that the base-model prepass repeats; the cache is left
+# out on purpose: the prepass must neither read nor extend the adapted model's cache.
+_PREPASS_INPUTS = ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "token_type_ids")
 
 
 class StatefulCheckpoint:
@@ -112,3 +118,31 @@ def logits_are_plain_linear(model: nn.Module, head: nn.Module) -> bool:
         and getattr(config, "logit_scale", None) in (None, 1, 1.0)
         and getattr(config, "logits_scaling", None) in (None, 1, 1.0)
     )
+
+
+def base_model_entropy(model: nn.Module, inputs: dict, config, base_pass) -> torch.Tensor:
+    """Entropy [B, L] float32 of the base model's next-token distributions for ``inputs``,
+    run inside ``base_pass`` (a context: no grad, adapters off, eval mode, no hook re-entry)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        raise RuntimeError(
+            f"entropy_source={config.entropy_source!r} needs a causal LM with an output head "
+            f"(get_output_embeddings()); {type(model).__name__} has none: use entropy_source='precomputed'"
+        )
+    head = getattr(head, "base_layer", head)  # an adapted head: its frozen base
+    mask = inputs.get("attention_mask")
+    if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2):
+        raise RuntimeError(
+            "the entropy prepass needs a 2D attention_mask [batch, seq_len] (a 4D or cache-shaped mask "
+            "cannot be replayed without the cache)"
+        )
+    base_inputs = {k: inputs[k] for k in _PREPASS_INPUTS if inputs.get(k) is not None}
+    q, backend = config.tsallis_q, config.backend
+    with base_pass:
+        if logits_are_plain_linear(model, head):
+            decoder = getattr(model, model.base_model_prefix)
+            hidden = decoder(**base_inputs, use_cache=False).last_hidden_state
+            entropy = fused_linear_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight, q, backend=backend)
+            return entropy.reshape(hidden.shape[:-1])
+        logits = model(**base_inputs, use_cache=False).logits
+        return tsallis_entropy(logits, q, backend=backend)

@@ -128,10 +128,15 @@ class AsymLoRALinear(nn.Module):
         # The delta goes straight into the base output (the output is written once),
         # unless autocast gave the base output another dtype than x.
         into_result = result.dtype == x.dtype and result.is_contiguous()
+        lora_A, lora_B = self.lora_A, self.lora_B
+        if state.adapters_frozen:
+            lora_A, lora_B = lora_A.detach(), lora_B.detach()
+        elif state.frozen_experts:
+            lora_B = _without_gradient(lora_B, state.frozen_experts)
         out = asym_lora(
             self.dropout(tokens),
-            self.lora_A.to(x.dtype),
-            self.lora_B.to(x.dtype),
+            lora_A.to(x.dtype),
+            lora_B.to(x.dtype),
             weights,
             experts,
             self.scaling,
@@ -149,3 +154,10 @@ class AsymLoRALinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
             f"num_experts={self.num_experts}, scaling={self.scaling:g}"
         )
+
+
+def _without_gradient(B: torch.Tensor, experts: tuple[int, ...]) -> torch.Tensor:
+    """``B`` [N, out, r] with the same values, but no gradient to the rows ``experts``."""
+    keep = torch.ones(B.shape[0], 1, 1, dtype=B.dtype, device=B.device)
+    keep[list(experts)] = 0
+    return B * keep + B.detach() * (1 - keep)

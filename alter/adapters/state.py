@@ -13,7 +13,10 @@ value built by a forward pre-hook before any layer runs and dropped when the cal
   ``forced_experts[i]``;
 - ``adapters_enabled``: when False the layers compute exactly their base ``nn.Linear``;
 - ``router_records``: the router logits the layers record under forced routing, for
-  :meth:`EntropyTracker.router_loss`.
+  :meth:`EntropyTracker.router_loss`;
+- ``frozen_experts`` / ``adapters_frozen``: the B experts (or A and all of B) that this
+  call's output gives no gradient, so that one loss can sum calls that train different
+  parameters (a method's forget, retain and router-only passes).
 
 The layers read the state of the call they run in, and nothing else. Gradient
 checkpointing recomputes a layer's forward during backward, after later forwards may have
@@ -32,14 +35,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from alter.adapters.hooks import (BeamReorderGuard, StatefulCheckpoint, cache_length, logits_are_plain_linear,
-                                  named_inputs, output_logits, token_input)
+from alter.adapters.hooks import (BeamReorderGuard, StatefulCheckpoint, base_model_entropy, cache_length, named_inputs,
+                                  output_logits, token_input)
 from alter.config import AlterConfig
-from alter_kernels import fused_linear_entropy, tsallis_entropy
+from alter_kernels import tsallis_entropy
 
-# Inputs of a causal LM forward that the base-model prepass repeats; the cache is left
-# out on purpose: the prepass must neither read nor extend the adapted model's cache.
-_PREPASS_INPUTS = ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "token_type_ids")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +58,8 @@ class CallState:
     gate_forced: bool = True
     token_mask: torch.Tensor | None = None
     router_records: dict = dataclasses.field(default_factory=dict)
+    frozen_experts: tuple[int, ...] = ()
+    adapters_frozen: bool = False
     prepass: bool = False
 
 
@@ -96,6 +98,9 @@ class EntropyTracker:
         self.forced_experts: torch.Tensor | None = None
         # False: forced_experts are router_loss targets only; the router gates on its own.
         self.gate_forced = True
+        # Caller-given: the experts whose B (or, adapters_frozen, A and B) get no gradient.
+        self.frozen_experts: tuple[int, ...] = ()
+        self.adapters_frozen = False
         # "lagged": entropy [B] of the last forward's last-position logits (adapters on).
         self.lagged_entropy: torch.Tensor | None = None
         self.last_call: CallState | None = None
@@ -156,6 +161,24 @@ class EntropyTracker:
             self.forced_experts, self.gate_forced = saved
 
     @contextlib.contextmanager
+    def frozen(self, experts=None):
+        """Context: forwards inside it give no gradient to the B of ``experts`` (a sequence
+        of expert ids), or with ``experts=None`` to lora_A and every B; the values, and the
+        routers' gradients, are unchanged."""
+        saved = self.frozen_experts, self.adapters_frozen
+        if experts is None:
+            self.adapters_frozen = True
+        else:
+            ids = tuple(int(e) for e in experts)
+            if any(not 0 <= e < self.config.num_experts for e in ids):
+                raise ValueError(f"frozen_adapters: expert ids must be in [0, {self.config.num_experts}), got {ids}")
+            self.frozen_experts = tuple(sorted(set(self.frozen_experts) | set(ids)))
+        try:
+            yield self
+        finally:
+            self.frozen_experts, self.adapters_frozen = saved
+
+    @contextlib.contextmanager
     def adapters_disabled(self):
         """Context: the adapted layers compute exactly their base ``nn.Linear``."""
         saved = self.adapters_enabled
@@ -192,7 +215,8 @@ class EntropyTracker:
         own), a fresh state from what the caller gave."""
         if self._calls:
             return self._calls[-1]
-        state = CallState(self.adapters_enabled, self.given_entropy, self.forced_experts, self.gate_forced)
+        state = CallState(self.adapters_enabled, self.given_entropy, self.forced_experts, self.gate_forced,
+                          frozen_experts=self.frozen_experts, adapters_frozen=self.adapters_frozen)
         self.last_call = state  # router_loss after a layer called on its own
         return state
 
@@ -337,6 +361,7 @@ class EntropyTracker:
         self._calls[-1] = CallState(
             adapters_enabled=self.adapters_enabled, entropy=entropy, forced_experts=forced,
             gate_forced=self.gate_forced, token_mask=mask.bool() if is_2d_mask else None,
+            frozen_experts=self.frozen_experts, adapters_frozen=self.adapters_frozen,
         )
         if model.training and torch.is_grad_enabled():
             self._wrap_checkpointing()
@@ -374,7 +399,7 @@ class EntropyTracker:
                 "entropy_source='prepass' cannot gate tokens decoded with a non-empty KV cache (the base model's "
                 "cache is not kept); use entropy_source='lagged' for generation"
             )
-        return self._base_entropy(model, inputs)
+        return base_model_entropy(model, inputs, self.config, self._base_model_pass(model))
 
     def _after_forward(self, model: nn.Module, args: tuple, kwargs: dict, output) -> None:
         if self._in_prepass():
@@ -410,28 +435,3 @@ class EntropyTracker:
         finally:
             for module, mode in training:
                 module.training = mode
-    def _base_entropy(self, model: nn.Module, inputs: dict) -> torch.Tensor:
-        """Entropy [B, L] of the base model's next-token distributions for ``inputs``."""
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        if head is None:
-            raise RuntimeError(
-                f"entropy_source={self.config.entropy_source!r} needs a causal LM with an output head "
-                f"(get_output_embeddings()); {type(model).__name__} has none: use entropy_source='precomputed'"
-            )
-        head = getattr(head, "base_layer", head)  # an adapted head: its frozen base
-        mask = inputs.get("attention_mask")
-        if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2):
-            raise RuntimeError(
-                "the entropy prepass needs a 2D attention_mask [batch, seq_len] (a 4D or cache-shaped mask "
-                "cannot be replayed without the cache)"
-            )
-        base_inputs = {k: inputs[k] for k in _PREPASS_INPUTS if inputs.get(k) is not None}
-        q, backend = self.config.tsallis_q, self.config.backend
-        with self._base_model_pass(model):
-            if logits_are_plain_linear(model, head):
-                decoder = getattr(model, model.base_model_prefix)
-                hidden = decoder(**base_inputs, use_cache=False).last_hidden_state
-                entropy = fused_linear_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight, q, backend=backend)
-                return entropy.reshape(hidden.shape[:-1])
-            logits = model(**base_inputs, use_cache=False).logits
-            return tsallis_entropy(logits, q, backend=backend)

@@ -1,6 +1,8 @@
-"""The unlearning methods, one module each, over two shared bases
-(:mod:`alter.methods.base`): the adapter methods (``alter`` extends ``asym_lora``;
-``lora``) and the full-parameter baselines (``grad_ascent``, ``grad_diff``, ``npo``).
+"""The unlearning methods, one module each: its loss, ``loss(model, forget, retain)``,
+and what it needs (:mod:`alter.methods.base`). The adapter methods (``alter``,
+``asym_lora``, ``lora``) train AsymLoRA adapters under the routing protocol of
+:class:`~alter.methods.base.RoutedMethod`; the baselines (``grad_ascent``, ``grad_diff``,
+``npo``) train every weight (the parameterizations: :mod:`alter.methods.params`).
 
 A method registers its class under its ``name`` with :func:`register`; :func:`build`
 makes the method of a run from its :class:`~alter.training.args.UnlearnArgs`.
@@ -42,5 +44,5 @@ def _registry() -> dict[str, type]:
 
 def __getattr__(name: str):
     if name == "ADAPTER_METHODS":
-        return tuple(m for m in METHODS if _registry()[m].adapter)
+        return tuple(m for m in METHODS if _registry()[m].routed())
     raise AttributeError(f"module 'alter.methods' has no attribute {name!r}")

@@ -131,7 +131,7 @@ def _run(model, tokenizer, forget, retain, args: UnlearnArgs, progress: bool, ca
     started = time.perf_counter()
     engine = None
     if args.distributed is not None or launched():
-        engine = Engine(args.distributed, unused_parameters=method_class(args.method).adapter)
+        engine = Engine(args.distributed, unused_parameters=method_class(args.method).routed())
         if engine.mode == "fsdp2" and args.save_every is not None:  # refused before any work
             raise ValueError("save_every under fsdp2 is not supported yet (a checkpoint holds the full optimizer "
                              "state, which FSDP2 shards); checkpoint under ddp")
@@ -173,7 +173,7 @@ def _run(model, tokenizer, forget, retain, args: UnlearnArgs, progress: bool, ca
         method.attach(model)
     clip_groups = method.clip_groups(model)
     router_warmup, train_steps = run_length(len(forget_examples), batch_size, args.epochs, args.router_warmup,
-                                            method.adapter)
+                                            method.routed())
     total_steps = router_warmup + train_steps
     total_steps = total_steps if args.max_steps is None else min(args.max_steps, total_steps)
     history: list[dict] = []
@@ -198,10 +198,10 @@ def _run(model, tokenizer, forget, retain, args: UnlearnArgs, progress: bool, ca
             forget_ids = engine.share(forget_ids)
             retain_ids = None if retain_ids is None else engine.share(retain_ids)
         forget_batch = _batch(forget_examples, forget_ids, pad_id, device)
-        retain_batch = _batch(retain_examples, retain_ids, pad_id, device) if method.uses_retain else None
+        retain_batch = _batch(retain_examples, retain_ids, pad_id, device) if method.needs_retain else None
         optimizer.zero_grad(set_to_none=True)
         if step < router_warmup:
-            logs = method.router_step(wrapped, forget_batch, retain_batch)
+            logs = method.warmup_step(wrapped, forget_batch, retain_batch)
         else:
             logs = method.step(wrapped, forget_batch, retain_batch)
         if engine is not None:

@@ -103,9 +103,8 @@ def _report(model, method, forget_examples, retain_examples, pad_id, batch_size,
             entry = losses.setdefault(name, {"first": value, "last": value, "min": value})
             entry["last"], entry["min"] = value, min(entry["min"], value)
     shares = (None, None)
-    # Routing shares mean something only where the forget set has its own experts
-    # (AdapterMethod.forget_experts "subdomain"; "lora" routes every token to expert 0).
-    if method.adapter and method.forget_experts == "subdomain":
+    # Routing shares mean something only where the forget set has its own experts.
+    if method.has_forget_experts:
         shares = (routing_shares(model, forget_examples, pad_id, batch_size),
                   routing_shares(model, retain_examples, pad_id, batch_size))
     warmup_run = max(0, min(router_warmup, start_step + len(history)) - start_step)
