@@ -130,9 +130,9 @@ class AsymLoRALinear(nn.Module):
         into_result = result.dtype == x.dtype and result.is_contiguous()
         lora_A, lora_B = self.lora_A, self.lora_B
         if state.adapters_frozen:
-            lora_A, lora_B = lora_A.detach(), lora_B.detach()
+            lora_A, lora_B = _zero_gradient(lora_A), _zero_gradient(lora_B)
         elif state.frozen_experts:
-            lora_B = _without_gradient(lora_B, state.frozen_experts)
+            lora_B = _zero_gradient(lora_B, state.frozen_experts)
         out = asym_lora(
             self.dropout(tokens),
             lora_A.to(x.dtype),
@@ -156,8 +156,12 @@ class AsymLoRALinear(nn.Module):
         )
 
 
-def _without_gradient(B: torch.Tensor, experts: tuple[int, ...]) -> torch.Tensor:
-    """``B`` [N, out, r] with the same values, but no gradient to the rows ``experts``."""
-    keep = torch.ones(B.shape[0], 1, 1, dtype=B.dtype, device=B.device)
-    keep[list(experts)] = 0
-    return B * keep + B.detach() * (1 - keep)
+def _zero_gradient(weight: torch.Tensor, rows: tuple[int, ...] | None = None) -> torch.Tensor:
+    """``weight`` with the same values whose gradient is exactly zero (in ``rows`` of its
+    first dimension, or everywhere): the parameter still takes part in the backward, as
+    DDP needs of every parameter in every step, but learns nothing from this call."""
+    if rows is None:
+        return weight * 0 + weight.detach()
+    keep = torch.ones(weight.shape[0], *(1,) * (weight.dim() - 1), dtype=weight.dtype, device=weight.device)
+    keep[list(rows)] = 0
+    return weight * keep + weight.detach() * (1 - keep)

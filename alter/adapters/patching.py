@@ -124,8 +124,8 @@ def router_loss(model: nn.Module, token_mask: torch.Tensor | None = None) -> tor
 
 @contextlib.contextmanager
 def frozen_adapters(model: nn.Module, experts=None):
-    """Context: forwards inside give no gradient to the B of ``experts`` (expert ids), or
-    with ``experts=None`` to every lora_A and lora_B (the routers still train). Values do
+    """Context: forwards inside give a zero gradient to the B of ``experts`` (expert ids),
+    or with ``experts=None`` to every lora_A and lora_B (the routers still train). Values do
     not change, and each forward keeps the setting it started with, so one loss can sum
     forwards that train different parameters."""
     with _tracker(model, "frozen_adapters").frozen(experts):

@@ -14,8 +14,8 @@ value built by a forward pre-hook before any layer runs and dropped when the cal
 - ``adapters_enabled``: when False the layers compute exactly their base ``nn.Linear``;
 - ``router_records``: the router logits the layers record under forced routing, for
   :meth:`EntropyTracker.router_loss`;
-- ``frozen_experts`` / ``adapters_frozen``: the B experts (or A and all of B) that this
-  call's output gives no gradient, so that one loss can sum calls that train different
+- ``frozen_experts`` / ``adapters_frozen``: the B experts (or A and all of B) to which
+  this call's output gives a zero gradient, so that one loss can sum calls that train different
   parameters (a method's forget, retain and router-only passes).
 
 The layers read the state of the call they run in, and nothing else. Gradient

@@ -54,7 +54,7 @@ class Method:
         self.reduce_sum = engine.reduce_sum if engine is not None and engine.world > 1 else None
         self.world = 1 if engine is None else engine.world
         self.backward = engine.backward if engine is not None else torch.Tensor.backward
-        self.sharded = engine is not None and engine.mode == "fsdp2"
+        self.distributed = engine is not None
         self.parameters = PARAMETERIZATIONS[self.params](args)
         self.model = None
 
@@ -194,9 +194,10 @@ class RoutedMethod(Method):
             route = router_loss(self.model, routed)
             count = (routed & batch["attention_mask"].bool()).sum()
             total = total + self.route_weight[is_forget] * self.global_mean(route, count)
-            if self.sharded:
-                # The routing loss reaches the routers through logits recorded aside;
-                # through the model's output too, FSDP2 gathers every unit before its backward.
+            if self.distributed:
+                # The routing loss reaches the routers through logits recorded aside; through
+                # the model's output too, every parameter takes part in the backward (DDP
+                # waits for each one) and FSDP2 gathers every unit before its backward.
                 total = total + 0.0 * logits.sum()
             logged = logged + route.detach()
         return total, logged
@@ -221,4 +222,8 @@ class RoutedMethod(Method):
         """The routing loss alone (a router warm-up step), gradients for the routers only."""
         loss, route = self.routing_loss(model, forget, retain)
         self.backward(loss)
+        # A and B took part with zero gradient; no gradient at all keeps the optimizer from
+        # counting warm-up steps for them (AdamW's bias correction starts at their first step).
+        for param in self.parameters.A + self.parameters.B:
+            param.grad = None
         return _floats({"route": route})

@@ -37,7 +37,7 @@ class Engine:
     ``accelerate launch``'s config says (DDP, FSDP or DeepSpeed; DDP under ``torchrun``).
     """
 
-    def __init__(self, mode: str | None, unused_parameters: bool = True):
+    def __init__(self, mode: str | None):
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs
 
@@ -48,9 +48,10 @@ class Engine:
                                  "(fsdp_version: 2 in the accelerate config)")
             mode = "fsdp2"
         self.mode = mode
-        # unused_parameters: some backward passes leave parameters without gradient (the
-        # adapter methods' routing passes: A and B); DDP must not wait for them.
-        handlers = [DistributedDataParallelKwargs(find_unused_parameters=unused_parameters)]
+        # Every parameter gets a gradient in every backward (the adapter methods' frozen
+        # forwards give zeros, alter.adapters.frozen_adapters), and a step may run several
+        # forwards before its one backward: DDP must not look for unused parameters.
+        handlers = [DistributedDataParallelKwargs(find_unused_parameters=False)]
         # cpu: accelerate forms a gloo group of CPU processes only when told to.
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=handlers)
         state = self.accelerator.state

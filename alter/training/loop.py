@@ -131,7 +131,7 @@ def _run(model, tokenizer, forget, retain, args: UnlearnArgs, progress: bool, ca
     started = time.perf_counter()
     engine = None
     if args.distributed is not None or launched():
-        engine = Engine(args.distributed, unused_parameters=method_class(args.method).routed())
+        engine = Engine(args.distributed)
         if engine.mode == "fsdp2" and args.save_every is not None:  # refused before any work
             raise ValueError("save_every under fsdp2 is not supported yet (a checkpoint holds the full optimizer "
                              "state, which FSDP2 shards); checkpoint under ddp")
