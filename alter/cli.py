@@ -64,7 +64,7 @@ def read_records(path: str, rows: list[dict] | None = None):
         raise ValueError(f"{path}: the rows do not form a table ({exc})") from exc
 
 
-def _training_records(path: str, name: str):
+def training_records(path: str, name: str):
     """A forget or retain set, every row checked (:func:`alter.methods.data.check_rows`) first."""
     from alter.methods.data import check_rows
 
@@ -144,11 +144,11 @@ def _load_model(path: str):
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from alter.data import _hub_reachable
+    from alter.data import hub_reachable
 
     # A hub name with no hub in reach: the local cache only, failing at once instead of
     # after transformers' retries (most of a minute).
-    local_only = not os.path.isdir(path) and not _hub_reachable()
+    local_only = not os.path.isdir(path) and not hub_reachable()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=local_only)
@@ -172,7 +172,7 @@ def _alter_config(args):
     return AlterConfig.from_dict(values)
 
 
-def _unlearn_args(args):
+def unlearn_args(args):
     """The :class:`~alter.training.args.UnlearnArgs` of the flags, checked."""
     from alter.training.args import UnlearnArgs
 
@@ -190,9 +190,9 @@ def cmd_unlearn(args) -> int:
 
     # Every check that needs no model first, the arguments before the data; unlearn()
     # checks the rest (the resume checkpoint against this run and data) before its first forward.
-    run_args = _unlearn_args(args)
-    forget = _training_records(args.forget, "forget")
-    retain = _training_records(args.retain, "retain") if args.retain else None
+    run_args = unlearn_args(args)
+    forget = training_records(args.forget, "forget")
+    retain = training_records(args.retain, "retain") if args.retain else None
     device = _device(args.device)
     _check_backend(run_args.config, args.method, device)
     _check_writable(args.output_dir)

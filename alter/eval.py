@@ -5,4 +5,3 @@ from alter.evaluation import (KNOWMEM_STOP, MIA_ATTACKS, UTILITY_KEYS, UTILITY_M
                               knowmem_rouge, mcq_accuracy, mia_auc, mia_scores, model_utility,
                               open_unlearning_summary, privleak, rouge_l_recall, truth_ratio, utility_components,
                               verbmem_rouge)
-from alter.evaluation.scoring import last_token_logprobs as _last_token_logprobs  # noqa: F401

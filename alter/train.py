@@ -6,7 +6,7 @@ from alter.methods.data import (  # noqa: F401
     _epoch_order,
     _examples_digest,
     _model_inputs,
-    _step_indices,
+    step_indices,
     base_model_pass,
     check_dataset,
     check_rows,
@@ -16,7 +16,7 @@ from alter.methods.data import (  # noqa: F401
     split_subdomains,
 )
 from alter.methods.losses import (  # noqa: F401
-    _shift,
+    shift_labels,
     npo_loss,
     sequence_logprob,
     structural_exact,

@@ -169,7 +169,7 @@ if triton is not None:
         )
 
 
-def _route_launch_config(num_tokens: int, num_experts: int, num_slots: int):
+def route_launch_config(num_tokens: int, num_experts: int, num_slots: int):
     """Tile sizes: about 1024 logits per program (a few registers per thread at 4 warps)."""
     block_n = triton.next_power_of_2(num_experts)
     block_t = min(triton.next_power_of_2(max(num_tokens, 1)), max(16, 1024 // block_n))
@@ -185,7 +185,7 @@ class _RouteTriton(torch.autograd.Function):
         num_slots = max(k_high, k_low)
         weights = torch.empty(num_tokens, num_slots, dtype=torch.float32, device=router_logits.device)
         experts = torch.empty(num_tokens, num_slots, dtype=torch.int32, device=router_logits.device)
-        meta, grid = _route_launch_config(num_tokens, num_experts, num_slots)
+        meta, grid = route_launch_config(num_tokens, num_experts, num_slots)
         if num_tokens:
             with device_guard(router_logits.device):
                 _route_forward_kernel[grid](
@@ -206,7 +206,7 @@ class _RouteTriton(torch.autograd.Function):
         num_tokens, num_experts = ctx.logits_shape
         num_slots = weights.shape[1]
         grad_logits = torch.empty(ctx.logits_shape, dtype=ctx.logits_dtype, device=weights.device)
-        meta, grid = _route_launch_config(num_tokens, num_experts, num_slots)
+        meta, grid = route_launch_config(num_tokens, num_experts, num_slots)
         if num_tokens:
             with device_guard(weights.device):
                 _route_backward_kernel[grid](

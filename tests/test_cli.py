@@ -108,12 +108,12 @@ def test_every_unlearn_argument_is_a_flag_with_its_help_and_default():
 
 
 def test_unlearn_flags_give_the_dataclass_defaults_and_parse_every_type():
-    from alter.cli import _unlearn_args
+    from alter.cli import unlearn_args
 
     parse = _unlearn_parser().parse_args
     required = ["--model", "m", "--forget", "f.jsonl", "--out", "o"]
-    assert _unlearn_args(parse(required)) == UnlearnArgs(output_dir="o")
-    args = _unlearn_args(parse(required + [
+    assert unlearn_args(parse(required)) == UnlearnArgs(output_dir="o")
+    args = unlearn_args(parse(required + [
         "--max-length", "64", "--npo-beta", "0.2", "--max-grad-norm", "none", "--no-mixed-precision",
         "--gradient-checkpointing", "--resume", "--structural", "exact", "--router-lr", "None", "--rank", "2"]))
     assert (args.max_length, args.npo_beta, args.max_grad_norm, args.router_lr) == (64, 0.2, None, None)
@@ -263,7 +263,7 @@ def test_model_that_cannot_be_loaded_is_a_clear_error(data_dir, tmp_path, capsys
     assert "alter unlearn: error:" in err and "Traceback" not in err
 
     # A hub name with the hub out of reach: the local cache only, so a clear error at once.
-    monkeypatch.setattr("alter.data._hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr("alter.data.hub_reachable", lambda timeout=3.0: False)
     asked = []
 
     def not_cached(name, **kwargs):  # what transformers raises for a name it cannot fetch

@@ -345,7 +345,7 @@ def test_hub_failure_falls_back_to_data_dir(tmp_path, monkeypatch):
             raise ConnectionError(f"Couldn't reach '{name}' on the Hub")
         return real_load(name, *args, **kwargs)
 
-    monkeypatch.setattr(D.loaders, "_hub_reachable", lambda timeout=3.0: True)
+    monkeypatch.setattr(D.loaders, "hub_reachable", lambda timeout=3.0: True)
     monkeypatch.setattr(D.datasets, "load_dataset", offline_load)
     monkeypatch.delenv(D.DATA_DIR_ENV, raising=False)
     with pytest.raises(ConnectionError, match="pass path="):
@@ -357,7 +357,7 @@ def test_hub_failure_falls_back_to_data_dir(tmp_path, monkeypatch):
     assert D.load_tofu("forget10").to_list() == [{"question": "Q", "answer": "A"}]
 
     # An unreachable hub is not even asked.
-    monkeypatch.setattr(D.loaders, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(D.loaders, "hub_reachable", lambda timeout=3.0: False)
     assert len(D.load_tofu("forget10")) == 1
     assert hub_calls == ["locuslab/TOFU", "locuslab/TOFU"]
 
@@ -366,7 +366,7 @@ def test_hub_probe_fails_fast_without_network(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # a closed local port: refused at once
-    assert not D._hub_reachable(timeout=1.0)
+    assert not D.hub_reachable(timeout=1.0)
     # In offline mode datasets answers from its cache without network: let it.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert D._hub_reachable(timeout=1.0)
+    assert D.hub_reachable(timeout=1.0)

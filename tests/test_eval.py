@@ -13,6 +13,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerFast
 
 from alter import eval as E
+from alter.evaluation.scoring import last_token_logprobs
 from alter.data import format_mcq, format_qa, qa_texts, tofu_mini
 from alter.tiny import build_tokenizer, tiny_llama
 
@@ -446,8 +447,8 @@ def test_mcq_scores_of_left_padded_prompts_match_single_prompts(tokenizer):
     prompts = [tokenizer(format_mcq(r["question"], r["choices"]))["input_ids"] for r in MCQ_ROWS]
     assert len({len(p) for p in prompts}) > 1  # the batch is padded
     letters = np.array([tokenizer.convert_tokens_to_ids([" A", " B", " C", " D"])] * len(prompts))
-    alone = E._last_token_logprobs(model, tokenizer, prompts, letters, batch_size=1)
-    batched = E._last_token_logprobs(model, tokenizer, prompts, letters, batch_size=len(prompts))
+    alone = last_token_logprobs(model, tokenizer, prompts, letters, batch_size=1)
+    batched = last_token_logprobs(model, tokenizer, prompts, letters, batch_size=len(prompts))
     np.testing.assert_allclose(batched, alone, rtol=1e-5, atol=1e-5)  # float32 logits, same positions
 
 

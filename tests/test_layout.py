@@ -58,3 +58,14 @@ def test_old_module_paths_only_re_export():
             tree = ast.parse(path.read_text())
             body = [node for node in tree.body if not isinstance(node, ast.Expr)]  # the docstring
             assert all(isinstance(node, (ast.Import, ast.ImportFrom)) for node in body), name
+
+
+def test_tests_import_public_names_only():
+    private = [
+        f"{path.name}: from {node.module} import {alias.name}"
+        for path in sorted((ROOT / "tests").glob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in ("alter", "alter_kernels")
+        for alias in node.names if alias.name.startswith("_")
+    ]
+    assert not private, private

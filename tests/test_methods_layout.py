@@ -93,7 +93,7 @@ def test_grad_diff_step_loss_equals_a_float64_recomputation(data, tokenizer):
     config = AlterConfig(beta=0.7, gamma=1.3)
     unlearn(model, tokenizer, data["forget"], data["retain"], config, "grad_diff", batch_size=2, max_steps=1,
             progress=False, callback=lambda step, log: logs.append(log))
-    from alter.train import _step_indices
+    from alter.train import step_indices
 
     def nll(rows):
         total = count = 0.0
@@ -108,7 +108,7 @@ def test_grad_diff_step_loss_equals_a_float64_recomputation(data, tokenizer):
 
     forget = encode_dataset(tokenizer, data["forget"], "forget", None)
     retain = encode_dataset(tokenizer, data["retain"], "retain", None)
-    forget_ids, retain_ids = _step_indices(0, len(forget), len(retain), 2, 0)
+    forget_ids, retain_ids = step_indices(0, len(forget), len(retain), 2, 0)
     f, r = nll([forget[int(i)] for i in forget_ids]), nll([retain[int(i)] for i in retain_ids])
     assert logs[0]["forget"] == pytest.approx(-f, rel=1e-6)
     assert logs[0]["retain"] == pytest.approx(r, rel=1e-6)

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from alter.cli import _training_records
+from alter.cli import training_records
 from alter.config import ADAPTER_CONFIG_NAME
 from alter.data import IGNORE_INDEX
 from alter.model import ADAPTER_WEIGHTS_NAME, alter_layers, apply_alter, is_patched, load_adapter, save_adapter
@@ -88,7 +88,7 @@ def test_jsonl_reader_rejects_bad_rows_or_encodes_every_row_as_its_kind(rows):
         with open(path, "w") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)
         try:
-            table = _training_records(path, "forget")
+            table = training_records(path, "forget")
         except ValueError as exc:
             check_outcome(rows, exc, prefix=f"{path}: ")
             return

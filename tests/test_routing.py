@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from alter_kernels import BackendUnavailable, moe_align, route
-from alter_kernels.routing import _route_launch_config, route_eager
+from alter_kernels.routing import route_launch_config, route_eager
 from _reference import assert_compiles_for_hopper, reference_moe_align, reference_route, reference_route_grad
 from conftest import require_backend
 from conftest import test_devices as devices_under_test  # renamed: pytest would collect test_*
@@ -385,7 +385,7 @@ def test_route_kernels_compile_for_hopper():
             "threshold": "fp32", "inv_tau_high": "fp32", "inv_tau_low": "fp32",
         }
         for num_experts, num_slots in ((2, 1), (8, 3), (64, 4)):
-            meta, _ = _route_launch_config(8192, num_experts, num_slots)
+            meta, _ = route_launch_config(8192, num_experts, num_slots)
             num_warps = meta.pop("num_warps")
             for kernel in ("_route_forward_kernel", "_route_backward_kernel"):
                 specs.append(dict(module="alter_kernels.routing", kernel=kernel, signature=signature,

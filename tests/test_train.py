@@ -426,7 +426,7 @@ def test_shift_keeps_the_logits_a_view_and_pairs_each_position_with_the_next_lab
     """The forget and retain losses read the logits without a [T, V] copy; the IHL over
     the shifted pairs is the mean over labelled tokens of 1 + p_y - max_{v != y} p_v."""
     logits, labels = _random_batch()
-    flat_logits, flat_labels = alter.train._shift(logits, labels)
+    flat_logits, flat_labels = alter.train.shift_labels(logits, labels)
     assert flat_logits.data_ptr() == logits.data_ptr() and flat_logits._is_view()
     B, L, V = logits.shape
     expected = torch.cat([labels[:, 1:], torch.full((B, 1), -100)], dim=1).reshape(-1)

@@ -345,7 +345,7 @@ def test_cli_records_the_base_model_as_given_and_eval_can_override_it(files, dat
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
-    monkeypatch.setattr("alter.data._hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr("alter.data.hub_reachable", lambda timeout=3.0: False)
     eval_argv = ["eval", "--model", "../run", "--data", str(folder), "--out", "m.json"]
     err = cli_error(capsys, eval_argv)
     assert "cannot load the base model 'base' (recorded in ../run/unlearn_args.json)" in err and "--base-model" in err

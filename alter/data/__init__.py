@@ -9,7 +9,7 @@ from alter.data.encoding import (IGNORE_INDEX, collate, collated_batches, encode
                                  pad_id_of)
 from alter.data.formats import (MCQ_LETTERS, PROMPT_FORMATS, PromptFormat, format_mcq, format_qa, prompt_format_of,
                                 qa_texts)
-from alter.data.loaders import (DATA_DIR_ENV, _hub_reachable, load_mmlu, load_muse, load_tofu, load_wmdp,
+from alter.data.loaders import (DATA_DIR_ENV, hub_reachable, load_mmlu, load_muse, load_tofu, load_wmdp,
                                 load_wmdp_corpus)
 from alter.data.tofu_mini import tofu_mini
 

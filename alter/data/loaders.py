@@ -17,7 +17,7 @@ _LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".cs
 DATA_DIR_ENV = "ALTER_DATA_DIR"
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
+def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the hub's host accepts a connection within ``timeout`` seconds: without this
     check, ``datasets`` retries for half a minute on a machine without network."""
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or \
@@ -75,7 +75,7 @@ def _load(hub_name: str, config: str | None, split: str, path, names: Sequence[s
         ds = _load_local(Path(path), names, what)
     else:
         error = None
-        if _hub_reachable():
+        if hub_reachable():
             try:
                 ds = datasets.load_dataset(hub_name, config, split=split)
             except (ConnectionError, OSError) as exc:  # datasets raises ConnectionError offline

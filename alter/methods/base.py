@@ -28,7 +28,7 @@ import torch
 from alter.adapters import forced_route, frozen_adapters, precomputed_entropy, router_loss
 from alter.data import IGNORE_INDEX
 from alter.methods.data import _model_inputs, base_model_pass, routing_targets, split_subdomains, with_fields
-from alter.methods.losses import _floats, _shift, token_nll
+from alter.methods.losses import _floats, shift_labels, token_nll
 from alter.methods.params import PARAMETERIZATIONS
 from alter_kernels import inverted_hinge_loss
 from alter_kernels.ihl import token_weights
@@ -208,7 +208,7 @@ class RoutedMethod(Method):
         ``"nll_ascent"``: ascent on the NLL)."""
         if self.config.forget_loss == "nll_ascent":
             return -token_nll(logits, labels), labelled(labels)
-        flat_logits, flat_labels = _shift(logits, labels)
+        flat_logits, flat_labels = shift_labels(logits, labels)
         loss, entropy = inverted_hinge_loss(
             flat_logits, flat_labels, self.config.tsallis_q, self.config.entropy_threshold,
             high_entropy_weight=high_entropy_weight, backend=self.config.backend,

@@ -211,7 +211,7 @@ def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=generator)
 
 
-def _step_indices(step: int, n_forget: int, n_retain: int, batch_size: int, seed: int):
+def step_indices(step: int, n_forget: int, n_retain: int, batch_size: int, seed: int):
     """Forget and retain example indices of global ``step``: a pure function of its
     arguments, so that a resumed run sees the same batches without replaying RNG."""
     per_epoch = math.ceil(n_forget / batch_size)

@@ -9,7 +9,7 @@ from alter.data import IGNORE_INDEX
 from alter_kernels import tsallis_entropy
 
 
-def _shift(logits: torch.Tensor, labels: torch.Tensor):
+def shift_labels(logits: torch.Tensor, labels: torch.Tensor):
     """Logits at position t predict the label at t + 1: ``[B·L, V]`` and ``[B·L]``, the
     last position of each sample ignored. The labels move, not the logits, so that the
     logits stay a view (``logits[:, :-1]`` would copy all ``[T, V]`` of them)."""
@@ -19,7 +19,7 @@ def _shift(logits: torch.Tensor, labels: torch.Tensor):
 
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token NLL over labelled tokens (``labels != -100``)."""
-    flat_logits, flat_labels = _shift(logits, labels)
+    flat_logits, flat_labels = shift_labels(logits, labels)
     return F.cross_entropy(flat_logits.float(), flat_labels, ignore_index=IGNORE_INDEX)
 
 

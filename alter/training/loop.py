@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from alter.config import AlterConfig
 from alter.data import IGNORE_INDEX, pad_id_of
 from alter.methods import build, method_class
-from alter.methods.data import _batch, _examples_digest, _step_indices, encode_dataset, model_context_length
+from alter.methods.data import _batch, _examples_digest, step_indices, encode_dataset, model_context_length
 from alter.training.args import UnlearnArgs
 from alter.training.checkpoint import _Checkpointer, _full_state, _save_result
 from alter.training.distributed import Engine, launched
@@ -193,7 +193,7 @@ def _run(model, tokenizer, forget, retain, args: UnlearnArgs, progress: bool, ca
     model.train()
     bar = tqdm(total=total_steps, initial=start_step, desc=f"unlearn [{args.method}]", disable=not progress)
     for step in range(start_step, total_steps):
-        forget_ids, retain_ids = _step_indices(step, len(forget_examples), len(retain_examples), batch_size, seed)
+        forget_ids, retain_ids = step_indices(step, len(forget_examples), len(retain_examples), batch_size, seed)
         if engine is not None:  # this process's share of the global batch
             forget_ids = engine.share(forget_ids)
             retain_ids = None if retain_ids is None else engine.share(retain_ids)

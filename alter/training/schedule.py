@@ -11,7 +11,7 @@ import torch
 
 from alter.data import IGNORE_INDEX, collated_batches
 from alter.methods.data import _model_inputs
-from alter.methods.losses import _shift
+from alter.methods.losses import shift_labels
 from alter.adapters import evaluating, is_patched, precomputed_entropy
 
 # Run sizing when ``epochs`` / ``router_warmup`` are not given (docs/training.md, "Run
@@ -85,7 +85,7 @@ def label_scores(model, examples: list[dict], pad_id: int, batch_size: int) -> L
                     logits = model(**_model_inputs(batch)).logits
             else:
                 logits = model(**_model_inputs(batch)).logits
-            flat_logits, flat_labels = _shift(logits, batch["labels"])
+            flat_logits, flat_labels = shift_labels(logits, batch["labels"])
             keep = flat_labels != IGNORE_INDEX
             labelled, labels = flat_logits[keep].float(), flat_labels[keep]
             total += float(torch.log_softmax(labelled, -1).gather(-1, labels[:, None]).exp().sum())
