@@ -132,3 +132,25 @@ def test_setup_returns_new_examples_and_leaves_the_given_ones(method, data, toke
     if method == "alter":
         assert all(row["expert"] == 0 and all(row["route_mask"]) for row in new_retain)
         assert {row["expert"] for row in new_forget} <= {1, 2}
+
+
+def test_a_method_is_one_registered_class_with_its_loss(data, tokenizer):
+    """Adding a method is one class: its loss and what it needs, registered by name."""
+    from alter.methods import method_names, register
+    from alter.methods.base import Method, labelled
+    from alter.methods.losses import token_nll
+
+    @register
+    class HalfAscent(Method):
+        name = "test_half_ascent"
+        needs_retain = False
+
+        def loss(self, model, forget, retain):
+            nll = token_nll(self.logits(model, forget), forget["labels"])
+            return -0.5 * self.global_mean(nll, labelled(forget["labels"])), {"forget": nll.detach()}
+
+    assert method_names()[:len(METHODS)] == METHODS and "test_half_ascent" in method_names()
+    logs = []
+    unlearn(small_model(tokenizer), tokenizer, data["forget"], None, method="test_half_ascent", batch_size=2,
+            max_steps=2, lr=1e-3, progress=False, callback=lambda step, log: logs.append(log))
+    assert len(logs) == 2 and logs[0]["loss"] == pytest.approx(-0.5 * logs[0]["forget"])

@@ -42,7 +42,12 @@ def _registry() -> dict[str, type]:
     return _REGISTRY
 
 
+def method_names() -> tuple[str, ...]:
+    """The built-in methods, then any registered since (a user's own module)."""
+    return tuple(_registry())
+
+
 def __getattr__(name: str):
-    if name == "ADAPTER_METHODS":
-        return tuple(m for m in METHODS if _registry()[m].routed())
+    if name == "ADAPTER_METHODS":  # the methods that train routers, built-in and registered
+        return tuple(m for m, cls in _registry().items() if cls.routed())
     raise AttributeError(f"module 'alter.methods' has no attribute {name!r}")

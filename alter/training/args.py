@@ -91,10 +91,10 @@ class UnlearnArgs:
         "process, or the config of accelerate launch)", choices=DISTRIBUTED_MODES)
 
     def __post_init__(self):
-        from alter.methods import METHODS, ADAPTER_METHODS
+        from alter.methods import ADAPTER_METHODS, method_names
 
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.method not in method_names():
+            raise ValueError(f"method must be one of {method_names()}, got {self.method!r}")
         if self.config is None:
             self.config = AlterConfig()
         elif not isinstance(self.config, AlterConfig):
