@@ -4,7 +4,6 @@ from alter.training.args import (  # noqa: F401
     DISTRIBUTED_MODES,
     STRUCTURAL_MODES,
     UnlearnArgs,
-    _role,
     check_early_stop_share,
     check_positive,
     check_positive_number,
