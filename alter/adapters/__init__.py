@@ -3,10 +3,9 @@ forwards build (:mod:`.state`, with the Hugging Face specifics in :mod:`.hooks`)
 patching a model (:mod:`.patching`) and adapter files (:mod:`.io`)."""
 from alter.adapters.io import ADAPTER_TENSOR_SUFFIXES, ADAPTER_WEIGHTS_NAME, load_adapter, save_adapter
 from alter.adapters.layers import AlterRouter, AsymLoRALinear
-from alter.adapters.patching import (adapter_parameters, alter_layers, apply_alter, disable_adapters, evaluating,
-                                     frozen_adapters,
-                                     forced_route, is_patched, precomputed_entropy, remove_alter, router_loss)
-from alter.adapters.state import CallState, EntropyTracker
+from alter.adapters.patching import (adapter_parameters, alter_layers, apply_alter, disable_adapters, forced_route,
+                                     frozen_adapters, is_patched, precomputed_entropy, remove_alter, router_loss)
+from alter.adapters.state import CallState, EntropyTracker, evaluating
 
 __all__ = [
     "ADAPTER_TENSOR_SUFFIXES", "ADAPTER_WEIGHTS_NAME", "AlterRouter", "AsymLoRALinear", "CallState", "EntropyTracker",

@@ -163,5 +163,6 @@ def _zero_gradient(weight: torch.Tensor, rows: tuple[int, ...] | None = None) ->
     if rows is None:
         return weight * 0 + weight.detach()
     keep = torch.ones(weight.shape[0], *(1,) * (weight.dim() - 1), dtype=weight.dtype, device=weight.device)
-    keep[list(rows)] = 0
+    for row in rows:  # a fill per row on the device: no index tensor copied from the host per layer
+        keep[row] = 0
     return weight * keep + weight.detach() * (1 - keep)

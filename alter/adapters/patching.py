@@ -140,18 +140,6 @@ def disable_adapters(model: nn.Module):
 
 
 @contextlib.contextmanager
-def evaluating(model: nn.Module):
-    """No gradients and eval mode (no dropout), restoring the model's mode afterwards."""
-    was_training = getattr(model, "training", False)
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
-
-
-@contextlib.contextmanager
 def precomputed_entropy(model: nn.Module, entropy: torch.Tensor):
     """Context: forwards inside use ``entropy`` [B, L] (the input's shape) as the token
     entropy, whatever ``entropy_source`` is; a different input shape raises ValueError."""

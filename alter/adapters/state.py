@@ -63,6 +63,19 @@ class CallState:
     prepass: bool = False
 
 
+@contextlib.contextmanager
+def evaluating(model: nn.Module):
+    """No gradients and eval mode (no dropout); each module's mode is restored afterwards."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for module, mode in modes:
+            module.training = mode
+
+
 class EntropyTracker:
     """The caller's settings of one patched model, and the per-call state built from them.
 
@@ -215,10 +228,16 @@ class EntropyTracker:
         own), a fresh state from what the caller gave."""
         if self._calls:
             return self._calls[-1]
-        state = CallState(self.adapters_enabled, self.given_entropy, self.forced_experts, self.gate_forced,
-                          frozen_experts=self.frozen_experts, adapters_frozen=self.adapters_frozen)
+        state = self._given_state()
         self.last_call = state  # router_loss after a layer called on its own
         return state
+
+    def _given_state(self, **computed) -> CallState:
+        """A call's state from what the caller set, with ``computed`` fields replacing them."""
+        given = dict(adapters_enabled=self.adapters_enabled, entropy=self.given_entropy,
+                     forced_experts=self.forced_experts, gate_forced=self.gate_forced,
+                     frozen_experts=self.frozen_experts, adapters_frozen=self.adapters_frozen)
+        return CallState(**{**given, **computed})
 
     def token_entropy(self, state: CallState, num_tokens: int, device: torch.device) -> torch.Tensor:
         """The entropy of each of the layer's ``num_tokens`` tokens under ``state``: [T] float32."""
@@ -358,11 +377,8 @@ class EntropyTracker:
         if forced is not None:
             forced = forced.to(tokens.device)
         entropy = self._call_entropy(model, inputs, batch, seq_len, tokens.device)
-        self._calls[-1] = CallState(
-            adapters_enabled=self.adapters_enabled, entropy=entropy, forced_experts=forced,
-            gate_forced=self.gate_forced, token_mask=mask.bool() if is_2d_mask else None,
-            frozen_experts=self.frozen_experts, adapters_frozen=self.adapters_frozen,
-        )
+        self._calls[-1] = self._given_state(entropy=entropy, forced_experts=forced,
+                                            token_mask=mask.bool() if is_2d_mask else None)
         if model.training and torch.is_grad_enabled():
             self._wrap_checkpointing()
 
@@ -427,11 +443,5 @@ class EntropyTracker:
     @contextlib.contextmanager
     def _base_model_pass(self, model: nn.Module):
         """No grad, adapters off, eval mode (no dropout), and no re-entry of the hooks."""
-        training = [(m, m.training) for m in model.modules()]
-        model.eval()
-        try:
-            with torch.no_grad(), self.running(CallState(adapters_enabled=False, prepass=True)):
-                yield
-        finally:
-            for module, mode in training:
-                module.training = mode
+        with evaluating(model), self.running(CallState(adapters_enabled=False, prepass=True)):
+            yield
