@@ -28,11 +28,10 @@ import numpy as np
 import torch
 
 from alter.config import AlterConfig
-from alter.adapters import evaluating
-from alter.data import collated_batches
 from alter.data.scenarios import (DEVELOPMENT, DEVELOPMENT_SEEDS, HELD_OUT, HELD_OUT_SEEDS, Scenario, build_scenario,
                              fact_token_mask)
 from alter.methods import METHODS, method_class
+from alter.methods.data import eval_forwards
 from alter.training.finetune import finetune
 from alter.training.loop import unlearn
 
@@ -50,20 +49,16 @@ MEMORIZE = {"batch_size": 16, "lr": 3e-3}
 def fact_accuracy(model, tokenizer, rows: list[dict], batch_size: int = 32) -> float:
     """Teacher-forced argmax accuracy over the fact-value tokens of ``rows`` (micro-average),
     in eval mode without gradients (the model's mode is restored afterwards)."""
-    device = next(model.parameters()).device
     examples = []
     for row in rows:
         ids, mask = fact_token_mask(tokenizer, row)
         examples.append({"input_ids": ids, "attention_mask": [1] * len(ids), "fact": [int(m) for m in mask]})
     correct = total = 0
-    with evaluating(model):
-        for _, batch in collated_batches(examples, tokenizer.pad_token_id, batch_size):
-            logits = model(input_ids=batch["input_ids"].to(device),
-                           attention_mask=batch["attention_mask"].to(device)).logits
-            predicted = logits[:, :-1].argmax(-1).cpu()
-            fact = batch["fact"][:, 1:].bool()
-            correct += int((predicted == batch["input_ids"][:, 1:])[fact].sum())
-            total += int(fact.sum())
+    for _, batch, out in eval_forwards(model, examples, tokenizer.pad_token_id, batch_size):
+        predicted = out.logits[:, :-1].argmax(-1)
+        fact = batch["fact"][:, 1:].bool()
+        correct += int((predicted == batch["input_ids"][:, 1:])[fact].sum())
+        total += int(fact.sum())
     return correct / max(total, 1)
 
 

@@ -3,6 +3,7 @@ batching, the base-model pass (entropy cache, k-means features), routing targets
 the data order (a pure function of seed and step)."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -13,7 +14,7 @@ from scipy.cluster.vq import kmeans2
 
 from alter.data import collate, collated_batches, encode_qa, encode_text
 from alter.methods.losses import sequence_logprob
-from alter.adapters import evaluating
+from alter.adapters import evaluating, is_patched, precomputed_entropy
 from alter_kernels import tsallis_entropy
 
 
@@ -109,6 +110,20 @@ def _model_inputs(batch: dict) -> dict:
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
+def eval_forwards(model, examples: list[dict], pad_id: int, batch_size: int, **forward_kwargs):
+    """Yields ``(indices, batch, output)``: the model over ``examples`` in order,
+    ``batch_size`` at a time on its device, in eval mode without gradients (its mode
+    restored afterwards). A patched model reads each example's cached ``entropy`` when the
+    examples carry it. The one no-grad forward loop of training-side scoring."""
+    patched = is_patched(model)
+    with evaluating(model):
+        for indices, batch in collated_batches(examples, pad_id, batch_size, device=next(model.parameters()).device):
+            cached = patched and "entropy" in batch
+            with precomputed_entropy(model, batch["entropy"]) if cached else contextlib.nullcontext():
+                output = model(**_model_inputs(batch), **forward_kwargs)
+            yield indices, batch, output
+
+
 # ------------------------------------------------------------------ base-model pass
 
 
@@ -122,14 +137,12 @@ def base_model_pass(model, examples: list[dict], pad_id: int, q: float,
     model's next-token distribution at each position.
     """
     features, entropies = [], []
-    with evaluating(model):
-        for indices, batch in collated_batches(examples, pad_id, batch_size, device=next(model.parameters()).device):
-            out = model(**_model_inputs(batch), output_hidden_states=True)
-            entropy = tsallis_entropy(out.logits, q).float().cpu()
-            entropies += [entropy[row, : len(examples[i]["input_ids"])].clone() for row, i in enumerate(indices)]
-            mask = batch["attention_mask"].unsqueeze(-1).to(torch.float64)
-            hidden = out.hidden_states[-1].to(torch.float64)
-            features.append(((hidden * mask).sum(1) / mask.sum(1)).cpu().numpy())
+    for indices, batch, out in eval_forwards(model, examples, pad_id, batch_size, output_hidden_states=True):
+        entropy = tsallis_entropy(out.logits, q).float().cpu()
+        entropies += [entropy[row, : len(examples[i]["input_ids"])].clone() for row, i in enumerate(indices)]
+        mask = batch["attention_mask"].unsqueeze(-1).to(torch.float64)
+        hidden = out.hidden_states[-1].to(torch.float64)
+        features.append(((hidden * mask).sum(1) / mask.sum(1)).cpu().numpy())
     return np.concatenate(features), entropies
 
 
@@ -227,8 +240,7 @@ def reference_logprobs(model, examples: list[dict], pad_id: int, batch_size: int
     """Per example, the sequence log-probability of its labelled tokens under the model
     (NPO's reference, computed once from the frozen starting model)."""
     values = []
-    with evaluating(model):
-        for _, batch in collated_batches(examples, pad_id, batch_size, device=next(model.parameters()).device):
-            values += sequence_logprob(model(**_model_inputs(batch)).logits, batch["labels"]).cpu().tolist()
+    for _, batch, out in eval_forwards(model, examples, pad_id, batch_size):
+        values += sequence_logprob(out.logits, batch["labels"]).cpu().tolist()
     return values
 

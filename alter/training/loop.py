@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from alter.config import AlterConfig
 from alter.data import IGNORE_INDEX, pad_id_of
-from alter.methods import build, method_class
+from alter.methods import build
 from alter.methods.data import _batch, _examples_digest, step_indices, encode_dataset, model_context_length
 from alter.training.args import UnlearnArgs
 from alter.training.checkpoint import _Checkpointer, _full_state, _save_result

@@ -6,10 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
+from alter.adapters import alter_layers
 from alter.methods.base import RETENTION_EXPERT
-from alter.data import collated_batches
-from alter.methods.data import _model_inputs
-from alter.adapters import alter_layers, evaluating, precomputed_entropy
+from alter.methods.data import eval_forwards
 from alter.training.schedule import LabelScores, label_scores
 from alter_kernels import route
 
@@ -30,15 +29,12 @@ def routing_shares(model, examples: list[dict], pad_id: int, batch_size: int) ->
     handles = [layer.router.register_forward_hook(hook) for layer in alter_layers(model).values()]
     total = count = 0.0
     try:
-        with evaluating(model):
-            for _, batch in collated_batches(examples, pad_id, batch_size, device=next(model.parameters()).device):
-                shares.clear()
-                with precomputed_entropy(model, batch["entropy"]):
-                    model(**_model_inputs(batch))
-                mask = (batch["route_mask"].bool() & batch["attention_mask"].bool()).reshape(-1)
-                per_token = torch.stack(shares).mean(0)
-                total += float(per_token[mask].sum())
-                count += float(mask.sum())
+        for _, batch, _output in eval_forwards(model, examples, pad_id, batch_size):  # the hook fills shares
+            mask = (batch["route_mask"].bool() & batch["attention_mask"].bool()).reshape(-1)
+            per_token = torch.stack(shares).mean(0)
+            shares.clear()
+            total += float(per_token[mask].sum())
+            count += float(mask.sum())
     finally:
         for handle in handles:
             handle.remove()

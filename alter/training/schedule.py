@@ -9,10 +9,9 @@ from dataclasses import dataclass
 
 import torch
 
-from alter.data import IGNORE_INDEX, collated_batches
-from alter.methods.data import _model_inputs
+from alter.data import IGNORE_INDEX
+from alter.methods.data import eval_forwards
 from alter.methods.losses import shift_labels
-from alter.adapters import evaluating, is_patched, precomputed_entropy
 
 # Run sizing when ``epochs`` / ``router_warmup`` are not given (docs/training.md, "Run
 # length and early stop").
@@ -77,18 +76,12 @@ def label_scores(model, examples: list[dict], pad_id: int, batch_size: int) -> L
     """:class:`LabelScores` of ``model`` on ``examples`` (eval mode, no gradients)."""
     total = 0.0
     predicted = []
-    with evaluating(model):
-        # In example order: ``predicted`` is compared token by token across calls.
-        for _, batch in collated_batches(examples, pad_id, batch_size, device=next(model.parameters()).device):
-            if "entropy" in batch and is_patched(model):
-                with precomputed_entropy(model, batch["entropy"]):
-                    logits = model(**_model_inputs(batch)).logits
-            else:
-                logits = model(**_model_inputs(batch)).logits
-            flat_logits, flat_labels = shift_labels(logits, batch["labels"])
-            keep = flat_labels != IGNORE_INDEX
-            labelled, labels = flat_logits[keep].float(), flat_labels[keep]
-            total += float(torch.log_softmax(labelled, -1).gather(-1, labels[:, None]).exp().sum())
-            predicted.append((labelled.argmax(-1) == labels).cpu())
+    # In example order: ``predicted`` is compared token by token across calls.
+    for _, batch, out in eval_forwards(model, examples, pad_id, batch_size):
+        flat_logits, flat_labels = shift_labels(out.logits, batch["labels"])
+        keep = flat_labels != IGNORE_INDEX
+        labelled, labels = flat_logits[keep].float(), flat_labels[keep]
+        total += float(torch.log_softmax(labelled, -1).gather(-1, labels[:, None]).exp().sum())
+        predicted.append((labelled.argmax(-1) == labels).cpu())
     predicted = torch.cat(predicted) if predicted else torch.zeros(0, dtype=torch.bool)
     return LabelScores(total / max(len(predicted), 1), predicted)
