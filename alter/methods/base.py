@@ -71,7 +71,7 @@ class Method:
         per-example fields; the given ones stay as they are)."""
         forget_examples, retain_examples = self.prepare(model, forget_examples, retain_examples, pad_id)
         optimizer = self.parameters.setup(model, self.config)
-        self.model = model
+        self.attach(model)
         return optimizer, forget_examples, retain_examples
 
     def prepare(self, model, forget_examples: list[dict], retain_examples: list[dict], pad_id: int):

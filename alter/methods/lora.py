@@ -4,18 +4,19 @@ forced to expert 0 and one expert kept per token at inference.
     loss = beta * -NLL(forget) + gamma * NLL(retain) + routing loss
 """
 from alter.methods import register
-from alter.methods.base import RoutedMethod, labelled
+from alter.methods.asym_lora import AsymLoRA
+from alter.methods.base import labelled
 from alter.methods.losses import token_nll
 
 
 @register
-class LoRA(RoutedMethod):
+class LoRA(AsymLoRA):
     name = "lora"
     has_forget_experts = False
 
     def config_changes(self, config) -> dict:
         # One adapter: each token keeps only its top expert, which the router learns is 0.
-        return {**super().config_changes(config), "a_learns_from_high_entropy_only": False, "k_high": 1, "k_low": 1}
+        return {**super().config_changes(config), "k_high": 1, "k_low": 1}
 
     def loss(self, model, forget, retain):
         cfg = self.config

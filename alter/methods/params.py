@@ -44,7 +44,6 @@ class AsymLoRAParameters(FullParameters):
 
     def setup(self, model, config) -> torch.optim.Optimizer:
         apply_alter(model, config)
-        self.attach(model)
         groups = adapter_parameters(model)
         router_lr = self.args.router_lr
         return torch.optim.AdamW(
