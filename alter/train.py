@@ -37,14 +37,13 @@ from alter.training.checkpoint import (  # noqa: F401
 )
 from alter.training.finetune import finetune  # noqa: F401
 from alter.training.loop import (  # noqa: F401
-    FORGET_WARNING_RATIO,
     _autocast_factory,
     _checkpointing_on,
     _run,
     _set_checkpointing,
     unlearn,
 )
-from alter.training.report import UnlearnReport, _report, routing_shares  # noqa: F401
+from alter.training.report import FORGET_WARNING_RATIO, UnlearnReport, _report, routing_shares  # noqa: F401
 from alter.training.schedule import (  # noqa: F401
     DEFAULT_EPOCHS,
     MAX_DEFAULT_STEPS,

@@ -50,13 +50,21 @@ def small_model(tokenizer, **kwargs):
     return tiny_llama(tokenizer, **{**args, **kwargs})
 
 
-def run(model, tokenizer, data, method, **kwargs):
+def run(model, tokenizer, data, method, callback=None, **kwargs):
+    """The logs of each step of a short run; ``callback(step, logs)`` sees each too."""
     logs = []
+
+    def record(step, log):
+        logs.append(log)
+        if callback is not None:
+            callback(step, log)
+
     kwargs.setdefault("config", CONFIG)
     kwargs.setdefault("batch_size", 2)
-    kwargs.setdefault("router_warmup", 0)  # the two steps unlearn (the default warm-up would take them)
-    unlearn(model, tokenizer, data["forget"], data["retain"], method=method, max_steps=2,
-            progress=False, callback=lambda step, log: logs.append(log), **kwargs)
+    kwargs.setdefault("router_warmup", 0)  # no warm-up unless asked: the run is its max_steps unlearning steps
+    kwargs.setdefault("max_steps", 2)
+    unlearn(model, tokenizer, data["forget"], data["retain"], method=method,
+            progress=False, callback=record, **kwargs)
     return logs
 
 
@@ -140,15 +148,24 @@ def test_structural_exact_runs_and_restores_attention(data, tokenizer):
 def test_router_warmup_trains_only_the_routers(data, tokenizer):
     model = small_model(tokenizer)
     initial = small_model(tokenizer)
-    logs = run(model, tokenizer, data, "alter", router_warmup=2)  # max_steps=2: warm-up only
-    assert set(logs[0]) == {"route"} and logs[1]["route"] < logs[0]["route"]
-    groups = adapter_parameters(model)
-    assert all(torch.equal(b, torch.zeros_like(b)) for b in groups["B"])
-    assert any(p.abs().sum() > 0 for p in groups["router"])
+    after_warmup = {}
+
+    def snapshot(step, logs):  # the adapters after the 2 warm-up steps, before the unlearning step
+        if step == 2:
+            after_warmup.update({name: [p.detach().clone() for p in group]
+                                 for name, group in adapter_parameters(model).items()})
+            after_warmup["A"] = {name: layer.lora_A.detach().clone() for name, layer in alter_layers(model).items()}
+
+    logs = run(model, tokenizer, data, "alter", router_warmup=2, max_steps=1, callback=snapshot)
+    assert len(logs) == 3 and model.unlearn_report.steps == 1 and model.unlearn_report.router_warmup == 2
+    assert set(logs[0]) == set(logs[1]) == {"route"} and logs[1]["route"] < logs[0]["route"]
+    assert "forget" in logs[2]
+    assert all(torch.equal(b, torch.zeros_like(b)) for b in after_warmup["B"])
+    assert any(p.abs().sum() > 0 for p in after_warmup["router"])
     torch.manual_seed(0)  # unlearn(seed=0) initializes the adapters after seeding
     apply_alter(initial, model.alter_config)
-    for name, layer in alter_layers(model).items():
-        assert torch.equal(layer.lora_A, alter_layers(initial)[name].lora_A)
+    for name, layer in alter_layers(initial).items():
+        assert torch.equal(after_warmup["A"][name], layer.lora_A)
     with pytest.raises(ValueError, match="router_warmup is for the adapter methods"):
         run(small_model(tokenizer), tokenizer, data, "grad_diff", router_warmup=1)
 
@@ -163,7 +180,7 @@ def test_forget_routing_loss_counts_only_the_routing_targets(data, tokenizer, mo
         return router_loss(model, token_mask)
 
     monkeypatch.setattr(alter.methods.base, "router_loss", recording_router_loss)
-    run(small_model(tokenizer), tokenizer, data, "alter", router_warmup=1)  # a warm-up step, then a training step
+    run(small_model(tokenizer), tokenizer, data, "alter", router_warmup=1, max_steps=1)  # warm-up, then a step
     assert len(seen) == 4  # forget and retain pass of each step
     for forget_mask, retain_mask in (seen[0:2], seen[2:4]):
         assert forget_mask.dtype == torch.bool and 0 < int(forget_mask.sum()) < forget_mask.numel()
@@ -228,7 +245,7 @@ def test_routing_pass_gates_like_inference_and_trains_only_the_routers(data, tok
             pass
 
     model = small_model(tokenizer)
-    logs = run(model, tokenizer, data, "alter", router_warmup=1)  # a warm-up step, then a training step
+    logs = run(model, tokenizer, data, "alter", router_warmup=1, max_steps=1)  # a warm-up step, then a training step
     assert set(logs[0]) == {"route"} and {"forget", "retain", "route", "loss"} <= set(logs[1])
     # The routing passes freeze A and B while they run and hand them back trainable.
     assert all(p.requires_grad for group in adapter_parameters(model).values() for p in group)
@@ -589,16 +606,19 @@ def test_early_stop_ends_the_run_at_the_first_check_below_the_share(method, memo
     report = model.unlearn_report
     assert report.stopped_early and report.forget_kept_history[-1][1] <= 0.99
     assert report.forget_kept_share == report.forget_kept_history[-1][1]  # the stop's scores, not a new pass
-    first_check = warmup + check_every
-    assert [step for step, _ in report.forget_kept_history] == list(range(first_check, report.steps + 1, check_every))
-    assert report.steps % check_every == warmup % check_every and report.steps < 12
-    assert "(early stop)" in str(report)
+    # Checks and max_steps count unlearning steps, the warm-up apart.
+    assert report.router_warmup == warmup
+    assert [step for step, _ in report.forget_kept_history] == list(range(check_every, report.steps + 1, check_every))
+    assert report.steps % check_every == 0 and report.steps < 12
+    assert f"ended: early stop at unlearning step {report.steps}:" in str(report)
+    assert report.verdict != "not forgotten" and "barely" not in str(report)
     record = json.loads((tmp_path / "unlearn_args.json").read_text())
     assert (record["steps"], record["stopped_early"]) == (report.steps, True)
     model = copy.deepcopy(memorized)
     unlearn(model, tokenizer, data["forget"], data["retain"], early_stop_share=None, **settings)
     assert model.unlearn_report.steps == 12 and not model.unlearn_report.stopped_early
     assert model.unlearn_report.forget_kept_history == []
+    assert "ended: step cap: max_steps 12" in str(model.unlearn_report)
 
 
 def test_a_run_ending_short_of_the_early_stop_says_so(memorized, data, tokenizer):
@@ -617,7 +637,7 @@ def test_early_stop_share_is_validated(share, data, tokenizer):
 
 def test_run_report_and_forgetting_warning(data, tokenizer, capsys):
     model = small_model(tokenizer)
-    with pytest.warns(UserWarning, match="barely forgotten"):  # 2 steps forget nothing
+    with pytest.warns(UserWarning, match="is not forgotten"):  # 2 steps forget nothing
         run(model, tokenizer, data, "alter", router_warmup=1)
     report = model.unlearn_report
     assert (report.method, report.steps, report.router_warmup) == ("alter", 2, 1)

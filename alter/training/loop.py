@@ -36,13 +36,8 @@ from alter.methods.data import _batch, _examples_digest, step_indices, encode_da
 from alter.training.args import UnlearnArgs
 from alter.training.checkpoint import _Checkpointer, _full_state, _save_result
 from alter.training.distributed import Engine, launched
-from alter.training.report import _report
+from alter.training.report import NOT_FORGOTTEN, _report
 from alter.training.schedule import LabelScores, bigram_surprisal, label_scores, run_length
-
-# The run report warns when the forget tokens' mean probability kept more than this
-# fraction of its starting value.
-FORGET_WARNING_RATIO = 0.9
-
 
 def _autocast_factory(device: torch.device, mixed_precision: bool):
     if mixed_precision:
@@ -126,6 +121,18 @@ unlearn.__doc__ += "\n    Run arguments (``UnlearnArgs`` fields, default in brac
     for f in dataclasses.fields(UnlearnArgs) if f.name in RUN_ARG_NAMES) + "\n"
 
 
+def _why_ended(stopped: bool, kept_history: list, capped: bool, args: UnlearnArgs, train_steps: int) -> str:
+    """Why the unlearning steps ended, in words: the early stop, the step cap or the run's length."""
+    if stopped:
+        step, kept = kept_history[-1]
+        return (f"early stop at unlearning step {step}: {kept:.2f} of the forget tokens still predicted "
+                f"<= early_stop_share {args.early_stop_share}")
+    if capped:
+        return f"step cap: max_steps {args.max_steps}"
+    sized = f"epochs {args.epochs}" if args.epochs is not None else "sized from the data"
+    return f"run length: {train_steps} unlearning steps ({sized})"
+
+
 def _run(model, tokenizer, forget, retain, args: UnlearnArgs, progress: bool, callback):
     """:func:`unlearn` with its arguments validated."""
     started = time.perf_counter()
@@ -174,8 +181,11 @@ def _run(model, tokenizer, forget, retain, args: UnlearnArgs, progress: bool, ca
     clip_groups = method.clip_groups(model)
     router_warmup, train_steps = run_length(len(forget_examples), batch_size, args.epochs, args.router_warmup,
                                             method.routed())
+    capped = args.max_steps is not None and args.max_steps < train_steps
+    if capped:  # max_steps counts unlearning steps; a sized warm-up shrinks with the run it precedes
+        train_steps = args.max_steps
+        router_warmup = router_warmup if args.router_warmup is not None else min(router_warmup, train_steps)
     total_steps = router_warmup + train_steps
-    total_steps = total_steps if args.max_steps is None else min(args.max_steps, total_steps)
     history: list[dict] = []
     kept_history: list[tuple[int, float]] = []
     stopped_at: LabelScores | None = None  # the forget set's scores where the early stop ended the run
@@ -191,7 +201,11 @@ def _run(model, tokenizer, forget, retain, args: UnlearnArgs, progress: bool, ca
         # Fused attention kernels (SDPA, flash) have no double backward.
         model.set_attn_implementation("eager")
     model.train()
-    bar = tqdm(total=total_steps, initial=start_step, desc=f"unlearn [{args.method}]", disable=not progress)
+    # One bar per phase, each with its own total: the warm-up's, then the unlearning steps'.
+    bars = {phase: tqdm(total=length, initial=min(max(start_step - offset, 0), length), disable=not progress,
+                        desc=f"{args.method}: {phase}", leave=True, delay=0 if length else 1e9)
+            for phase, length, offset in (("router warm-up", router_warmup, 0),
+                                          ("unlearning steps", train_steps, router_warmup))}
     for step in range(start_step, total_steps):
         forget_ids, retain_ids = step_indices(step, len(forget_examples), len(retain_examples), batch_size, seed)
         if engine is not None:  # this process's share of the global batch
@@ -212,8 +226,11 @@ def _run(model, tokenizer, forget, retain, args: UnlearnArgs, progress: bool, ca
             for params in clip_groups:
                 torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
         optimizer.step()
+        bar = bars["router warm-up" if step < router_warmup else "unlearning steps"]
         bar.update(1)
         bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items()})
+        if step + 1 == router_warmup:
+            bar.close()
         history.append(logs)
         if callback is not None:
             callback(step + 1, logs)
@@ -223,11 +240,13 @@ def _run(model, tokenizer, forget, retain, args: UnlearnArgs, progress: bool, ca
                 and (step + 1 - router_warmup) % check_every == 0 and step + 1 < total_steps:
             scores = label_scores(model, forget_examples, pad_id, batch_size)
             kept = scores.kept_share(forget_start, fact_weight)
-            kept_history.append((step + 1, kept))
+            kept_history.append((step + 1 - router_warmup, kept))  # numbered in unlearning steps
             if kept <= args.early_stop_share:
                 stopped_at = scores
                 break
-    bar.close()
+    for bar in bars.values():
+        bar.close()
+    ended = _why_ended(stopped_at is not None, kept_history, capped, args, train_steps)
     if checkpointing:
         _set_checkpointing(model, False)
     if model.config._attn_implementation != attention:
@@ -235,12 +254,12 @@ def _run(model, tokenizer, forget, retain, args: UnlearnArgs, progress: bool, ca
     model.eval()
     report = _report(model, method, forget_examples, retain_examples, pad_id, batch_size, history,
                      start_step, router_warmup, forget_start, fact_weight, kept_history, stopped_at,
-                     time.perf_counter() - started)
+                     time.perf_counter() - started, ended)
     model.unlearn_report = report
     if progress:
         print(report)
-    if main and report.forget_probability_after > FORGET_WARNING_RATIO * forget_start.probability:
-        warnings.warn(f"unlearn [{args.method}]: the forget set is barely forgotten: its tokens' mean probability "
+    if main and report.verdict == NOT_FORGOTTEN:
+        warnings.warn(f"unlearn [{args.method}]: the forget set is {NOT_FORGOTTEN}: its tokens' mean probability "
                       f"went {forget_start.probability:.3g} -> {report.forget_probability_after:.3g}; "
                       "train longer (epochs) or with larger learning rates", stacklevel=3)
     elif (main and args.early_stop_share is not None and args.max_steps is None and not report.stopped_early
@@ -253,8 +272,9 @@ def _run(model, tokenizer, forget, retain, args: UnlearnArgs, progress: bool, ca
         # The config the result runs with (a method may change the given one: the adapter
         # methods gate generation by lagged entropy), as its adapter_config.json says.
         record = {**args.record(), **run, "config": method.config.to_dict(), "router_warmup_steps": router_warmup,
-                  "steps": start_step + len(history), "stopped_early": report.stopped_early}
+                  "steps": max(0, start_step + len(history) - router_warmup), "stopped_early": report.stopped_early}
         _save_result(model, tokenizer, args.output_dir, method, record, state)
+        report.save(args.output_dir)
     if engine is not None:
         engine.wait()
     return model
