@@ -59,6 +59,7 @@ _EXPORTS = {
     "tiny_llama": "alter.tiny",
     # evaluation
     "evaluate_tofu": "alter.evaluation",
+    "evaluate_own_data": "alter.evaluation",
     "truth_ratio": "alter.evaluation",
     "answer_probability": "alter.evaluation",
     "rouge_l_recall": "alter.evaluation",

@@ -1,20 +1,23 @@
-"""The ``alter`` command: ``demo``, ``unlearn``, ``eval``, ``quality`` and ``bench`` (their
-flags: :mod:`alter.cli_parser`).
+"""The ``alter`` command: ``demo``, ``unlearn``, ``eval`` (:mod:`alter.cli_eval`), ``quality``
+and ``bench`` (their flags: :mod:`alter.cli_parser`).
 
-``alter unlearn`` writes into ``--out`` either an adapter (``adapter_config.json`` +
+``alter unlearn`` writes into ``--out`` (refused when it is not empty, unless
+``--overwrite`` or ``--resume``) either an adapter (``adapter_config.json`` +
 ``adapter_model.safetensors``, for the adapter methods) or a full model (for the
-full-parameter baselines), the tokenizer, and ``unlearn_args.json`` recording the method
-and the base model exactly as ``--model`` gave it. With ``--model tiny`` the base model is
+full-parameter baselines), the tokenizer, the run report (``report.md``, ``report.json``)
+and ``unlearn_args.json`` recording the method, the base model and the data files,
+resolved (local paths absolute, hub ids as given). With ``--model tiny`` the base model is
 a small random Llama built for the data (for trying the pipeline), saved under
 ``--out/base_model`` and recorded as ``base_model``, relative to the output directory, so
 that the directory can be moved. ``alter eval`` reads such a directory back; a relative
 recorded base model is looked for in the output directory first, then as given, and
 ``--base-model`` overrides it.
 
-Every user error (bad data rows or files, an unavailable backend or device, an unwritable
-``--out``, a checkpoint of another run or data, a corrupted adapter) ends the command
-with one line on stderr and exit status 2, before the first forward of the model; so does
-a missing optional dependency, naming the extra that installs it (``alter-kernels[eval]``).
+Every user error (bad data rows or files, a folder that is not a model, an unavailable
+backend or device, an unwritable or non-empty ``--out``, a checkpoint of another run or
+data, a corrupted adapter) ends the command with one line on stderr and exit status 2,
+before the first forward of the model; so does a missing optional dependency, naming the
+extra that installs it (``alter-kernels[eval]``).
 """
 from __future__ import annotations
 
@@ -112,6 +115,21 @@ def _check_backend(config, method: str, device) -> None:
                          "backend; use triton or eager (or leave it automatic)")
 
 
+def _check_out(directory: str, overwrite: bool, resume: bool) -> None:
+    """``--out`` is empty or new, unless ``--overwrite`` or ``--resume`` says to write into it."""
+    if overwrite or resume or not os.path.isdir(directory) or not os.listdir(directory):
+        return
+    entries = sorted(os.listdir(directory))
+    shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+    raise ValueError(f"--out {directory} is not empty ({shown}): pass --overwrite to replace the result there, "
+                     "--resume to continue its run, or another --out")
+
+
+def resolved(path: str) -> str:
+    """A local path made absolute; anything else (a hub id) as given."""
+    return os.path.abspath(path) if os.path.exists(path) else path
+
+
 def _check_writable(directory: str) -> None:
     """``directory`` exists as a writable folder or can be created; nothing is created yet."""
     existing = os.path.abspath(directory)
@@ -140,6 +158,25 @@ def _vocabulary_texts(*sets) -> list[str]:
 # --------------------------------------------------------------------------- unlearn
 
 
+# What a model folder (model.save_pretrained + tokenizer.save_pretrained) holds: (what, any of these files).
+MODEL_FOLDER_NEEDS = (
+    ("the config", ("config.json",)),
+    ("the weights", ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                     "pytorch_model.bin.index.json")),
+    ("the tokenizer", ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")),
+)
+
+
+def _check_model_folder(path: str) -> None:
+    """A local folder holds what a model folder needs; ValueError listing what it lacks."""
+    missing = [f"{what} ({' or '.join(files)})" for what, files in MODEL_FOLDER_NEEDS
+               if not any(os.path.isfile(os.path.join(path, f)) for f in files)]
+    if missing:
+        raise ValueError(f"{path} is not a model folder: it lacks {'; '.join(missing)}. A model folder is what "
+                         "model.save_pretrained(DIR) and tokenizer.save_pretrained(DIR) write (or an alter unlearn "
+                         "--out for alter eval)")
+
+
 def _load_model(path: str):
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -148,6 +185,8 @@ def _load_model(path: str):
 
     # A hub name with no hub in reach: the local cache only, failing at once instead of
     # after transformers' retries (most of a minute).
+    if os.path.isdir(path):
+        _check_model_folder(path)
     local_only = not os.path.isdir(path) and not hub_reachable()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
     try:
@@ -196,6 +235,7 @@ def cmd_unlearn(args) -> int:
     device = _device(args.device)
     _check_backend(run_args.config, args.method, device)
     _check_writable(args.output_dir)
+    _check_out(args.output_dir, args.overwrite, args.resume)
     base = None
     if args.model == TINY:
         from alter.tiny import build_tokenizer, tiny_llama
@@ -216,107 +256,23 @@ def cmd_unlearn(args) -> int:
             tokenizer.save_pretrained(staging)
     run_file = os.path.join(args.output_dir, RUN_ARGS_FILE)
     run = read_json(run_file)
-    run["base_model"] = BASE_MODEL_DIR if base is not None else args.model  # as given: no absolute path
+    # Resolved, so that alter eval finds them from any folder (the tiny base model lives in the output).
+    run["base_model"] = BASE_MODEL_DIR if base is not None else resolved(args.model)
+    run["forget_file"] = os.path.abspath(args.forget)
+    run["retain_file"] = os.path.abspath(args.retain) if args.retain else None
     write_json(run_file, run)
-    print(f"unlearned model ({args.method}) written to {args.output_dir}")
+    print(f"unlearned model ({args.method}) written to {args.output_dir} (report: report.md, report.json); "
+          f"score it with: alter eval {args.output_dir}")
     return 0
 
 
 # ------------------------------------------------------------------------------ eval
 
 
-def load_unlearned(path: str, base_model: str | None = None):
-    """Model and tokenizer from an ``alter unlearn`` output directory (or any HF model dir).
-
-    An adapter directory is loaded onto its base model: ``base_model`` when given, else
-    the one recorded in its ``unlearn_args.json`` (a relative path is looked for in
-    ``path`` first, then as given).
-    """
-    from transformers import AutoTokenizer
-
-    from alter.config import ADAPTER_CONFIG_NAME, read_json
-    from alter.adapters import load_adapter
-    from alter.training.checkpoint import RUN_ARGS_FILE
-
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"--model: no such directory: {path}")
-    if not os.path.exists(os.path.join(path, ADAPTER_CONFIG_NAME)):
-        return _load_model(path)
-    source = "--base-model"
-    if base_model is None:
-        run_file = os.path.join(path, RUN_ARGS_FILE)
-        base_model = read_json(run_file).get("base_model") if os.path.exists(run_file) else None
-        if base_model is None:
-            raise ValueError(f"{path} holds an adapter but no {RUN_ARGS_FILE} naming its base model: pass --base-model")
-        source = f"recorded in {run_file}"
-        if not os.path.isabs(base_model) and os.path.isdir(os.path.join(path, base_model)):
-            base_model = os.path.join(path, base_model)
-    if os.path.isabs(base_model) and not os.path.isdir(base_model):
-        raise FileNotFoundError(f"the base model {base_model} ({source}) is not a directory: pass --base-model PATH")
-    try:
-        model, _ = _load_model(base_model)
-    except OSError as exc:
-        raise OSError(f"cannot load the base model {base_model!r} ({source}): {first_line(exc)}; "
-                      "pass --base-model PATH") from exc
-    load_adapter(model, path)
-    return model, AutoTokenizer.from_pretrained(path)
-
-
-def _tofu_data(spec: str, seed: int):
-    """``tofu_mini`` or a folder of TOFU-schema files ``{split}.json``/``.jsonl``."""
-    import datasets
-
-    from alter.data import tofu_mini
-
-    if spec == "tofu_mini":
-        return tofu_mini(seed=seed)
-    if not os.path.isdir(spec):
-        raise FileNotFoundError(f"--data: no such directory: {spec} (or use 'tofu_mini')")
-    splits = {}
-    for name in ("forget", "retain", "real_authors", "world_facts", "holdout"):
-        for ext in (".jsonl", ".json"):
-            if os.path.exists(os.path.join(spec, name + ext)):
-                splits[name] = read_records(os.path.join(spec, name + ext))
-                break
-    return datasets.DatasetDict(splits)
-
-
 def cmd_eval(args) -> int:
-    from alter.config import read_json
-    from alter.data import PromptFormat
-    from alter.evaluation import evaluate_tofu, open_unlearning_summary
-    from alter.files import write_json
+    from alter.cli_eval import cmd_eval as run_eval  # its module imports this one's readers
 
-    # The inputs that need no model first: a bad one fails before the model is loaded.
-    device = _device(args.device)
-    retain_ratios, retain_auc = None, None
-    if args.retain_metrics:
-        retain = read_json(args.retain_metrics)
-        retain_ratios, retain_auc = retain.get("forget_truth_ratios"), retain.get("mia_min_k")
-        if retain_ratios is None:
-            raise ValueError(f"--retain-metrics: {args.retain_metrics} has no 'forget_truth_ratios'")
-    style = "chat" if args.chat_template else args.prompt_format
-    if args.chat_template and args.prompt_format not in (None, "chat"):
-        raise ValueError(f"--chat-template contradicts --prompt-format {args.prompt_format}")
-    fmt = PromptFormat(style or "plain", args.system_prompt)
-    data = _tofu_data(args.data, args.seed)
-    model, tokenizer = load_unlearned(args.model, args.base_model)
-    model.to(device)
-    reference_model = None
-    if args.reference_model:
-        reference_model, _ = load_unlearned(args.reference_model)
-        reference_model.to(device)
-    metrics = evaluate_tofu(model, tokenizer, data, retain_model_truth_ratios=retain_ratios,
-                            batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, prompt_format=fmt,
-                            num_questions=args.num_questions, retain_model_auc=retain_auc,
-                            reference_model=reference_model)
-    write_json(args.out, metrics)
-    summary_file = args.summary or os.path.join(os.path.dirname(os.path.abspath(args.out)), "TOFU_SUMMARY.json")
-    write_json(summary_file, open_unlearning_summary(metrics), indent=4)
-    shown = {k: metrics[k] for k in ("forget_quality", "model_utility", "forget_rouge", "retain_rouge")}
-    print(json.dumps(shown, indent=2))
-    print(f"metrics written to {args.out}; open-unlearning summary to {summary_file}")
-    return 0
+    return run_eval(args)
 
 
 # ------------------------------------------------------------------------- demo/bench

@@ -145,7 +145,11 @@ def add_unlearn_flags(un: argparse.ArgumentParser) -> None:
     un.add_argument("--model", required=True, help=f"Hugging Face model directory or name, or '{TINY}' for a small "
                                                    "random Llama")
     un.add_argument("--forget", required=True, help="forget set (json/jsonl)")
-    un.add_argument("--retain", help="retain set (json/jsonl); required except for grad_ascent and npo")
+    un.add_argument("--retain", help="retain set (json/jsonl); required except for grad_ascent and npo "
+                                     "(default: none)")
+    un.add_argument("--overwrite", action="store_true",
+                    help="replace what a non-empty --out holds (default: off: a non-empty --out is refused, "
+                         "unless --resume continues the run there)")
     run = un.add_argument_group("run", "the arguments of alter.unlearn (alter.training.args.UnlearnArgs); "
                                        "'none' gives None")
     hints = typing.get_type_hints(UnlearnArgs)
@@ -154,10 +158,12 @@ def add_unlearn_flags(un: argparse.ArgumentParser) -> None:
             add_field_flag(run, field, hints[field.name], choices=METHODS if field.name == "method" else None)
 
     config = un.add_argument_group("config", "the AlterConfig of the adapter methods")
-    config.add_argument("--config", help="AlterConfig JSON file (adapter_config.json layout); flags below override it")
+    config.add_argument("--config", help="AlterConfig JSON file (adapter_config.json layout); flags below override "
+                                         "it (default: none)")
     config.add_argument("--preset", choices=("default", "paper"), default="default",
                         help="starting config instead of --config: the library's defaults or the paper's settings "
-                             "(AlterConfig.paper(): lr_A 1e-5, lr_B 1e-3, A from high-entropy tokens, forced routes)")
+                             "(AlterConfig.paper(): lr_A 1e-5, lr_B 1e-3, A from high-entropy tokens, forced routes) "
+                             "(default: %(default)s)")
     defaults = AlterConfig()
     for flag, (name, kind, text) in CONFIG_FLAGS.items():
         choices = [b for b in BACKEND_CHOICES if b is not None] if name == "backend" else None
@@ -165,7 +171,8 @@ def add_unlearn_flags(un: argparse.ArgumentParser) -> None:
         config.add_argument(flag, dest=CONFIG_DEST.format(name), type=kind, choices=choices, help=text + shown)
 
     un.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    un.add_argument("--quiet", action="store_true", help="no progress bar")
+    un.add_argument("--quiet", action="store_true", help="no progress bars and no report on the terminal "
+                                                          "(default: off; the report is saved in --out either way)")
 
 
 def config_overrides(args: argparse.Namespace) -> dict:
@@ -181,8 +188,8 @@ def add_demo_flags(demo: argparse.ArgumentParser) -> None:
     from alter.methods import METHODS
 
     demo.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--quick", action="store_true", help="smaller data and fewer steps (a smoke run)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the data, the model and the runs (default: 0)")
+    demo.add_argument("--quick", action="store_true", help="smaller data and fewer steps, a smoke run (default: off)")
     demo.add_argument("--methods", type=_method_list, default=METHODS, metavar="M1,M2",
                       help=f"comma-separated unlearning methods to run (default: all of {','.join(METHODS)})")
 
@@ -190,43 +197,55 @@ def add_demo_flags(demo: argparse.ArgumentParser) -> None:
 def add_eval_flags(ev: argparse.ArgumentParser) -> None:
     from alter.data import PROMPT_FORMATS
 
-    ev.add_argument("--model", required=True, help="model directory or alter unlearn output directory")
+    ev.add_argument("path", nargs="?", metavar="OUT",
+                    help="an alter unlearn output directory or any model directory (or give it as --model)")
+    ev.add_argument("--model", help="the same as OUT (default: OUT)")
     ev.add_argument("--base-model", help="base model of an adapter directory (default: the one it records)")
-    ev.add_argument("--data", default="tofu_mini",
-                    help="'tofu_mini' (default) or a folder of TOFU-schema files forget/retain/real_authors/"
-                         "world_facts .json or .jsonl (question, answer, paraphrased_answer, perturbed_answer), "
-                         "and holdout (question, answer) for membership inference")
+    own = ev.add_argument_group("your data", "the files alter unlearn takes (json/jsonl, QA or text rows); "
+                                             "without them and without --data, the ones OUT/unlearn_args.json records")
+    own.add_argument("--forget", help="forget set (default: the one OUT was unlearned with)")
+    own.add_argument("--retain", help="retain set (default: the one OUT was unlearned with, if any)")
+    own.add_argument("--holdout", help="rows the model never saw, for membership inference against the forget set "
+                                       "(default: none; the attacks then compare forget with retain)")
+    ev.add_argument("--data", help="TOFU-format data instead of your own: 'tofu_mini' (the built-in fictitious "
+                                   "authors) or a folder of TOFU-schema files forget/retain/real_authors/"
+                                   "world_facts .json or .jsonl (question, answer, paraphrased_answer, "
+                                   "perturbed_answer) and holdout (question, answer) (default: none: your data)")
     ev.add_argument("--retain-metrics", help="metrics JSON of a retain model (from alter eval): gives forget quality "
-                                             "and, with a holdout split, privleak")
-    ev.add_argument("--seed", type=int, default=0, help="seed of tofu_mini")
+                                             "and, with a holdout split, privleak (default: none)")
+    ev.add_argument("--seed", type=int, default=0, help="seed of tofu_mini (default: 0)")
     ev.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    ev.add_argument("--out", required=True, help="metrics JSON file to write")
-    ev.add_argument("--summary", help="also the metrics in open-unlearning's summary layout, written here "
-                                      "(default: TOFU_SUMMARY.json beside --out)")
+    ev.add_argument("--out", help="metrics JSON file; an existing file is kept and the metrics go beside it under "
+                                  "a new name (default: OUT/eval.json, or eval.json here for a model directory)")
+    ev.add_argument("--summary", help="TOFU data only: the metrics in open-unlearning's summary layout, written here, "
+                                      "beside an existing file (default: TOFU_SUMMARY.json beside --out)")
     ev.add_argument("--max-new-tokens", type=positive_int, default=200,
                     help="greedy answer length for ROUGE (default: 200, as TOFU and open-unlearning)")
     ev.add_argument("--prompt-format", choices=PROMPT_FORMATS,
-                    help="how questions are prompted: 'plain' (default; 'Question: ...\\nAnswer:', as alter unlearn "
+                    help="how questions are prompted: 'plain' ('Question: ...\\nAnswer:', as alter unlearn "
                          "trains), 'llama2-inst' ('[INST] ... [/INST]', TOFU's Llama-2) or 'chat' (the tokenizer's "
-                         "chat template, open-unlearning's instruct models)")
-    ev.add_argument("--chat-template", action="store_true", help="same as --prompt-format chat")
+                         "chat template, open-unlearning's instruct models) (default: plain)")
+    ev.add_argument("--chat-template", action="store_true", help="same as --prompt-format chat (default: off)")
     ev.add_argument("--system-prompt", help="system turn of the chat template (open-unlearning's Llama-3 models: "
-                                            "'You are a helpful assistant.')")
+                                            "'You are a helpful assistant.') (default: none)")
     ev.add_argument("--num-questions", type=positive_int,
                     help="evaluate the first N questions of each split (TOFU's ds_size: 300; default: all)")
     ev.add_argument("--batch-size", type=positive_int, default=16, help="evaluation batch size (default: 16)")
-    ev.add_argument("--reference-model", help="model directory for the reference membership-inference attack "
-                                              "(e.g. the retain model): adds mia_reference")
+    ev.add_argument("--reference-model", help="TOFU data only: model directory for the reference membership-"
+                                              "inference attack (e.g. the retain model): adds mia_reference "
+                                              "(default: none)")
+    ev.add_argument("--quiet", action="store_true", help="no progress bar (default: off)")
 
 
 def add_quality_flags(quality: argparse.ArgumentParser) -> None:
     quality.add_argument("--out", default="benchmarks", help="output directory (default: benchmarks)")
     quality.add_argument("--quick", action="store_true",
-                         help="one scenario, one seed, 3 steps per run: checks that the suite runs (CI)")
+                         help="one scenario, one seed, 3 steps per run: checks that the suite runs (CI) (default: off)")
     quality.add_argument("--seeds", type=_seed_list, help="comma-separated seeds (default: the held-out seeds)")
-    quality.add_argument("--workers", type=positive_int, default=2, help="processes, one thread each (default 2)")
+    quality.add_argument("--workers", type=positive_int, default=2, help="processes, one thread each (default: 2)")
     quality.add_argument("--development", action="store_true",
-                         help="the development scenarios and seeds (the ones the defaults were tuned on)")
+                         help="the development scenarios and seeds, the ones the defaults were tuned on "
+                              "(default: off: the held-out ones)")
 
 
 # name: (help, description, flags); bench's flags are the harness's own (benchmarks/harness.py).
@@ -237,9 +256,10 @@ SUBCOMMANDS = {
     "unlearn": ("unlearn a forget set from a model",
                 "Unlearn the forget set from a model while keeping the retain set. Data files are JSON or JSON lines "
                 "with question/answer fields (QA) or a text field.", add_unlearn_flags),
-    "eval": ("TOFU metrics of a model or adapter directory",
-             "Evaluate a model (or an alter unlearn output directory) on TOFU-format data and write the metrics as "
-             "JSON.", add_eval_flags),
+    "eval": ("score a model or alter unlearn output on your forget/retain data (or TOFU data)",
+             "Evaluate a model (or an alter unlearn output directory) on your own forget/retain files (by default "
+             "the ones the run recorded), or on TOFU-format data with --data, and write the metrics as JSON.",
+             add_eval_flags),
     "quality": ("unlearning quality of the default call on held-out scenarios",
                 "Memorize fictitious-knowledge scenarios with tiny models, unlearn with the default call of every "
                 "method and ALTER's ablations, and write QUALITY.md, QUALITY.json and quality_tradeoff.png.",

@@ -10,7 +10,8 @@ answers with logits (an ALTER-patched model included) and its tokenizer; generat
 ``rouge_score``. Per-example results are float64 numpy arrays.
 
 One module per protocol: ``tofu`` (answer probability, truth ratio, forget quality, model
-utility, :func:`evaluate_tofu`), ``summary`` (open-unlearning's layout), ``mia``
+utility, :func:`evaluate_tofu`), ``summary`` (open-unlearning's layout), ``own_data``
+(the user's own forget/retain files, :func:`evaluate_own_data`), ``mia``
 (membership inference, PrivLeak), ``memorization`` (extraction strength, exact
 memorization), ``mcq`` (WMDP, MMLU), ``muse``, ``generation`` (greedy answers, ROUGE-L);
 all score through the one teacher-forced pass of ``scoring``; ``validation`` checks
@@ -20,6 +21,7 @@ from alter.evaluation.generation import generate, rouge_l_recall
 from alter.evaluation.mcq import mcq_accuracy
 from alter.evaluation.memorization import exact_memorization, extraction_strength
 from alter.evaluation.mia import MIA_ATTACKS, mia_auc, mia_scores, privleak
+from alter.evaluation.own_data import OWN_DATA_GLOSSARY, evaluate_own_data
 from alter.evaluation.muse import KNOWMEM_STOP, evaluate_muse, knowmem_prompt, knowmem_rouge, verbmem_rouge
 from alter.evaluation.summary import open_unlearning_summary
 from alter.evaluation.tofu import (UTILITY_KEYS, UTILITY_METRICS, UTILITY_SPLITS, answer_log_likelihood,
@@ -28,7 +30,8 @@ from alter.evaluation.tofu import (UTILITY_KEYS, UTILITY_METRICS, UTILITY_SPLITS
 
 __all__ = [
     "MIA_ATTACKS", "KNOWMEM_STOP", "UTILITY_KEYS", "UTILITY_METRICS", "UTILITY_SPLITS",
-    "answer_log_likelihood", "answer_probability", "evaluate_muse", "evaluate_tofu", "exact_memorization",
+    "OWN_DATA_GLOSSARY", "answer_log_likelihood", "answer_probability", "evaluate_muse", "evaluate_own_data",
+    "evaluate_tofu", "exact_memorization",
     "extraction_strength", "forget_quality", "generate", "knowmem_prompt", "knowmem_rouge", "mcq_accuracy",
     "mia_auc", "mia_scores", "model_utility", "open_unlearning_summary", "privleak", "rouge_l_recall",
     "truth_ratio", "utility_components", "verbmem_rouge",

@@ -118,15 +118,16 @@ def forget_quality(unlearned_truth_ratios, retain_truth_ratios) -> float:
     return float(stats.ks_2samp(*samples).pvalue)
 
 
-def model_utility(components: Mapping[str, float]) -> float:
+def model_utility(components: Mapping[str, float], keys: Sequence[str] = UTILITY_KEYS) -> float:
     """TOFU model utility: the harmonic mean (``scipy.stats.hmean``) of the nine numbers
-    of :func:`utility_components` (keys :data:`UTILITY_KEYS`); 0 when any of them is 0."""
+    of :func:`utility_components` (``keys``, default :data:`UTILITY_KEYS`; another set of
+    components for data with other splits); 0 when any of them is 0."""
     if not isinstance(components, Mapping):
-        raise TypeError(f"model_utility: components must be a mapping with keys {UTILITY_KEYS}")
-    missing = [k for k in UTILITY_KEYS if k not in components]
+        raise TypeError(f"model_utility: components must be a mapping with keys {tuple(keys)}")
+    missing = [k for k in keys if k not in components]
     if missing:
         raise ValueError(f"model_utility: components lacks {missing}")
-    values = check_samples("model_utility", "components", [components[k] for k in UTILITY_KEYS])
+    values = check_samples("model_utility", "components", [components[k] for k in keys])
     if (values < 0).any():
         raise ValueError("model_utility: components must be >= 0")
     if (values == 0).any():  # the limit of the harmonic mean; hmean itself would divide by 0

@@ -201,12 +201,14 @@ def _run(model, tokenizer, forget, retain, args: UnlearnArgs, progress: bool, ca
         # Fused attention kernels (SDPA, flash) have no double backward.
         model.set_attn_implementation("eager")
     model.train()
-    # One bar per phase, each with its own total: the warm-up's, then the unlearning steps'.
-    bars = {phase: tqdm(total=length, initial=min(max(start_step - offset, 0), length), disable=not progress,
-                        desc=f"{args.method}: {phase}", leave=True, delay=0 if length else 1e9)
-            for phase, length, offset in (("router warm-up", router_warmup, 0),
-                                          ("unlearning steps", train_steps, router_warmup))}
+    bar = None  # one bar per phase, each with its own total, opened when the phase starts
     for step in range(start_step, total_steps):
+        if bar is None or step == router_warmup:
+            if bar is not None:
+                bar.close()
+            warm = step < router_warmup
+            bar = tqdm(total=router_warmup if warm else train_steps, initial=step if warm else step - router_warmup,
+                       desc=f"{args.method}: {'router warm-up' if warm else 'unlearning steps'}", disable=not progress)
         forget_ids, retain_ids = step_indices(step, len(forget_examples), len(retain_examples), batch_size, seed)
         if engine is not None:  # this process's share of the global batch
             forget_ids = engine.share(forget_ids)
@@ -226,11 +228,8 @@ def _run(model, tokenizer, forget, retain, args: UnlearnArgs, progress: bool, ca
             for params in clip_groups:
                 torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
         optimizer.step()
-        bar = bars["router warm-up" if step < router_warmup else "unlearning steps"]
         bar.update(1)
         bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items()})
-        if step + 1 == router_warmup:
-            bar.close()
         history.append(logs)
         if callback is not None:
             callback(step + 1, logs)
@@ -244,9 +243,10 @@ def _run(model, tokenizer, forget, retain, args: UnlearnArgs, progress: bool, ca
             if kept <= args.early_stop_share:
                 stopped_at = scores
                 break
-    for bar in bars.values():
-        bar.close()
     ended = _why_ended(stopped_at is not None, kept_history, capped, args, train_steps)
+    if bar is not None:
+        bar.set_postfix_str(ended.split(":")[0])
+        bar.close()
     if checkpointing:
         _set_checkpointing(model, False)
     if model.config._attn_implementation != attention:
