@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-from alter.cli import _device, _load_model, read_records, training_records
+from alter.cli import _check_model_folder, _device, _load_model, read_records, training_records
 from alter.files import first_line
 
 
@@ -152,6 +152,12 @@ def cmd_eval(args) -> int:
     model_dir = args.path or args.model
     if model_dir is None:
         raise ValueError("no model given: alter eval OUT (an alter unlearn output or a model directory)")
+    from alter.config import ADAPTER_CONFIG_NAME
+
+    if not os.path.isdir(model_dir):
+        raise FileNotFoundError(f"no such model directory: {model_dir}")
+    if not os.path.exists(os.path.join(model_dir, ADAPTER_CONFIG_NAME)):
+        _check_model_folder(model_dir)  # before the data: the model is what was given first
     if args.data and (args.forget or args.retain or args.holdout):
         raise ValueError("--data (TOFU data) and --forget/--retain/--holdout (your data) exclude each other; pass one")
     # The inputs that need no model first: a bad one fails before the model is loaded.

@@ -26,6 +26,7 @@ import warnings
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from alter.config import AlterConfig
 from alter.data.scenarios import (DEVELOPMENT, DEVELOPMENT_SEEDS, HELD_OUT, HELD_OUT_SEEDS, Scenario, build_scenario,
@@ -115,7 +116,8 @@ def run_pair(scenario: Scenario, seed: int, runs: tuple[str, ...], max_steps: in
                     seed=seed, progress=False, max_steps=max_steps, **extra)
         report = model.unlearn_report
         after = evaluate_run(model, built)
-        results.append({**common, "run": name, **after, "seconds": time.perf_counter() - t0, "steps": report.steps,
+        results.append({**common, "run": name, **after, "seconds": time.perf_counter() - t0,
+                        "steps": report.steps + report.router_warmup,
                         "forget_routing_share": report.forget_routing_share,
                         "retain_leak_share": report.retain_leak_share,
                         "forget_ratio": _ratio(after["forget_acc"], before["forget_acc"]),
@@ -146,14 +148,20 @@ def run_suite(scenarios, seeds, runs=ALL_RUNS, workers: int = 2, max_steps: int 
     # Largest scenarios first, so that no long pair runs alone at the end.
     jobs.sort(key=lambda job: -_pair_cost(job[0]))
     results: list[dict] = []
+    # A bar over the pairs on a terminal (disable=None: off when output is not a tty).
+    bar = tqdm(total=len(jobs), desc="alter quality: scenario-seed pairs", disable=None)
     if workers <= 1:
         for job in jobs:
             results += _logged(_pair_job(job), log)
+            bar.update(1)
+        bar.close()
         return results
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [pool.submit(_pair_job, job) for job in jobs]
         for future in as_completed(futures):
             results += _logged(future.result(), log)
+            bar.update(1)
+    bar.close()
     return results
 
 

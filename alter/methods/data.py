@@ -11,6 +11,7 @@ import math
 import numpy as np
 import torch
 from scipy.cluster.vq import kmeans2
+from tqdm.auto import tqdm
 
 from alter.data import collate, collated_batches, encode_qa, encode_text
 from alter.methods.losses import sequence_logprob
@@ -137,7 +138,10 @@ def base_model_pass(model, examples: list[dict], pad_id: int, q: float,
     model's next-token distribution at each position.
     """
     features, entropies = [], []
-    for indices, batch, out in eval_forwards(model, examples, pad_id, batch_size, output_hidden_states=True):
+    forwards = eval_forwards(model, examples, pad_id, batch_size, output_hidden_states=True)
+    # A bar on a terminal only (disable=None), as the evaluation passes have.
+    for indices, batch, out in tqdm(forwards, total=math.ceil(len(examples) / batch_size), desc="base-model pass",
+                                    leave=False, disable=None):
         entropy = tsallis_entropy(out.logits, q).float().cpu()
         entropies += [entropy[row, : len(examples[i]["input_ids"])].clone() for row, i in enumerate(indices)]
         mask = batch["attention_mask"].unsqueeze(-1).to(torch.float64)
