@@ -15,20 +15,12 @@ from functools import lru_cache
 import pytest
 
 from bench_cases import bench_device, synchronize, variant_unavailable
-from harness import DEADLINE_ENV, all_cases, cpu_peak_memory_bytes, cuda_peak_memory_bytes, measure_ceilings
+from harness import DEADLINE_ENV, all_cases, cpu_peak_memory_bytes, cuda_peak_memory_bytes, measure_ceilings, rounds
 
 QUICK = os.environ.get("ALTER_BENCH_QUICK", "0") == "1"
 DEVICE = bench_device()
 CASES = all_cases(DEVICE, QUICK)
 DEADLINE = float(os.environ.get(DEADLINE_ENV) or "inf")
-
-
-def _rounds(case) -> int:
-    if QUICK:
-        return 2
-    if DEVICE.type == "cuda":
-        return 10 if case.model_level else 20
-    return 5
 
 
 @lru_cache(maxsize=None)
@@ -50,6 +42,7 @@ def test_ceilings(benchmark):
     [pytest.param(c, i, v, id=f"{c.name}::{v}") for c in CASES for i, v in enumerate(c.variants)],
 )
 def test_bench(benchmark, case, index, variant):
+    started = time.perf_counter()
     if time.time() > DEADLINE:
         pytest.skip("the time budget (alter bench --budget) is spent")
     why = variant_unavailable(variant, DEVICE)
@@ -67,7 +60,8 @@ def test_bench(benchmark, case, index, variant):
         synchronize(DEVICE)
 
     benchmark.group = case.name
-    benchmark.pedantic(run, warmup_rounds=2 if DEVICE.type == "cuda" else 1, rounds=_rounds(case), iterations=1)
+    warmup, timed = rounds(case, DEVICE, QUICK)
+    benchmark.pedantic(run, warmup_rounds=warmup, rounds=timed, iterations=1)
     benchmark.extra_info.update(
         case=case.name,
         group=case.group,
@@ -77,4 +71,5 @@ def test_bench(benchmark, case, index, variant):
         tokens=case.tokens,
         bytes_moved=case.bytes_moved,
         flops=case.flops,
+        seconds=time.perf_counter() - started,  # memory and timing: the cost alter bench --budget chooses by
     )

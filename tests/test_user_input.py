@@ -337,19 +337,21 @@ def test_cli_records_the_base_model_as_given_and_eval_can_override_it(files, dat
     shutil.move(tmp_path / "tiny_out", tmp_path / "moved")
     assert main(["eval", "--model", str(tmp_path / "moved"), "--data", str(folder), "--out", str(tmp_path / "m.json")]) == 0
 
-    # A base model directory given relatively is recorded as given.
+    # A base model directory given relatively is recorded resolved: eval finds it from anywhere.
     monkeypatch.chdir(tmp_path)
     shutil.copytree(tmp_path / "moved" / "base_model", tmp_path / "base")
     assert main(["unlearn", "--model", "base", "--out", "run", *common]) == 0
-    assert json.loads((tmp_path / "run" / "unlearn_args.json").read_text())["base_model"] == "base"
+    assert json.loads((tmp_path / "run" / "unlearn_args.json").read_text())["base_model"] == str(tmp_path / "base")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
-    monkeypatch.setattr("alter.data.hub_reachable", lambda timeout=3.0: False)
     eval_argv = ["eval", "--model", "../run", "--data", str(folder), "--out", "m.json"]
+    assert main(eval_argv) == 0
+    # Moved away, it is named, with the flag that overrides it.
+    shutil.move(tmp_path / "base", tmp_path / "base_moved")
     err = cli_error(capsys, eval_argv)
-    assert "cannot load the base model 'base' (recorded in ../run/unlearn_args.json)" in err and "--base-model" in err
-    assert main(eval_argv + ["--base-model", "../base"]) == 0
+    assert f"the base model {tmp_path / 'base'} (recorded in ../run/unlearn_args.json)" in err and "--base-model" in err
+    assert main(eval_argv + ["--base-model", "../base_moved"]) == 0
 
 
 def test_cli_corrupted_adapter_or_model_weights_are_user_errors(files, tmp_path, capsys):
