@@ -456,9 +456,10 @@ def main(argv: list[str] | None = None) -> int:
     problems = []
     if code != 0:
         problems.append(f"pytest exit {code}: only the cases that finished are listed")
-    if args.budget is not None and time.time() > float(os.environ[DEADLINE_ENV]):
-        problems.append(f"the time budget of {args.budget:.0f} s ran out before the chosen cases did (their "
-                        "estimates were short): those that had not started are missing")
+    missing = [name for name in chosen if name not in {r["case"] for r in results}] if args.budget is not None else []
+    if missing:
+        problems.append(f"the time budget of {args.budget:.0f} s ran out before {len(missing)} of the chosen cases "
+                        "started (their estimates were short): " + ", ".join(missing))
     if problems:
         info["incomplete"] = "; ".join(problems)
     text = (_header(info) + (f"\n{budget_line}" if budget_line else "") + "".join(f"\nINCOMPLETE: {p}" for p in problems)

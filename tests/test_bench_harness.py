@@ -12,7 +12,8 @@ from alter_kernels._dispatch import unavailable_reason
 
 # The harness is a script folder of the source checkout, not a package.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from harness import all_cases, cpu_peak_rss_supported, find_case, format_table, peak_rss_growth, summarize  # noqa: E402
+from harness import (all_cases, choose_cases, cpu_peak_rss_supported, find_case, format_table, peak_rss_growth,  # noqa: E402
+                     summarize)
 
 CPU = torch.device("cpu")
 MiB = 2**20
@@ -20,6 +21,29 @@ MiB = 2**20
 
 def _result(case, variant, index, median_s, peak_bytes, **extra):
     return dict(case=case, variant=variant, variant_index=index, median_s=median_s, peak_bytes=peak_bytes, **extra)
+
+
+class _Case:
+    def __init__(self, name):
+        self.name = name
+
+
+def test_the_budget_chooses_the_cases_that_fit_in_order_and_probes_only_unknown_ones():
+    cases = [_Case(n) for n in ("a", "long", "b", "new", "c")]
+    probed = []
+
+    def estimate(case):
+        probed.append(case.name)
+        return 3.0
+
+    costs = {"a": 4.0, "long": 50.0, "b": 2.0, "c": 2.5}
+    chosen, left_out = choose_cases(cases, costs, 10.0, estimate)
+    # a (4) + b (2) + new (3 estimated) fit in 10 s; long does not, and does not keep b and new out;
+    # c (2.5) no longer fits.
+    assert chosen == {"a": 4.0, "b": 2.0, "new": 3.0} and left_out == {"long": 50.0, "c": 2.5}
+    assert probed == ["new"]
+    chosen, left_out = choose_cases(cases, costs, 100.0, estimate)
+    assert list(chosen) == ["a", "long", "b", "new", "c"] and left_out == {}
 
 
 def test_summarize_ratios_against_the_baseline_of_each_case():

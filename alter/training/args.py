@@ -61,8 +61,8 @@ class UnlearnArgs:
         "under a launcher, the global batch")
     lr: float = _field("fingerprint", 1e-5, "learning rate of the full-parameter baselines (AdamW)")
     router_warmup: int | None = _field(
-        "fingerprint", None, "adapter methods: router-only steps before unlearning, counted in max_steps "
-        "(None: sized from the data)")
+        "fingerprint", None, "adapter methods: router-only steps before the unlearning steps, apart from "
+        "max_steps (None: sized from the data, as many as the unlearning steps, at most 200)")
     router_lr: float | None = _field(
         "fingerprint", None, "adapter methods: learning rate of the routers (None: the config's lr_B)")
     early_stop_share: float | None = _field(
@@ -78,7 +78,9 @@ class UnlearnArgs:
         "fingerprint", None, "longest example in tokens; a longer one is an error, not truncated "
         "(None: the model's context)")
     epochs: int | None = _field("record", None, "passes over the forget set (None: sized from the data)")
-    max_steps: int | None = _field(None, None, "stop after this many optimizer steps (None: every epoch)")
+    max_steps: int | None = _field(
+        None, None, "stop after this many unlearning steps, the router warm-up apart (None: every epoch, or the "
+        "early stop)")
     output_dir: str | None = _field(
         None, None, "where the result (adapter or model, tokenizer, unlearn_args.json) and checkpoints go")
     save_every: int | None = _field(None, None, "write a checkpoint every this many steps (None: no checkpoints)")
