@@ -1,9 +1,11 @@
 """The benchmark harness: ``python benchmarks/harness.py`` (``make bench``; ``alter bench``
 from a source checkout) runs the pytest-benchmark suite ``test_bench.py`` over the cases of
 ``bench_cases.py`` and ``bench_models.py`` with ``pytest --benchmark-json`` and turns its
-results into one table: for each case, each variant's median time, peak memory, and both
+results into one table, printed first (pytest-benchmark's own tables are off): for each case, each variant's median time, peak memory, and both
 as ratios to the case's baseline (the eager path, the frozen ``nn.Linear`` alone, or the
 unpatched model) measured in the same run.
+
+``--budget SECONDS`` runs only the cases that fit in that time (``bench_budget.py``).
 
 Peak memory is what one call needs above what existed before it (its inputs, the model,
 the optimizer state), outputs and gradients included, measured after a warm-up call:
@@ -30,6 +32,7 @@ from pathlib import Path
 
 import torch
 from bench_cases import BenchCase, Step, bench_device, op_cases, synchronize, variant_unavailable
+from bench_budget import COSTS_FILE, budget_line, choose_cases, matches, probe_cost, read_costs, record_costs
 from bench_models import model_cases
 
 # Set by ``alter bench --budget``: the time (epoch seconds) after which no case starts (a
@@ -37,13 +40,6 @@ from bench_models import model_cases
 # names of the chosen cases (JSON list; conftest.py deselects the others).
 DEADLINE_ENV = "ALTER_BENCH_DEADLINE"
 CASES_ENV = "ALTER_BENCH_CASES"
-# Each case's seconds in earlier runs of this --out ({device/sizes: {case: seconds}}): what
-# the budget chooses by.
-COSTS_FILE = "case_costs.json"
-# At most this share of a budget goes to probing cases that have no recorded cost.
-PROBE_SHARE = 0.25
-# A fresh Python process importing torch (the CPU memory subprocess of every case).
-SUBPROCESS_S = 3.0
 # glibc serves allocations of at least this many bytes with mmap, returned on free
 # (set in the CPU memory subprocess only).
 MEMORY_CHILD_MMAP_THRESHOLD = 64 * 1024
@@ -58,107 +54,6 @@ def find_case(name: str, device: torch.device, quick: bool) -> BenchCase:
         if case.name == name:
             return case
     raise KeyError(f"no benchmark case named {name!r}")
-
-
-def rounds(case: BenchCase, device: torch.device, quick: bool) -> tuple[int, int]:
-    """(warm-up rounds, timed rounds) of each variant of ``case``."""
-    timed = 2 if quick else (10 if case.model_level else 20) if device.type == "cuda" else 5
-    return (2 if device.type == "cuda" else 1), timed
-
-
-# ----------------------------------------------------------------------------------
-# budget
-# ----------------------------------------------------------------------------------
-
-
-def probe_cost(case: BenchCase, device: torch.device, quick: bool) -> float:
-    """Estimated seconds of ``case`` in the suite from one build and one call of its
-    baseline: every variant builds twice (memory, timing) and runs its rounds plus the two
-    calls of the memory measurement; on the CPU the memory subprocess starts once."""
-    started = time.perf_counter()
-    step = case.build(case.variants[0], device)
-    built = time.perf_counter()
-    step()
-    synchronize(device)
-    build_s, call_s = built - started, time.perf_counter() - built
-    del step
-    gc.collect()
-    warmup, timed = rounds(case, device, quick)
-    per_variant = 2 * build_s + (warmup + timed + 2) * call_s
-    return len(case.variants) * per_variant + (SUBPROCESS_S if device.type == "cpu" else 0.0)
-
-
-def choose_cases(cases: list[BenchCase], costs: dict[str, float], seconds: float, estimate) -> tuple[dict, dict]:
-    """The cases that fit in ``seconds``: each case's cost is its recorded one (``costs``)
-    or, for a case without, ``estimate(case)`` (a probe, whose own time counts too, while
-    probes have used less than :data:`PROBE_SHARE` of the budget). In the suite's order,
-    a case is taken when its cost fits in what is left, so a long case left out does not
-    keep the shorter ones after it out. Returns ({chosen: cost}, {left out: cost or None
-    when not probed})."""
-    deadline = time.perf_counter() + seconds
-    probe_until = time.perf_counter() + PROBE_SHARE * seconds
-    known = {}
-    for case in cases:
-        if case.name in costs:
-            known[case.name] = costs[case.name]
-        elif time.perf_counter() < probe_until:
-            known[case.name] = estimate(case)
-        else:
-            known[case.name] = None
-    left = deadline - time.perf_counter()
-    chosen, left_out = {}, {}
-    for case in cases:
-        cost = known[case.name]
-        if cost is not None and cost <= left:
-            chosen[case.name] = cost
-            left -= cost
-        else:
-            left_out[case.name] = cost
-    return chosen, left_out
-
-
-def _matches(expression: str, case: BenchCase) -> bool:
-    """Whether pytest's ``-k expression`` selects any variant of ``case`` (its test ids are
-    ``test_bench[CASE::VARIANT]``), matched as pytest matches: case-insensitive substrings."""
-    from _pytest.mark.expression import Expression  # pytest's own -k grammar (and, or, not)
-
-    names = ["test_bench.py", "test_bench"]
-    compiled = Expression.compile(expression)
-    return any(compiled.evaluate(lambda word, variant=variant: any(
-        word.lower() in name.lower() for name in names + [f"test_bench[{case.name}::{variant}]"]))
-        for variant in case.variants)
-
-
-def _costs_key(device: torch.device, quick: bool) -> str:
-    return f"{device.type}/{'quick' if quick else 'full'}"
-
-
-def _read_costs(out: Path, device: torch.device, quick: bool) -> dict[str, float]:
-    path = out / COSTS_FILE
-    return json.loads(path.read_text()).get(_costs_key(device, quick), {}) if path.exists() else {}
-
-
-def _record_costs(out: Path, device: torch.device, quick: bool, benchmarks: list[dict]) -> None:
-    """Each case that ran: the sum of its variants' seconds, merged into :data:`COSTS_FILE`."""
-    path = out / COSTS_FILE
-    recorded = json.loads(path.read_text()) if path.exists() else {}
-    measured: dict[str, float] = {}
-    for b in benchmarks:
-        info = b["extra_info"]
-        if "case" in info and "seconds" in info:
-            measured[info["case"]] = measured.get(info["case"], 0.0) + info["seconds"]
-    recorded.setdefault(_costs_key(device, quick), {}).update(measured)
-    path.write_text(json.dumps(recorded, indent=2))
-
-
-def _budget_line(chosen: dict, left_out: dict, seconds: float) -> str:
-    """What the budget chose, for the table's header."""
-    text = (f"budget {seconds:.0f} s: {len(chosen)} of {len(chosen) + len(left_out)} cases chosen "
-            f"(estimated {sum(chosen.values()):.0f} s)")
-    if left_out:
-        text += "; left out: " + ", ".join(
-            f"{name} ({'not probed' if cost is None else f'~{cost:.0f} s'})" for name, cost in left_out.items())
-    return text
 
 
 # ----------------------------------------------------------------------------------
@@ -424,16 +319,16 @@ def main(argv: list[str] | None = None) -> int:
     raw.unlink(missing_ok=True)
     os.environ["ALTER_BENCH_QUICK"] = "1" if args.quick else "0"
     device = bench_device()
-    budget_line = None
+    chosen_line = None
     if args.budget is not None:
         os.environ[DEADLINE_ENV] = str(time.time() + args.budget)
         # -k narrows the cases first (pytest's own matching would see only the chosen ones).
-        cases = [c for c in all_cases(device, args.quick) if not args.k or _matches(args.k, c)]
-        chosen, left_out = choose_cases(cases, _read_costs(out, device, args.quick), args.budget,
+        cases = [c for c in all_cases(device, args.quick) if not args.k or matches(args.k, c)]
+        chosen, left_out = choose_cases(cases, read_costs(out, device, args.quick), args.budget,
                                         lambda case: probe_cost(case, device, args.quick))
         os.environ[CASES_ENV] = json.dumps(list(chosen))
-        budget_line = _budget_line(chosen, left_out, args.budget)
-        print(f"alter bench: {budget_line}", flush=True)
+        chosen_line = budget_line(chosen, left_out, args.budget)
+        print(f"alter bench: {chosen_line}", flush=True)
     # Quiet: pytest-benchmark's own wide tables would come before this harness's table.
     pytest_args = [str(Path(__file__).resolve().parent), "-q", "-p", "no:cacheprovider", f"--benchmark-json={raw}",
                    "--benchmark-quiet"]
@@ -446,13 +341,13 @@ def main(argv: list[str] | None = None) -> int:
         return code or 1
     # An interrupted or partly failed run still writes what it measured.
     data = json.loads(raw.read_text())
-    _record_costs(out, device, args.quick, data["benchmarks"])
+    record_costs(out, device, args.quick, data["benchmarks"])
     results = [{**b["extra_info"], "median_s": b["stats"]["median"]} for b in data["benchmarks"] if "case" in b["extra_info"]]
     ceilings = next((b["extra_info"]["ceilings"] for b in data["benchmarks"] if "ceilings" in b["extra_info"]), {})
     rows = summarize(results, ceilings)
     info = _run_description(data, device, ceilings, args.quick)
-    if budget_line:
-        info["budget"] = budget_line
+    if chosen_line:
+        info["budget"] = chosen_line
     problems = []
     if code != 0:
         problems.append(f"pytest exit {code}: only the cases that finished are listed")
@@ -462,8 +357,8 @@ def main(argv: list[str] | None = None) -> int:
                         "started (their estimates were short): " + ", ".join(missing))
     if problems:
         info["incomplete"] = "; ".join(problems)
-    text = (_header(info) + (f"\n{budget_line}" if budget_line else "") + "".join(f"\nINCOMPLETE: {p}" for p in problems)
-            + "\n\n" + format_table(rows))
+    text = (_header(info) + (f"\n{chosen_line}" if chosen_line else "")
+            + "".join(f"\nINCOMPLETE: {p}" for p in problems) + "\n\n" + format_table(rows))
     print(text)
     (out / "table.txt").write_text(text + "\n")
     (out / "results.json").write_text(json.dumps({**info, "rows": rows}, indent=2))

@@ -15,7 +15,8 @@ from functools import lru_cache
 import pytest
 
 from bench_cases import bench_device, synchronize, variant_unavailable
-from harness import DEADLINE_ENV, all_cases, cpu_peak_memory_bytes, cuda_peak_memory_bytes, measure_ceilings, rounds
+from bench_budget import rounds
+from harness import DEADLINE_ENV, all_cases, cpu_peak_memory_bytes, cuda_peak_memory_bytes, measure_ceilings
 
 QUICK = os.environ.get("ALTER_BENCH_QUICK", "0") == "1"
 DEVICE = bench_device()

@@ -12,8 +12,8 @@ from alter_kernels._dispatch import unavailable_reason
 
 # The harness is a script folder of the source checkout, not a package.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from harness import (all_cases, choose_cases, cpu_peak_rss_supported, find_case, format_table, peak_rss_growth,  # noqa: E402
-                     summarize)
+from bench_budget import choose_cases  # noqa: E402
+from harness import all_cases, cpu_peak_rss_supported, find_case, format_table, peak_rss_growth, summarize  # noqa: E402
 
 CPU = torch.device("cpu")
 MiB = 2**20

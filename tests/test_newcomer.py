@@ -3,7 +3,6 @@ text JSONL files through ``alter unlearn``, ``alter eval``, ``load_adapter`` and
 ``generate``, and the bad inputs a newcomer gives; exit codes, messages and files."""
 import argparse
 import json
-import os
 
 import datasets
 import pytest
