@@ -284,7 +284,9 @@ def recorded_eval(monkeypatch, tmp_path, tokenizer):
     monkeypatch.setattr(alter.evaluation, "evaluate_tofu", fake_evaluate_tofu)
 
     def run(*flags):
-        return main(["eval", "--model", str(model_dir), "--out", str(tmp_path / "out" / "m.json"), *flags])
+        # tofu_mini by name: alter eval scores the user's own data unless TOFU data is asked for.
+        return main(["eval", "--model", str(model_dir), "--data", "tofu_mini", "--out", str(tmp_path / "out" / "m.json"),
+                     *flags])
     return run, calls, tmp_path
 
 

@@ -130,7 +130,9 @@ def test_text_corpora(tokenizer):
     logs = []
     unlearn(model, tokenizer, forget, retain, CONFIG, "alter", batch_size=2, max_steps=2, progress=False,
             callback=lambda step, log: logs.append(log))
-    assert len(logs) == 2 and all(math.isfinite(v) for log in logs for v in log.values())
+    # max_steps=2 unlearning steps after as many router warm-up steps (sized to the capped run).
+    assert len(logs) == 4 and (model.unlearn_report.router_warmup, model.unlearn_report.steps) == (2, 2)
+    assert all(math.isfinite(v) for log in logs for v in log.values())
 
 
 def test_structural_exact_runs_and_restores_attention(data, tokenizer):
