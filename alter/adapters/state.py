@@ -49,7 +49,9 @@ class CallState:
     ``router_records`` maps layer -> (router logits [T, N], forced expert [T] int64, token
     mask [T] bool or None); keyed by layer so that a checkpointed recompute of the same
     call replaces its own entry. ``prepass``: the base-model pass that computes the entropy
-    (adapters off, the model's hooks do not re-enter).
+    (adapters off, the model's hooks do not re-enter). ``routing``: what every layer of
+    the call derives from the entropy alone (:meth:`EntropyTracker.routing_constants`),
+    computed by the first layer that needs it.
     """
 
     adapters_enabled: bool = True
@@ -61,6 +63,7 @@ class CallState:
     frozen_experts: tuple[int, ...] = ()
     adapters_frozen: bool = False
     prepass: bool = False
+    routing: dict = dataclasses.field(default_factory=dict)
 
 
 @contextlib.contextmanager
@@ -258,6 +261,21 @@ class EntropyTracker:
                 f"layer input has {num_tokens} tokens"
             )
         return entropy.reshape(-1).to(device)
+
+    def routing_constants(self, state: CallState, entropy: torch.Tensor, dtype: torch.dtype):
+        """(k [T, 1] int64, tau [T, 1] ``dtype``): each token's number of experts and
+        temperature, from its entropy [T]; once per call, shared by the call's layers."""
+        key = (entropy.device, dtype, entropy.numel())
+        constants = state.routing.get(key)
+        if constants is None:
+            config = self.config
+            high = (entropy > config.entropy_threshold)[:, None]
+            k = torch.where(high, config.k_high, config.k_low)
+            # from Python floats in the logits' dtype, as route builds tau (no host copy)
+            tau = torch.full(high.shape, config.tau_low, dtype=dtype, device=entropy.device).masked_fill_(
+                high, config.tau_high)
+            constants = state.routing[key] = (k, tau)
+        return constants
 
     @staticmethod
     def token_experts(state: CallState, num_tokens: int, device: torch.device) -> torch.Tensor | None:
