@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from alter.config import AlterConfig
-from alter.adapters.state import EntropyTracker
+from alter.adapters.state import CallState, EntropyTracker
 from alter_kernels import asym_lora, route
 from alter_kernels.asym_lora import asym_lora_shrink
 
@@ -187,7 +187,7 @@ class AsymLoRALinear(nn.Module):
         if forced is not None:
             tracker.record_router_logits(state, self, router_logits, forced)
         if forced is None or not state.gate_forced:
-            k, tau = tracker.routing_constants(state, entropy, router_logits.dtype)
+            k, tau = routing_constants(state, entropy, self.tracker.config, router_logits.dtype)
             gate = dense_gate(router_logits, k, tau).to(dtype)
         else:
             gate = F.one_hot(forced.long(), N).to(dtype)
@@ -230,6 +230,20 @@ def dense_path(config: AlterConfig, num_tokens: int, device: torch.device) -> bo
     if config.backend is not None or os.environ.get("ALTER_BACKEND"):
         return False
     return num_tokens <= DENSE_TOKENS or device.type == "cpu"
+
+
+def routing_constants(state: CallState, entropy: torch.Tensor, config: AlterConfig, dtype: torch.dtype):
+    """(k [T, 1] int64, tau [T, 1] ``dtype``): each token's number of experts and routing
+    temperature, from its entropy [T]; computed once per call, shared by its layers."""
+    key = (entropy.device, dtype, entropy.numel())
+    constants = state.routing.get(key)
+    if constants is None:
+        high = (entropy > config.entropy_threshold)[:, None]
+        k = torch.where(high, config.k_high, config.k_low)
+        # tau from Python floats in the logits' dtype, as route builds it (no host-to-device copy)
+        tau = torch.full(high.shape, config.tau_low, dtype=dtype, device=entropy.device).masked_fill_(high, config.tau_high)
+        constants = state.routing[key] = (k, tau)
+    return constants
 
 
 def dense_gate(router_logits: torch.Tensor, k: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
