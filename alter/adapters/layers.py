@@ -38,17 +38,15 @@ class AlterRouter(nn.Module):
         self.weight = nn.Parameter(torch.zeros(num_experts, in_features, dtype=dtype, device=device))
         self.entropy_weight = nn.Parameter(torch.zeros(num_experts, dtype=dtype, device=device))
 
-    def forward(self, x: torch.Tensor, entropy: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, entropy: torch.Tensor, projected: torch.Tensor | None = None) -> torch.Tensor:
         """x [T, in] any float dtype, entropy [T] float32 -> logits [T, N], at least float32.
 
         The matmul runs in x's dtype (no float32 copy of x); the logits are then upcast
-        because low-entropy routing divides them by tau_low = 0.01.
+        because low-entropy routing divides them by tau_low = 0.01. ``projected``: ``W_g x``
+        [T, N] when the caller computed it (fused with the adapter's shrink), so that the
+        router still runs as a module (its hooks see every call).
         """
-        return self.add_entropy_term(F.linear(x, self.weight.to(x.dtype)), entropy)
-
-    def add_entropy_term(self, logits: torch.Tensor, entropy: torch.Tensor) -> torch.Tensor:
-        """``W_g x`` [T, N] (computed by the caller, e.g. fused with the adapter's shrink)
-        -> the logits ``W_g x + S·u_g``, upcast to at least float32."""
+        logits = F.linear(x, self.weight.to(x.dtype)) if projected is None else projected
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         return torch.addcmul(logits, entropy[:, None].to(logits.dtype), self.entropy_weight.to(logits.dtype))
 
@@ -177,13 +175,12 @@ class AsymLoRALinear(nn.Module):
                 else self._inference_weights(dtype)
             )
             shrunk = F.linear(tokens, stacked)  # [T, N + r]: W_g x, then A x
-            router_logits, h = shrunk[:, :N], shrunk[:, N:]
+            router_logits, h = self.router(tokens, entropy, shrunk[:, :N]), shrunk[:, N:]
         else:
-            router_logits = F.linear(tokens, self.router.weight.to(dtype))
+            router_logits = self.router(tokens, entropy)
             h, b_t = asym_lora_shrink(self.dropout(tokens), lora_A.to(dtype), a_grad_mask), None
             if not live:
                 b_t = self._inference_weights(dtype)[1]
-        router_logits = self.router.add_entropy_term(router_logits, entropy)
         if forced is not None:
             tracker.record_router_logits(state, self, router_logits, forced)
         if forced is None or not state.gate_forced:
