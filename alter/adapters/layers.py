@@ -168,7 +168,8 @@ class AsymLoRALinear(nn.Module):
         adapter input is the router's (no dropout, no a_grad_mask); without autograd the
         stacked and laid-out weights are kept between calls (:meth:`_inference_weights`)."""
         tracker, N, dtype = self.tracker, self.num_experts, tokens.dtype
-        live = torch.is_grad_enabled()
+        # the kept weights are keyed by data pointers, which a compiled graph cannot read
+        live = torch.is_grad_enabled() or torch.compiler.is_compiling()
         if a_grad_mask is None and (not self.training or isinstance(self.dropout, nn.Identity)):
             stacked, b_t = (
                 (torch.cat([self.router.weight.to(dtype), lora_A.to(dtype)]), None) if live
