@@ -384,6 +384,10 @@ class EntropyTracker:
         self._pending_base_cache = base_cache  # tied to the cache this forward returns
         return entropy
 
+    def _drop_base_cache(self, dead: weakref.ref) -> None:
+        if self._base_cache is not None and self._base_cache[0] is dead:
+            self._base_cache = None
+
     def _base_cache_of(self, cache, cached: int):
         """The base model's KV cache that shadows the adapted model's ``cache`` (prepass)."""
         linked = self._base_cache
@@ -401,8 +405,8 @@ class EntropyTracker:
         self.last_call = self._calls.pop()
         pending, self._pending_base_cache = self._pending_base_cache, None
         returned = None if output is None or pending is None else output_cache(output)
-        if returned is not None:
-            self._base_cache = (weakref.ref(returned), pending)
+        if returned is not None:  # the base cache goes when the adapted model's cache goes
+            self._base_cache = (weakref.ref(returned, self._drop_base_cache), pending)
         if output is None or self.config.entropy_source != "lagged":  # None: the forward raised
             return
         logits = output_logits(output)
