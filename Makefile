@@ -37,9 +37,12 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/harness.py --out bench_out
 
-# The CPU suite at CI sizes, so the benchmarks cannot rot; timings are printed only.
+# The CPU suite at CI sizes, so the benchmarks cannot rot (timings printed only), then the
+# regression guard: fails when the dispatcher's choice is > 25% slower than eager on a
+# model-level case (ratios within the run; bench_out/regression.json).
 bench-ci: $(STAMP)
 	$(PY) benchmarks/harness.py --quick --out bench_out
+	$(PY) benchmarks/regression.py --out bench_out
 
 # Every Triton kernel compiled offline for sm_90 and sm_80 at the benchmark shapes (no GPU
 # needed); fails on a compile error, a spill or more than 168 registers.

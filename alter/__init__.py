@@ -26,6 +26,8 @@ _EXPORTS = {
     "alter_layers": "alter.adapters",
     "is_patched": "alter.adapters",
     "AlterRouter": "alter.adapters",
+    "merge_adapters": "alter.adapters",
+    "MergeReport": "alter.adapters",
     # training
     "unlearn": "alter.training.loop",
     "finetune": "alter.training.finetune",

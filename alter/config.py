@@ -71,6 +71,17 @@ class AlterConfig:
         model forward before each forward), "precomputed" (given by the caller), "lagged"
         (generation: a decoded token is gated by the entropy of the distribution that
         produced it).
+        Generation: the default "prepass" is exact and the cheapest exact option: the
+        prompt's prepass runs the base decoder once with the entropy fused into the head,
+        and each decoded token's runs that token alone on the base model's own KV cache
+        (a second decode step per token and a second KV cache; CPU, benchmarks/RESULTS.md
+        2026-12-07: decoding at ~0.5x the unpatched model's tokens/s, against ~0.75x
+        with "lagged"). "lagged" runs no base forward after the prompt, but gates a
+        token with another entropy (the adapted model's, one position earlier): on the
+        bench's tiny Llama with random weights and adapters (median entropy 0.33), 15% of
+        the decoded tokens fell on the other side of the threshold than under "prepass",
+        and greedy outputs diverged within 1-2 tokens. "precomputed" costs nothing but
+        needs the entropy up front (training, scoring).
 
     Losses and optimisation (used by ``alter.training``; docs/training.md):
       high_entropy_weight: weight of high-entropy tokens in the inverted hinge loss (>= 0).

@@ -50,7 +50,7 @@ _IMPLEMENTED = ("eager", "triton")
 # --------------------------------------------------------------------------- eager
 
 
-def _shrink(x: torch.Tensor, A: torch.Tensor, a_grad_mask: torch.Tensor | None) -> torch.Tensor:
+def asym_lora_shrink(x: torch.Tensor, A: torch.Tensor, a_grad_mask: torch.Tensor | None) -> torch.Tensor:
     """h = x A^T [T, r], with A's gradient taken only from tokens where ``a_grad_mask``.
 
     Masked-out tokens use a detached copy of A, so they still pass gradient to x but
@@ -70,7 +70,7 @@ def asym_lora_eager(x, A, B, weights, experts, scaling, a_grad_mask=None):
     Returns delta [T, d] in x's dtype. Loops over experts: expert e multiplies the rows
     of h routed to it by B_e and adds them, weighted, into their tokens' outputs.
     """
-    h = _shrink(x, A, a_grad_mask)
+    h = asym_lora_shrink(x, A, a_grad_mask)
     delta = torch.zeros(x.shape[0], B.shape[1], dtype=x.dtype, device=x.device)
     for e in range(B.shape[0]):
         tokens, slots = (experts == e).nonzero(as_tuple=True)
@@ -103,7 +103,7 @@ def asym_lora_eager_dense(x, A, B, weights, experts, scaling, a_grad_mask=None):
     """
     T = experts.shape[0]
     N, _, r = B.shape
-    h = _shrink(x, A, a_grad_mask)
+    h = asym_lora_shrink(x, A, a_grad_mask)
     gate = _dense_gate(weights, experts, N, x.dtype)
     gated_h = (gate[:, :, None] * h[:, None, :]).reshape(T, N * r)
     return scaling * (gated_h @ _b_cat(B).t())

@@ -4,9 +4,12 @@ Llama on the CPU, Llama-3-8B cut to two layers on a GPU.
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 from bench_cases import BenchCase
 
+from alter.adapters import precomputed_entropy
 from alter.config import AlterConfig
 
 
@@ -108,43 +111,77 @@ def _train_step_case(device: torch.device, quick: bool) -> BenchCase:
 
 
 def _inference_cases(device: torch.device, quick: bool) -> list[BenchCase]:
-    """Prefill (entropy prepass + forward) and greedy decoding (entropy lagged by one
-    token) of a patched model against the unpatched model (``base``, the baseline)."""
+    """Prefill and greedy decoding of a patched model against the unpatched model
+    (``base``, the baseline): prefill with the entropy prepass (the default) and with the
+    entropy given (the adapters' own cost); generation with ``lagged`` entropy (a prepass
+    for the prompt, then each token gated by the last logits' entropy) and with the
+    default ``prepass`` (the base model decodes beside it, on its own KV cache); one
+    decode step with a KV cache (tokens per second of decoding, no prompt)."""
     _, _, (batch, seq) = _model_config(device, quick)
     prompt_len = min(16, seq)
     new_tokens = 8 if quick else 32
 
-    def prefill(variant, dev):
-        model, _, input_ids = _build_model(dev, quick, variant)
-        model.eval()
+    def prefill(given_entropy):
+        def build(variant, dev):
+            model, _, input_ids = _build_model(dev, quick, variant)
+            model.eval()
+            entropy = torch.rand(input_ids.shape, device=dev) * 3
 
-        def step():
-            with torch.no_grad():
-                model(input_ids)
+            def step():
+                with torch.no_grad():
+                    if given_entropy and variant != "base":
+                        with precomputed_entropy(model, entropy):
+                            model(input_ids)
+                    else:
+                        model(input_ids)
 
-        return step
+            return step
 
-    def decode(variant, dev):
+        return build
+
+    def decode(entropy_source):
+        def build(variant, dev):
+            model, _, input_ids = _build_model(dev, quick, variant, entropy_source=entropy_source)
+            model.eval()
+            prompt = input_ids[:, :prompt_len]
+
+            def step():
+                with torch.no_grad():
+                    model.generate(
+                        prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                        min_new_tokens=new_tokens, do_sample=False, pad_token_id=model.config.eos_token_id,
+                    )
+
+            return step
+
+        return build
+
+    def decode_step(variant, dev):
         model, _, input_ids = _build_model(dev, quick, variant, entropy_source="lagged")
         model.eval()
-        prompt = input_ids[:, :prompt_len]
+        with torch.no_grad():
+            out = model(input_ids[:, :prompt_len], use_cache=True)
+        # transformers >= 5 names the cache "cache" (earlier: "past_key_values")
+        key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        cache, next_ids = getattr(out, key), out.logits[:, -1:].argmax(-1)
 
         def step():
             with torch.no_grad():
-                model.generate(
-                    prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
-                    min_new_tokens=new_tokens, do_sample=False, pad_token_id=model.config.eos_token_id,
-                )
+                model(next_ids, **{key: cache}, use_cache=True)
+            cache.crop(prompt_len - cache.get_seq_length())  # < 0: drop the new token; each step decodes one position
 
         return step
 
     variants = ("base", "eager", "kernels")
     return [
-        BenchCase(f"prefill [{batch}x{seq}]", "inference", variants, prefill, tokens=batch * seq),
-        BenchCase(f"decode {new_tokens} tokens x{batch} (prompt {prompt_len})", "inference", variants, decode,
-                  tokens=batch * new_tokens),
+        BenchCase(f"prefill [{batch}x{seq}]", "inference", variants, prefill(False), tokens=batch * seq),
+        BenchCase(f"prefill entropy given [{batch}x{seq}]", "inference", variants, prefill(True), tokens=batch * seq),
+        BenchCase(f"decode {new_tokens} tokens x{batch} (prompt {prompt_len})", "inference", variants,
+                  decode("lagged"), tokens=batch * new_tokens),
+        BenchCase(f"decode default prepass {new_tokens} tokens x{batch} (prompt {prompt_len})", "inference",
+                  variants, decode("prepass"), tokens=batch * new_tokens),
+        BenchCase(f"decode step x{batch} (cache {prompt_len})", "inference", variants, decode_step, tokens=batch),
     ]
-
 
 
 def model_cases(device: torch.device, quick: bool) -> list[BenchCase]:

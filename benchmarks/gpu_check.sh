@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One command for a machine with an NVIDIA GPU: build the extension in place (with its
 # CUDA kernels when nvcc is found), run the kernel tests on CUDA (bf16 included, no
-# Triton interpreter), then the benchmark suite at Llama-3-8B shapes. Meanwhile, on the
+# Triton interpreter), the decode checks (latency per token, no host sync, CUDA-graph
+# capture), then the benchmark suite at Llama-3-8B shapes. Meanwhile, on the
 # CPU, the offline compile report (benchmarks/compile_report.py, sm_90 and sm_80) runs
 # in the background: it costs no device time.
 #
@@ -10,8 +11,8 @@
 # It uses the machine's own python3 and packages (torch, triton, transformers, pytest,
 # pytest-benchmark, pytest-xdist; matplotlib optional); nothing is downloaded or
 # installed, and neither `datasets` nor `rouge-score` is needed. Everything runs from
-# the source tree. OUTDIR gets at most 9 files:
-#   build.log  tests.log  bench.log  bench/{table.txt,results.json,pytest-benchmark.json,bench.png}
+# the source tree. OUTDIR gets at most 10 files:
+#   build.log  tests.log  decode.log  bench.log  bench/{table.txt,results.json,pytest-benchmark.json,bench.png}
 #   compile.log  compile/compile_report.json
 # The exit status is 0 only when the build, the tests and the suite all succeeded.
 set -uo pipefail
@@ -46,14 +47,102 @@ tail -2 "$OUT/build.log"
 timeout -k 10 300 $PY benchmarks/compile_report.py --arch 90 80 --out "$OUT/compile" > "$OUT/compile.log" 2>&1 &
 compile_pid=$!
 
-# The suite gets at least 180 s of what is left.
-budget=$(clamp $(( $(left) - 180 )) 30 150)
+# The suite gets at least 180 s of what is left, the decode check 90 s.
+budget=$(clamp $(( $(left) - 270 )) 30 150)
 echo "== kernel tests on CUDA, ${budget} s at most (log: $OUT/tests.log)"
 ALTER_TEST_CUDA=1 timeout -s INT -k 15 "$budget" $PY -m pytest -q -n 4 -p no:cacheprovider \
   tests/test_entropy.py tests/test_ihl.py tests/test_routing.py tests/test_asym_lora.py tests/test_cpp_extension.py \
-  > "$OUT/tests.log" 2>&1
+  tests/test_cuda_graph.py > "$OUT/tests.log" 2>&1
 [ $? -eq 0 ] || status=1
 tail -15 "$OUT/tests.log"
+
+# Decode on the GPU (Llama-3-8B shapes cut to two layers, bf16, batch 4, prompt 128), the
+# dispatcher's choice with lagged entropy against the unpatched model: latency per token
+# (median of 3 interleaved rounds of 32 steps; target <= 1.15x), no host sync in a patched
+# decode step (torch.cuda.set_sync_debug_mode("error"): the unpatched step first, so a sync
+# in transformers itself is told apart), and the step captured in a CUDA graph (replay
+# equals the eager step; replay latency against the unpatched model's graph).
+echo "== decode checks, 90 s at most (log: $OUT/decode.log)"
+PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" timeout -k 10 90 $PY - > "$OUT/decode.log" 2>&1 <<'PYEOF'
+import copy, inspect, statistics, sys, time
+import torch
+sys.path.insert(0, "benchmarks")
+from bench_models import _build_model
+
+dev, steps, failures = torch.device("cuda"), 32, []
+built = {v: _build_model(dev, False, v, entropy_source="lagged") for v in ("base", "kernels")}
+models, ids = {v: b[0].eval() for v, b in built.items()}, built["base"][2][:, :128]
+key = "cache" if "cache" in inspect.signature(models["base"].forward).parameters else "past_key_values"
+
+def prefill(model):
+    out = model(ids, use_cache=True)
+    return getattr(out, key), out.logits[:, -1:].argmax(-1)
+
+def per_token(model):
+    cache, nxt = prefill(model)
+    for _ in range(3):
+        model(nxt, **{key: copy.deepcopy(cache)}, use_cache=True)
+    torch.cuda.synchronize(); start = time.perf_counter()
+    for _ in range(steps):
+        nxt = model(nxt, **{key: cache}, use_cache=True).logits[:, -1:].argmax(-1)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
+
+with torch.no_grad():
+    rounds = [{v: per_token(m) for v, m in models.items()} for _ in range(3)]
+    ratio = statistics.median(r["kernels"] / r["base"] for r in rounds)
+    base_ms = 1e3 * statistics.median(r["base"] for r in rounds)
+    print(f"decode latency per token: base {base_ms:.3f} ms, patched {ratio:.3f}x base (target <= 1.15x)")
+    synced = {}
+    for variant, model in models.items():  # base first: a sync of transformers' own is not ours
+        cache, nxt = prefill(model)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            model(nxt, **{key: cache}, use_cache=True)
+            synced[variant] = False
+            print(f"host syncs in a {variant} decode step: none")
+        except RuntimeError as exc:
+            synced[variant] = True
+            print(f"host sync in a {variant} decode step: {str(exc).splitlines()[0]}")
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    if synced["kernels"] and not synced["base"]:
+        failures.append("sync")
+    replay = {}
+    for variant, model in models.items():
+        cache, nxt = prefill(model)
+        lagged = model.alter_tracker.lagged_entropy if variant != "base" else None
+
+        def step():
+            if lagged is not None:
+                model.alter_tracker.lagged_entropy = lagged  # a static input of the graph
+            return model(nxt, **{key: copy.deepcopy(cache)}, use_cache=True).logits
+
+        expected = step()
+        side = torch.cuda.Stream(); side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = step()
+        graph.replay(); torch.cuda.synchronize()
+        same = torch.allclose(captured.float(), expected.float(), rtol=1e-2, atol=1e-2)
+        start = time.perf_counter()
+        for _ in range(steps):
+            graph.replay()
+        torch.cuda.synchronize()
+        replay[variant] = (time.perf_counter() - start) / steps
+        print(f"CUDA graph of a {variant} decode step: captured, replay {'equals' if same else 'DIFFERS FROM'} "
+              f"the eager step, {1e3 * replay[variant]:.3f} ms per replay")
+        if not same:
+            failures.append(f"graph {variant}")
+    print(f"graph replay per token: patched {replay['kernels'] / replay['base']:.3f}x base")
+sys.exit(1 if failures else 0)
+PYEOF
+[ $? -eq 0 ] || status=1
+cat "$OUT/decode.log" | grep -v Warning | tail -12
 
 # --budget: no case starts in the last 60 s, so the suite ends on its own and writes its table.
 limit=$(clamp $(( $(left) - 5 )) 120 600)

@@ -396,13 +396,6 @@ def test_prepass_entropy_is_the_base_models_entropy(family):
     assert all(m.training for m in model.modules())  # train mode restored after the prepass
 
 
-def test_prepass_refuses_decoding_with_a_cache():
-    model = apply_alter(tiny_model(), alter_config())
-    out = model(input_ids=tokens(), use_cache=True)
-    with pytest.raises(RuntimeError, match="use entropy_source='lagged' for generation"):
-        model(input_ids=tokens(seq=1), cache=out.cache)
-
-
 def test_precomputed_entropy_replaces_the_prepass():
     model = apply_alter(tiny_model(), alter_config())
     randomize_adapters(model)

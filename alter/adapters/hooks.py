@@ -1,6 +1,7 @@
 """What the :class:`~alter.adapters.state.EntropyTracker` hooks need from a Hugging Face
-model: its forward's inputs by name, its logits, its KV-cache length, the base model's
-entropy (the prepass, fused with the head when the head is a plain linear map), and two
+model: its forward's inputs by name, its logits, its KV cache, the base model's entropy
+(the prepass, fused with the head when the head is a plain linear map, with the base
+model's own KV cache when decoding), and two
 instance overrides (the checkpoint function and the beam reorder) that keep per-call
 state right."""
 from __future__ import annotations
@@ -99,12 +100,35 @@ def output_logits(output) -> torch.Tensor:
     return next(t for t in output if isinstance(t, torch.Tensor) and t.dim() == 3)
 
 
-def cache_length(inputs: dict) -> int:
+def input_cache(inputs: dict):
+    """(input name, KV cache object) of a forward, or (None, None) without one."""
     for key in _CACHE_INPUTS:
         cache = inputs.get(key)
         if cache is not None and hasattr(cache, "get_seq_length"):
-            return int(cache.get_seq_length())
-    return 0
+            return key, cache
+    return None, None
+
+
+def cache_length(inputs: dict) -> int:
+    _, cache = input_cache(inputs)
+    return 0 if cache is None else int(cache.get_seq_length())
+
+
+def output_cache(output):
+    """The KV cache a forward returned (None when it kept none)."""
+    for key in _CACHE_INPUTS:
+        cache = getattr(output, key, None)
+        if cache is not None:
+            return cache
+    return None
+
+
+def returns_cache(model: nn.Module, inputs: dict) -> bool:
+    """Whether the forward builds a KV cache (``use_cache``, by default the model config's)."""
+    use_cache = inputs.get("use_cache")
+    if use_cache is None:
+        use_cache = getattr(getattr(model, "config", None), "use_cache", False)
+    return bool(use_cache) and not model.training
 
 
 def logits_are_plain_linear(model: nn.Module, head: nn.Module) -> bool:
@@ -120,9 +144,14 @@ def logits_are_plain_linear(model: nn.Module, head: nn.Module) -> bool:
     )
 
 
-def base_model_entropy(model: nn.Module, inputs: dict, config, base_pass) -> torch.Tensor:
-    """Entropy [B, L] float32 of the base model's next-token distributions for ``inputs``,
-    run inside ``base_pass`` (a context: no grad, adapters off, eval mode, no hook re-entry)."""
+def base_model_entropy(model: nn.Module, inputs: dict, config, base_pass, cache=None, keep_cache=False):
+    """(entropy [B, L] float32 of the base model's next-token distributions for
+    ``inputs``, the base model's KV cache or None), run inside ``base_pass`` (a context:
+    no grad, adapters off, eval mode, no hook re-entry).
+
+    The base model never reads the adapted model's cache. ``cache``: the base model's own
+    cache of the earlier tokens (decoding: only the new tokens run); ``keep_cache``: return
+    that cache, extended (or a new one), for the next decoded tokens."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None:
         raise RuntimeError(
@@ -137,12 +166,18 @@ def base_model_entropy(model: nn.Module, inputs: dict, config, base_pass) -> tor
             "cannot be replayed without the cache)"
         )
     base_inputs = {k: inputs[k] for k in _PREPASS_INPUTS if inputs.get(k) is not None}
+    key = input_cache(inputs)[0] or _CACHE_INPUTS[0]
+    if cache is not None:
+        base_inputs[key] = cache
     q, backend = config.tsallis_q, config.backend
     with base_pass:
         if logits_are_plain_linear(model, head):
             decoder = getattr(model, model.base_model_prefix)
-            hidden = decoder(**base_inputs, use_cache=False).last_hidden_state
+            output = decoder(**base_inputs, use_cache=keep_cache)
+            hidden = output.last_hidden_state
             entropy = fused_linear_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight, q, backend=backend)
-            return entropy.reshape(hidden.shape[:-1])
-        logits = model(**base_inputs, use_cache=False).logits
-        return tsallis_entropy(logits, q, backend=backend)
+            entropy = entropy.reshape(hidden.shape[:-1])
+        else:
+            output = model(**base_inputs, use_cache=keep_cache)
+            entropy = tsallis_entropy(output.logits, q, backend=backend)
+    return entropy, output_cache(output) if keep_cache else None

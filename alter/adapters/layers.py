@@ -11,14 +11,19 @@ a router whose logits ``l_t = W_g x_t + S_t·u_g`` are routed by ``alter_kernels
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from alter.config import AlterConfig
-from alter.adapters.state import EntropyTracker
+from alter.adapters.state import CallState, EntropyTracker
 from alter_kernels import asym_lora, route
+from alter_kernels.asym_lora import asym_lora_shrink
+
+# Tokens per call up to which a layer runs every expert densely on any device (decode).
+DENSE_TOKENS = 16
 
 
 class AlterRouter(nn.Module):
@@ -33,15 +38,17 @@ class AlterRouter(nn.Module):
         self.weight = nn.Parameter(torch.zeros(num_experts, in_features, dtype=dtype, device=device))
         self.entropy_weight = nn.Parameter(torch.zeros(num_experts, dtype=dtype, device=device))
 
-    def forward(self, x: torch.Tensor, entropy: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, entropy: torch.Tensor, projected: torch.Tensor | None = None) -> torch.Tensor:
         """x [T, in] any float dtype, entropy [T] float32 -> logits [T, N], at least float32.
 
         The matmul runs in x's dtype (no float32 copy of x); the logits are then upcast
-        because low-entropy routing divides them by tau_low = 0.01.
+        because low-entropy routing divides them by tau_low = 0.01. ``projected``: ``W_g x``
+        [T, N] when the caller computed it (fused with the adapter's shrink), so that the
+        router still runs as a module (its hooks see every call).
         """
-        logits = F.linear(x, self.weight.to(x.dtype))
+        logits = F.linear(x, self.weight.to(x.dtype)) if projected is None else projected
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        return logits + entropy[:, None].to(logits.dtype) * self.entropy_weight.to(logits.dtype)
+        return torch.addcmul(logits, entropy[:, None].to(logits.dtype), self.entropy_weight.to(logits.dtype))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, num_experts={self.num_experts}"
@@ -103,8 +110,25 @@ class AsymLoRALinear(nn.Module):
         tokens = x.reshape(-1, self.in_features)
         num_tokens = tokens.shape[0]
         entropy = tracker.token_entropy(state, num_tokens, x.device)
-        router_logits = self.router(tokens, entropy)
         forced = tracker.token_experts(state, num_tokens, x.device)
+        a_grad_mask = None
+        if self.training and config.a_learns_from_high_entropy_only:
+            a_grad_mask = entropy > config.entropy_threshold
+        # The delta goes straight into the base output (the output is written once),
+        # unless autocast gave the base output another dtype than x.
+        into_result = result.dtype == x.dtype and result.is_contiguous()
+        lora_A, lora_B = self.lora_A, self.lora_B
+        if state.adapters_frozen:
+            lora_A, lora_B = _zero_gradient(lora_A), _zero_gradient(lora_B)
+        elif state.frozen_experts:
+            lora_B = _zero_gradient(lora_B, state.frozen_experts)
+        if dense_path(config, num_tokens, x.device):
+            delta = self._dense_delta(tokens, state, entropy, forced, lora_A, lora_B, a_grad_mask)
+            if into_result:
+                result.view(num_tokens, self.out_features).addmm_(*delta)
+                return result
+            return result + (delta[0] @ delta[1]).reshape(*x.shape[:-1], self.out_features).to(result.dtype)
+        router_logits = self.router(tokens, entropy)
         if forced is not None:
             tracker.record_router_logits(state, self, router_logits, forced)
         if forced is None or not state.gate_forced:
@@ -122,17 +146,6 @@ class AsymLoRALinear(nn.Module):
         else:
             experts = forced[:, None]
             weights = torch.ones(num_tokens, 1, dtype=torch.float32, device=x.device)
-        a_grad_mask = None
-        if self.training and config.a_learns_from_high_entropy_only:
-            a_grad_mask = entropy > config.entropy_threshold
-        # The delta goes straight into the base output (the output is written once),
-        # unless autocast gave the base output another dtype than x.
-        into_result = result.dtype == x.dtype and result.is_contiguous()
-        lora_A, lora_B = self.lora_A, self.lora_B
-        if state.adapters_frozen:
-            lora_A, lora_B = _zero_gradient(lora_A), _zero_gradient(lora_B)
-        elif state.frozen_experts:
-            lora_B = _zero_gradient(lora_B, state.frozen_experts)
         out = asym_lora(
             self.dropout(tokens),
             lora_A.to(x.dtype),
@@ -149,11 +162,103 @@ class AsymLoRALinear(nn.Module):
             return out
         return result + out.reshape(*x.shape[:-1], self.out_features).to(result.dtype)
 
+    def _dense_delta(self, tokens, state, entropy, forced, lora_A, lora_B, a_grad_mask):
+        """The dense path (:func:`dense_path`): (G ⊗ h [T, N·r], s·B_cat^T [N·r, out]),
+        whose product is the delta. The router and the shrink share one matmul when the
+        adapter input is the router's (no dropout, no a_grad_mask); without autograd the
+        stacked and laid-out weights are kept between calls (:meth:`_inference_weights`)."""
+        tracker, N, dtype = self.tracker, self.num_experts, tokens.dtype
+        # the kept weights are keyed by data pointers, which a compiled graph cannot read
+        live = torch.is_grad_enabled() or torch.compiler.is_compiling()
+        if a_grad_mask is None and (not self.training or isinstance(self.dropout, nn.Identity)):
+            stacked, b_t = (
+                (torch.cat([self.router.weight.to(dtype), lora_A.to(dtype)]), None) if live
+                else self._inference_weights(dtype)
+            )
+            shrunk = F.linear(tokens, stacked)  # [T, N + r]: W_g x, then A x
+            router_logits, h = self.router(tokens, entropy, shrunk[:, :N]), shrunk[:, N:]
+        else:
+            router_logits = self.router(tokens, entropy)
+            h, b_t = asym_lora_shrink(self.dropout(tokens), lora_A.to(dtype), a_grad_mask), None
+            if not live:
+                b_t = self._inference_weights(dtype)[1]
+        if forced is not None:
+            tracker.record_router_logits(state, self, router_logits, forced)
+        if forced is None or not state.gate_forced:
+            k, tau = routing_constants(state, entropy, self.tracker.config, router_logits.dtype)
+            gate = dense_gate(router_logits, k, tau).to(dtype)
+        else:
+            gate = F.one_hot(forced.long(), N).to(dtype)
+        if b_t is None:
+            gate = gate * self.scaling
+            b_t = lora_B.to(dtype).permute(1, 0, 2).reshape(self.out_features, N * self.r).t()
+        return (gate[:, :, None] * h[:, None, :]).reshape(-1, N * self.r), b_t
+
+    def _inference_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W_g over A [N + r, in], s·B_cat^T [N·r, out]) in ``dtype``, for calls without
+        autograd: rebuilt when a parameter changed (in-place updates bump ``_version``),
+        else kept (a decode step would otherwise copy every layer's B). Costs one copy of
+        the adapter weights."""
+        params = (self.router.weight, self.lora_A, self.lora_B)
+        key = tuple((p.data_ptr(), p._version) for p in params) + (dtype,)
+        cached = self.__dict__.get("_inference_cache")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                stacked = torch.cat([self.router.weight.to(dtype), self.lora_A.to(dtype)])
+                b_t = (self.lora_B.to(dtype).permute(1, 0, 2).reshape(self.out_features, -1) * self.scaling).t()
+            # the detached aliases keep the parameters' storage alive: a data_ptr in the key
+            # cannot be reused by another tensor while the cache holds it
+            cached = (key, stacked, b_t.contiguous(), [p.detach() for p in params])
+            self.__dict__["_inference_cache"] = cached
+        return cached[1], cached[2]
+
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
             f"num_experts={self.num_experts}, scaling={self.scaling:g}"
         )
+
+
+def dense_path(config: AlterConfig, num_tokens: int, device: torch.device) -> bool:
+    """Whether a layer under the dispatcher's choice (no backend named by the config or
+    ``ALTER_BACKEND``) runs every expert on every token with the top-k gate as a mask:
+    always on the CPU, where it beats grouping tokens by expert at every size measured
+    (benchmarks/RESULTS.md), and for a decode-sized call (<= ``DENSE_TOKENS`` tokens)
+    elsewhere, where a few fixed-shape ops with no host sync beat the grouped kernels."""
+    if config.backend is not None or os.environ.get("ALTER_BACKEND"):
+        return False
+    return num_tokens <= DENSE_TOKENS or device.type == "cpu"
+
+
+def routing_constants(state: CallState, entropy: torch.Tensor, config: AlterConfig, dtype: torch.dtype):
+    """(k [T, 1] int64, tau [T, 1] ``dtype``): each token's number of experts and routing
+    temperature, from its entropy [T]; computed once per call, shared by its layers."""
+    key = (entropy.device, dtype, entropy.numel())
+    constants = state.routing.get(key)
+    if constants is None:
+        high = (entropy > config.entropy_threshold)[:, None]
+        k = torch.where(high, config.k_high, config.k_low)
+        # tau from Python floats in the logits' dtype, as route builds it (no host-to-device copy)
+        tau = torch.full(high.shape, config.tau_low, dtype=dtype, device=entropy.device).masked_fill_(high, config.tau_high)
+        constants = state.routing[key] = (k, tau)
+    return constants
+
+
+def dense_gate(router_logits: torch.Tensor, k: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """The gate of ``alter_kernels.route`` as a dense matrix G [T, N] in the logits' dtype:
+    G[t, e] = the weight ``route`` gives expert e for token t, 0 when e is not kept.
+
+    router_logits [T, N] float32/float64; k [T, 1] int64 (experts kept per token) and tau
+    [T, 1] (its temperature, the logits' dtype). An expert's rank is its position in a
+    stable descending sort (ties: the lower index first, as ``route``). Differentiable in
+    the logits as ``route``'s weights are; a NaN or +inf logit gives its row NaN weights.
+    (A row of -inf logits only, which no finite router produces, gives NaN, not zeros.)
+    """
+    rank = router_logits.argsort(dim=1, descending=True, stable=True).argsort(dim=1)
+    # The row max shifted out before the division by tau (0.01), as route does: dividing
+    # first would round large logits / tau to a few bits of the differences that matter.
+    shifted = router_logits - router_logits.detach().amax(dim=1, keepdim=True)
+    return torch.softmax(torch.where(rank < k, shifted / tau, float("-inf")), dim=1)
 
 
 def _zero_gradient(weight: torch.Tensor, rows: tuple[int, ...] | None = None) -> torch.Tensor:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from alter.adapters.layers import AsymLoRALinear
@@ -119,7 +120,40 @@ def router_loss(model: nn.Module, token_mask: torch.Tensor | None = None) -> tor
     """Cross-entropy of the router logits of the last forward against its forced experts,
     averaged over non-padding tokens and over layers (a scalar with gradient to the routers).
     ``token_mask`` ([B, L] bool, optional): only these tokens count (e.g. answer tokens)."""
-    return _tracker(model, "router_loss").router_loss(token_mask)
+    last_call = _tracker(model, "router_loss").last_call
+    records = {} if last_call is None else last_call.router_records
+    if not records:
+        raise RuntimeError(
+            "router_loss: no router logits were recorded; run a forward inside forced_route(model, experts) first"
+        )
+    if torch.is_grad_enabled() and any(
+        layer.router.weight.requires_grad and not logits.requires_grad for layer, (logits, _, _) in records.items()
+    ):
+        raise RuntimeError(
+            "router_loss: the last forward recorded its router logits without gradients while the routers train "
+            "(reentrant gradient checkpointing runs the forward under no_grad); use non-reentrant checkpointing, "
+            "model.activation_checkpointing_enable({'use_reentrant': False}), the Hugging Face default"
+        )
+    if token_mask is not None:
+        first_logits, first_experts, _ = next(iter(records.values()))
+        if token_mask.numel() != first_experts.numel():
+            raise ValueError(
+                f"router_loss: token_mask has {token_mask.numel()} tokens (shape {tuple(token_mask.shape)}) "
+                f"but the last forward had {first_experts.numel()}"
+            )
+        # One copy to the layers' device, not one per layer.
+        token_mask = token_mask.reshape(-1).to(device=first_logits.device, dtype=torch.bool)
+    losses = []
+    for logits, experts, mask in records.values():  # per layer: the mean over its (kept) tokens
+        if token_mask is not None:
+            keep = token_mask.to(logits.device)
+            mask = keep if mask is None else mask & keep
+        per_token = F.cross_entropy(logits.float(), experts, reduction="none")
+        if mask is None:
+            losses.append(per_token.mean())
+        else:
+            losses.append((per_token * mask).sum() / mask.sum().clamp_min(1))
+    return torch.stack(losses).mean()
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ value built by a forward pre-hook before any layer runs and dropped when the cal
   ``forced_experts[i]``;
 - ``adapters_enabled``: when False the layers compute exactly their base ``nn.Linear``;
 - ``router_records``: the router logits the layers record under forced routing, for
-  :meth:`EntropyTracker.router_loss`;
+  :func:`~alter.adapters.patching.router_loss`;
 - ``frozen_experts`` / ``adapters_frozen``: the B experts (or A and all of B) to which
   this call's output gives a zero gradient, so that one loss can sum calls that train different
   parameters (a method's forget, retain and router-only passes).
@@ -30,13 +30,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import numbers
+import weakref
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from alter.adapters.hooks import (BeamReorderGuard, StatefulCheckpoint, base_model_entropy, cache_length, named_inputs,
-                                  output_logits, token_input)
+from alter.adapters.hooks import (BeamReorderGuard, StatefulCheckpoint, base_model_entropy, input_cache, named_inputs,
+                                  output_cache, output_logits, returns_cache, token_input)
 from alter.config import AlterConfig
 from alter_kernels import tsallis_entropy
 
@@ -49,7 +49,8 @@ class CallState:
     ``router_records`` maps layer -> (router logits [T, N], forced expert [T] int64, token
     mask [T] bool or None); keyed by layer so that a checkpointed recompute of the same
     call replaces its own entry. ``prepass``: the base-model pass that computes the entropy
-    (adapters off, the model's hooks do not re-enter).
+    (adapters off, the model's hooks do not re-enter). ``routing``: what every layer of
+    the call derives from the entropy alone, computed by the first layer that needs it.
     """
 
     adapters_enabled: bool = True
@@ -61,6 +62,7 @@ class CallState:
     frozen_experts: tuple[int, ...] = ()
     adapters_frozen: bool = False
     prepass: bool = False
+    routing: dict = dataclasses.field(default_factory=dict)
 
 
 @contextlib.contextmanager
@@ -85,7 +87,9 @@ class EntropyTracker:
       adapters off gives the final hidden states, and ``fused_linear_entropy`` with the
       output head gives the entropy (or ``tsallis_entropy`` of the logits when the head
       is not a plain bias-free linear map, e.g. Gemma 2's final-logit softcapping).
-      Decoding with a non-empty KV cache is refused: use ``"lagged"``.
+      A forward that returns a KV cache (generation) keeps the base model's own cache
+      too, so that each decoded token's prepass runs that token alone: exact, at the
+      cost of a second (base) decode step per token and a second KV cache.
     - ``"precomputed"``: the caller gives it, with :meth:`precomputed` (a context) or
       :meth:`set_entropy` (until :meth:`clear_entropy`). Either also overrides the other
       sources.
@@ -98,7 +102,7 @@ class EntropyTracker:
       a model has it).
 
     ``last_call`` is the :class:`CallState` of the last completed forward, for
-    :meth:`router_loss` and for inspection; no layer reads it.
+    :func:`~alter.adapters.patching.router_loss` and for inspection; no layer reads it.
     """
 
     def __init__(self, config: AlterConfig):
@@ -117,6 +121,9 @@ class EntropyTracker:
         # "lagged": entropy [B] of the last forward's last-position logits (adapters on).
         self.lagged_entropy: torch.Tensor | None = None
         self.last_call: CallState | None = None
+        # "prepass" with a KV cache: (weakref to the adapted model's cache, the base model's
+        # cache of the same tokens), and the latter while its forward runs.
+        self._base_cache = self._pending_base_cache = None
         # The states of the calls running now (a prepass runs inside its model's call).
         self._calls: list[CallState] = []
         self._hooks: list = []
@@ -162,7 +169,7 @@ class EntropyTracker:
     def forced(self, experts, gate: bool = True):
         """Context: every token of sample i goes to expert ``experts[i]`` with weight 1.
         With ``gate=False`` the router gates as at inference and ``experts`` are only the
-        targets of :meth:`router_loss`."""
+        targets of :func:`~alter.adapters.patching.router_loss`."""
         if not isinstance(gate, bool):
             raise TypeError(f"forced_route: gate must be a bool, got {gate!r}")
         experts = self._check_experts(experts)
@@ -276,52 +283,11 @@ class EntropyTracker:
     @staticmethod
     def record_router_logits(state: CallState, layer: nn.Module, router_logits: torch.Tensor,
                              experts: torch.Tensor) -> None:
-        """Keep a layer's router logits [T, N] and forced experts [T] for :meth:`router_loss`."""
+        """Keep a layer's router logits [T, N] and forced experts [T] for ``router_loss``."""
         mask = state.token_mask
         if mask is not None:
             mask = mask.reshape(-1).to(router_logits.device) if mask.numel() == experts.numel() else None
         state.router_records[layer] = (router_logits, experts.long(), mask)
-
-    def router_loss(self, token_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Cross-entropy of the last forward's recorded router logits against its forced experts.
-
-        Averaged over the (non-padding) tokens of each layer, then over layers. Gradients
-        reach each layer's router weight and entropy weight. ``token_mask`` ([B, L] bool,
-        the forward's token shape) restricts the tokens that count further.
-        """
-        records = {} if self.last_call is None else self.last_call.router_records
-        if not records:
-            raise RuntimeError(
-                "router_loss: no router logits were recorded; run a forward inside forced_route(model, experts) first"
-            )
-        if torch.is_grad_enabled() and any(
-            layer.router.weight.requires_grad and not logits.requires_grad for layer, (logits, _, _) in records.items()
-        ):
-            raise RuntimeError(
-                "router_loss: the last forward recorded its router logits without gradients while the routers train "
-                "(reentrant gradient checkpointing runs the forward under no_grad); use non-reentrant checkpointing, "
-                "model.activation_checkpointing_enable({'use_reentrant': False}), the Hugging Face default"
-            )
-        if token_mask is not None:
-            first_logits, first_experts, _ = next(iter(records.values()))
-            if token_mask.numel() != first_experts.numel():
-                raise ValueError(
-                    f"router_loss: token_mask has {token_mask.numel()} tokens (shape {tuple(token_mask.shape)}) "
-                    f"but the last forward had {first_experts.numel()}"
-                )
-            # One copy to the layers' device, not one per layer.
-            token_mask = token_mask.reshape(-1).to(device=first_logits.device, dtype=torch.bool)
-        losses = []
-        for logits, experts, mask in records.values():
-            if token_mask is not None:
-                keep = token_mask.to(logits.device)
-                mask = keep if mask is None else mask & keep
-            per_token = F.cross_entropy(logits.float(), experts, reduction="none")
-            if mask is None:
-                losses.append(per_token.mean())
-            else:
-                losses.append((per_token * mask).sum() / mask.sum().clamp_min(1))
-        return torch.stack(losses).mean()
 
     @contextlib.contextmanager
     def running(self, state: CallState):
@@ -400,7 +366,8 @@ class EntropyTracker:
                 "entropy_source='precomputed' but no entropy was given: run the model inside "
                 "precomputed_entropy(model, entropy) or call model.alter_tracker.set_entropy(entropy)"
             )
-        cached = cache_length(inputs)
+        _, cache = input_cache(inputs)
+        cached = 0 if cache is None else int(cache.get_seq_length())
         if cached and source == "lagged":
             lagged = self.lagged_entropy
             if seq_len != 1 or lagged is None or lagged.numel() != batch:
@@ -410,17 +377,36 @@ class EntropyTracker:
                     f"left {None if lagged is None else lagged.numel()} entropies"
                 )
             return lagged.reshape(batch, 1)
-        if cached:
+        base_cache = self._base_cache_of(cache, cached) if cached else None
+        keep = cached > 0 or returns_cache(model, inputs)
+        entropy, base_cache = base_model_entropy(model, inputs, self.config, self._base_model_pass(model),
+                                                 base_cache, keep_cache=keep)
+        self._pending_base_cache = base_cache  # tied to the cache this forward returns
+        return entropy
+
+    def _drop_base_cache(self, dead: weakref.ref) -> None:
+        if self._base_cache is not None and self._base_cache[0] is dead:
+            self._base_cache = None
+
+    def _base_cache_of(self, cache, cached: int):
+        """The base model's KV cache that shadows the adapted model's ``cache`` (prepass)."""
+        linked = self._base_cache
+        if linked is None or linked[0]() is not cache or linked[1].get_seq_length() != cached:
             raise RuntimeError(
-                "entropy_source='prepass' cannot gate tokens decoded with a non-empty KV cache (the base model's "
-                "cache is not kept); use entropy_source='lagged' for generation"
+                "entropy_source='prepass' decodes with the base model's own KV cache, filled when the cached tokens "
+                "ran through this patched model (as generate() does); this cache was filled elsewhere: run the "
+                "prompt through the patched model with use_cache=True, or use entropy_source='lagged'"
             )
-        return base_model_entropy(model, inputs, self.config, self._base_model_pass(model))
+        return linked[1]
 
     def _after_forward(self, model: nn.Module, args: tuple, kwargs: dict, output) -> None:
         if self._in_prepass():
             return
         self.last_call = self._calls.pop()
+        pending, self._pending_base_cache = self._pending_base_cache, None
+        returned = None if output is None or pending is None else output_cache(output)
+        if returned is not None:  # the base cache goes when the adapted model's cache goes
+            self._base_cache = (weakref.ref(returned, self._drop_base_cache), pending)
         if output is None or self.config.entropy_source != "lagged":  # None: the forward raised
             return
         logits = output_logits(output)
