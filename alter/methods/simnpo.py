@@ -1,0 +1,20 @@
+"""SimNPO (Fan et al., 2024, "Simplicity Prevails: Rethinking Negative Preference
+Optimization for LLM Unlearning"): NPO without the reference model, on the length-normalized
+NLL of each forget answer, plus the retain NLL.
+
+    loss = gamma * -(2/beta) mean_i log sigmoid(beta * (NLL_i / |y_i| - delta)) + alpha * NLL(retain)
+"""
+import torch
+import torch.nn.functional as F
+
+from alter.methods.losses import token_logprobs
+
+
+def simnpo_loss(logits: torch.Tensor, labels: torch.Tensor, beta: float, delta: float) -> torch.Tensor:
+    """SimNPO's forget term, a mean over samples. ``logits`` ``[B, L, V]`` (float; computed
+    in float32, or float64 for float64), ``labels`` ``[B, L]`` int64, -100 unlabelled. A
+    sample without labelled tokens counts as mean NLL 0 (no division by zero)."""
+    logp, labelled = token_logprobs(logits, labels)
+    mean_nll = -logp.sum(-1) / labelled.sum(-1).clamp_min(1)
+    # open-unlearning's delta is inside the beta scaling (the paper's gamma = beta * delta).
+    return -(2.0 / beta) * F.logsigmoid(beta * (mean_nll - delta)).mean()
