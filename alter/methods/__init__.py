@@ -33,7 +33,8 @@ def build(args, autocast, engine=None):
 # The built-in methods, in the order the docs and the CLI list them; importing a module
 # registers its class. Imported on first use, so that the names (and alter.methods.args)
 # cost no torch import.
-METHODS = ("alter", "asym_lora", "lora", "grad_ascent", "grad_diff", "npo")
+METHODS = ("alter", "asym_lora", "lora", "grad_ascent", "grad_diff", "npo",
+           "simnpo", "dpo", "idk_dpo", "rmu", "undial", "ceu", "satimp", "wga", "pdu")
 
 
 def _registry() -> dict[str, type]:

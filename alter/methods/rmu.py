@@ -10,6 +10,11 @@ steering coefficient.
 """
 import torch
 
+from alter.data import IGNORE_INDEX
+from alter.methods import register
+from alter.methods.base import Method
+from alter.methods.retain import samples
+
 
 def rmu_loss(hidden: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over samples of the mean over their masked tokens of the mean squared
@@ -36,3 +41,47 @@ def rmu_layer(num_layers: int) -> int:
     A model with 8 layers gets layer 3, not 7: its hidden state after the last layer comes
     back after the final norm (``output_hidden_states``), no longer a residual stream."""
     return 7 if num_layers > 8 else 7 * num_layers // 16
+
+
+@register
+class RMU(Method):
+    """On adapters the steering still acts on the frozen base's hidden state, through the
+    adapters of the layers up to the steered one (those above it get no gradient): a
+    meaningful pair, as on every weight."""
+
+    name = "rmu"
+    needs_reference = True
+    # open-unlearning configs/trainer/RMU.yaml: module_regex model\.layers\.7 (layer -1 here:
+    # rmu_layer's choice by depth), retain_loss_type EMBED_DIFF, every parameter trained.
+    defaults = {"steering_coeff": 2.0, "alpha": 1.0, "gamma": 1.0, "layer": -1}
+
+    def prepare(self, model, forget_examples, retain_examples, pad_id):
+        text = model.config.get_text_config()
+        layers = text.num_hidden_layers
+        self.layer = rmu_layer(layers) if self.hparams["layer"] < 0 else self.hparams["layer"]
+        if not 0 <= self.layer < layers - 1:
+            raise ValueError(f"rmu: layer {self.layer} of a {layers}-layer model; the steered layer must be one "
+                             f"of 0..{layers - 2}, below the last, whose hidden state comes back after the final norm")
+        self.control = steering_vector(text.hidden_size, self.hparams["steering_coeff"], self.args.seed)
+        return forget_examples, retain_examples
+
+    def hidden(self, output) -> torch.Tensor:
+        """The hidden state after the steered layer (``hidden_states[0]``: the embeddings)."""
+        return output.hidden_states[self.layer + 1]
+
+    def loss(self, model, forget, retain):
+        hp = self.hparams
+        out = self.outputs(model, forget, True, output_hidden_states=True)
+        hidden = self.hidden(out)
+        # The tokens of labels != -100, not shifted (activations at the tokens, as open-unlearning).
+        forget_loss = rmu_loss(hidden, self.control.to(hidden.device), forget["labels"] != IGNORE_INDEX)
+        retain_out = self.outputs(model, retain, False, output_hidden_states=True)
+        reference = self.hidden(self.reference_outputs(model, retain, output_hidden_states=True))
+        retain_loss = rmu_loss(self.hidden(retain_out), reference, retain["labels"] != IGNORE_INDEX)
+        loss = (hp["gamma"] * self.global_mean(forget_loss, samples(forget))
+                + hp["alpha"] * self.global_mean(retain_loss, samples(retain)))
+        if self.distributed:
+            # The layers above the steered one and the head get no gradient: through the
+            # output every parameter takes part in the backward (DDP waits for each one).
+            loss = loss + 0.0 * (out.logits.sum() + retain_out.logits.sum())
+        return loss, {"forget": forget_loss.detach(), "retain": retain_loss.detach()}
