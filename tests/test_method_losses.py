@@ -3,10 +3,14 @@ their papers, token by token, on tiny random batches with unlabelled positions a
 that are not powers of two; gradients by gradcheck where the loss is smooth, else against
 the paper's closed form (the losses whose weights or targets carry no gradient)."""
 import math
+import warnings
 
+import datasets
 import pytest
 import torch
 
+from alter.data import qa_texts, tofu_mini
+from alter.data.idk import IDK_ANSWERS
 from alter.methods.ceu import ceu_loss
 from alter.methods.dpo import dpo_loss
 from alter.methods.pdu import dual_update, pdu_forget_loss
@@ -15,6 +19,8 @@ from alter.methods.satimp import satimp_loss
 from alter.methods.simnpo import simnpo_loss
 from alter.methods.undial import undial_loss
 from alter.methods.wga import wga_loss
+from alter.tiny import build_tokenizer, tiny_llama
+from alter.training.loop import unlearn
 
 B, L, V, D = 3, 7, 11, 5
 TOL = dict(rtol=1e-6, atol=1e-6)
@@ -222,3 +228,87 @@ def test_rmu_steering_vector_has_the_coefficient_as_norm_and_is_fixed_by_the_see
 @pytest.mark.parametrize("layers, expected", [(1, 0), (2, 0), (4, 1), (6, 2), (8, 3), (9, 7), (16, 7), (32, 7)])
 def test_rmu_layer_is_open_unlearnings_7_or_the_same_depth_ratio(layers, expected):
     assert rmu_layer(layers) == expected
+
+
+# ------------------------------------------------- the methods through the Python API
+
+NEW_METHODS = ("simnpo", "dpo", "idk_dpo", "rmu", "undial", "ceu", "satimp", "wga", "pdu")
+
+
+@pytest.fixture(scope="module")
+def data():
+    qa = tofu_mini(num_authors=4, facts_per_author=2, forget_fraction=0.5, seed=2)
+    # dpo's preferred answers: another author's answer to each question
+    forget = qa["forget"].add_column("alternate", list(reversed(qa["forget"]["answer"])))
+    return {"forget": forget, "retain": qa["retain"]}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(data):
+    return build_tokenizer(qa_texts(tofu_mini(num_authors=4, facts_per_author=2, forget_fraction=0.5, seed=2))
+                           + list(IDK_ANSWERS))
+
+
+def run(tokenizer, data, method, params="full", forget=None, retain=True, **run_args):
+    model = tiny_llama(tokenizer, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=48,
+                       max_position_embeddings=128, seed=3)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    logs = []
+    with warnings.catch_warnings():  # two steps forget little, as the run's report warns
+        warnings.filterwarnings("ignore", "unlearn", UserWarning)
+        unlearn(model, tokenizer, data["forget"] if forget is None else forget, data["retain"] if retain else None,
+                method=method, params=params, batch_size=2, max_steps=2, router_warmup=0, progress=False,
+                callback=lambda step, step_logs: logs.append(step_logs), **run_args)
+    return model, before, logs
+
+
+@pytest.mark.parametrize("params", ["full", "lora", "asym_lora"])
+@pytest.mark.parametrize("method", NEW_METHODS)
+def test_each_method_runs_two_steps_on_each_parameterization(tokenizer, data, method, params):
+    model, before, logs = run(tokenizer, data, method, params)
+    assert len(logs) == 2 and all(math.isfinite(v) for step in logs for v in step.values())
+    # a patched linear keeps its weight as base_layer.weight
+    weights = {name.replace(".base_layer.", "."): p for name, p in model.named_parameters()}
+    changed = [name for name, p in before.items() if not torch.equal(p, weights[name])]
+    if params == "full":
+        assert changed
+    else:  # the base stays as it was; the adapters' B (zero at the start) trained
+        assert not changed
+        assert any(p.abs().sum() > 0 for name, p in weights.items() if name not in before and "lora_B" in name)
+
+
+@pytest.mark.parametrize("method", ["dpo", "idk_dpo"])
+@pytest.mark.parametrize("params", ["full", "asym_lora"])
+def test_dpo_starts_at_log_2_scaled_the_policy_being_its_reference(tokenizer, data, method, params):
+    """At the first step the trained model is the starting one: every log-ratio is 0."""
+    _, _, logs = run(tokenizer, data, method, params)
+    assert logs[0]["forget"] == pytest.approx(2 / 0.1 * math.log(2), rel=1e-5)
+
+
+@pytest.mark.parametrize("params", ["full", "lora"])
+def test_rmu_retain_term_starts_at_zero_against_the_starting_model(tokenizer, data, params):
+    _, _, logs = run(tokenizer, data, "rmu", params)
+    assert logs[0]["retain"] == pytest.approx(0.0, abs=1e-10) and logs[0]["forget"] > 0
+
+
+def test_pdu_raises_the_retain_weight_by_the_constraint_violation(tokenizer, data):
+    _, _, logs = run(tokenizer, data, "pdu", method_args={"dual_warmup_epochs": 0, "retain_loss_eps": 0.5,
+                                                          "dual_step_size": 2.0})
+    assert logs[0]["retain_weight"] == 1.0
+    assert logs[1]["retain_weight"] == pytest.approx(1.0 + 2.0 * (logs[0]["retain"] - 0.5), rel=1e-5)
+    # within the warm-up (5 epochs by default) the weight stays at alpha
+    _, _, logs = run(tokenizer, data, "pdu", method_args={"alpha": 3.0})
+    assert [step["retain_weight"] for step in logs] == [3.0, 3.0]
+
+
+def test_methods_refuse_what_they_cannot_run_with_the_reason(tokenizer, data):
+    with pytest.raises(ValueError, match="needs a 'alternate' column"):
+        run(tokenizer, data, "dpo", forget=data["forget"].remove_columns("alternate"))
+    text = datasets.Dataset.from_dict({"text": ["Paris is a city ."]})
+    with pytest.raises(ValueError, match="needs QA rows in the forget set"):
+        run(tokenizer, data, "idk_dpo", forget=text)
+    with pytest.raises(ValueError, match="layer 1 of a 2-layer model"):
+        run(tokenizer, data, "rmu", method_args={"layer": 1})
+    with pytest.raises(ValueError, match="needs a retain set"):
+        run(tokenizer, data, "undial", retain=False, method_args={"alpha": 1.0})
+    run(tokenizer, data, "undial", retain=False)  # its default (alpha 0) reads no retain set
