@@ -27,10 +27,10 @@ def dpo_loss(win_logprob: torch.Tensor, win_ref: torch.Tensor, lose_logprob: tor
 class DPO(Method):
     """The preferred answers come from the forget set's ``alternate_key`` column (AltPO's
     ``alternate``, open-unlearning community/methods/AltPO/run.sh). The forget rows must be
-    QA rows: a text row has no question to put the preferred answer after."""
+    QA rows: a text row has no question to put the preferred answer after. Both answers'
+    reference log-probabilities are computed once, in :meth:`prepare`."""
 
     name = "dpo"
-    needs_reference = False  # both answers' reference log-probabilities are computed once, in prepare
     # open-unlearning configs/trainer/DPO.yaml (retain_loss_type NLL)
     defaults = {"beta": 0.1, "alpha": 1.0, "gamma": 1.0, "alternate_key": "alternate"}
 
