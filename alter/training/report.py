@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from alter.adapters import alter_layers
-from alter.methods.base import RETENTION_EXPERT
+from alter.methods.params import RETENTION_EXPERT
 from alter.methods.data import eval_forwards
 from alter.training.schedule import LabelScores, label_scores
 from alter_kernels import route
