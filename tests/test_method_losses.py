@@ -225,7 +225,7 @@ def test_rmu_steering_vector_has_the_coefficient_as_norm_and_is_fixed_by_the_see
     assert not torch.equal(u, steering_vector(13, 6.5, seed=5))
 
 
-@pytest.mark.parametrize("layers, expected", [(1, 0), (2, 0), (4, 1), (6, 2), (8, 3), (9, 7), (16, 7), (32, 7)])
+@pytest.mark.parametrize("layers, expected", [(1, 0), (2, 0), (4, 1), (6, 2), (7, 3), (8, 7), (16, 7), (32, 7)])
 def test_rmu_layer_is_open_unlearnings_7_or_the_same_depth_ratio(layers, expected):
     assert rmu_layer(layers) == expected
 
@@ -285,9 +285,10 @@ def test_dpo_starts_at_log_2_scaled_the_policy_being_its_reference(tokenizer, da
     assert logs[0]["forget"] == pytest.approx(2 / 0.1 * math.log(2), rel=1e-5)
 
 
-@pytest.mark.parametrize("params", ["full", "lora"])
-def test_rmu_retain_term_starts_at_zero_against_the_starting_model(tokenizer, data, params):
-    _, _, logs = run(tokenizer, data, "rmu", params)
+@pytest.mark.parametrize("params, checkpointing", [("full", False), ("lora", True)])
+def test_rmu_retain_term_starts_at_zero_against_the_starting_model(tokenizer, data, params, checkpointing):
+    """The steered layer's output is read by a hook, also when checkpointing recomputes it."""
+    _, _, logs = run(tokenizer, data, "rmu", params, gradient_checkpointing=checkpointing)
     assert logs[0]["retain"] == pytest.approx(0.0, abs=1e-10) and logs[0]["forget"] > 0
 
 
@@ -307,8 +308,8 @@ def test_methods_refuse_what_they_cannot_run_with_the_reason(tokenizer, data):
     text = datasets.Dataset.from_dict({"text": ["Paris is a city ."]})
     with pytest.raises(ValueError, match="needs QA rows in the forget set"):
         run(tokenizer, data, "idk_dpo", forget=text)
-    with pytest.raises(ValueError, match="layer 1 of a 2-layer model"):
-        run(tokenizer, data, "rmu", method_args={"layer": 1})
+    with pytest.raises(ValueError, match="layer 2 of a 2-layer model"):
+        run(tokenizer, data, "rmu", method_args={"layer": 2})
     with pytest.raises(ValueError, match="needs a retain set"):
         run(tokenizer, data, "undial", retain=False, method_args={"alpha": 1.0})
     run(tokenizer, data, "undial", retain=False)  # its default (alpha 0) reads no retain set

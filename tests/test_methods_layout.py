@@ -41,13 +41,13 @@ def test_registry_has_one_class_per_method_each_owning_its_loss():
     for name in METHODS:
         cls = method_class(name)
         assert cls.name == name and issubclass(cls, Method)
-        # lora: the kept name of grad_diff on params lora, its loss grad_diff's
-        assert "loss" in vars(cls) or name == "lora", f"{name} does not define its own loss"
+        # lora: the kept name of grad_diff on params lora, its loss grad_diff's; idk_dpo: dpo's loss on other data
+        assert "loss" in vars(cls) or name in ("lora", "idk_dpo"), f"{name} does not define its own loss"
         assert (name in ADAPTER_METHODS) == cls.routed() == (cls.default_params != "full")
         assert cls.default_params in cls.supported_params
     assert [name for name in METHODS[:6] if method_class(name).default_params != "full"] == ["alter", "asym_lora", "lora"]
     assert not issubclass(Alter, AsymLoRA)  # two losses side by side, not flags on one
-    assert [name for name in METHODS if not method_class(name).needs_retain] == ["grad_ascent"]
+    assert [name for name in METHODS if not method_class(name).needs_retain] == ["grad_ascent", "undial", "ceu"]
 
 
 def test_args_fields_are_the_fingerprint_and_the_record():

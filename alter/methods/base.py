@@ -28,7 +28,7 @@ import dataclasses
 import torch
 
 from alter.data import IGNORE_INDEX
-from alter.methods.data import _model_inputs
+from alter.methods.data import _model_inputs, encode_dataset
 from alter.methods.losses import _floats, shift_labels, token_nll
 from alter.methods.params import PARAMETERIZATIONS, PARAMS, frozen_copy
 from alter_kernels import inverted_hinge_loss
@@ -126,6 +126,12 @@ class Method:
         optimizer = self.parameters.setup(model, self.config)
         self.attach(model)
         return optimizer, forget_examples, retain_examples
+
+    def encode(self, tokenizer, data, name: str, max_length: int | None) -> list[dict]:
+        """The examples of split ``name`` (``"forget"`` or ``"retain"``):
+        :func:`~alter.methods.data.encode_dataset`, unless the method reads more of the rows
+        (DPO's preferred answers)."""
+        return encode_dataset(tokenizer, data, name, max_length)
 
     def prepare(self, model, forget_examples: list[dict], retain_examples: list[dict], pad_id: int):
         """The examples with the fields the loss reads (default: as given). ``model`` is

@@ -8,6 +8,8 @@ retain tokens.
 over each sample's labelled tokens; u is uniform in [0, 1)^D normalized to 1, c the
 steering coefficient.
 """
+import contextlib
+
 import torch
 
 from alter.data import IGNORE_INDEX
@@ -36,11 +38,23 @@ def steering_vector(dim: int, coeff: float, seed: int) -> torch.Tensor:
 
 
 def rmu_layer(num_layers: int) -> int:
-    """The steered layer: 7, open-unlearning's for Llama-3.2-1B (16 layers), when the model
-    has more than 8 layers; else the layer at the same depth, ``floor(7 * num_layers / 16)``.
-    A model with 8 layers gets layer 3, not 7: its hidden state after the last layer comes
-    back after the final norm (``output_hidden_states``), no longer a residual stream."""
-    return 7 if num_layers > 8 else 7 * num_layers // 16
+    """The steered layer: 7, open-unlearning's (``model.layers.7``, set for Llama-3.2-1B's 16
+    layers), when the model has 8 layers or more; else the layer at the same depth,
+    ``floor(7 * num_layers / 16)`` (a 4-layer model steers layer 1)."""
+    return 7 if num_layers >= 8 else 7 * num_layers // 16
+
+
+@contextlib.contextmanager
+def layer_output(layer: torch.nn.Module):
+    """Yields a list that receives the hidden state ``[B, L, D]`` that ``layer`` (a decoder
+    layer) outputs in the forwards run inside the context (its residual stream, before any
+    final norm)."""
+    outputs = []
+    handle = layer.register_forward_hook(lambda module, args, out: outputs.append(out[0] if isinstance(out, tuple) else out))
+    try:
+        yield outputs
+    finally:
+        handle.remove()
 
 
 @register
@@ -59,25 +73,29 @@ class RMU(Method):
         text = model.config.get_text_config()
         layers = text.num_hidden_layers
         self.layer = rmu_layer(layers) if self.hparams["layer"] < 0 else self.hparams["layer"]
-        if not 0 <= self.layer < layers - 1:
-            raise ValueError(f"rmu: layer {self.layer} of a {layers}-layer model; the steered layer must be one "
-                             f"of 0..{layers - 2}, below the last, whose hidden state comes back after the final norm")
+        if self.layer >= layers:
+            raise ValueError(f"rmu: layer {self.layer} of a {layers}-layer model; method_args layer must be one of "
+                             f"0..{layers - 1} (or -1: chosen by depth)")
         self.control = steering_vector(text.hidden_size, self.hparams["steering_coeff"], self.args.seed)
         return forget_examples, retain_examples
 
-    def hidden(self, output) -> torch.Tensor:
-        """The hidden state after the steered layer (``hidden_states[0]``: the embeddings)."""
-        return output.hidden_states[self.layer + 1]
+    def steered(self, model) -> torch.nn.Module:
+        """The steered decoder layer of ``model`` (unwrapped: the trained or the reference model)."""
+        return model.get_decoder().layers[self.layer]
 
     def loss(self, model, forget, retain):
         hp = self.hparams
-        out = self.outputs(model, forget, True, output_hidden_states=True)
-        hidden = self.hidden(out)
+        with layer_output(self.steered(self.model)) as hidden:
+            out = self.outputs(model, forget, True)
         # The tokens of labels != -100, not shifted (activations at the tokens, as open-unlearning).
-        forget_loss = rmu_loss(hidden, self.control.to(hidden.device), forget["labels"] != IGNORE_INDEX)
-        retain_out = self.outputs(model, retain, False, output_hidden_states=True)
-        reference = self.hidden(self.reference_outputs(model, retain, output_hidden_states=True))
-        retain_loss = rmu_loss(self.hidden(retain_out), reference, retain["labels"] != IGNORE_INDEX)
+        forget_loss = rmu_loss(hidden[0], self.control.to(hidden[0].device), forget["labels"] != IGNORE_INDEX)
+        with layer_output(self.steered(self.model)) as hidden:
+            retain_out = self.outputs(model, retain, False)
+        # The starting model: the frozen copy under full, the same model with its adapters off on adapters.
+        reference_model = self.model if self.reference_model is None else self.reference_model
+        with layer_output(self.steered(reference_model)) as reference:
+            self.reference_outputs(model, retain)
+        retain_loss = rmu_loss(hidden[0], reference[0], retain["labels"] != IGNORE_INDEX)
         loss = (hp["gamma"] * self.global_mean(forget_loss, samples(forget))
                 + hp["alpha"] * self.global_mean(retain_loss, samples(retain)))
         if self.distributed:

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from alter.config import AlterConfig
 from alter.data import IGNORE_INDEX, pad_id_of
 from alter.methods import build
-from alter.methods.data import _batch, _examples_digest, step_indices, encode_dataset, model_context_length
+from alter.methods.data import _batch, _examples_digest, step_indices, model_context_length
 from alter.training.args import UnlearnArgs
 from alter.training.checkpoint import _Checkpointer, _full_state, _save_result
 from alter.training.distributed import Engine, launched
@@ -157,8 +157,8 @@ def _run(model, tokenizer, forget, retain, args: UnlearnArgs, progress: bool, ca
     batch_size, seed = args.batch_size, args.seed
     max_length = model_context_length(model) if args.max_length is None else args.max_length
     pad_id = pad_id_of(tokenizer)
-    forget_examples = encode_dataset(tokenizer, forget, "forget", max_length)
-    retain_examples = encode_dataset(tokenizer, retain, "retain", max_length) if retain is not None else []
+    forget_examples = method.encode(tokenizer, forget, "forget", max_length)
+    retain_examples = method.encode(tokenizer, retain, "retain", max_length) if retain is not None else []
     if engine is not None:
         engine.check_batches(batch_size, len(forget_examples))
     # What decides the result, for the resume check and the saved record.
