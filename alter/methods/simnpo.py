@@ -3,6 +3,9 @@ Optimization for LLM Unlearning"): NPO without the reference model, on the lengt
 NLL of each forget answer, plus the retain NLL.
 
     loss = gamma * -(2/beta) mean_i log sigmoid(beta * (NLL_i / |y_i| - delta)) + alpha * NLL(retain)
+
+|y_i|: the sample's labelled next-token targets (open-unlearning counts its labelled
+positions, one more on a text row, whose first token is labelled but predicted by none).
 """
 import torch
 import torch.nn.functional as F
