@@ -171,3 +171,40 @@ def test_lora_b_trains_under_gradient_checkpointing(reentrant, data, tokenizer):
     assert checkpointed == [True, True] and is_patched(model)
     B = adapter_parameters(model)["B"]
     assert all(b[0].abs().sum() > 0 for b in B), [float(b.abs().sum()) for b in B]
+
+
+@pytest.mark.parametrize("params", PARAMS)
+def test_reference_outputs_are_the_starting_model(params, data, tokenizer):
+    """reference_outputs gives the starting model's logits after the weights moved: the
+    frozen copy under full, the adapters disabled under lora/asym_lora."""
+    from alter.methods import register
+    from alter.methods.base import Method, labelled
+    from alter.methods.losses import token_nll
+
+    seen = []
+
+    @register
+    class ReferenceAscent(Method):
+        name = "test_reference_ascent"
+        needs_reference = True
+
+        def loss(self, model, forget, retain):
+            reference = self.reference_outputs(model, forget).logits
+            seen.append((forget["input_ids"].clone(), forget["attention_mask"].clone(), reference))
+            nll = token_nll(self.logits(model, forget, True), forget["labels"])
+            return -self.global_mean(nll, labelled(forget["labels"])), {"forget": nll.detach()}
+
+    model = small_model(tokenizer)
+    start = small_model(tokenizer).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        unlearn(model, tokenizer, data["forget"], data["retain"], AlterConfig(r=2, num_experts=3),
+                "test_reference_ascent", params=params, lr=1e-2, max_steps=3, router_warmup=0, batch_size=2,
+                progress=False)
+    ids, mask, reference = seen[-1]
+    assert not reference.requires_grad
+    with torch.no_grad():
+        expected = start(input_ids=ids, attention_mask=mask).logits
+        moved = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(reference, expected, rtol=0, atol=1e-6)
+    assert (moved - expected).abs().max() > 1e-3  # the trained model did move
