@@ -37,15 +37,18 @@ def small_model(tokenizer):
 
 @pytest.fixture(scope="module")
 def cli_inputs(data, tokenizer, tmp_path_factory):
-    """A saved tiny model and forget/retain JSON lines files."""
+    """A saved tiny model and forget/retain JSON lines files (the forget rows with dpo's
+    preferred ``alternate`` answer: another row's answer)."""
     root = tmp_path_factory.mktemp("params_cli")
     small_model(tokenizer).save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
     files = []
     for split in ("forget", "retain"):
         path = root / f"{split}.jsonl"
-        path.write_text("".join(json.dumps({"question": r["question"], "answer": r["answer"]}) + "\n"
-                                for r in data[split]))
+        answers = data[split]["answer"]
+        path.write_text("".join(json.dumps({"question": r["question"], "answer": r["answer"],
+                                            "alternate": answers[i - 1]}) + "\n"
+                                for i, r in enumerate(data[split])))
         files.append(str(path))
     return str(root / "model"), *files
 
