@@ -237,16 +237,12 @@ NEW_METHODS = ("simnpo", "dpo", "idk_dpo", "rmu", "undial", "ceu", "satimp", "wg
 
 @pytest.fixture(scope="module")
 def data():
-    qa = tofu_mini(num_authors=4, facts_per_author=2, forget_fraction=0.5, seed=2)
-    # dpo's preferred answers: another author's answer to each question
-    forget = qa["forget"].add_column("alternate", list(reversed(qa["forget"]["answer"])))
-    return {"forget": forget, "retain": qa["retain"]}
+    return tofu_mini(num_authors=4, facts_per_author=2, forget_fraction=0.5, seed=2)
 
 
 @pytest.fixture(scope="module")
 def tokenizer(data):
-    return build_tokenizer(qa_texts(tofu_mini(num_authors=4, facts_per_author=2, forget_fraction=0.5, seed=2))
-                           + list(IDK_ANSWERS))
+    return build_tokenizer(qa_texts(data) + list(IDK_ANSWERS))
 
 
 def run(tokenizer, data, method, params="full", forget=None, retain=True, **run_args):
@@ -304,7 +300,7 @@ def test_pdu_raises_the_retain_weight_by_the_constraint_violation(tokenizer, dat
 
 def test_methods_refuse_what_they_cannot_run_with_the_reason(tokenizer, data):
     with pytest.raises(ValueError, match="needs a 'alternate' column"):
-        run(tokenizer, data, "dpo", forget=data["forget"].remove_columns("alternate"))
+        run(tokenizer, data, "dpo", method_args={"alternate_key": "alternate"})
     text = datasets.Dataset.from_dict({"text": ["Paris is a city ."]})
     with pytest.raises(ValueError, match="needs QA rows in the forget set"):
         run(tokenizer, data, "idk_dpo", forget=text)

@@ -37,18 +37,16 @@ def small_model(tokenizer):
 
 @pytest.fixture(scope="module")
 def cli_inputs(data, tokenizer, tmp_path_factory):
-    """A saved tiny model and forget/retain JSON lines files (the forget rows with dpo's
-    preferred ``alternate`` answer: another row's answer)."""
+    """A saved tiny model and forget/retain JSON lines files (with TOFU's perturbed answers:
+    dpo's preferred answers)."""
     root = tmp_path_factory.mktemp("params_cli")
     small_model(tokenizer).save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
     files = []
     for split in ("forget", "retain"):
         path = root / f"{split}.jsonl"
-        answers = data[split]["answer"]
-        path.write_text("".join(json.dumps({"question": r["question"], "answer": r["answer"],
-                                            "alternate": answers[i - 1]}) + "\n"
-                                for i, r in enumerate(data[split])))
+        path.write_text("".join(json.dumps({k: r[k] for k in ("question", "answer", "perturbed_answer")}) + "\n"
+                                for r in data[split]))
         files.append(str(path))
     return str(root / "model"), *files
 

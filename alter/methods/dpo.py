@@ -25,21 +25,23 @@ def dpo_loss(win_logprob: torch.Tensor, win_ref: torch.Tensor, lose_logprob: tor
 
 @register
 class DPO(Method):
-    """The preferred answers come from the forget set's ``alternate_key`` column (AltPO's
-    ``alternate``, open-unlearning community/methods/AltPO/run.sh). The forget rows must be
-    QA rows: a text row has no question to put the preferred answer after. Both answers'
-    reference log-probabilities are computed once, in :meth:`prepare`."""
+    """The preferred answers come from the forget set's ``alternate_key`` column: by default
+    TOFU's ``perturbed_answer`` (a list: its first, a plausible wrong answer; TOFU's
+    ``*_perturbed`` configs and ``tofu_mini`` have it), or e.g. AltPO's generated
+    ``alternate`` (open-unlearning community/methods/AltPO/run.sh, ``alternate_key=alternate``).
+    The forget rows must be QA rows: a text row has no question to put the preferred answer
+    after. Both answers' reference log-probabilities are computed once, in :meth:`prepare`."""
 
     name = "dpo"
-    # open-unlearning configs/trainer/DPO.yaml (retain_loss_type NLL)
-    defaults = {"beta": 0.1, "alpha": 1.0, "gamma": 1.0, "alternate_key": "alternate"}
+    # open-unlearning configs/trainer/DPO.yaml (retain_loss_type NLL); alternate_key: the data's choice there
+    defaults = {"beta": 0.1, "alpha": 1.0, "gamma": 1.0, "alternate_key": "perturbed_answer"}
 
     def preferred_answers(self, data) -> list[str]:
         key = self.hparams["alternate_key"]
         if key not in data.column_names:
             raise ValueError(f"{self.name} prefers an alternate answer to each forget answer: the forget set needs "
                              f"a {key!r} column (method_args alternate_key), it has {sorted(data.column_names)}")
-        return list(data[key])
+        return [answer[0] if isinstance(answer, list) else answer for answer in data[key]]
 
     def encode(self, tokenizer, data, name, max_length):
         examples = encode_dataset(tokenizer, data, name, max_length)
