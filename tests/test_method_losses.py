@@ -9,9 +9,10 @@ import datasets
 import pytest
 import torch
 
-from alter.data import qa_texts, tofu_mini
+from alter.data import collate, pad_id_of, qa_texts, tofu_mini
 from alter.data.idk import IDK_ANSWERS
 from alter.methods.ceu import ceu_loss
+from alter.methods.data import encode_dataset, step_indices
 from alter.methods.dpo import dpo_loss
 from alter.methods.pdu import dual_update, pdu_forget_loss
 from alter.methods.rmu import rmu_layer, rmu_loss, steering_vector
@@ -309,3 +310,27 @@ def test_methods_refuse_what_they_cannot_run_with_the_reason(tokenizer, data):
     with pytest.raises(ValueError, match="needs a retain set"):
         run(tokenizer, data, "undial", retain=False, method_args={"alpha": 1.0})
     run(tokenizer, data, "undial", retain=False)  # its default (alpha 0) reads no retain set
+
+
+FIRST_STEP_TERMS = {  # the forget term each method logs, from the starting model's logits of the first batch
+    "simnpo": lambda logits, labels: simnpo_loss(logits, labels, 4.5, 0.0),
+    "wga": lambda logits, labels: wga_loss(logits, labels, 1.0),
+    "satimp": lambda logits, labels: satimp_loss(logits, labels, 5.0, 1.0),
+    "undial": lambda logits, labels: undial_loss(logits, logits, labels, 10.0),  # the reference is the model
+    "ceu": lambda logits, labels: ceu_loss(logits, labels, 1),
+    "pdu": pdu_forget_loss,
+}
+
+
+@pytest.mark.parametrize("method", sorted(FIRST_STEP_TERMS))
+def test_a_methods_first_step_logs_its_loss_on_its_first_batch_at_the_defaults(tokenizer, data, method):
+    model = tiny_llama(tokenizer, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=48,
+                       max_position_embeddings=128, seed=3)
+    examples = encode_dataset(tokenizer, data["forget"], "forget", None)
+    forget_ids, _ = step_indices(0, len(examples), len(data["retain"]), 2, 0)
+    batch = collate([examples[int(i)] for i in forget_ids], pad_id_of(tokenizer))
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        expected = FIRST_STEP_TERMS[method](logits.double(), batch["labels"])
+    _, _, logs = run(tokenizer, data, method)
+    assert logs[0]["forget"] == pytest.approx(expected.item(), rel=1e-4, abs=1e-6)
