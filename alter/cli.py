@@ -97,9 +97,9 @@ def _device(spec: str | None):
     return device
 
 
-def _check_backend(config, method: str, device) -> None:
+def _check_backend(config, method: str, device, params: str | None = None) -> None:
     """The backend asked for (``--backend`` / the config, or ``ALTER_BACKEND``) runs on ``device``."""
-    from alter.methods import ADAPTER_METHODS
+    from alter.methods import method_class
     from alter_kernels import BACKENDS, available_backends
 
     for source, backend in (("--backend", config.backend), ("ALTER_BACKEND", os.environ.get("ALTER_BACKEND") or None)):
@@ -110,7 +110,7 @@ def _check_backend(config, method: str, device) -> None:
         why = available_backends(device)[backend]
         if why:
             raise ValueError(f"{source}={backend!r} is unavailable on {device}: {why}")
-    if config.backend == "cpp" and method in ADAPTER_METHODS:
+    if config.backend == "cpp" and method_class(method).routed(params):
         raise ValueError(f"--backend cpp: the {method!r} adapters need route and asym_lora, which have no cpp "
                          "backend; use triton or eager (or leave it automatic)")
 
@@ -216,6 +216,7 @@ def unlearn_args(args):
     from alter.training.args import UnlearnArgs
 
     values = {field.name: getattr(args, field.name) for field in dataclasses.fields(UnlearnArgs)}
+    values["method_args"] = dict(args.method_args)  # --method-arg KEY=VALUE pairs, the last of a key kept
     return UnlearnArgs(**{**values, "config": _alter_config(args)})
 
 
@@ -233,7 +234,7 @@ def cmd_unlearn(args) -> int:
     forget = training_records(args.forget, "forget")
     retain = training_records(args.retain, "retain") if args.retain else None
     device = _device(args.device)
-    _check_backend(run_args.config, args.method, device)
+    _check_backend(run_args.config, args.method, device, run_args.params)
     _check_writable(args.output_dir)
     _check_out(args.output_dir, args.overwrite, args.resume)
     base = None

@@ -27,8 +27,8 @@ CONFIG_FLAGS = {
     "--num-experts": ("num_experts", int, "B experts N (retention + N-1 forget experts)"),
     "--lr-a": ("lr_A", float, "learning rate of A"),
     "--lr-b": ("lr_B", float, "learning rate of the B experts"),
-    "--beta": ("beta", float, "forget loss weight"),
-    "--gamma": ("gamma", float, "retain loss weight"),
+    "--beta": ("beta", float, "forget loss weight of alter and asym_lora"),
+    "--gamma": ("gamma", float, "retain loss weight of alter and asym_lora"),
     "--lam": ("lam", float, "structural term weight"),
     "--threshold": ("entropy_threshold", float, "entropy threshold of high-entropy tokens"),
     "--q": ("tsallis_q", float, "Tsallis q"),
@@ -103,6 +103,20 @@ def _method_list(text: str) -> tuple[str, ...]:
     return methods
 
 
+def method_arg(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` of ``--method-arg``: the value read as JSON (``0.2``, ``true``, ``"x"``),
+    else as the string given (``retain_loss_type=NLL``)."""
+    import json
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"must be KEY=VALUE, got {text!r}")
+    try:
+        return key.strip(), json.loads(value)
+    except ValueError:
+        return key.strip(), value
+
+
 # Value parsers of UnlearnArgs fields checked while parsing.
 FIELD_PARSERS = {"early_stop_share": _share_or_none}
 
@@ -145,8 +159,8 @@ def add_unlearn_flags(un: argparse.ArgumentParser) -> None:
     un.add_argument("--model", required=True, help=f"Hugging Face model directory or name, or '{TINY}' for a small "
                                                    "random Llama")
     un.add_argument("--forget", required=True, help="forget set (json/jsonl)")
-    un.add_argument("--retain", help="retain set (json/jsonl); required except for grad_ascent and npo "
-                                     "(default: none)")
+    un.add_argument("--retain", help="retain set (json/jsonl); required except for the methods that read none "
+                                     "(grad_ascent, undial, ceu) on --params full (default: none)")
     un.add_argument("--overwrite", action="store_true",
                     help="replace what a non-empty --out holds (default: off: a non-empty --out is refused, "
                          "unless --resume continues the run there)")
@@ -154,8 +168,11 @@ def add_unlearn_flags(un: argparse.ArgumentParser) -> None:
                                        "'none' gives None")
     hints = typing.get_type_hints(UnlearnArgs)
     for field in dataclasses.fields(UnlearnArgs):
-        if field.name != "config":  # built from the config flags
+        if field.name not in ("config", "method_args"):  # built from the config flags / --method-arg
             add_field_flag(run, field, hints[field.name], choices=METHODS if field.name == "method" else None)
+    run.add_argument("--method-arg", dest="method_args", type=method_arg, action="append", default=[],
+                     metavar="KEY=VALUE", help="a hyper-parameter of the method over its default (open-unlearning's "
+                                               "names, e.g. beta=0.2; repeatable)")
 
     config = un.add_argument_group("config", "the AlterConfig of the adapter methods")
     config.add_argument("--config", help="AlterConfig JSON file (adapter_config.json layout); flags below override "

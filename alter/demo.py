@@ -87,8 +87,10 @@ def facts(split):
     """
     import datasets
 
-    answers = split.select_columns(["question", "answer"])
-    paraphrases = split.select_columns(["question", "paraphrased_answer"]).rename_column("paraphrased_answer", "answer")
+    # perturbed_answer rides along: dpo's preferred answers
+    answers = split.select_columns(["question", "answer", "perturbed_answer"])
+    paraphrases = split.select_columns(["question", "paraphrased_answer", "perturbed_answer"]).rename_column(
+        "paraphrased_answer", "answer")
     return datasets.concatenate_datasets([answers, paraphrases])
 
 

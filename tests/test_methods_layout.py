@@ -16,7 +16,7 @@ from alter.methods import ADAPTER_METHODS, METHODS, method_class
 from alter.methods.alter import Alter
 from alter.training.args import UnlearnArgs
 from alter.methods.asym_lora import AsymLoRA
-from alter.methods.base import Method, RoutedMethod
+from alter.methods.base import Method
 from alter.tiny import build_tokenizer, tiny_llama
 from alter.train import RUN_ARGS_FILE, encode_dataset, unlearn
 
@@ -37,25 +37,26 @@ def small_model(tokenizer):
 
 
 def test_registry_has_one_class_per_method_each_owning_its_loss():
-    assert METHODS == ("alter", "asym_lora", "lora", "grad_ascent", "grad_diff", "npo")
+    assert METHODS[:6] == ("alter", "asym_lora", "lora", "grad_ascent", "grad_diff", "npo")
     for name in METHODS:
         cls = method_class(name)
         assert cls.name == name and issubclass(cls, Method)
-        assert "loss" in vars(cls), f"{name} does not define its own loss"
-        assert issubclass(cls, RoutedMethod) == (name in ADAPTER_METHODS) == cls.routed()
-        assert cls.params == ("asym_lora" if name in ADAPTER_METHODS else "full")
-    assert [name for name in METHODS if method_class(name).has_forget_experts] == ["alter", "asym_lora"]
+        # lora: the kept name of grad_diff on params lora, its loss grad_diff's; idk_dpo: dpo's loss on other data
+        assert "loss" in vars(cls) or name in ("lora", "idk_dpo"), f"{name} does not define its own loss"
+        assert (name in ADAPTER_METHODS) == cls.routed() == (cls.default_params != "full")
+        assert cls.default_params in cls.supported_params
+    assert [name for name in METHODS[:6] if method_class(name).default_params != "full"] == ["alter", "asym_lora", "lora"]
     assert not issubclass(Alter, AsymLoRA)  # two losses side by side, not flags on one
-    assert [name for name in METHODS if not method_class(name).needs_retain] == ["grad_ascent", "npo"]
+    assert [name for name in METHODS if not method_class(name).needs_retain] == ["grad_ascent", "undial", "ceu"]
 
 
 def test_args_fields_are_the_fingerprint_and_the_record():
     roles = {f.name: f.metadata["role"] for f in dataclasses.fields(UnlearnArgs)}
-    args = UnlearnArgs(method="npo", npo_beta=0.3, max_grad_norm=None, max_length=50)
+    args = UnlearnArgs(method="npo", method_args={"beta": 0.3}, max_grad_norm=None, max_length=50)
     assert set(args.fingerprint()) == {name for name, role in roles.items() if role == "fingerprint"}
     assert set(args.record()) == set(args.fingerprint()) | {"epochs"}
     # what the hand-written lists used to miss
-    assert {"npo_beta": 0.3, "max_grad_norm": None, "max_length": 50}.items() <= args.fingerprint().items()
+    assert {"method_args": {"beta": 0.3}, "max_grad_norm": None, "max_length": 50}.items() <= args.fingerprint().items()
     assert args.fingerprint()["config"] == AlterConfig().to_dict()
     with pytest.raises(ValueError, match="method must be one of"):
         UnlearnArgs(method="nope")
@@ -67,9 +68,9 @@ def test_args_fields_are_the_fingerprint_and_the_record():
 
 def test_saved_record_holds_every_recorded_argument(data, tokenizer, tmp_path):
     unlearn(small_model(tokenizer), tokenizer, data["forget"], None, method="grad_ascent", batch_size=2, max_steps=1,
-            npo_beta=0.2, epochs=3, output_dir=str(tmp_path), progress=False)
+            lr=2e-4, epochs=3, output_dir=str(tmp_path), progress=False)
     record = json.loads((tmp_path / RUN_ARGS_FILE).read_text())
-    expected = UnlearnArgs(method="grad_ascent", batch_size=2, npo_beta=0.2, epochs=3).record()
+    expected = UnlearnArgs(method="grad_ascent", batch_size=2, lr=2e-4, epochs=3).record()
     assert {k: record[k] for k in expected} == expected
     assert record["steps"] == 1 and record["n_forget"] == len(data["forget"])
 
@@ -84,15 +85,14 @@ def test_saved_record_and_adapter_hold_one_config(data, tokenizer, tmp_path):
 
 
 def test_grad_diff_step_loss_equals_a_float64_recomputation(data, tokenizer):
-    """The logged loss of grad_diff's first step is beta * -NLL(forget) + gamma * NLL(retain)
-    of the batches the run picked, recomputed here in float64 from the starting model (the
-    trainer takes the NLL of float64 logits in float32)."""
+    """The logged loss of grad_diff's first step is gamma * -NLL(forget) + alpha * NLL(retain)
+    (open-unlearning's names) of the batches the run picked, recomputed here in float64
+    from the starting model (the trainer takes the NLL of float64 logits in float32)."""
     model = small_model(tokenizer).double()
     start = copy.deepcopy(model)
     logs = []
-    config = AlterConfig(beta=0.7, gamma=1.3)
-    unlearn(model, tokenizer, data["forget"], data["retain"], config, "grad_diff", batch_size=2, max_steps=1,
-            progress=False, callback=lambda step, log: logs.append(log))
+    unlearn(model, tokenizer, data["forget"], data["retain"], None, "grad_diff", batch_size=2, max_steps=1,
+            method_args={"gamma": 0.7, "alpha": 1.3}, progress=False, callback=lambda step, log: logs.append(log))
     from alter.train import step_indices
 
     def nll(rows):
@@ -146,7 +146,7 @@ def test_a_method_is_one_registered_class_with_its_loss(data, tokenizer):
         needs_retain = False
 
         def loss(self, model, forget, retain):
-            nll = token_nll(self.logits(model, forget), forget["labels"])
+            nll = token_nll(self.logits(model, forget, True), forget["labels"])
             return -0.5 * self.global_mean(nll, labelled(forget["labels"])), {"forget": nll.detach()}
 
     assert method_names()[:len(METHODS)] == METHODS and "test_half_ascent" in method_names()

@@ -12,7 +12,7 @@ import pytest
 import safetensors.torch
 import torch
 
-import alter.methods.base
+import alter.methods.params
 import alter.methods.npo
 import alter.train
 from alter.cli import main, read_records
@@ -253,19 +253,21 @@ def no_forward(*args, **kwargs):
 @pytest.mark.parametrize("change, match", [
     (dict(max_grad_norm=0.5), r"max_grad_norm: 1.0 -> 0.5"),
     (dict(max_length=60), r"max_length: None -> 60"),
-    (dict(npo_beta=0.2), r"npo_beta: 0.1 -> 0.2"),
+    (dict(method_args={"beta": 0.2}), r"method_args.beta: None -> 0.2"),
     (dict(forget="changed"), r"data_sha256: '[0-9a-f]{64}' -> '[0-9a-f]{64}'"),
 ])
 def test_resume_refuses_changed_args_or_data_before_any_forward(change, match, data, tokenizer, tmp_path, monkeypatch):
     common = dict(method="npo", batch_size=2, progress=False, output_dir=str(tmp_path))
-    unlearn(small_model(tokenizer), tokenizer, data["forget"], None, CONFIG, max_steps=1, save_every=1, **common)
+    unlearn(small_model(tokenizer), tokenizer, data["forget"], data["retain"], CONFIG, max_steps=1, save_every=1,
+            **common)
     forget = data["forget"]
     if change.pop("forget", None):
         forget = forget.map(lambda row, i: {"answer": row["answer"] if i else "Oslo ."}, with_indices=True)
     monkeypatch.setattr(alter.methods.npo, "reference_logprobs", no_forward)
-    monkeypatch.setattr(alter.methods.base, "base_model_pass", no_forward)
+    monkeypatch.setattr(alter.methods.params, "base_model_pass", no_forward)
     with pytest.raises(ValueError, match="written by a different run .*" + match):
-        unlearn(small_model(tokenizer), tokenizer, forget, None, **{"config": CONFIG, **common, **change}, resume=True)
+        unlearn(small_model(tokenizer), tokenizer, forget, data["retain"], **{"config": CONFIG, **common, **change},
+                resume=True)
 
 
 # -------------------------------------------------------------------------------- CLI
@@ -314,7 +316,7 @@ def test_cli_resume_refuses_changed_data_and_a_corrupt_checkpoint(files, data, t
     argv = ["unlearn", "--model", "tiny", "--forget", forget, "--retain", retain, "--out", str(out), "--quiet",
             "--max-steps", "1", "--batch-size", "2", "--rank", "2", "--num-experts", "3", "--save-every", "1"]
     assert main(argv) == 0
-    monkeypatch.setattr(alter.methods.base, "base_model_pass", no_forward)
+    monkeypatch.setattr(alter.methods.params, "base_model_pass", no_forward)
     rows = qa_rows(data)
     rows[0]["answer"] = rows[1]["answer"]  # same words (same tiny vocabulary), other data
     write_jsonl(tmp_path / "forget.jsonl", rows)

@@ -1,8 +1,9 @@
 """The unlearning methods, one module each: its loss, ``loss(model, forget, retain)``,
-and what it needs (:mod:`alter.methods.base`). The adapter methods (``alter``,
-``asym_lora``, ``lora``) train AsymLoRA adapters under the routing protocol of
-:class:`~alter.methods.base.RoutedMethod`; the baselines (``grad_ascent``, ``grad_diff``,
-``npo``) train every weight (the parameterizations: :mod:`alter.methods.params`).
+its hyper-parameters and what it needs (:mod:`alter.methods.base`). Each runs on the
+parameterizations it supports (:mod:`alter.methods.params`: ``"full"`` weights, one
+``"lora"`` adapter, or ``"asym_lora"`` adapters under the routing protocol), by default
+its ``default_params``: ``alter`` and ``asym_lora`` on AsymLoRA, ``lora`` (grad_diff on
+one LoRA adapter, a kept name) on LoRA, the open-unlearning baselines on every weight.
 
 A method registers its class under its ``name`` with :func:`register`; :func:`build`
 makes the method of a run from its :class:`~alter.training.args.UnlearnArgs`.
@@ -33,13 +34,16 @@ def build(args, autocast, engine=None):
 # The built-in methods, in the order the docs and the CLI list them; importing a module
 # registers its class. Imported on first use, so that the names (and alter.methods.args)
 # cost no torch import.
-METHODS = ("alter", "asym_lora", "lora", "grad_ascent", "grad_diff", "npo")
+METHODS = ("alter", "asym_lora", "lora", "grad_ascent", "grad_diff", "npo",
+           "simnpo", "dpo", "idk_dpo", "rmu", "undial", "ceu", "satimp", "wga", "pdu")
 
 
 def _registry() -> dict[str, type]:
+    """The registered classes, the built-in ones in METHODS order (a module may import
+    another's class: lora imports grad_diff), then the others."""
     for name in METHODS:
         importlib.import_module(f"alter.methods.{name}")
-    return _REGISTRY
+    return {**{name: _REGISTRY[name] for name in METHODS}, **_REGISTRY}
 
 
 def method_names() -> tuple[str, ...]:
@@ -48,6 +52,6 @@ def method_names() -> tuple[str, ...]:
 
 
 def __getattr__(name: str):
-    if name == "ADAPTER_METHODS":  # the methods that train routers, built-in and registered
+    if name == "ADAPTER_METHODS":  # the methods whose default params train routers, built-in and registered
         return tuple(m for m, cls in _registry().items() if cls.routed())
     raise AttributeError(f"module 'alter.methods' has no attribute {name!r}")

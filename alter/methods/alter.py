@@ -1,6 +1,7 @@
 """ALTER (the paper's method): AsymLoRA guided by the base model's token entropy.
 
-    loss = beta * IHL_w(forget) + gamma * NLL(retain) + lam * structural + routing loss
+    loss = beta * IHL_w(forget) + gamma * NLL(retain) + lam * structural
+           (+ the routing loss, added by the asym_lora parameterization)
 
 The forget IHL weights high-entropy tokens by ``config.high_entropy_weight``; the
 structural term (eq. 8, over the high-entropy tokens of both batches) keeps the adapter
@@ -9,13 +10,22 @@ when ``config.a_learns_from_high_entropy_only`` (the paper's setting; off by def
 :class:`~alter.config.AlterConfig`).
 """
 from alter.methods import register
-from alter.methods.base import RoutedMethod, labelled
+from alter.methods.base import Method, labelled
 from alter.methods.losses import _high_entropy_tokens, structural_exact, structural_surrogate, token_nll
 
 
 @register
-class Alter(RoutedMethod):
+class Alter(Method):
     name = "alter"
+    default_params = "asym_lora"
+    supported_params = ("asym_lora",)
+    refused_params = dict.fromkeys(
+        ("full", "lora"), "ALTER is an AsymLoRA method: its forget experts and structural term (the base model's cached "
+        "entropy, the adapters' A) exist under params 'asym_lora' only")
+    reads_config_weights = True
+
+    def config_changes(self, config) -> dict:
+        return {}  # the user's a_learns_from_high_entropy_only
 
     def structural(self, logits, batch):
         """(structural term of a batch, the count of high-entropy tokens it is a mean over)."""
@@ -30,7 +40,7 @@ class Alter(RoutedMethod):
         cfg = self.config
         loss, logs = 0.0, {}
         for batch, is_forget in ((forget, True), (retain, False)):
-            logits = self.routed_logits(model, batch, is_forget)
+            logits = self.logits(model, batch, is_forget)
             if is_forget:
                 term, count = self.ihl(logits, batch["labels"], cfg.high_entropy_weight)
                 loss = loss + cfg.beta * self.global_mean(term, count)
@@ -42,5 +52,4 @@ class Alter(RoutedMethod):
                 structure, high = self.structural(logits, batch)
                 loss = loss + cfg.lam * self.global_mean(structure, high)
                 logs["structural"] = logs.get("structural", 0.0) + structure.detach()
-        route, logs["route"] = self.routing_loss(model, forget, retain)
-        return loss + route, logs
+        return loss, logs

@@ -1,25 +1,25 @@
-"""AsymLoRA without entropy: ALTER's sub-domain forget experts and routing, the inverted
-hinge loss with uniform token weights, A learning from every token, no structural term.
+"""``asym_lora``: AsymLoRA without entropy, ALTER's ablation: the inverted hinge loss with
+uniform token weights, A learning from every token, no structural term. On its default
+params ``"asym_lora"`` it trains ALTER's sub-domain forget experts and routing; on
+``"lora"`` or ``"full"`` it is the IHL objective on one adapter or every weight.
 
-    loss = beta * IHL(forget) + gamma * NLL(retain) + routing loss
+    loss = beta * IHL(forget) + gamma * NLL(retain)   (+ routing loss under the adapters)
 """
 from alter.methods import register
-from alter.methods.base import RoutedMethod, labelled
+from alter.methods.base import Method, labelled
 from alter.methods.losses import token_nll
 
 
 @register
-class AsymLoRA(RoutedMethod):
+class AsymLoRA(Method):
     name = "asym_lora"
-
-    def config_changes(self, config) -> dict:
-        return {**super().config_changes(config), "a_learns_from_high_entropy_only": False}
+    default_params = "asym_lora"
+    reads_config_weights = True
 
     def loss(self, model, forget, retain):
         cfg = self.config
-        forget_loss, count = self.ihl(self.routed_logits(model, forget, True), forget["labels"], 1.0)
-        retain_loss = token_nll(self.routed_logits(model, retain, False), retain["labels"])
-        route, route_log = self.routing_loss(model, forget, retain)
+        forget_loss, count = self.ihl(self.logits(model, forget, True), forget["labels"], 1.0)
+        retain_loss = token_nll(self.logits(model, retain, False), retain["labels"])
         loss = (cfg.beta * self.global_mean(forget_loss, count)
-                + cfg.gamma * self.global_mean(retain_loss, labelled(retain["labels"])) + route)
-        return loss, {"forget": forget_loss.detach(), "retain": retain_loss.detach(), "route": route_log}
+                + cfg.gamma * self.global_mean(retain_loss, labelled(retain["labels"])))
+        return loss, {"forget": forget_loss.detach(), "retain": retain_loss.detach()}

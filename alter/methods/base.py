@@ -1,12 +1,17 @@
 """What every unlearning method is: a loss over a forget and a retain batch,
 ``loss(model, forget, retain) -> (loss, logs)`` (open-unlearning's ``compute_loss``
-shape), the things it declares it needs, and the parameterization it trains
-(:mod:`alter.methods.params`: every weight, or AsymLoRA adapters).
+shape), its hyper-parameters and the things it declares it needs. The parameterization
+it trains (``"full"``, ``"lora"``, ``"asym_lora"``: :mod:`alter.methods.params`) is a
+choice apart: the method's forwards go through :meth:`Method.logits` /
+:meth:`Method.outputs`, which run them under the chosen parameterization, and the
+parameterization's own term (the routers' loss under the adapters) is added by
+:meth:`Method.step`, so that every loss runs on every parameterization it supports.
 
 A method is built from the run's ``alter.training.args.UnlearnArgs`` and an autocast
-factory. :meth:`Method.setup` prepares the examples (:meth:`Method.prepare`: the fields
-its loss reads, e.g. NPO's reference log-probabilities) and the parameters, and returns
-the optimizer; :meth:`Method.step` runs one loss and its backward.
+factory. :meth:`Method.setup` prepares the examples (the parameterization's fields, then
+:meth:`Method.prepare`: the fields its loss reads, e.g. NPO's reference
+log-probabilities) and the parameters, and returns the optimizer; :meth:`Method.step`
+runs one loss and its backward.
 
 Under a distributed run each process gets its share of the global batch; the loss is
 computed with the engine's wrapped model (``model``, for the forwards) while the routing
@@ -14,36 +19,39 @@ contexts act on the unwrapped one (``self.model``). Each term is a mean over the
 (or samples) of the process's batch; :meth:`Method.global_mean` rescales it so that the
 engine's gradient averaging over processes gives the gradient of the mean over the global
 batch (the single-process gradient).
-
-:class:`RoutedMethod` is the AsymLoRA training protocol that ALTER and its ablations
-share: cached base-model entropy, forget sub-domains, routing targets, and the forwards
-under the routers' (or forced) routes.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch
 
-from alter.adapters import forced_route, frozen_adapters, precomputed_entropy, router_loss
 from alter.data import IGNORE_INDEX
-from alter.methods.data import _model_inputs, base_model_pass, routing_targets, split_subdomains, with_fields
+from alter.methods.data import _model_inputs, encode_dataset
 from alter.methods.losses import _floats, shift_labels, token_nll
-from alter.methods.params import PARAMETERIZATIONS
+from alter.methods.params import PARAMETERIZATIONS, PARAMS, frozen_copy
 from alter_kernels import inverted_hinge_loss
 from alter_kernels.ihl import token_weights
 
-RETENTION_EXPERT = 0
-
 
 class Method:
-    """One unlearning method. A subclass sets ``name``, declares what it needs and
-    implements :meth:`loss` (and :meth:`prepare` when its loss reads per-example fields)."""
+    """One unlearning method. A subclass sets ``name``, its ``defaults``, declares what it
+    needs and implements :meth:`loss` (and :meth:`prepare` when its loss reads per-example
+    fields)."""
 
     name: str = ""
-    params = "full"  # the parameterization it trains: a key of PARAMETERIZATIONS
-    needs_retain = True  # False: the loss never reads a retain batch and retain may be None
-    has_forget_experts = False  # adapters with forget experts apart from the retention expert
+    default_params = "full"  # the parameterization of UnlearnArgs.params=None
+    supported_params: tuple[str, ...] = PARAMS
+    refused_params: dict[str, str] = {}  # params -> why this method refuses it
+    needs_retain = True  # False: the loss never reads a retain batch (the adapters' routers still do)
+    needs_reference = False  # True: the loss reads reference_outputs (the starting model's)
+    # Hyper-parameters with open-unlearning's values (each method cites its config);
+    # self.hparams = these updated by UnlearnArgs.method_args.
+    defaults: dict = {}
+    # Whether the loss reads AlterConfig's beta/gamma/lam (the adapter objectives); the
+    # others take their weights from method_args, and refuse a config that sets them.
+    reads_config_weights = False
 
     def __init__(self, args, autocast, engine=None):
         # args: the run's alter.training.args.UnlearnArgs (a layer above the methods)
@@ -55,28 +63,86 @@ class Method:
         self.world = 1 if engine is None else engine.world
         self.backward = engine.backward if engine is not None else torch.Tensor.backward
         self.distributed = engine is not None
-        self.parameters = PARAMETERIZATIONS[self.params](args)
+        self.hparams = self.method_hparams(args.method_args)
+        self.parameters = PARAMETERIZATIONS[self.resolve_params(args.params)](self)
+        # The routers learn the retained data's route: an adapter run reads the retain set.
+        self.needs_retain = type(self).needs_retain or self.parameters.routed
+        self.has_forget_experts = self.parameters.has_forget_experts
         self.model = None
+        self.reference_model = None
+
+    # ------------------------------------------------------- validation (API boundary)
 
     @classmethod
-    def routed(cls) -> bool:
-        """Whether the method trains routers (and so has a router warm-up)."""
-        return PARAMETERIZATIONS[cls.params].routed
+    def resolve_params(cls, params: str | None) -> str:
+        """The parameterization of ``params`` (None: the method's default); ValueError
+        with the reason when the method refuses it."""
+        if params is None:
+            return cls.default_params
+        if params not in PARAMS:
+            raise ValueError(f"params must be one of {PARAMS} or None (the method's default), got {params!r}")
+        if params not in cls.supported_params:
+            why = cls.refused_params.get(params, f"it supports {cls.supported_params}")
+            raise ValueError(f"method {cls.name!r} does not run on params={params!r}: {why}")
+        return params
+
+    @classmethod
+    def method_hparams(cls, method_args: dict) -> dict:
+        """``defaults`` updated by ``method_args``; ValueError on an unknown key or a value
+        of another type than its default's (an int is a float)."""
+        unknown = sorted(set(method_args) - set(cls.defaults))
+        if unknown:
+            known = ", ".join(sorted(cls.defaults)) or "none"
+            raise ValueError(f"method {cls.name!r} has no method_args {unknown}; its hyper-parameters: {known}")
+        for key, value in method_args.items():
+            kind = type(cls.defaults[key])
+            ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+            if not ok and not (kind is float and isinstance(value, int) and not isinstance(value, bool)):
+                raise ValueError(f"method_args {key!r} of {cls.name!r} must be a {kind.__name__} "
+                                 f"(default {cls.defaults[key]!r}), got {value!r}")
+        return {**cls.defaults, **{k: float(v) if type(cls.defaults[k]) is float else v
+                                   for k, v in method_args.items()}}
+
+    @classmethod
+    def routed(cls, params: str | None = None) -> bool:
+        """Whether the method on ``params`` (None: its default) trains routers (and so has
+        a router warm-up and reads the retain set)."""
+        return PARAMETERIZATIONS[cls.resolve_params(params)].routed
 
     # ----------------------------------------------------------------- setup
 
     def setup(self, model, forget_examples: list[dict], retain_examples: list[dict], pad_id: int):
         """Prepare ``model`` and the examples (all processes alike). Returns the optimizer
-        and the forget and retain examples to train on (new dicts with the method's
-        per-example fields; the given ones stay as they are)."""
+        and the forget and retain examples to train on (new dicts with the
+        parameterization's and the method's per-example fields; the given ones stay as
+        they are)."""
+        forget_examples, retain_examples, changes = self.parameters.prepare(
+            model, forget_examples, retain_examples, pad_id)
         forget_examples, retain_examples = self.prepare(model, forget_examples, retain_examples, pad_id)
+        changes = {**changes, **self.config_changes(self.config)}
+        self.config = dataclasses.replace(self.config, **changes) if changes else self.config
+        if self.needs_reference and not self.parameters.adapter:
+            self.reference_model = frozen_copy(model)  # before any step: the starting model
         optimizer = self.parameters.setup(model, self.config)
         self.attach(model)
         return optimizer, forget_examples, retain_examples
 
+    def encode(self, tokenizer, data, name: str, max_length: int | None) -> list[dict]:
+        """The examples of split ``name`` (``"forget"`` or ``"retain"``):
+        :func:`~alter.methods.data.encode_dataset`, unless the method reads more of the rows
+        (DPO's preferred answers)."""
+        return encode_dataset(tokenizer, data, name, max_length)
+
     def prepare(self, model, forget_examples: list[dict], retain_examples: list[dict], pad_id: int):
-        """The examples with the fields the loss reads (default: as given)."""
+        """The examples with the fields the loss reads (default: as given). ``model`` is
+        the starting model (not yet patched); add fields with
+        :func:`alter.methods.data.with_fields`."""
         return forget_examples, retain_examples
+
+    def config_changes(self, config) -> dict:
+        """Changes to the user's config (the adapters' settings) for this method: A learns
+        from every token (learning from high-entropy tokens only is ALTER's guidance)."""
+        return {"a_learns_from_high_entropy_only": False}
 
     def attach(self, model) -> None:
         """Read the parameters from ``model`` (the unwrapped model), again after an engine
@@ -90,6 +156,35 @@ class Method:
     def save(self, model, directory: str, state: dict | None = None) -> None:
         self.parameters.save(model, directory, state)
 
+    # -------------------------------------------------------------- forwards
+
+    def outputs(self, model, batch: dict, forget: bool | None = None, **model_kwargs):
+        """The Hugging Face output of a forward that trains, under the parameterization
+        (full: plain; lora: the one adapter; asym_lora: forget rows to their sub-domain
+        expert, retain rows to expert 0). ``forget``: whether ``batch`` is the forget batch
+        (the adapters need it; full ignores it). ``model_kwargs``: e.g.
+        ``output_hidden_states=True``."""
+        with self.parameters.forward_context(batch, forget), self.autocast():
+            return model(**_model_inputs(batch), **model_kwargs)
+
+    def logits(self, model, batch: dict, forget: bool | None = None) -> torch.Tensor:
+        """The logits [B, L, V] of :meth:`outputs`."""
+        return self.outputs(model, batch, forget).logits
+
+    @torch.no_grad()
+    def reference_outputs(self, model, batch: dict, **model_kwargs):
+        """The starting model's output for ``batch``, without gradient, in eval mode: the
+        adapters disabled under lora/asym_lora, else the frozen copy made at setup (a
+        method that calls this sets ``needs_reference``)."""
+        if self.parameters.adapter:
+            context = self.parameters.reference_context(batch)
+        elif self.reference_model is None:
+            raise RuntimeError(f"method {self.name!r} reads reference_outputs: set needs_reference = True")
+        else:
+            model, context = self.reference_model, contextlib.nullcontext()
+        with context, self.autocast():
+            return model(**_model_inputs(batch), **model_kwargs)
+
     # ------------------------------------------------------------------ loss
 
     def global_mean(self, loss: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
@@ -101,106 +196,22 @@ class Method:
         total = self.reduce_sum(count.clone())
         return loss * (count * self.world / total.clamp_min(1))
 
-    def logits(self, model, batch: dict) -> torch.Tensor:
-        """The model's logits [B, L, V] for a batch."""
-        with self.autocast():
-            return model(**_model_inputs(batch)).logits
-
     def loss(self, model, forget: dict, retain: dict | None) -> tuple[torch.Tensor, dict]:
-        """The step's loss (a scalar with gradient) and its terms to log (detached)."""
+        """The method's loss (a scalar with gradient) and its terms to log (detached)."""
         raise NotImplementedError
 
     def step(self, model, forget: dict, retain: dict | None) -> dict:
-        """Loss and backward of one unlearning step; returns the logged terms as floats."""
+        """Loss (the method's plus the parameterization's term) and backward of one
+        unlearning step; returns the logged terms as floats."""
         loss, logs = self.loss(model, forget, retain)
+        extra, extra_logs = self.parameters.loss(model, forget, retain)
+        loss = loss + extra
         self.backward(loss)
-        return _floats({**logs, "loss": loss.detach()})
+        return _floats({**logs, **extra_logs, "loss": loss.detach()})
 
     def warmup_step(self, model, forget: dict, retain: dict | None) -> dict:
-        """A router warm-up step (methods with routers only)."""
-        raise NotImplementedError(f"{self.name} has no router")
-
-
-def labelled(labels: torch.Tensor) -> torch.Tensor:
-    """Labelled next-token targets of a batch (the count ``token_nll`` averages over)."""
-    return (labels[:, 1:] != IGNORE_INDEX).sum()
-
-
-class RoutedMethod(Method):
-    """The AsymLoRA training protocol (PEFT-like: the base weights stay frozen).
-
-    :meth:`prepare` runs the base model once over the data: every token's entropy (cached
-    for the run: the layers read it through ``precomputed_entropy``), the forget set's
-    features, split by k-means into ``num_experts - 1`` sub-domains (each forget example's
-    forget expert), and the routing targets. A subclass's loss combines
-    :meth:`routed_logits` (the forwards that train A and B) with :meth:`routing_loss`
-    (the forwards that train the routers only).
-    """
-
-    params = "asym_lora"
-    has_forget_experts = True  # forget expert d for sub-domain d (False: every token to expert 0)
-
-    def prepare(self, model, forget_examples, retain_examples, pad_id):
-        config, batch_size = self.config, self.args.batch_size
-        features, forget_entropy = base_model_pass(model, forget_examples, pad_id, config.tsallis_q, batch_size)
-        _, retain_entropy = base_model_pass(model, retain_examples, pad_id, config.tsallis_q, batch_size)
-        if self.has_forget_experts:
-            forget_experts = [int(d) + 1 for d in split_subdomains(features, config.num_experts - 1, self.args.seed)]
-        else:
-            forget_experts = [RETENTION_EXPERT] * len(forget_examples)
-        forget_targets, retain_targets = routing_targets(forget_examples, retain_examples)
-        forget_examples = with_fields(forget_examples, entropy=forget_entropy, expert=forget_experts,
-                                      route_mask=forget_targets)
-        retain_examples = with_fields(retain_examples, entropy=retain_entropy,
-                                      expert=[RETENTION_EXPERT] * len(retain_examples), route_mask=retain_targets)
-        self.config = dataclasses.replace(config, **self.config_changes(config))
-        # Routing loss of each pass weighted by its set's share of the data (docs/training.md, "Routing targets").
-        total = len(forget_examples) + len(retain_examples)
-        self.route_weight = {True: 2 * len(forget_examples) / total, False: 2 * len(retain_examples) / total}
-        # Experts trained under the routers' own gating (config.train_routes == "router"),
-        # for the methods with forget experts; one adapter is always forced.
-        self.router_routes = self.has_forget_experts and self.config.train_routes == "router"
-        return forget_examples, retain_examples
-
-    def config_changes(self, config) -> dict:
-        """Changes to the user's config for this method's adapters."""
-        if config.entropy_source == "prepass":
-            return {"entropy_source": "lagged"}  # prepass on whole sequences, and generate() works
-        return {}
-
-    def routed_logits(self, model, batch: dict, forget: bool) -> torch.Tensor:
-        """Logits of a forward that trains A and B: under the cached entropy, routed by the
-        routers (``router_routes``) or forced to each example's expert. Under router routes
-        a forget batch gives no gradient to the retention expert B_0: a forget token the
-        router sends there must not teach it to forget."""
-        frozen = [RETENTION_EXPERT] if forget and self.router_routes else []
-        with forced_route(self.model, batch["expert"], gate=not self.router_routes), \
-                precomputed_entropy(self.model, batch["entropy"]), frozen_adapters(self.model, frozen):
-            return self.logits(model, batch)
-
-    def routing_loss(self, model, forget: dict, retain: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """The routers' loss on both batches, gating on their own as at inference, with
-        gradients for the routers only (A and B frozen in these forwards). Under forced
-        routes a router would learn to recognize the forget experts' own effect on the
-        layers below it, which is absent at inference whenever those layers route
-        differently. Returns (weighted loss, the unweighted sum to log)."""
-        total, logged = 0.0, 0.0
-        for batch, is_forget in ((forget, True), (retain, False)):
-            with forced_route(self.model, batch["expert"], gate=False), \
-                    precomputed_entropy(self.model, batch["entropy"]), frozen_adapters(self.model):
-                logits = self.logits(model, batch)
-            # The positions routing_targets chose (docs/training.md, "Routing targets").
-            routed = batch["route_mask"].bool()
-            route = router_loss(self.model, routed)
-            count = (routed & batch["attention_mask"].bool()).sum()
-            total = total + self.route_weight[is_forget] * self.global_mean(route, count)
-            if self.distributed:
-                # The routing loss reaches the routers through logits recorded aside; through
-                # the model's output too, every parameter takes part in the backward (DDP
-                # waits for each one) and FSDP2 gathers every unit before its backward.
-                total = total + 0.0 * logits.sum()
-            logged = logged + route.detach()
-        return total, logged
+        """A router warm-up step (adapter parameterizations only)."""
+        return self.parameters.warmup_step(model, forget, retain)
 
     def ihl(self, logits, labels, high_entropy_weight: float) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(forget loss, the weight sum it is a mean over): the inverted hinge loss with
@@ -218,12 +229,7 @@ class RoutedMethod(Method):
         count = token_weights(entropy, flat_labels == IGNORE_INDEX, self.config.entropy_threshold, high_entropy_weight)
         return loss, count.sum()
 
-    def warmup_step(self, model, forget: dict, retain: dict) -> dict:
-        """The routing loss alone (a router warm-up step), gradients for the routers only."""
-        loss, route = self.routing_loss(model, forget, retain)
-        self.backward(loss)
-        # A and B took part with zero gradient; no gradient at all keeps the optimizer from
-        # counting warm-up steps for them (AdamW's bias correction starts at their first step).
-        for param in self.parameters.A + self.parameters.B:
-            param.grad = None
-        return _floats({"route": route})
+
+def labelled(labels: torch.Tensor) -> torch.Tensor:
+    """Labelled next-token targets of a batch (the count ``token_nll`` averages over)."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum()

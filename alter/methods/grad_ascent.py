@@ -1,6 +1,7 @@
-"""Gradient ascent on the forget NLL (TOFU's baseline); needs no retain set.
+"""Gradient ascent on the forget NLL (TOFU's baseline; open-unlearning's GradAscent,
+``configs/trainer/GradAscent.yaml``: no hyper-parameters); reads no retain set.
 
-    loss = beta * -NLL(forget)
+    loss = -NLL(forget)
 """
 from alter.methods import register
 from alter.methods.base import Method, labelled
@@ -13,6 +14,5 @@ class GradAscent(Method):
     needs_retain = False
 
     def loss(self, model, forget, retain):
-        forget_loss = -token_nll(self.logits(model, forget), forget["labels"])
-        loss = self.config.beta * self.global_mean(forget_loss, labelled(forget["labels"]))
-        return loss, {"forget": forget_loss.detach()}
+        forget_loss = -token_nll(self.logits(model, forget, True), forget["labels"])
+        return self.global_mean(forget_loss, labelled(forget["labels"])), {"forget": forget_loss.detach()}

@@ -68,3 +68,24 @@ def _floats(logs: dict[str, torch.Tensor]) -> dict[str, float]:
     values = torch.stack([value.float() for value in logs.values()]).tolist()
     return dict(zip(logs, values))
 
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token log-probability of each target and which targets are labelled: ``[B, L-1]``
+    in float32 (float64 for float64 logits), 0 where unlabelled, and the bool mask ``[B, L-1]``.
+    ``logits`` ``[B, L, V]``, ``labels`` ``[B, L]`` int64 (not shifted, -100 unlabelled)."""
+    targets = labels[:, 1:]
+    logp = torch.log_softmax(logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    labelled = targets != IGNORE_INDEX
+    picked = logp.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return picked * labelled, labelled
+
+
+def weighted_ascent(logits: torch.Tensor, labels: torch.Tensor, beta1: float, beta2: float) -> torch.Tensor:
+    """Gradient ascent with each labelled token's NLL weighted by ``p^beta1 (1-p)^beta2``,
+    ``p`` its probability, the weight a constant (no gradient): ``-mean_t w_t NLL_t`` over the
+    labelled targets. WGA is ``beta2 = 0`` (Wang et al., 2025); SatImp both (Yang et al., 2025)."""
+    logp, labelled = token_logprobs(logits, labels)
+    p = logp.detach().exp()
+    weight = p ** beta1 * (1 - p) ** beta2
+    return (weight * logp * labelled).sum() / labelled.sum().clamp_min(1)

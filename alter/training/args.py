@@ -9,6 +9,7 @@ rest (where output goes, how it is computed) are neither.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 
 from alter.config import AlterConfig
@@ -17,6 +18,8 @@ STRUCTURAL_MODES = ("surrogate", "exact")
 DISTRIBUTED_MODES = ("ddp", "fsdp2")
 # unlearn's default early stop (docs/training.md, "Run length and early stop").
 DEFAULT_EARLY_STOP_SHARE = 0.4
+PARAMS = ("full", "lora", "asym_lora")  # alter.methods.params.PARAMS, without importing torch
+NPO_BETA = 0.1  # npo_beta's default (deprecated: method_args={"beta": ...})
 
 
 def _field(role: str | None, default, help: str, **metadata):
@@ -52,14 +55,22 @@ class UnlearnArgs:
     ``AlterConfig()``."""
 
     method: str = _field("fingerprint", "alter", "unlearning method")
+    params: str | None = _field(
+        "fingerprint", None, "what the method trains: every weight (full), one LoRA adapter (lora) or AsymLoRA "
+        "adapters (asym_lora) (None: the method's default)", choices=PARAMS)
+    method_args: dict | None = _field(
+        "fingerprint", None, "the method's hyper-parameters over its defaults (open-unlearning's names and "
+        "values), e.g. {'beta': 0.2} (None: {})")
     config: AlterConfig | None = _field(
-        "fingerprint", None, "AlterConfig of the adapter methods (None: AlterConfig()); the full-parameter "
-        "baselines read its beta and gamma")
+        "fingerprint", None, "AlterConfig: the adapters' settings (lora, asym_lora) and the loss weights "
+        "beta/gamma/lam of alter and asym_lora (None: AlterConfig())")
     seed: int = _field("fingerprint", 0, "seeds the adapter initialization, dropout, data order and k-means")
     batch_size: int = _field(
         "fingerprint", 4, "samples per batch, each forget batch paired with a retain batch of the same size; "
         "under a launcher, the global batch")
-    lr: float = _field("fingerprint", 1e-5, "learning rate of the full-parameter baselines (AdamW)")
+    lr: float | None = _field(
+        "fingerprint", None, "learning rate of params full (AdamW) (None: sized from the model, "
+        "alter.methods.params.full_lr)")
     router_warmup: int | None = _field(
         "fingerprint", None, "adapter methods: router-only steps before the unlearning steps, apart from "
         "max_steps (None: sized from the data, as many as the unlearning steps, at most 200)")
@@ -71,7 +82,7 @@ class UnlearnArgs:
     structural: str = _field(
         "fingerprint", "surrogate", "structural term: the cheap surrogate or the exact double backward (eager "
         "backend, small models)", choices=STRUCTURAL_MODES)
-    npo_beta: float = _field("fingerprint", 0.1, "inverse temperature of NPO")
+    npo_beta: float = _field("fingerprint", NPO_BETA, "deprecated: npo's method_args beta")
     max_grad_norm: float | None = _field("fingerprint", 1.0, "gradient-norm clipping (None: off)")
     # as given: None is the model's context
     max_length: int | None = _field(
@@ -93,14 +104,26 @@ class UnlearnArgs:
         "process, or the config of accelerate launch)", choices=DISTRIBUTED_MODES)
 
     def __post_init__(self):
-        from alter.methods import ADAPTER_METHODS, method_names
+        from alter.methods import method_class, method_names
 
         if self.method not in method_names():
             raise ValueError(f"method must be one of {method_names()}, got {self.method!r}")
+        cls = method_class(self.method)
+        cls.resolve_params(self.params)  # refuses a pair the method cannot run, with the reason
+        if self.method_args is None:
+            self.method_args = {}
+        elif not isinstance(self.method_args, dict):
+            raise TypeError(f"method_args must be a dict, got {type(self.method_args).__name__}")
+        self._fold_npo_beta()
+        cls.method_hparams(self.method_args)  # refuses unknown keys, listing the known ones
         if self.config is None:
             self.config = AlterConfig()
         elif not isinstance(self.config, AlterConfig):
             raise TypeError(f"config must be an AlterConfig, got {type(self.config).__name__}")
+        default = AlterConfig()
+        if not cls.reads_config_weights and (self.config.beta, self.config.gamma) != (default.beta, default.gamma):
+            raise ValueError(f"config.beta/gamma weight alter's and asym_lora's terms; {self.method!r} takes its "
+                             f"weights from method_args (its hyper-parameters: {cls.defaults})")
         if self.structural not in STRUCTURAL_MODES:
             raise ValueError(f"structural must be one of {STRUCTURAL_MODES}, got {self.structural!r}")
         if self.structural == "exact":
@@ -111,8 +134,7 @@ class UnlearnArgs:
         if self.epochs is not None:
             check_positive("epochs", self.epochs)
         check_positive("batch_size", self.batch_size)
-        check_positive_number("lr", self.lr)
-        check_positive_number("npo_beta", self.npo_beta)
+        check_positive_number("lr", self.lr, none_ok=True)
         check_positive_number("max_grad_norm", self.max_grad_norm, none_ok=True)
         if self.max_length is not None:
             check_positive("max_length", self.max_length)
@@ -128,12 +150,28 @@ class UnlearnArgs:
         if warmup is not None and (not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0):
             raise ValueError(f"router_warmup must be an int >= 0, got {warmup!r}")
         for name in ("router_warmup", "router_lr"):
-            if getattr(self, name) and self.method not in ADAPTER_METHODS:
-                raise ValueError(f"{name} is for the adapter methods {ADAPTER_METHODS}; {self.method!r} has no router")
+            if getattr(self, name) and not cls.routed(self.params):
+                raise ValueError(f"{name} is for the adapter methods (params lora, asym_lora); {self.method!r} on params "
+                                 f"{cls.resolve_params(self.params)!r} has no router")
         check_positive_number("router_lr", self.router_lr, none_ok=True)
         check_early_stop_share(self.early_stop_share)
         if self.distributed is not None and self.distributed not in DISTRIBUTED_MODES:
             raise ValueError(f"distributed must be one of {DISTRIBUTED_MODES} or None, got {self.distributed!r}")
+
+    def _fold_npo_beta(self) -> None:
+        """npo_beta, kept for old calls: a value other than its default warns and, for npo,
+        becomes method_args["beta"]."""
+        check_positive_number("npo_beta", self.npo_beta)
+        if self.npo_beta == NPO_BETA:
+            return
+        warnings.warn("npo_beta is deprecated: pass method_args={'beta': ...} (--method-arg beta=...)",
+                      DeprecationWarning, stacklevel=4)
+        if self.method != "npo":
+            return
+        if self.method_args.get("beta", self.npo_beta) != self.npo_beta:
+            raise ValueError(f"npo_beta={self.npo_beta} and method_args beta={self.method_args['beta']} disagree; "
+                             "pass method_args beta only")
+        self.method_args = {**self.method_args, "beta": float(self.npo_beta)}
 
     def _fields(self, roles) -> dict:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["role"] in roles}

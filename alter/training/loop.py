@@ -9,9 +9,12 @@ the model and data and runs the passes of a step. Methods:
 - ``"alter"``: AsymLoRA guided by the base model's token entropy (entropy-weighted IHL on
   the forget set, NLL on the retain set, the structural term, the routing loss);
 - ``"asym_lora"``: the same adapters and routing without entropy;
-- ``"lora"``: one plain LoRA adapter trained with the GradDiff objective;
-- ``"grad_ascent"``, ``"grad_diff"``, ``"npo"``: the full-parameter baselines of TOFU's
-  harness.
+- ``"lora"``: ``"grad_diff"`` on one plain LoRA adapter (a kept name);
+- ``"grad_ascent"``, ``"grad_diff"``, ``"npo"``: open-unlearning's baselines, on every
+  weight by default.
+
+Each method runs on the parameterizations it supports, ``params`` (``"full"``,
+``"lora"``, ``"asym_lora"``; :mod:`alter.methods.params`).
 
 How they train, with the measurements behind each choice (training routes, routing
 targets, run length and early stop, the structural term, reproducibility):
@@ -32,7 +35,7 @@ from tqdm.auto import tqdm
 from alter.config import AlterConfig
 from alter.data import IGNORE_INDEX, pad_id_of
 from alter.methods import build
-from alter.methods.data import _batch, _examples_digest, step_indices, encode_dataset, model_context_length
+from alter.methods.data import _batch, _examples_digest, step_indices, model_context_length
 from alter.training.args import UnlearnArgs
 from alter.training.checkpoint import _Checkpointer, _full_state, _save_result
 from alter.training.distributed import Engine, launched
@@ -73,6 +76,7 @@ def unlearn(
     config: AlterConfig | None = None,
     method: str = "alter",
     *,
+    params: str | None = None,
     progress: bool = True,
     callback: Callable[[int, dict], None] | None = None,
     **run_args,
@@ -84,11 +88,17 @@ def unlearn(
             with ``apply_alter``; the full-parameter baselines update its weights.
         tokenizer: its tokenizer.
         forget, retain: ``datasets.Dataset`` with ``question``/``answer`` columns or a
-            ``text`` column. ``retain`` may be None for ``grad_ascent`` and ``npo``.
-        config: ``AlterConfig`` of the adapter methods (rank, experts, entropy threshold,
-            loss weights ``beta``/``gamma``/``lam``, ``lr_A``/``lr_B``, ...); default
-            ``AlterConfig()``. The full-parameter baselines read ``beta`` and ``gamma``.
+            ``text`` column. ``retain`` may be None for ``grad_ascent`` on params full.
+        config: ``AlterConfig``: the adapters' settings (rank, experts, entropy threshold,
+            ``lr_A``/``lr_B``, ...) and the loss weights ``beta``/``gamma``/``lam`` of
+            ``alter`` and ``asym_lora``; default ``AlterConfig()``. The other methods'
+            hyper-parameters are ``method_args`` (open-unlearning's names and defaults).
         method: one of ``METHODS``.
+        params: what the method trains: ``"full"`` (every weight; the result is the
+            model), ``"lora"`` (one LoRA adapter) or ``"asym_lora"`` (AsymLoRA adapters
+            with routers); the adapters train on a frozen base and the result is the
+            adapter. None: the method's default (``alter``, ``asym_lora``: asym_lora;
+            ``lora``: lora; the others: full). A method refuses one it cannot run.
         progress: show a tqdm progress bar (main process).
         callback: ``callback(step, logs)`` after every optimizer step; ``logs`` holds
             the step's losses as floats.
@@ -110,12 +120,12 @@ def unlearn(
     if unknown:
         raise TypeError(f"unlearn() got unexpected keyword arguments {unknown}; the run's arguments are "
                         f"{list(RUN_ARG_NAMES)}")
-    args = UnlearnArgs(method=method, config=config, **run_args)
+    args = UnlearnArgs(method=method, params=params, config=config, **run_args)
     return _run(model, tokenizer, forget, retain, args, progress, callback)
 
 
 # The keyword arguments of unlearn besides config and method, documented from the fields.
-RUN_ARG_NAMES = tuple(f.name for f in dataclasses.fields(UnlearnArgs) if f.name not in ("method", "config"))
+RUN_ARG_NAMES = tuple(f.name for f in dataclasses.fields(UnlearnArgs) if f.name not in ("method", "params", "config"))
 unlearn.__doc__ += "\n    Run arguments (``UnlearnArgs`` fields, default in brackets):\n\n" + "\n".join(
     f"    - ``{f.name}`` [{f.default!r}]: {f.metadata['help']}"
     for f in dataclasses.fields(UnlearnArgs) if f.name in RUN_ARG_NAMES) + "\n"
@@ -149,12 +159,13 @@ def _run(model, tokenizer, forget, retain, args: UnlearnArgs, progress: bool, ca
     method = build(args, autocast, engine)
     main = engine is None or engine.is_main
     if retain is None and method.needs_retain:
-        raise ValueError(f"method {args.method!r} needs a retain set (retain is None)")
+        why = "" if type(method).needs_retain else f" on params {method.parameters.name!r} (the routers learn its route)"
+        raise ValueError(f"method {args.method!r} needs a retain set{why} (retain is None)")
     batch_size, seed = args.batch_size, args.seed
     max_length = model_context_length(model) if args.max_length is None else args.max_length
     pad_id = pad_id_of(tokenizer)
-    forget_examples = encode_dataset(tokenizer, forget, "forget", max_length)
-    retain_examples = encode_dataset(tokenizer, retain, "retain", max_length) if retain is not None else []
+    forget_examples = method.encode(tokenizer, forget, "forget", max_length)
+    retain_examples = method.encode(tokenizer, retain, "retain", max_length) if retain is not None else []
     if engine is not None:
         engine.check_batches(batch_size, len(forget_examples))
     # What decides the result, for the resume check and the saved record.
@@ -180,7 +191,7 @@ def _run(model, tokenizer, forget, retain, args: UnlearnArgs, progress: bool, ca
         method.attach(model)
     clip_groups = method.clip_groups(model)
     router_warmup, train_steps = run_length(len(forget_examples), batch_size, args.epochs, args.router_warmup,
-                                            method.routed())
+                                            method.parameters.routed)
     capped = args.max_steps is not None and args.max_steps < train_steps
     if capped:  # max_steps counts unlearning steps; a sized warm-up shrinks with the run it precedes
         train_steps = args.max_steps

@@ -11,7 +11,7 @@ import torch
 
 from alter.adapters import alter_layers
 from alter.files import staged_directory
-from alter.methods.base import RETENTION_EXPERT
+from alter.methods.params import RETENTION_EXPERT
 from alter.methods.data import eval_forwards
 from alter.training.args import DEFAULT_EARLY_STOP_SHARE
 from alter.training.schedule import LabelScores, label_scores
