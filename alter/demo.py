@@ -8,10 +8,9 @@
    retain model's truth ratios), and write the table (``results.json``) and the
    utility-vs-forget-quality plot (``tradeoff.png``, the paper's Fig. 4) into ``out``.
 
-The numbers are whatever the run gives. Unlearning uses the library's defaults: the
-adapter methods are called with nothing but ``method``, the full-parameter baselines with
-the learning rate the quality suite gives them (``alter.quality.BASELINE_LR``: unlearn's
-default 1e-5 is set for 7B models). The run is deterministic for a seed: one thread and
+The numbers are whatever the run gives. Unlearning uses the library's defaults: every
+method is called with nothing but ``method`` (the full-parameter learning rate is sized
+from the model, ``alter.methods.params.full_lr``). The run is deterministic for a seed: one thread and
 deterministic algorithms, every random choice seeded (machines with different CPU
 instruction sets can still differ in the last float bits).
 """
@@ -25,7 +24,7 @@ import time
 import torch
 
 from alter.config import AlterConfig
-from alter.methods import ADAPTER_METHODS, METHODS
+from alter.methods import METHODS
 from alter.training.finetune import finetune
 from alter.training.loop import unlearn
 
@@ -110,8 +109,6 @@ def run_demo(out: str, seed: int = 0, quick: bool = False, methods=METHODS) -> l
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"run_demo: methods must be among {METHODS}, got unknown {unknown}")
-    from alter.quality import BASELINE_LR
-
     started = time.perf_counter()
     os.makedirs(out, exist_ok=True)
     # One thread (the tiny model's matrices are too small for threads to pay) and
@@ -157,7 +154,7 @@ def run_demo(out: str, seed: int = 0, quick: bool = False, methods=METHODS) -> l
     unlearn_settings = {}
     for method in methods:
         model = copy.deepcopy(target)
-        settings = {} if method in ADAPTER_METHODS else {"lr": BASELINE_LR}
+        settings = {}
         unlearn_settings[method] = dict(settings)
         if quick:
             settings["max_steps"] = 4

@@ -31,8 +31,9 @@ from tqdm.auto import tqdm
 from alter.config import AlterConfig
 from alter.data.scenarios import (DEVELOPMENT, DEVELOPMENT_SEEDS, HELD_OUT, HELD_OUT_SEEDS, Scenario, build_scenario,
                              fact_token_mask)
-from alter.methods import METHODS, method_class
+from alter.methods import METHODS
 from alter.methods.data import eval_forwards
+from alter.methods.params import LR_MAX, LR_MIN, LR_SCALE
 from alter.training.finetune import finetune
 from alter.training.loop import unlearn
 
@@ -87,14 +88,6 @@ def evaluate_run(model, built: dict) -> dict:
 
 # ----------------------------------------------------------------------------- the suite
 
-# The full-parameter baselines' learning rate in the suite: unlearn's default (1e-5, set
-# for 7B models) moves a tiny model by nothing in the default run length, which would make
-# them strawmen. 1e-4 is the rate that forgot without collapsing retention on the
-# development scenarios (dev-companies-qa: grad_diff 1e-4 -> forget 0.67 / retain 0.96,
-# 3e-4 -> 0.01 / 0.80).
-BASELINE_LR = 1e-4
-
-
 def run_pair(scenario: Scenario, seed: int, runs: tuple[str, ...], max_steps: int | None = None) -> list[dict]:
     """Memorize one (scenario, seed) and unlearn a copy of the target with each run;
     returns one result dict per run (plus the "target" row)."""
@@ -108,12 +101,11 @@ def run_pair(scenario: Scenario, seed: int, runs: tuple[str, ...], max_steps: in
     for name in runs:
         method, config = run_config(name)
         model = copy.deepcopy(target)
-        extra = {} if method_class(method).routed() else {"lr": BASELINE_LR}
         t0 = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             unlearn(model, built["tokenizer"], built["forget"], built["retain"], config=config, method=method,
-                    seed=seed, progress=False, max_steps=max_steps, **extra)
+                    seed=seed, progress=False, max_steps=max_steps)
         report = model.unlearn_report
         after = evaluate_run(model, built)
         results.append({**common, "run": name, **after, "seconds": time.perf_counter() - t0,
@@ -260,7 +252,8 @@ def format_markdown(summary: list[dict], scenarios, seeds, seconds: float, quick
              "",
              "Each scenario: a tiny Llama memorizes every row (forget + retain); each method then runs from a copy "
              "with `alter.unlearn(model, tokenizer, forget, retain, method=...)` and nothing else (ablations change "
-             "one `AlterConfig` field; the full-parameter baselines get `lr=1e-4`, see `alter.quality.BASELINE_LR`); "
+             "one `AlterConfig` field; the full-parameter learning rate is unlearn's default, sized from the model: "
+             "`alter.methods.params.full_lr`); "
              "every run stops early by unlearn's default rule (`early_stop_share`, docs/training.md, "
              "\"Run length and early stop\"); steps: the optimizer steps run, router warm-up included. "
              "Accuracy: teacher-forced argmax over the tokens of the fact values only. Ratios: after / before "
@@ -326,7 +319,8 @@ def main(out: str, quick: bool = False, seeds=None, workers: int = 2, developmen
     seconds = time.perf_counter() - started
     with open(os.path.join(out, "QUALITY.json"), "w") as f:
         json.dump({"scenarios": [s.to_dict() for s in scenarios], "seeds": list(seeds), "quick": quick,
-                   "default_config": AlterConfig().to_dict(), "baseline_lr": BASELINE_LR, "ablations": ABLATIONS,
+                   "default_config": AlterConfig().to_dict(), "ablations": ABLATIONS,
+                   "full_lr": {"scale": LR_SCALE, "min": LR_MIN, "max": LR_MAX},
                    "seconds": seconds, "summary": summary, "results": results}, f, indent=1)
     write_report(out)
     print(f"[alter quality] wrote {out}/QUALITY.md, QUALITY.json, quality_tradeoff.png in {seconds / 60:.1f} min")

@@ -209,3 +209,25 @@ def test_reference_outputs_are_the_starting_model(params, data, tokenizer):
         moved = model(input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(reference, expected, rtol=0, atol=1e-6)
     assert (moved - expected).abs().max() > 1e-3  # the trained model did move
+
+
+def test_full_lr_is_sized_from_the_model(data, tokenizer):
+    """LR_SCALE / sqrt(parameters), clipped: 1e-5 (open-unlearning's) for large models, and
+    unlearn's default on params full (the same weights as the rate given explicitly)."""
+    from alter.methods.params import LR_MAX, LR_MIN, LR_SCALE, full_lr
+
+    for n, expected in ((10**9, LR_MIN), (100, LR_MAX), (4 * 10**6, LR_SCALE / 2000)):
+        module = torch.nn.Module()  # parameters on the meta device: counted, never allocated
+        module.weight = torch.nn.Parameter(torch.empty(n, device="meta"))
+        assert full_lr(module) == pytest.approx(expected, rel=1e-12)
+    assert full_lr(module) == pytest.approx(5e-5)  # 0.1 / sqrt(4e6)
+    weights = []
+    for lr in (None, full_lr(small_model(tokenizer))):
+        model = small_model(tokenizer)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            unlearn(model, tokenizer, data["forget"], data["retain"], method="grad_diff", lr=lr, max_steps=1,
+                    batch_size=2, progress=False)
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.equal(weights[0], weights[1])
+    assert not torch.equal(weights[0], torch.cat([p.detach().flatten() for p in small_model(tokenizer).parameters()]))

@@ -119,7 +119,8 @@ class Method:
         forget_examples, retain_examples, changes = self.parameters.prepare(
             model, forget_examples, retain_examples, pad_id)
         forget_examples, retain_examples = self.prepare(model, forget_examples, retain_examples, pad_id)
-        changes = {**changes, **self.config_changes(self.config)}
+        if self.parameters.adapter:  # the config sets up adapters only
+            changes = {**changes, **self.config_changes(self.config)}
         self.config = dataclasses.replace(self.config, **changes) if changes else self.config
         if self.needs_reference and not self.parameters.adapter:
             self.reference_model = frozen_copy(model)  # before any step: the starting model
