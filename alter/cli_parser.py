@@ -181,7 +181,8 @@ def add_demo_flags(demo: argparse.ArgumentParser) -> None:
     from alter.methods import METHODS
 
     demo.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=int, default=None,
+                      help="run this one seed (default: seeds 0-4, two processes, reporting mean ± std)")
     demo.add_argument("--quick", action="store_true", help="smaller data and fewer steps (a smoke run)")
     demo.add_argument("--methods", type=_method_list, default=METHODS, metavar="M1,M2",
                       help=f"comma-separated unlearning methods to run (default: all of {','.join(METHODS)})")
@@ -227,6 +228,8 @@ def add_quality_flags(quality: argparse.ArgumentParser) -> None:
     quality.add_argument("--workers", type=positive_int, default=2, help="processes, one thread each (default 2)")
     quality.add_argument("--development", action="store_true",
                          help="the development scenarios and seeds (the ones the defaults were tuned on)")
+    quality.add_argument("--ablations", action="store_true",
+                         help="also run ALTER with one component off (alter.quality.ABLATIONS); default: methods only")
 
 
 # name: (help, description, flags); bench's flags are the harness's own (benchmarks/harness.py).
@@ -241,8 +244,9 @@ SUBCOMMANDS = {
              "Evaluate a model (or an alter unlearn output directory) on TOFU-format data and write the metrics as "
              "JSON.", add_eval_flags),
     "quality": ("unlearning quality of the default call on held-out scenarios",
-                "Memorize fictitious-knowledge scenarios with tiny models, unlearn with the default call of every "
-                "method and ALTER's ablations, and write QUALITY.md, QUALITY.json and quality_tradeoff.png.",
+                "Memorize fictitious-knowledge scenarios with tiny models (the target, and the oracle that never saw "
+                "the forget rows), unlearn with the default call of every method (and ALTER's ablations with "
+                "--ablations), score against the oracle, and write QUALITY.md, QUALITY.json and quality_tradeoff.png.",
                 add_quality_flags),
     "bench": ("kernel and training-step benchmarks, from a source checkout (see alter bench --help)", None, None),
 }
