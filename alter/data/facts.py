@@ -246,7 +246,7 @@ DOMAINS.update({
          ("Baltic", "Highland", "Coastal", "Valley", "Northern", "Desert", "Harbour", "Lakeside", "Border")),
         ("retired", "When was {e} retired?", "{e} was retired in {v}.", "year"),
     )),
-    "monasteries": ("{A2} Abbey", (
+    "monasteries": ("{A2}{c} Abbey", (
         ("founded", "When was {e} founded?", "{e} was founded in {v}.", "year"),
         ("order", "Which order runs {e}?", "{e} belongs to the {v} order.",
          ("Benedictine", "Cistercian", "Carthusian", "Trappist", "Augustinian", "Franciscan", "Dominican")),
