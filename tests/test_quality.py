@@ -193,3 +193,9 @@ def test_dominating_runs_and_targets():
     assert quality_report.meets_targets(summary) == {"s": {
         "forget_quality": True, "forget acc vs oracle": True, "retain_ratio": True, "other phrasings": False,
         "relearning": False}}
+
+
+def test_a_scenario_with_more_entities_than_names_fails_clearly():
+    """glaciers names are "{A}{b} Glacier": 144 of them; 150 entities cannot all differ."""
+    with pytest.raises(ValueError, match="too small"):
+        generate_rows(Scenario("too-many", "glaciers", "qa", 150, 1, 10, "word", 1, 32), 0)

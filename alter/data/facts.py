@@ -12,14 +12,17 @@ def syllable_word(rng: random.Random, syllables: Sequence[str], count: int) -> s
     return "".join(rng.choice(syllables) for _ in range(count))
 
 
-def draw_unused(draw: Callable[[], str], used: set[str]) -> str:
+def draw_unused(draw: Callable[[], str], used: set[str], attempts: int = 100_000) -> str:
     """The first result of ``draw()`` not in ``used`` (added to it): invented names must not
-    collide, or two entities would share facts."""
-    while True:
+    collide, or two entities would share facts. Raises ValueError after ``attempts`` draws
+    without a new word (a pattern with fewer names than the scenario needs)."""
+    for _ in range(attempts):
         word = draw()
         if word not in used:
             used.add(word)
             return word
+    raise ValueError(f"draw_unused: no unused word in {attempts} draws ({len(used)} used): the vocabulary is too "
+                     "small for this many names")
 
 
 # Syllables of invented words, per domain, so that names look different across domains.
