@@ -87,7 +87,7 @@ def fact_mia_auc(member_scores: dict, nonmember_scores: dict) -> float:
     return mia_auc(*(-s["logprob"] / s["tokens"] for s in (member_scores, nonmember_scores)))
 
 
-def generation_hit_rate(model, tokenizer, rows: Sequence[dict], max_new_tokens: int = 24,
+def generation_hit_rate(model, tokenizer, rows: Sequence[dict], max_new_tokens: int = 32,
                         batch_size: int = 32) -> float:
     """Share of the facts of ``rows`` whose value occurs in the model's greedy continuation
     (``max_new_tokens``) of the fact's prompt (:func:`alter.data.scenarios.fact_prompts`:
