@@ -21,7 +21,8 @@ $(STAMP): setup.py requirements-dev.txt $(CSRC)
 demo: $(STAMP)
 	$(VENV)/bin/alter demo --out demo_out
 
-# The held-out scenario suite (~28 min on 2 cores): benchmarks/QUALITY.md, .json, .png.
+# The held-out scenario suite against its oracles, every method (ALTER's ablations only with
+# `alter quality --ablations`): benchmarks/QUALITY.md, .json, .png.
 quality: $(STAMP)
 	$(VENV)/bin/alter quality --out benchmarks
 

@@ -289,7 +289,8 @@ def cmd_demo(args) -> int:
 def cmd_quality(args) -> int:
     from alter.quality import main as quality_main
 
-    quality_main(args.out, quick=args.quick, seeds=args.seeds, workers=args.workers, development=args.development)
+    quality_main(args.out, quick=args.quick, seeds=args.seeds, workers=args.workers, development=args.development,
+                 ablations=args.ablations)
     return 0
 
 

@@ -202,13 +202,15 @@ def config_overrides(args: argparse.Namespace) -> dict:
 
 
 def add_demo_flags(demo: argparse.ArgumentParser) -> None:
-    from alter.methods import METHODS
+    from alter.methods import DEMO_METHODS, METHODS
 
     demo.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
-    demo.add_argument("--seed", type=int, default=0, help="seed of the data, the model and the runs (default: 0)")
-    demo.add_argument("--quick", action="store_true", help="smaller data and fewer steps, a smoke run (default: off)")
-    demo.add_argument("--methods", type=_method_list, default=METHODS, metavar="M1,M2",
-                      help=f"comma-separated unlearning methods to run (default: all of {','.join(METHODS)})")
+    demo.add_argument("--seed", type=int, default=None,
+                      help="run this one seed (default: seeds 0-4, two processes, reporting mean ± std)")
+    demo.add_argument("--quick", action="store_true", help="smaller data and fewer steps (a smoke run; default: off)")
+    demo.add_argument("--methods", type=_method_list, default=DEMO_METHODS, metavar="M1,M2",
+                      help=f"comma-separated unlearning methods to run, any of {','.join(METHODS)} "
+                           f"(default: {','.join(DEMO_METHODS)})")
 
 
 def add_eval_flags(ev: argparse.ArgumentParser) -> None:
@@ -263,6 +265,8 @@ def add_quality_flags(quality: argparse.ArgumentParser) -> None:
     quality.add_argument("--development", action="store_true",
                          help="the development scenarios and seeds, the ones the defaults were tuned on "
                               "(default: off: the held-out ones)")
+    quality.add_argument("--ablations", action="store_true",
+                         help="also run ALTER with one component off (alter.quality.ABLATIONS); default: methods only")
 
 
 # name: (help, description, flags); bench's flags are the harness's own (benchmarks/harness.py).
@@ -278,8 +282,9 @@ SUBCOMMANDS = {
              "the ones the run recorded), or on TOFU-format data with --data, and write the metrics as JSON.",
              add_eval_flags),
     "quality": ("unlearning quality of the default call on held-out scenarios",
-                "Memorize fictitious-knowledge scenarios with tiny models, unlearn with the default call of every "
-                "method and ALTER's ablations, and write QUALITY.md, QUALITY.json and quality_tradeoff.png.",
+                "Memorize fictitious-knowledge scenarios with tiny models (the target, and the oracle that never saw "
+                "the forget rows), unlearn with the default call of every method (and ALTER's ablations with "
+                "--ablations), score against the oracle, and write QUALITY.md, QUALITY.json and quality_tradeoff.png.",
                 add_quality_flags),
     "bench": ("kernel and training-step benchmarks, from a source checkout (see alter bench --help)", None, None),
 }

@@ -1,38 +1,47 @@
 """``alter quality``: does the default ``unlearn`` call unlearn, on data it was never tuned on?
 
 For each scenario of :mod:`alter.data.scenarios` and each seed: a tiny Llama memorizes every
-row (forget and retain; full-parameter :func:`alter.training.finetune`), giving the target
-model; then each method runs from a copy of it with ``unlearn(model, tokenizer, forget,
-retain, method=...)`` and nothing else (the ablations of ALTER change one
-:class:`AlterConfig` field). Metrics, before and after:
+row of every phrasing (forget and retain; full-parameter :func:`alter.training.finetune`),
+giving the target model; the same initialization trained the same way without the forget
+rows gives the oracle (what perfect unlearning would leave). Each method then runs from a
+copy of the target with ``unlearn(model, tokenizer, forget, retain, method=...)`` and
+nothing else, given the scenario's own phrasing only (ALTER's ablations, behind
+``ablations=True``, change one :class:`AlterConfig` field). Metrics of the target, the
+oracle and every run (:mod:`alter.evaluation.facts`):
 
 * fact accuracy on forget and retain: teacher-forced argmax accuracy over the tokens of
-  the fact values only (:func:`alter.data.scenarios.fact_token_mask`), micro-averaged;
-* for the ``tofu`` scenario (TOFU format, :func:`alter.data.tofu_mini`): forget quality and
-  model utility (:func:`alter.evaluation.evaluate_tofu`, against a retain model).
+  the fact values only, micro-averaged; on the forget facts in every phrasing;
+* forget quality: the KS-test p-value between the model's and the oracle's per-fact value
+  log-probabilities on the forgotten facts, in every phrasing;
+* a loss-based membership-inference AUC of the forgotten facts against facts no model saw;
+* generation hits: the share of forgotten facts whose greedy continuation holds the value;
+* relearning: the model fine-tuned a few steps on half of the forgotten entities
+  (:data:`RELEARN`); accuracy on the other half, and its forget quality against the oracle
+  under the same fine-tune;
+* routing shares per patched layer (``model.unlearn_report``).
 
-:func:`run_suite` runs (scenario, seed) pairs in a process pool (one thread each),
-memorizes once per pair and writes ``QUALITY.json``, ``QUALITY.md`` and a trade-off plot.
+:func:`run_suite` runs (scenario, seed) pairs in a process pool (one thread each) and
+:func:`main` writes ``QUALITY.json``, ``QUALITY.md`` and a trade-off plot
+(:mod:`alter.quality_report`).
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 import json
-import math
 import os
 import time
 import warnings
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from alter.config import AlterConfig
 from alter.data.scenarios import (DEVELOPMENT, DEVELOPMENT_SEEDS, HELD_OUT, HELD_OUT_SEEDS, Scenario, build_scenario,
-                             fact_token_mask)
+                                  to_dataset)
+from alter.evaluation.facts import (fact_accuracy, fact_forget_quality, fact_mia_auc, fact_scores,  # noqa: F401
+                                    generation_hit_rate)
 from alter.methods import METHODS
-from alter.methods.data import eval_forwards
 from alter.methods.params import LR_MAX, LR_MIN, LR_SCALE
 from alter.training.finetune import finetune
 from alter.training.loop import unlearn
@@ -46,31 +55,15 @@ ABLATIONS = {
 }
 ALL_RUNS = METHODS + tuple(ABLATIONS)
 MEMORIZE = {"batch_size": 16, "lr": 3e-3}
+# The relearning attack: every weight fine-tuned on the rows (unlearned phrasing) of half
+# of the forgotten entities, 3 epochs of 8 rows a step.
+RELEARN = {"epochs": 3, "batch_size": 8, "lr": 1e-3}
 
 
-def fact_accuracy(model, tokenizer, rows: list[dict], batch_size: int = 32) -> float:
-    """Teacher-forced argmax accuracy over the fact-value tokens of ``rows`` (micro-average),
-    in eval mode without gradients (the model's mode is restored afterwards)."""
-    examples = []
-    for row in rows:
-        ids, mask = fact_token_mask(tokenizer, row)
-        examples.append({"input_ids": ids, "attention_mask": [1] * len(ids), "fact": [int(m) for m in mask]})
-    correct = total = 0
-    for _, batch, out in eval_forwards(model, examples, tokenizer.pad_token_id, batch_size):
-        predicted = out.logits[:, :-1].argmax(-1)
-        fact = batch["fact"][:, 1:].bool()
-        correct += int((predicted == batch["input_ids"][:, 1:])[fact].sum())
-        total += int(fact.sum())
-    return correct / max(total, 1)
-
-
-def memorize(built: dict, scenario: Scenario, seed: int):
-    """The target model: ``built["model"]`` trained on forget + retain (in place)."""
-    import datasets
-
-    data = datasets.concatenate_datasets([built["forget"], built["retain"]])
-    return finetune(built["model"], built["tokenizer"], data, epochs=scenario.memorize_epochs, seed=seed,
-                    progress=False, **MEMORIZE)
+def memorize(model, tokenizer, data, scenario: Scenario, seed: int):
+    """``model`` trained on ``data`` in place (the target on ``built["memorize"]``, the
+    oracle on ``built["oracle"]``: the same settings, the same seed)."""
+    return finetune(model, tokenizer, data, epochs=scenario.memorize_epochs, seed=seed, progress=False, **MEMORIZE)
 
 
 def run_config(name: str) -> tuple[str, AlterConfig | None]:
@@ -80,40 +73,114 @@ def run_config(name: str) -> tuple[str, AlterConfig | None]:
     return name, None
 
 
-def evaluate_run(model, built: dict) -> dict:
+def relearn_split(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """The forget rows of the first half of the forgotten entities (in order of
+    appearance; the relearning data) and those of the other half (held back)."""
+    entities = list(dict.fromkeys(row["entity"] for row in rows))
+    first = set(entities[:len(entities) // 2])
+    return [r for r in rows if r["entity"] in first], [r for r in rows if r["entity"] not in first]
+
+
+def relearned_scores(model, built: dict, seed: int) -> dict | None:
+    """:func:`fact_scores` of the held-back half after the relearning attack on a copy of
+    ``model`` (None when fewer than two entities are forgotten)."""
+    relearn_rows, held_rows = relearn_split(built["rows"]["forget"])
+    if not relearn_rows:
+        return None
+    attacked = copy.deepcopy(model)
+    for param in attacked.parameters():  # the attacker trains every weight, adapters and base alike
+        param.requires_grad_(True)
+    finetune(attacked, built["tokenizer"], to_dataset(relearn_rows), seed=seed, progress=False, **RELEARN)
+    return fact_scores(attacked, built["tokenizer"], held_rows)
+
+
+def score_model(model, built: dict, seed: int) -> dict:
+    """Every :func:`fact_scores` a row of the report needs: the forget facts in each
+    phrasing (keyed by phrasing), the retained and never-seen facts (unlearned phrasing)
+    and, under ``"relearned"``, the held-back half after the relearning attack."""
     tok, rows = built["tokenizer"], built["rows"]
-    return {"forget_acc": fact_accuracy(model, tok, rows["forget"]),
-            "retain_acc": fact_accuracy(model, tok, rows["retain"])}
+    scores = {phrasing: fact_scores(model, tok, split["forget"]) for phrasing, split in built["phrasings"].items()}
+    scores["retain"] = fact_scores(model, tok, rows["retain"])
+    scores["never_seen"] = fact_scores(model, tok, rows["never_seen"])
+    scores["relearned"] = relearned_scores(model, built, seed)
+    return scores
+
+
+def _accuracy(scores: dict) -> float:
+    return float(scores["correct"].sum() / scores["tokens"].sum())
+
+
+def evaluate_run(model, built: dict, scores: dict, oracle: dict | None) -> dict:
+    """A result row's metrics from :func:`score_model` results of the model (``scores``)
+    and of the oracle (None: the model is the oracle; no forget quality then)."""
+    own, others = built["format"], [p for p in built["phrasings"] if p != built["format"]]
+    row = {"forget_acc": _accuracy(scores[own]), "retain_acc": _accuracy(scores["retain"]),
+           "mia_auc": fact_mia_auc(scores[own], scores["never_seen"]),
+           "generation_hits": generation_hit_rate(model, built["tokenizer"], built["rows"]["forget"])}
+    for phrasing in others:
+        row[f"forget_acc_{phrasing}"] = _accuracy(scores[phrasing])
+    if scores["relearned"] is not None:
+        row["relearn_acc"] = _accuracy(scores["relearned"])
+    if oracle is not None:
+        for phrasing in [own] + others:
+            key = "forget_quality" if phrasing == own else f"forget_quality_{phrasing}"
+            row[key] = fact_forget_quality(scores[phrasing]["logprob"], oracle[phrasing]["logprob"])
+        if scores["relearned"] is not None:
+            row["relearn_quality"] = fact_forget_quality(scores["relearned"]["logprob"],
+                                                         oracle["relearned"]["logprob"])
+    return row
 
 
 # ----------------------------------------------------------------------------- the suite
 
 def run_pair(scenario: Scenario, seed: int, runs: tuple[str, ...], max_steps: int | None = None) -> list[dict]:
-    """Memorize one (scenario, seed) and unlearn a copy of the target with each run;
-    returns one result dict per run (plus the "target" row)."""
+    """Memorize one (scenario, seed) into the target and the oracle and unlearn a copy of
+    the target with each run; returns one result dict per run, after a "target" and an
+    "oracle" row."""
     torch.set_num_threads(1)
-    started = time.perf_counter()
-    built = build_scenario(scenario, seed)
-    target = memorize(built, scenario, seed)
-    before = evaluate_run(target, built)
+    started, cpu_started = time.perf_counter(), time.process_time()
+    built = dict(build_scenario(scenario, seed), format=scenario.format)
+    tok = built["tokenizer"]
+    init = copy.deepcopy(built["model"])
+    target = memorize(built["model"], tok, built["memorize"], scenario, seed)
+    target_seconds = time.perf_counter() - started
+    t0 = time.perf_counter()
+    oracle = memorize(init, tok, built["oracle"], scenario, seed)
+    oracle_seconds = time.perf_counter() - t0
+    oracle_scores, target_scores = score_model(oracle, built, seed), score_model(target, built, seed)
+    before = evaluate_run(target, built, target_scores, oracle_scores)
     common = {"scenario": scenario.name, "seed": seed}
-    results = [{**common, "run": "target", **before, "seconds": time.perf_counter() - started}]
+    results = [{**common, "run": "target", **before, "seconds": target_seconds},
+               {**common, "run": "oracle", **evaluate_run(oracle, built, oracle_scores, None),
+                "seconds": oracle_seconds}]
     for name in runs:
         method, config = run_config(name)
         model = copy.deepcopy(target)
         t0 = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            unlearn(model, built["tokenizer"], built["forget"], built["retain"], config=config, method=method,
-                    seed=seed, progress=False, max_steps=max_steps)
+            try:
+                unlearn(model, tok, built["forget"], built["retain"], config=config, method=method,
+                        seed=seed, progress=False, max_steps=max_steps)
+            except ValueError as exc:  # a method refusing the scenario's rows (dpo: no alternate answers)
+                results.append({**common, "run": name, "refused": str(exc)})
+                continue
+        seconds = time.perf_counter() - t0
         report = model.unlearn_report
-        after = evaluate_run(model, built)
-        results.append({**common, "run": name, **after, "seconds": time.perf_counter() - t0,
-                        "steps": report.steps + report.router_warmup,
+        after = evaluate_run(model, built, score_model(model, built, seed), oracle_scores)
+        by_layer = {key: None if layers is None else list(layers.values()) for key, layers in
+                    (("forget_routing_by_layer", report.forget_routing_by_layer),
+                     ("retain_leak_by_layer", report.retain_leak_by_layer))}
+        if report.forget_routing_by_layer is not None:
+            by_layer["routing_layers"] = list(report.forget_routing_by_layer)
+        results.append({**common, "run": name, **after, "seconds": seconds, "steps": report.steps + report.router_warmup,
                         "forget_routing_share": report.forget_routing_share,
-                        "retain_leak_share": report.retain_leak_share,
+                        "retain_leak_share": report.retain_leak_share, **by_layer,
                         "forget_ratio": _ratio(after["forget_acc"], before["forget_acc"]),
                         "retain_ratio": _ratio(after["retain_acc"], before["retain_acc"])})
+    # CPU seconds too: the pair's cost on a machine that other work shares.
+    results[0]["pair_seconds"] = time.perf_counter() - started
+    results[0]["pair_cpu_seconds"] = time.process_time() - cpu_started
     return results
 
 
@@ -122,15 +189,15 @@ def _ratio(after: float, before: float) -> float:
 
 
 def _pair_cost(scenario: Scenario) -> int:
-    """A proxy of a pair's run time: facts to memorize and unlearn times depth."""
-    return scenario.num_entities * scenario.facts_per_entity * scenario.num_layers
+    """A proxy of a pair's run time: facts to memorize (every phrasing) and unlearn times depth."""
+    return scenario.num_entities * scenario.facts_per_entity * scenario.num_layers * len(scenario.all_phrasings)
 
 
 def _pair_job(args):
     return run_pair(*args)
 
 
-def run_suite(scenarios, seeds, runs=ALL_RUNS, workers: int = 2, max_steps: int | None = None,
+def run_suite(scenarios, seeds, runs=METHODS, workers: int = 2, max_steps: int | None = None,
               log=print) -> list[dict]:
     """Every (scenario, seed) pair with every run, ``workers`` processes of one thread each."""
     import multiprocessing
@@ -159,151 +226,24 @@ def run_suite(scenarios, seeds, runs=ALL_RUNS, workers: int = 2, max_steps: int 
 
 def _logged(rows: list[dict], log) -> list[dict]:
     for row in rows:
-        log(f"[alter quality] {row['scenario']} seed {row['seed']} {row['run']}: forget {row['forget_acc']:.2f} "
-            f"retain {row['retain_acc']:.2f} ({row['seconds']:.0f} s)")
+        quality = f" quality {row['forget_quality']:.2g}" if "forget_quality" in row else ""
+        log(f"[alter quality] {row['scenario']} seed {row['seed']} {row['run']}: forget {row['forget_acc']:.2f}"
+            f"{quality} retain {row['retain_acc']:.2f} ({row['seconds']:.0f} s)")
+    log(f"[alter quality] {rows[0]['scenario']} seed {rows[0]['seed']}: pair done in {rows[0]['pair_seconds']:.0f} s "
+        f"({rows[0]['pair_cpu_seconds']:.0f} CPU s)")
     return rows
 
 
-def summarize(results: list[dict]) -> list[dict]:
-    """Mean and std over seeds per (scenario, run) of the accuracies and ratios."""
-    groups: dict[tuple, list[dict]] = {}
-    for row in results:
-        groups.setdefault((row["scenario"], row["run"]), []).append(row)
-    summary = []
-    for (scenario, run), rows in groups.items():
-        entry = {"scenario": scenario, "run": run, "seeds": len(rows)}
-        for key in ("forget_acc", "retain_acc", "forget_ratio", "retain_ratio", "forget_routing_share",
-                    "retain_leak_share", "steps", "seconds"):
-            values = [r[key] for r in rows if r.get(key) is not None and not _isnan(r[key])]
-            if values:
-                entry[key] = float(np.mean(values))
-                entry[key + "_std"] = float(np.std(values))
-        summary.append(entry)
-    order = {name: i for i, name in enumerate(("target",) + ALL_RUNS)}
-    return sorted(summary, key=lambda e: (e["scenario"], order.get(e["run"], 99)))
-
-
-def _isnan(value) -> bool:
-    return isinstance(value, float) and math.isnan(value)
-
-
-def meets_targets(summary: list[dict], forget_max: float = 0.5, retain_min: float = 0.9) -> dict[str, bool]:
-    """Per scenario: the default call (run "alter") forgets to <= ``forget_max`` x its accuracy
-    before and keeps >= ``retain_min`` x the retained accuracy (seed means)."""
-    return {e["scenario"]: e.get("forget_ratio", math.nan) <= forget_max and e.get("retain_ratio", math.nan) >= retain_min
-            for e in summary if e["run"] == "alter"}
-
-
-def dominating_runs(summary: list[dict], name: str = "alter") -> dict[str, list[str]]:
-    """Per scenario, the other runs whose seed means forget at least as much and keep at
-    least as much as ``name`` (at least as good on both ratios, better on one)."""
-    out: dict[str, list[str]] = {}
-    for entry in summary:
-        if entry["run"] != name or "forget_ratio" not in entry:
-            continue
-        f, r = entry["forget_ratio"], entry["retain_ratio"]
-        out[entry["scenario"]] = [
-            e["run"] for e in summary
-            if e["scenario"] == entry["scenario"] and e["run"] not in (name, "target") and "forget_ratio" in e
-            and e["forget_ratio"] <= f and e["retain_ratio"] >= r and (e["forget_ratio"] < f or e["retain_ratio"] > r)]
-    return out
-
-
-def plot_tradeoff(summary: list[dict], path: str) -> None:
-    """Retain ratio against forget ratio, one panel per scenario, one point per run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    scenarios = sorted({e["scenario"] for e in summary})
-    fig, axes = plt.subplots(1, len(scenarios), figsize=(4.2 * len(scenarios), 4.2), squeeze=False)
-    colors = plt.get_cmap("tab10")
-    for ax, scenario in zip(axes[0], scenarios):
-        for i, name in enumerate(ALL_RUNS):
-            entry = next((e for e in summary if e["scenario"] == scenario and e["run"] == name), None)
-            if entry is None or "forget_ratio" not in entry:
-                continue
-            marker = "*" if name == "alter" else ("^" if name.startswith("alter-") else "o")
-            ax.errorbar(entry["forget_ratio"], entry["retain_ratio"], xerr=entry["forget_ratio_std"],
-                        yerr=entry["retain_ratio_std"], fmt=marker, color=colors(i % 10),
-                        markersize=14 if name == "alter" else 7, label=name, alpha=0.85)
-        ax.axvline(0.5, color="grey", lw=0.8, ls="--")
-        ax.axhline(0.9, color="grey", lw=0.8, ls="--")
-        ax.set_title(scenario, fontsize=10)
-        ax.set_xlabel("forget acc after / before (lower is better)")
-        ax.set_xlim(-0.05, 1.1)
-        ax.set_ylim(0.0, 1.1)
-        ax.grid(True, alpha=0.3)
-    axes[0][0].set_ylabel("retain acc after / before (higher is better)")
-    axes[0][-1].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def format_markdown(summary: list[dict], scenarios, seeds, seconds: float, quick: bool) -> str:
-    """The seed-averaged table as Markdown (QUALITY.md)."""
-    held = {s.name for s in HELD_OUT}
-    lines = ["# Unlearning quality: the default call on held-out scenarios", "",
-             "Produced by `alter quality` (`make quality`) in "
-             f"{seconds / 60:.1f} min{' (--quick: smoke sizes, not a result)' if quick else ''}. "
-             f"Seeds {', '.join(map(str, seeds))}; mean ± std over seeds.",
-             "",
-             "Each scenario: a tiny Llama memorizes every row (forget + retain); each method then runs from a copy "
-             "with `alter.unlearn(model, tokenizer, forget, retain, method=...)` and nothing else (ablations change "
-             "one `AlterConfig` field; the full-parameter learning rate is unlearn's default, sized from the model: "
-             "`alter.methods.params.full_lr`); "
-             "every run stops early by unlearn's default rule (`early_stop_share`, docs/training.md, "
-             "\"Run length and early stop\"); steps: the optimizer steps run, router warm-up included. "
-             "Accuracy: teacher-forced argmax over the tokens of the fact values only. Ratios: after / before "
-             "(forget: lower is better, target ≤ 0.5; retain: higher is better, target ≥ 0.9). Routing shares "
-             "(from `model.unlearn_report`): routing weight the trained routers give the forget experts on the "
-             "forget positions that teach them, and on retained tokens (leak).", "",
-             "## Scenarios", "",
-             "| scenario | split | domain | format | entities × facts | forget rows | tokenizer | layers × width |",
-             "|---|---|---|---|---|---|---|---|"]
-    for s in scenarios:
-        split = "held out" if s.name in held else "development"
-        lines.append(f"| {s.name} | {split} | {s.domain} | {s.format} | {s.num_entities} × {s.facts_per_entity} | "
-                     f"{s.forget_rows} | {s.tokenizer} | {s.num_layers} × {s.hidden_size} |")
-    lines += ["", "Development scenarios (the only ones the defaults were tuned on, seeds "
-              f"{', '.join(map(str, DEVELOPMENT_SEEDS))}; see `alter.data.scenarios.DEVELOPMENT`): "
-              f"{', '.join(s.name for s in DEVELOPMENT)}.", ""]
-    targets = meets_targets(summary)
-    lines += ["## Results", "",
-              "| scenario | run | seeds | forget acc | retain acc | forget ratio | retain ratio | forget→forget experts | "
-              "retain leak | steps | s/run |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-
-    def cell(entry, key, digits=2):
-        if key not in entry:
-            return "–"
-        return f"{entry[key]:.{digits}f} ± {entry[key + '_std']:.{digits}f}"
-
-    for e in summary:
-        lines.append(f"| {e['scenario']} | {'**alter (default)**' if e['run'] == 'alter' else e['run']} | {e['seeds']} | "
-                     f"{cell(e, 'forget_acc')} | {cell(e, 'retain_acc')} | {cell(e, 'forget_ratio')} | "
-                     f"{cell(e, 'retain_ratio')} | {cell(e, 'forget_routing_share')} | {cell(e, 'retain_leak_share')} | "
-                     f"{format(e['steps'], '.0f') if 'steps' in e else '–'} | {e.get('seconds', 0):.0f} |")
-    lines += ["", "## Targets (default call, seed means)", "",
-              "Forget ratio ≤ 0.5 and retain ratio ≥ 0.9; runs that dominate the default ALTER call "
-              "(forget ratio ≤ and retain ratio ≥ ALTER's, one of them strictly):", ""]
-    dominated = dominating_runs(summary)
-    for scenario, ok in targets.items():
-        better = dominated.get(scenario) or []
-        lines.append(f"- {scenario}: target {'met' if ok else '**not met**'}; dominated by "
-                     f"{', '.join(better) if better else 'no other run'}")
-    lines += ["", "![trade-off](quality_tradeoff.png)", ""]
-    return "\n".join(lines)
-
-
 def main(out: str, quick: bool = False, seeds=None, workers: int = 2, development: bool = False,
-         scenarios=None) -> list[dict]:
+         scenarios=None, ablations: bool = False) -> list[dict]:
     """``alter quality``: run the suite and write QUALITY.json, QUALITY.md and the plot into ``out``.
 
-    ``quick``: one development scenario, one seed, 3 steps per run (a smoke test; it
-    says nothing about quality). ``development``: the development scenarios and seeds.
+    ``quick``: one development scenario (three phrasings), one seed, 3 steps per run (a
+    smoke test; it says nothing about quality). ``development``: the development scenarios
+    and seeds. ``ablations``: ALTER's ablations (:data:`ABLATIONS`) run too.
     """
+    from alter.quality_report import summarize, write_report
+
     started = time.perf_counter()
     os.makedirs(out, exist_ok=True)
     if scenarios is None:
@@ -312,26 +252,19 @@ def main(out: str, quick: bool = False, seeds=None, workers: int = 2, developmen
         seeds = DEVELOPMENT_SEEDS if development else HELD_OUT_SEEDS
     max_steps = None
     if quick:  # a development scenario: the smoke run never touches the held-out ones
-        scenarios = [dataclasses.replace(DEVELOPMENT[1], memorize_epochs=2)]
+        scenario = next(s for s in DEVELOPMENT if len(s.all_phrasings) == 3)
+        scenarios = [dataclasses.replace(scenario, memorize_epochs=2)]
         seeds, max_steps = DEVELOPMENT_SEEDS[:1], 3
-    results = run_suite(scenarios, seeds, workers=workers, max_steps=max_steps)
+    runs = ALL_RUNS if ablations else METHODS
+    results = run_suite(scenarios, seeds, runs=runs, workers=workers, max_steps=max_steps)
     summary = summarize(results)
     seconds = time.perf_counter() - started
     with open(os.path.join(out, "QUALITY.json"), "w") as f:
         json.dump({"scenarios": [s.to_dict() for s in scenarios], "seeds": list(seeds), "quick": quick,
-                   "default_config": AlterConfig().to_dict(), "ablations": ABLATIONS,
+                   "default_config": AlterConfig().to_dict(), "relearn": RELEARN,
                    "full_lr": {"scale": LR_SCALE, "min": LR_MIN, "max": LR_MAX},
-                   "seconds": seconds, "summary": summary, "results": results}, f, indent=1)
+                   "ablations": ABLATIONS if ablations else {}, "seconds": seconds, "summary": summary,
+                   "results": results}, f, indent=1)
     write_report(out)
     print(f"[alter quality] wrote {out}/QUALITY.md, QUALITY.json, quality_tradeoff.png in {seconds / 60:.1f} min")
     return summary
-
-
-def write_report(out: str) -> None:
-    """``out/QUALITY.md`` and ``out/quality_tradeoff.png`` from ``out/QUALITY.json``."""
-    with open(os.path.join(out, "QUALITY.json")) as f:
-        record = json.load(f)
-    scenarios = [Scenario(**s) for s in record["scenarios"]]
-    plot_tradeoff(record["summary"], os.path.join(out, "quality_tradeoff.png"))
-    with open(os.path.join(out, "QUALITY.md"), "w") as f:
-        f.write(format_markdown(record["summary"], scenarios, record["seeds"], record["seconds"], record["quick"]))

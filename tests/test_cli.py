@@ -285,7 +285,7 @@ def test_demo_quick_writes_table_and_plot(tmp_path, monkeypatch, capsys):
     """The demo pipeline end to end at toy size (the real run is `make demo`)."""
     monkeypatch.setattr(alter.demo, "DEMO_DATA", {"num_authors": 4, "facts_per_author": 1, "forget_fraction": 0.5})
     monkeypatch.setattr(alter.demo, "DEMO_FINETUNE", {"epochs": 5, "batch_size": 8, "lr": 3e-3})
-    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
+    assert main(["demo", "--quick", "--out", str(tmp_path), "--methods", ",".join(METHODS)]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
     methods = [row["method"] for row in results["rows"]]
     assert methods == ["retain", "target", *METHODS]

@@ -1,23 +1,37 @@
-"""The quality suite (alter.scenarios, alter.quality): deterministic generators, row formats,
-fact-token masks, and a smoke run of the runner and its report (says nothing about quality)."""
+"""The quality suite (alter.scenarios, alter.quality): deterministic generators, phrasings,
+row formats, fact-token masks, and a smoke run of the runner and its report (says nothing
+about quality)."""
 import json
 
 import pytest
 import torch
 
-from alter import quality
-from alter.scenarios import (DEVELOPMENT, HELD_OUT, Scenario, build_scenario, fact_token_mask, generate_rows,
-                             model_text, to_dataset)
+from alter import quality, quality_report
+from alter.scenarios import (DEVELOPMENT, DEVELOPMENT_SEEDS, HELD_OUT, HELD_OUT_SEEDS, Scenario, build_scenario,
+                             fact_token_mask, generate_rows, model_text, to_dataset)
 
-TINY = Scenario("tiny-test", "compounds", "qa", 6, 2, 2, "word", 1, 32, memorize_epochs=1)
+TINY = Scenario("tiny-test", "compounds", "qa", 6, 2, 2, "word", 1, 32, memorize_epochs=1, phrasings=("text", "bio"))
+SEEN_SEEDS = {0, 1} | set(range(100, 105)) | set(range(200, 205)) | set(range(300, 305)) | set(range(400, 405))
 
 
 def test_development_and_held_out_do_not_overlap():
     assert not {s.name for s in DEVELOPMENT} & {s.name for s in HELD_OUT}
     assert not {s.domain for s in DEVELOPMENT} & {s.domain for s in HELD_OUT}
+    # The fourth report's held-out set was seen: it is development now, with its seeds.
+    assert {"comets-qa-word", "chefs-bio-bpe", "lighthouses-text-bpe", "beetles-qa-200"} <= {s.name for s in DEVELOPMENT}
+    assert not set(HELD_OUT_SEEDS) & SEEN_SEEDS and set(DEVELOPMENT_SEEDS) <= SEEN_SEEDS
     sizes = [s.forget_rows for s in DEVELOPMENT + HELD_OUT]
     assert min(sizes) <= 12 and max(sizes) >= 400  # the issue's ~10 to ~400 forget rows
     assert {s.format for s in HELD_OUT} == {"qa", "text", "bio"} and {s.tokenizer for s in HELD_OUT} == {"word", "bpe"}
+    assert all(len(s.all_phrasings) >= 2 for s in HELD_OUT)
+    assert any(len(s.all_phrasings) >= 2 for s in DEVELOPMENT)
+
+
+def test_scenario_rejects_bad_phrasings():
+    with pytest.raises(ValueError, match="phrasings"):
+        Scenario("bad", "authors", "qa", 6, 2, 2, "word", 1, 32, phrasings=("qa",))
+    with pytest.raises(ValueError, match="phrasings"):
+        Scenario("bad", "authors", "qa", 6, 2, 2, "word", 1, 32, phrasings=("poem",))
 
 
 @pytest.mark.parametrize("scenario", DEVELOPMENT + HELD_OUT, ids=lambda s: s.name)
@@ -25,12 +39,15 @@ def test_generators_are_deterministic_and_well_formed(scenario):
     rows = generate_rows(scenario, 7)
     assert rows == generate_rows(scenario, 7)
     assert rows != generate_rows(scenario, 8)
-    assert len(rows["forget"]) == scenario.forget_rows
     facts = 1 if scenario.format == "bio" else scenario.facts_per_entity
+    assert len(rows["forget"]) == scenario.forget_rows
     assert len(rows["retain"]) == (scenario.num_entities - scenario.num_forget) * facts
-    forgotten = {row["entity"] for row in rows["forget"]}
-    assert len(forgotten) == scenario.num_forget and not forgotten & {row["entity"] for row in rows["retain"]}
-    for row in rows["forget"] + rows["retain"]:
+    assert len(rows["never_seen"]) == scenario.num_forget * facts
+    entities = {split: {row["entity"] for row in rows[split]} for split in rows}
+    assert len(entities["forget"]) == scenario.num_forget == len(entities["never_seen"])
+    assert not entities["forget"] & entities["retain"] and not entities["never_seen"] & (entities["forget"] |
+                                                                                          entities["retain"])
+    for row in rows["forget"] + rows["retain"] + rows["never_seen"]:
         keys = {"question", "answer"} if scenario.format == "qa" else {"text"}
         assert keys <= set(row) and not ({"question", "text"} - keys) & set(row)
         assert len(row["spans"]) == (scenario.facts_per_entity if scenario.format == "bio" else 1)
@@ -40,6 +57,40 @@ def test_generators_are_deterministic_and_well_formed(scenario):
             assert value and value == value.strip() and value in text
     assert set(to_dataset(rows["forget"]).column_names) == ({"question", "answer"} if scenario.format == "qa"
                                                             else {"text"})
+
+
+def _facts(rows):
+    """(entity, value) of every fact of every split."""
+    return {split: sorted((row["entity"], model_text(row)[s:e]) for row in split_rows for s, e in row["spans"])
+            for split, split_rows in rows.items()}
+
+
+@pytest.mark.parametrize("scenario", [s for s in DEVELOPMENT + HELD_OUT if len(s.all_phrasings) > 1],
+                         ids=lambda s: s.name)
+def test_every_phrasing_states_the_same_facts(scenario):
+    """Each phrasing renders the same entities and values; the target memorizes every
+    phrasing, the oracle every phrasing but the forget rows."""
+    facts = {phrasing: _facts(generate_rows(scenario, 3, phrasing)) for phrasing in scenario.all_phrasings}
+    assert all(f == facts[scenario.format] for f in facts.values())
+    assert generate_rows(scenario, 3) == generate_rows(scenario, 3, scenario.format)
+    kinds = {phrasing: generate_rows(scenario, 3, phrasing)["forget"][0] for phrasing in scenario.all_phrasings}
+    assert len({model_text(row) for row in kinds.values()}) == len(kinds)  # really different texts
+
+
+def test_build_scenario_gives_target_and_oracle_data():
+    built = build_scenario(TINY, 0)
+    per_phrasing = {p: built["phrasings"][p] for p in TINY.all_phrasings}
+    assert built["rows"] == per_phrasing["qa"]
+    size = sum(len(r["forget"]) + len(r["retain"]) for r in per_phrasing.values())
+    assert len(built["memorize"]) == size
+    assert len(built["oracle"]) == sum(len(r["retain"]) for r in per_phrasing.values())
+    forget_texts = {model_text(row) for r in per_phrasing.values() for row in r["forget"]}
+    oracle_rows = [{k: v for k, v in row.items() if v is not None} for row in built["oracle"]]
+    assert not forget_texts & {model_text(row) for row in oracle_rows}
+    never_seen = {model_text(row) for r in per_phrasing.values() for row in r["never_seen"]}
+    memorized = [{k: v for k, v in row.items() if v is not None} for row in built["memorize"]]
+    assert not never_seen & {model_text(row) for row in memorized}
+    assert forget_texts <= {model_text(row) for row in memorized}
 
 
 @pytest.mark.parametrize("tokenizer_kind,fmt", [("word", "qa"), ("bpe", "qa"), ("word", "bio"), ("bpe", "text")])
@@ -91,30 +142,60 @@ def test_ablations_each_change_one_config_field():
     assert quality.run_config("npo") == ("npo", None)
 
 
+def test_relearn_split_halves_the_forgotten_entities():
+    rows = generate_rows(Scenario("split-test", "authors", "qa", 12, 3, 5, "word", 1, 32), 0)["forget"]
+    relearn, held = quality.relearn_split(rows)
+    relearned, kept = {r["entity"] for r in relearn}, {r["entity"] for r in held}
+    assert len(relearned) == 2 and len(kept) == 3 and not relearned & kept and len(relearn) + len(held) == len(rows)
+
+
 def test_quick_runner_writes_the_report(tmp_path):
     """run_pair / summarize / the Markdown and plot writers on a 1-layer model, 1 step a
     run (a smoke test: nothing about quality is asserted)."""
     torch.manual_seed(0)
     results = quality.run_pair(TINY, 0, ("alter", "grad_diff", "alter-no-structural"), max_steps=1)
-    assert [r["run"] for r in results] == ["target", "alter", "grad_diff", "alter-no-structural"]
+    assert [r["run"] for r in results] == ["target", "oracle", "alter", "grad_diff", "alter-no-structural"]
     assert all(0.0 <= r["forget_acc"] <= 1.0 and 0.0 <= r["retain_acc"] <= 1.0 for r in results)
-    assert results[1]["forget_routing_share"] is not None and results[2]["forget_routing_share"] is None
-    summary = quality.summarize(results + [dict(r, seed=1) for r in results])
+    for row in results:
+        probabilities = [row[k] for k in ("mia_auc", "generation_hits", "relearn_acc", "forget_acc_text",
+                                          "forget_acc_bio")]
+        assert all(0.0 <= p <= 1.0 for p in probabilities)
+        assert ("forget_quality_bio" in row) == (row["run"] != "oracle")
+    alter_row, grad_diff_row = results[2], results[3]
+    assert alter_row["forget_routing_share"] is not None and grad_diff_row["forget_routing_share"] is None
+    # The mean over the per-layer shares is the report's share (one per patched module).
+    layers = alter_row["forget_routing_by_layer"]
+    assert len(layers) == len(alter_row["routing_layers"]) > 1
+    assert sum(layers) / len(layers) == pytest.approx(alter_row["forget_routing_share"], abs=1e-6)
+    summary = quality_report.summarize(results + [dict(r, seed=1) for r in results])
     assert {e["seeds"] for e in summary} == {2}
-    assert [e["run"] for e in summary] == ["target", "alter", "grad_diff", "alter-no-structural"]
-    text = quality.format_markdown(summary, [TINY], [0, 1], 12.0, quick=True)
+    assert [e["run"] for e in summary] == ["target", "oracle", "alter", "grad_diff", "alter-no-structural"]
+    assert summary[2]["forget_routing_by_layer"] == pytest.approx(layers)
+    text = quality_report.format_markdown(summary, [TINY], [0, 1], 12.0, quick=True)
     assert "| tiny-test | **alter (default)** | 2 |" in text and "smoke sizes" in text
+    assert "## Routing per layer" in text and "| tiny-test | alter | 0.q_proj " in text
     (tmp_path / "QUALITY.json").write_text(json.dumps(
         {"scenarios": [TINY.to_dict()], "seeds": [0, 1], "seconds": 12.0, "quick": True, "summary": summary}))
-    quality.write_report(str(tmp_path))
+    quality_report.write_report(str(tmp_path))
     assert (tmp_path / "quality_tradeoff.png").stat().st_size > 0
     assert (tmp_path / "QUALITY.md").read_text() == text
 
 
-def test_dominating_runs():
-    summary = [{"scenario": "s", "run": "alter", "forget_ratio": 0.4, "retain_ratio": 0.9},
-               {"scenario": "s", "run": "npo", "forget_ratio": 0.3, "retain_ratio": 0.95},
-               {"scenario": "s", "run": "lora", "forget_ratio": 0.2, "retain_ratio": 0.8},
-               {"scenario": "s", "run": "grad_diff", "forget_ratio": 0.4, "retain_ratio": 0.9},
-               {"scenario": "s", "run": "target", "forget_ratio": 0.0, "retain_ratio": 1.0}]
-    assert quality.dominating_runs(summary) == {"s": ["npo"]}
+def test_dominating_runs_and_targets():
+    summary = [{"scenario": "s", "run": "oracle", "forget_acc": 0.30, "relearn_acc": 0.2},
+               {"scenario": "s", "run": "alter", "forget_quality": 0.2, "retain_ratio": 0.96, "forget_acc": 0.33,
+                "forget_quality_text": 0.005, "relearn_acc": 0.35},
+               {"scenario": "s", "run": "npo", "forget_quality": 0.3, "retain_ratio": 0.97},
+               {"scenario": "s", "run": "lora", "forget_quality": 0.9, "retain_ratio": 0.8},
+               {"scenario": "s", "run": "grad_diff", "forget_quality": 0.2, "retain_ratio": 0.96},
+               {"scenario": "s", "run": "target", "forget_quality": 1.0, "retain_ratio": 1.0}]
+    assert quality_report.dominating_runs(summary) == {"s": ["npo"]}
+    assert quality_report.meets_targets(summary) == {"s": {
+        "forget_quality": True, "forget acc vs oracle": True, "retain_ratio": True, "other phrasings": False,
+        "relearning": False}}
+
+
+def test_a_scenario_with_more_entities_than_names_fails_clearly():
+    """glaciers names are "{A}{b} Glacier": 144 of them; 150 entities cannot all differ."""
+    with pytest.raises(ValueError, match="too small"):
+        generate_rows(Scenario("too-many", "glaciers", "qa", 150, 1, 10, "word", 1, 32), 0)

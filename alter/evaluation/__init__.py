@@ -13,10 +13,13 @@ One module per protocol: ``tofu`` (answer probability, truth ratio, forget quali
 utility, :func:`evaluate_tofu`), ``summary`` (open-unlearning's layout), ``own_data``
 (the user's own forget/retain files, :func:`evaluate_own_data`), ``mia``
 (membership inference, PrivLeak), ``memorization`` (extraction strength, exact
-memorization), ``mcq`` (WMDP, MMLU), ``muse``, ``generation`` (greedy answers, ROUGE-L);
+memorization), ``mcq`` (WMDP, MMLU), ``muse``, ``generation`` (greedy answers, ROUGE-L),
+``facts`` (the quality suite's fact metrics against an oracle model);
 all score through the one teacher-forced pass of ``scoring``; ``validation`` checks
 their arguments.
 """
+from alter.evaluation.facts import (fact_accuracy, fact_forget_quality, fact_mia_auc, fact_scores,
+                                    generation_hit_rate)
 from alter.evaluation.generation import generate, rouge_l_recall
 from alter.evaluation.mcq import mcq_accuracy
 from alter.evaluation.memorization import exact_memorization, extraction_strength
@@ -31,8 +34,9 @@ from alter.evaluation.tofu import (UTILITY_KEYS, UTILITY_METRICS, UTILITY_SPLITS
 __all__ = [
     "MIA_ATTACKS", "KNOWMEM_STOP", "UTILITY_KEYS", "UTILITY_METRICS", "UTILITY_SPLITS",
     "OWN_DATA_GLOSSARY", "answer_log_likelihood", "answer_probability", "evaluate_muse", "evaluate_own_data",
-    "evaluate_tofu", "exact_memorization",
-    "extraction_strength", "forget_quality", "generate", "knowmem_prompt", "knowmem_rouge", "mcq_accuracy",
+    "evaluate_tofu", "exact_memorization", "extraction_strength", "fact_accuracy", "fact_forget_quality",
+    "fact_mia_auc", "fact_scores", "forget_quality", "generate", "generation_hit_rate", "knowmem_prompt",
+    "knowmem_rouge", "mcq_accuracy",
     "mia_auc", "mia_scores", "model_utility", "open_unlearning_summary", "privleak", "rouge_l_recall",
     "truth_ratio", "utility_components", "verbmem_rouge",
 ]

@@ -7,6 +7,7 @@ import json
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from alter.adapters import alter_layers
@@ -18,32 +19,42 @@ from alter.training.schedule import LabelScores, label_scores
 from alter_kernels import route
 
 
-def routing_shares(model, examples: list[dict], pad_id: int, batch_size: int) -> float:
-    """Share of the routing weight that the model's routers, gating on their own (as at
-    inference, base-model entropy from ``example["entropy"]``), give the forget experts
-    (1..N-1) on the positions ``example["route_mask"]`` marks, averaged over layers and
-    positions. A float in [0, 1] (NaN when no position is marked)."""
+def layer_routing_shares(model, examples: list[dict], pad_id: int, batch_size: int) -> dict[str, float]:
+    """Per patched layer (its module name, in the model's order): the share of the routing
+    weight that its router, gating on its own (as at inference, base-model entropy from
+    ``example["entropy"]``), gives the forget experts (1..N-1) on the positions
+    ``example["route_mask"]`` marks, averaged over those positions. Floats in [0, 1]
+    (NaN when no position is marked)."""
     config = model.alter_config
-    shares: list[torch.Tensor] = []
+    layers = alter_layers(model)
+    shares: dict[str, torch.Tensor] = {}
 
-    def hook(router, inputs, logits):
-        weights, experts = route(logits, inputs[1], config.entropy_threshold, config.tau_high, config.tau_low,
-                                 config.k_high, config.k_low, backend=config.backend)
-        shares.append((weights * (experts > RETENTION_EXPERT)).sum(-1).float())
+    def hook_of(name):
+        def hook(router, inputs, logits):
+            weights, experts = route(logits, inputs[1], config.entropy_threshold, config.tau_high, config.tau_low,
+                                     config.k_high, config.k_low, backend=config.backend)
+            shares[name] = (weights * (experts > RETENTION_EXPERT)).sum(-1).float()
+        return hook
 
-    handles = [layer.router.register_forward_hook(hook) for layer in alter_layers(model).values()]
-    total = count = 0.0
+    handles = [layer.router.register_forward_hook(hook_of(name)) for name, layer in layers.items()]
+    totals = dict.fromkeys(layers, 0.0)
+    count = 0.0
     try:
-        for _, batch, _output in eval_forwards(model, examples, pad_id, batch_size):  # the hook fills shares
+        for _, batch, _output in eval_forwards(model, examples, pad_id, batch_size):  # the hooks fill shares
             mask = (batch["route_mask"].bool() & batch["attention_mask"].bool()).reshape(-1)
-            per_token = torch.stack(shares).mean(0)
-            shares.clear()
-            total += float(per_token[mask].sum())
+            for name in layers:
+                totals[name] += float(shares[name].reshape(-1)[mask].sum())
             count += float(mask.sum())
     finally:
         for handle in handles:
             handle.remove()
-    return total / count if count else float("nan")
+    return {name: total / count if count else float("nan") for name, total in totals.items()}
+
+
+def routing_shares(model, examples: list[dict], pad_id: int, batch_size: int) -> float:
+    """:func:`layer_routing_shares` averaged over the layers: a float in [0, 1] (NaN when
+    no position is marked)."""
+    return float(np.mean(list(layer_routing_shares(model, examples, pad_id, batch_size).values())))
 
 
 # The verdict: "forgotten" when the forget tokens' mean probability fell to at most
@@ -101,7 +112,9 @@ class UnlearnReport:
     ``forget_kept_history``, as ``(unlearning step, share)`` at each early-stop check;
     ``stopped_early``: whether the run stopped there (docs/training.md, "Run length and
     early stop"); ``seconds``: wall time; ``ended``: why the unlearning steps ended, in
-    words. :attr:`verdict` sums it up; :meth:`save` writes ``report.json`` and ``report.md``.
+    words; ``forget_routing_by_layer`` and
+    ``retain_leak_by_layer``: the two routing shares per patched layer
+    (:func:`layer_routing_shares`; their means are the two shares above). :attr:`verdict` sums it up; :meth:`save` writes ``report.json`` and ``report.md``.
     """
 
     method: str
@@ -117,6 +130,8 @@ class UnlearnReport:
     stopped_early: bool
     seconds: float
     ended: str = ""
+    forget_routing_by_layer: dict | None = None
+    retain_leak_by_layer: dict | None = None
 
     @property
     def probability_ratio(self) -> float:
@@ -187,15 +202,17 @@ def _report(model, method, forget_examples, retain_examples, pad_id, batch_size,
         for name, value in logs.items():
             entry = losses.setdefault(name, {"first": value, "last": value, "min": value})
             entry["last"], entry["min"] = value, min(entry["min"], value)
-    shares = (None, None)
+    by_layer = (None, None)
     # Routing shares mean something only where the forget set has its own experts.
     if method.has_forget_experts:
-        shares = (routing_shares(model, forget_examples, pad_id, batch_size),
-                  routing_shares(model, retain_examples, pad_id, batch_size))
+        by_layer = (layer_routing_shares(model, forget_examples, pad_id, batch_size),
+                    layer_routing_shares(model, retain_examples, pad_id, batch_size))
+    shares = [None if layers is None else float(np.mean(list(layers.values()))) for layers in by_layer]
     warmup_run = max(0, min(router_warmup, start_step + len(history)) - start_step)
     stopped_early = forget_end is not None
     if forget_end is None:
         forget_end = label_scores(model, forget_examples, pad_id, batch_size)
     return UnlearnReport(method.name, len(history) - warmup_run, warmup_run, losses, *shares,
                          forget_start.probability, forget_end.probability,
-                         forget_end.kept_share(forget_start, fact_weight), kept_history, stopped_early, seconds, ended)
+                         forget_end.kept_share(forget_start, fact_weight), kept_history, stopped_early, seconds, ended,
+                         *by_layer)

@@ -1,0 +1,101 @@
+"""Fact-level metrics of the fictitious-knowledge scenarios (:mod:`alter.data.scenarios`),
+measured against an oracle (the model trained the same way without the forget rows):
+
+* :func:`fact_scores`: per fact, the summed log-probability of its value's tokens
+  (teacher-forced) and how many of them the model predicts (argmax); one pass of
+  :func:`alter.evaluation.scoring.forward_batches`;
+* :func:`fact_accuracy`: the micro-averaged argmax accuracy over fact-value tokens;
+* :func:`fact_forget_quality`: the KS-test p-value between two models' per-fact value
+  log-probabilities (TOFU's forget quality, applied to facts);
+* :func:`fact_mia_auc`: loss-based membership inference of forgotten against never-seen
+  facts (:func:`alter.evaluation.mia.mia_auc`);
+* :func:`generation_hit_rate`: the share of facts whose value the model's greedy
+  continuation of the fact's prompt contains (:func:`alter.evaluation.generation.generate`).
+
+Rows are scenario rows (``spans`` mark the values; :func:`alter.data.scenarios.generate_rows`).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from scipy import stats
+
+from alter.data.scenarios import fact_prompts, fact_token_spans
+from alter.evaluation.generation import generate
+from alter.evaluation.mia import mia_auc
+from alter.evaluation.scoring import forward_batches
+from alter.evaluation.validation import check_samples
+
+
+def fact_scores(model, tokenizer, rows: Sequence[dict], batch_size: int = 32) -> dict[str, np.ndarray]:
+    """Per fact of ``rows`` (every span of every row, in order): ``logprob`` (float64
+    ``[n]``, the sum over the value's tokens of ``log p(token | tokens before)``),
+    ``tokens`` (int64 ``[n]``, the value's token count) and ``correct`` (int64 ``[n]``, how
+    many of them are the argmax prediction). Eval mode, no gradients."""
+    if not rows:
+        raise ValueError("fact_scores: rows is empty")
+    encoded, owners, first_fact = [], [], [0]
+    for row in rows:
+        ids, owner = fact_token_spans(tokenizer, row)
+        encoded.append({"input_ids": ids, "attention_mask": [1] * len(ids)})
+        owners.append(owner)
+        first_fact.append(first_fact[-1] + len(row["spans"]))
+    n = first_fact[-1]
+    logprob, tokens, correct = np.zeros(n), np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
+    for indices, logits, batch in forward_batches(model, tokenizer, encoded, batch_size, "fact_scores"):
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        targets = batch["input_ids"][:, 1:].to(logp.device)
+        token_logp = logp.gather(-1, targets[..., None])[..., 0].double().cpu().numpy()
+        hits = (logp.argmax(-1) == targets).cpu().numpy()
+        for row_in_batch, i in enumerate(indices):
+            # Token t is predicted at position t - 1; the BOS (token 0) is never a value.
+            owner = np.asarray(owners[i][1:])
+            facts = owner >= 0
+            where = first_fact[i] + owner[facts]
+            np.add.at(logprob, where, token_logp[row_in_batch, :len(owner)][facts])
+            np.add.at(tokens, where, 1)
+            np.add.at(correct, where, hits[row_in_batch, :len(owner)][facts])
+    if (tokens == 0).any():
+        raise ValueError("fact_scores: a fact value covers no token (its span is empty or outside the text)")
+    return {"logprob": logprob, "tokens": tokens, "correct": correct}
+
+
+def fact_accuracy(model, tokenizer, rows: Sequence[dict], batch_size: int = 32) -> float:
+    """Teacher-forced argmax accuracy over the fact-value tokens of ``rows``
+    (micro-average over tokens), in eval mode without gradients."""
+    scores = fact_scores(model, tokenizer, rows, batch_size)
+    return float(scores["correct"].sum() / scores["tokens"].sum())
+
+
+def fact_forget_quality(logprobs, oracle_logprobs) -> float:
+    """The p-value of the two-sample KS test (``scipy.stats.ks_2samp``) between a model's
+    and the oracle's per-fact value log-probabilities (float ``[n]`` and ``[m]``, from
+    :func:`fact_scores`) on the forgotten facts. Near 1: the model is indistinguishable
+    from one that never saw them; below 0.05: it still knows them (or forgot too much)."""
+    samples = [check_samples("fact_forget_quality", name, values)
+               for name, values in (("logprobs", logprobs), ("oracle_logprobs", oracle_logprobs))]
+    return float(stats.ks_2samp(*samples).pvalue)
+
+
+def fact_mia_auc(member_scores: dict, nonmember_scores: dict) -> float:
+    """Loss-based membership-inference AUC (:func:`alter.evaluation.mia.mia_auc`) of the
+    facts of ``member_scores`` (forgotten facts) against those of ``nonmember_scores``
+    (facts no model saw), both :func:`fact_scores` results; a fact's loss is the mean NLL
+    of its value's tokens. 0.5: the forgotten facts look never seen."""
+    return mia_auc(*(-s["logprob"] / s["tokens"] for s in (member_scores, nonmember_scores)))
+
+
+def generation_hit_rate(model, tokenizer, rows: Sequence[dict], max_new_tokens: int = 32,
+                        batch_size: int = 32) -> float:
+    """Share of the facts of ``rows`` whose value occurs in the model's greedy continuation
+    (``max_new_tokens``) of the fact's prompt (:func:`alter.data.scenarios.fact_prompts`:
+    a QA row's question, a text row's text up to the value)."""
+    pairs = [pair for row in rows for pair in fact_prompts(row)]
+    if not pairs:
+        raise ValueError("generation_hit_rate: rows hold no fact")
+    answers = generate(model, tokenizer, [prompt for prompt, _ in pairs], max_new_tokens, batch_size)
+    # Word-level tokenizers decode with spaces between tokens: compare without them.
+    hits = [value.replace(" ", "") in answer.replace(" ", "") for (_, value), answer in zip(pairs, answers)]
+    return float(np.mean(hits))
