@@ -279,6 +279,63 @@ class EntityRouting:
             h.remove()
 
 
+class ProbeRouting(EntityRouting):
+    """A learned per-sequence route: a linear probe on the frozen target's hidden state
+    ``layer`` scores each position; a position goes to forget expert 1 from the first
+    position the probe fires on (carried forward, so causal), else to the retention expert."""
+
+    def __init__(self, model, base, layer: int, params):
+        self.base, self.layer, self.params = base, layer, params
+        super().__init__(model, set())
+
+    def fired(self, ids: torch.Tensor) -> torch.Tensor:
+        """[B, L] bool: the probe fired at or before each position."""
+        w, b, mean, std = self.params
+        with torch.no_grad():
+            hidden = self.base(input_ids=ids, output_hidden_states=True).hidden_states[self.layer].double()
+        return ((((hidden - mean) / std) @ w + b) > 0).cpu().long().cummax(dim=1).values.bool()
+
+    def read_ids(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self.flags = self.fired(ids).long().reshape(-1)
+
+
+def fit_entity_probe(base, tokenizer, rows: dict, layer: int):
+    """The probe of :class:`ProbeRouting`: positive at each forget row's entity end, negative
+    at every retained position and every forget position before the entity end. Its bias
+    puts the threshold midway between the highest negative and the lowest positive score
+    when they separate: carried forward, one false firing leaks the rest of its row."""
+    xs, ys = [], []
+    for split in ("forget", "retain"):
+        for row, hidden in zip(rows[split], _hidden(base, tokenizer, rows[split])):
+            end = row_positions(tokenizer, row)["entity_end"]
+            n = hidden.shape[1] if split == "retain" else end + 1
+            xs.append(hidden[layer, :n])
+            ys += [False] * n if split == "retain" else [False] * end + [True]
+    x, y = torch.cat(xs), torch.tensor(ys)
+    w, b, mean, std = _fit(x, y)
+    score = ((x - mean) / std) @ w + b
+    low, high = score[y].min(), score[~y].max()
+    if high < low:
+        b = b - (low + high) / 2
+    return w, b, mean, std
+
+
+def carried_shares(routing: ProbeRouting, tokenizer, rows: dict) -> dict:
+    """Share of the forget rows' positions after the entity (after / fact types) that the
+    carried route sends to a forget expert, and of every retained position (the leak)."""
+    counts = {"forget": [0, 0], "retain": [0, 0]}
+    for split in counts:
+        for row in rows[split]:
+            p = row_positions(tokenizer, row)
+            fired = routing.fired(torch.tensor([p["ids"]]))[0]
+            keep = [t for t, k in enumerate(p["kinds"]) if split == "retain" or k in ("after", "fact")]
+            counts[split][0] += int(fired[keep].sum())
+            counts[split][1] += len(keep)
+    return {"forget_share": counts["forget"][0] / counts["forget"][1],
+            "retain_leak": counts["retain"][0] / counts["retain"][1]}
+
+
 # ------------------------------------------------------------------ stop-rule statistic
 
 
@@ -434,7 +491,124 @@ def study(name: str, seed: int, variants=tuple(VARIANTS)) -> dict:
     return result
 
 
+def value_logprob(model, tokenizer, rows: list[dict], unknown_entity: bool = False) -> float:
+    """Mean over ``rows`` of the log-probability of the fact values (summed over their
+    tokens). ``unknown_entity``: every token of the entity's mentions replaced by the UNK
+    token, i.e. the values' log-probability for an entity the model never saw (a level a
+    run can compute from the model it starts from, without the oracle)."""
+    values = []
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for row in rows:
+            p = row_positions(tokenizer, row)
+            ids = list(p["ids"])
+            if unknown_entity:
+                text, entity = model_text(row), row["entity"]
+                spans = [(a, a + len(entity)) for a in range(len(text)) if text.startswith(entity, a)]
+                offsets = tokenizer(text, return_offsets_mapping=True)["offset_mapping"]
+                for t, (a, b) in enumerate(offsets):
+                    if any(b > s0 and a < s1 for s0, s1 in spans):
+                        ids[t] = tokenizer.unk_token_id
+            logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+            values.append(sum(float(logp[t, p["ids"][t + 1]]) for t, k in enumerate(p["kinds"]) if k == "fact"))
+    model.train(was_training)
+    return float(np.mean(values))
+
+
+def stop_study(name: str, seed: int, steps: int = 40, probe_layer: int | None = None) -> dict:
+    """Item 5 under isolated routing: along an entity-rule run without early stop, the forget
+    facts' fact accuracy and value log-probability, against the oracle's and against the
+    never-seen-entity level of the target (:func:`value_logprob` with ``unknown_entity``).
+    ``probe_layer``: route by :class:`ProbeRouting` on that hidden layer instead of the rule."""
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    scenario = SCENARIOS[name]
+    built = build_scenario(scenario, seed)
+    tok, rows = built["tokenizer"], built["rows"]
+    init = copy.deepcopy(built["model"])
+    target = memorize(built, scenario, seed)
+    oracle = finetune(init, tok, built["retain"], epochs=scenario.memorize_epochs, seed=seed, progress=False,
+                      **MEMORIZE)
+    result = {"scenario": name, "seed": seed,
+              "target": {**_accuracies(target, tok, rows), "value_logprob": value_logprob(target, tok, rows["forget"]),
+                         "unknown_entity_logprob": value_logprob(target, tok, rows["forget"], True)},
+              "oracle": {**_accuracies(oracle, tok, rows), "value_logprob": value_logprob(oracle, tok, rows["forget"]),
+                         "unknown_entity_logprob": value_logprob(oracle, tok, rows["forget"], True)}}
+    model = copy.deepcopy(target)
+    trajectory = []
+
+    def check(step, logs):
+        if step % 2 == 0:
+            trajectory.append({"step": step, **_accuracies(model, tok, rows),
+                               "value_logprob": value_logprob(model, tok, rows["forget"])})
+
+    if probe_layer is None:
+        rule = EntityRouting(model, entity_pieces(tok, rows["forget"]))
+    else:
+        base = copy.deepcopy(target)
+        rule = ProbeRouting(model, base, probe_layer, fit_entity_probe(base, tok, rows, probe_layer))
+        halves = [{split: rows[split][k::2] for split in rows} for k in (0, 1)]
+        heldout = ProbeRouting(model, base, probe_layer, fit_entity_probe(base, tok, halves[0], probe_layer))
+        heldout.remove()
+        result["carried_route"] = {"layer": probe_layer, **carried_shares(rule, tok, rows),
+                                   "heldout_rows": carried_shares(heldout, tok, halves[1])}
+    unlearn(model, tok, built["forget"], built["retain"], seed=seed, progress=False, callback=check,
+            router_warmup=0, max_steps=steps, early_stop_share=None)
+    rule.remove()
+    result["trajectory"] = trajectory
+    return result
+
+
+def tables(study_lines: list[dict], stop_lines: list[dict]) -> str:
+    """The markdown tables of docs/routing.md from the JSON lines of :func:`study` and
+    :func:`stop_study`."""
+    out = ["| pair | knowable (all / labelled) | per-token probe by layer: recall / leak (recall at 5% leak; "
+           "held-out rows) | entity-end probe by layer: recall / leak (held-out rows) |", "|---|---|---|---|"]
+    for r in study_lines:
+        pos = r["positions"]
+        tok = "; ".join(f"L{p['layer']} {p['recall']:.2f}/{p['leak']:.2f} ({p['recall_at_5pct_leak']:.2f}; "
+                        f"{p['heldout_rows_recall']:.2f}/{p['heldout_rows_leak']:.2f})" for p in r["probe"])
+        ent = "; ".join(f"L{p['layer']} {p['recall']:.2f}/{p['leak']:.2f} ({p['heldout_rows_recall']:.2f}/"
+                        f"{p['heldout_rows_leak']:.2f})" for p in r["probe_entity_end"])
+        out.append(f"| {r['scenario']} {r['seed']} | {pos['all']['knowable']:.2f} / {pos['labelled']['knowable']:.2f}"
+                   f" | {tok} | {ent} |")
+    out += ["", "| pair | run | steps | forget share | retain leak | forget share by type (before / entity / after "
+            "/ fact) | retain leak by type | forget acc (oracle) | retain acc |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in study_lines:
+        for name, run in r["runs"].items():
+            by = run.get("routers")
+            types = lambda split: " / ".join("-" if by[split]["mean"][k] is None else f"{by[split]['mean'][k]:.2f}"
+                                             for k in KINDS) if by else "(rule)"
+            out.append(f"| {r['scenario']} {r['seed']} | {name} | {run['steps']} | {run['forget_routing_share']:.2f} | "
+                       f"{run['retain_leak_share']:.2f} | {types('forget')} | {types('retain')} | "
+                       f"{run['forget_acc']:.2f} ({r['oracle']['forget_acc']:.2f}) | {run['retain_acc']:.2f} |")
+    out += ["", "| pair | oracle forget acc | value log-prob: target / oracle / target, entity unknown | first step "
+            "at or below the unknown-entity level: forget acc, retain acc | step nearest the oracle's acc |",
+            "|---|---|---|---|---|"]
+    for r in stop_lines:
+        level = r["target"]["unknown_entity_logprob"]
+        fired = next((p for p in r["trajectory"] if p["value_logprob"] <= level), None)
+        best = min(r["trajectory"], key=lambda p: abs(p["forget_acc"] - r["oracle"]["forget_acc"]))
+        rule = "never" if fired is None else \
+            f"step {fired['step']}: {fired['forget_acc']:.2f}, {fired['retain_acc']:.2f}"
+        out.append(f"| {r['scenario']} {r['seed']} | {r['oracle']['forget_acc']:.2f} | "
+                   f"{r['target']['value_logprob']:.2f} / {r['oracle']['value_logprob']:.2f} / {level:.2f} | {rule} | "
+                   f"step {best['step']}: {best['forget_acc']:.2f}, {best['retain_acc']:.2f} |")
+    return "\n".join(out)
+
+
 if __name__ == "__main__":
     argv = sys.argv[1:]
+    if argv and argv[0] == "--tables":  # --tables STUDY.jsonl STOP.jsonl
+        read = lambda path: [json.loads(line) for line in open(path)]
+        print(tables(read(argv[1]), read(argv[2])))
+        sys.exit()
+    run = study
+    if argv and argv[0] == "--stop":
+        run, argv = stop_study, argv[1:]
+    elif argv and argv[0] == "--probe-route":  # --probe-route LAYER SCENARIO SEED ...
+        layer = int(argv[1])
+        run, argv = (lambda name, seed: stop_study(name, seed, probe_layer=layer)), argv[2:]
     for i in range(0, len(argv), 2):
-        print(json.dumps(study(argv[i], int(argv[i + 1]))), flush=True)
+        print(json.dumps(run(argv[i], int(argv[i + 1]))), flush=True)
