@@ -583,16 +583,20 @@ def tables(study_lines: list[dict], stop_lines: list[dict]) -> str:
             out.append(f"| {r['scenario']} {r['seed']} | {name} | {run['steps']} | {run['forget_routing_share']:.2f} | "
                        f"{run['retain_leak_share']:.2f} | {types('forget')} | {types('retain')} | "
                        f"{run['forget_acc']:.2f} ({r['oracle']['forget_acc']:.2f}) | {run['retain_acc']:.2f} |")
-    out += ["", "| pair | oracle forget acc | value log-prob: target / oracle / target, entity unknown | first step "
-            "at or below the unknown-entity level: forget acc, retain acc | step nearest the oracle's acc |",
-            "|---|---|---|---|---|"]
+    out += ["", "| pair | route | oracle forget acc | value log-prob: target / oracle / target, entity unknown | "
+            "first step at or below the unknown-entity level: forget acc, retain acc | step nearest the oracle's acc |",
+            "|---|---|---|---|---|---|"]
     for r in stop_lines:
         level = r["target"]["unknown_entity_logprob"]
         fired = next((p for p in r["trajectory"] if p["value_logprob"] <= level), None)
         best = min(r["trajectory"], key=lambda p: abs(p["forget_acc"] - r["oracle"]["forget_acc"]))
         rule = "never" if fired is None else \
             f"step {fired['step']}: {fired['forget_acc']:.2f}, {fired['retain_acc']:.2f}"
-        out.append(f"| {r['scenario']} {r['seed']} | {r['oracle']['forget_acc']:.2f} | "
+        carried = r.get("carried_route")
+        route = "entity rule" if carried is None else \
+            (f"carried probe L{carried['layer']}: {carried['forget_share']:.2f}/{carried['retain_leak']:.2f} "
+             f"(held-out rows {carried['heldout_rows']['forget_share']:.2f}/{carried['heldout_rows']['retain_leak']:.2f})")
+        out.append(f"| {r['scenario']} {r['seed']} | {route} | {r['oracle']['forget_acc']:.2f} | "
                    f"{r['target']['value_logprob']:.2f} / {r['oracle']['value_logprob']:.2f} / {level:.2f} | {rule} | "
                    f"step {best['step']}: {best['forget_acc']:.2f}, {best['retain_acc']:.2f} |")
     return "\n".join(out)
@@ -600,9 +604,9 @@ def tables(study_lines: list[dict], stop_lines: list[dict]) -> str:
 
 if __name__ == "__main__":
     argv = sys.argv[1:]
-    if argv and argv[0] == "--tables":  # --tables STUDY.jsonl STOP.jsonl
+    if argv and argv[0] == "--tables":  # --tables STUDY.jsonl STOP.jsonl [PROBE-ROUTE.jsonl ...]
         read = lambda path: [json.loads(line) for line in open(path)]
-        print(tables(read(argv[1]), read(argv[2])))
+        print(tables(read(argv[1]), [r for path in argv[2:] for r in read(path)]))
         sys.exit()
     run = study
     if argv and argv[0] == "--stop":
