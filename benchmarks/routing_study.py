@@ -3,6 +3,9 @@ per-token router can know under causal attention, what isolated routing buys, an
 rule aimed at the oracle. docs/routing.md gives the numbers; reproduce with
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/routing_study.py SCENARIO SEED [SCENARIO SEED ...]
+    ... routing_study.py --stop SCENARIO SEED ...            # stop_study: entity rule, 40 steps
+    ... routing_study.py --probe-route LAYER SCENARIO SEED ... # stop_study with ProbeRouting
+    ... routing_study.py --tables STUDY.jsonl STOP.jsonl [PROBE.jsonl]
 
 (development scenarios and seeds only: alter.data.scenarios.DEVELOPMENT, and comets /
 chefs / lighthouses / beetles, seeds 0, 1, 400-404). Each pair prints one JSON line.
