@@ -226,6 +226,9 @@ def run_suite(scenarios, seeds, runs=METHODS, workers: int = 2, max_steps: int |
 
 def _logged(rows: list[dict], log) -> list[dict]:
     for row in rows:
+        if "refused" in row:
+            log(f"[alter quality] {row['scenario']} seed {row['seed']} {row['run']}: refused: {row['refused']}")
+            continue
         quality = f" quality {row['forget_quality']:.2g}" if "forget_quality" in row else ""
         log(f"[alter quality] {row['scenario']} seed {row['seed']} {row['run']}: forget {row['forget_acc']:.2f}"
             f"{quality} retain {row['retain_acc']:.2f} ({row['seconds']:.0f} s)")

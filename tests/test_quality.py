@@ -55,8 +55,14 @@ def test_generators_are_deterministic_and_well_formed(scenario):
         for start, end in row["spans"]:
             value = text[start:end]
             assert value and value == value.strip() and value in text
-    assert set(to_dataset(rows["forget"]).column_names) == ({"question", "answer"} if scenario.format == "qa"
-                                                            else {"text"})
+        if scenario.format == "qa":  # the same sentence with another value (DPO's preferred answer)
+            (wrong,) = row["perturbed_answer"]
+            start, end = row["spans"][0]
+            offset = len(text) - len(row["answer"])
+            head, tail = row["answer"][:start - offset], row["answer"][end - offset:]
+            assert wrong != row["answer"] and wrong.startswith(head) and wrong.endswith(tail)
+    assert set(to_dataset(rows["forget"]).column_names) == ({"question", "answer", "perturbed_answer"}
+                                                            if scenario.format == "qa" else {"text"})
 
 
 def _facts(rows):
