@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import math
 
 import torch
@@ -195,7 +196,8 @@ class AsymLoRAParameters(FullParameters):
             with forced_route(self.model, batch["expert"], gate=False), \
                     precomputed_entropy(self.model, batch["entropy"]), frozen_adapters(self.model):
                 with method.autocast():
-                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                   **self._unread_logits(model)).logits
             # The positions routing_targets chose (docs/training.md, "Routing targets").
             routed = batch["route_mask"].bool()
             route = router_loss(self.model, routed)
@@ -208,6 +210,14 @@ class AsymLoRAParameters(FullParameters):
                 total = total + 0.0 * logits.sum()
             logged = logged + route.detach()
         return total, {"route": logged}
+
+    def _unread_logits(self, model) -> dict:
+        """Keyword arguments that skip the output layer where the routing passes' logits go
+        unread (one process; the model takes ``logits_to_keep``): most of a tiny model's
+        step is the vocabulary projection of its four forwards."""
+        if self.method.distributed or "logits_to_keep" not in inspect.signature(model.forward).parameters:
+            return {}
+        return {"logits_to_keep": 1}
 
     def warmup_step(self, model, forget, retain) -> dict:
         """The routing loss alone (a router warm-up step), gradients for the routers only."""
