@@ -9,6 +9,8 @@ if os.environ.get("ALTER_TEST_CUDA", "0") != "1":
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from alter.data import qa_texts, tofu_mini  # noqa: E402
+from alter.tiny import build_tokenizer, tiny_llama  # noqa: E402
 from alter_kernels._dispatch import unavailable_reason  # noqa: E402
 
 
@@ -37,3 +39,20 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# A tiny tofu_mini and a one-layer Llama for the method tests (a module's own ``data`` or
+# ``tokenizer`` fixture takes precedence).
+@pytest.fixture(scope="module")
+def data():
+    return tofu_mini(num_authors=4, facts_per_author=2, forget_fraction=0.5, seed=2)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(data):
+    return build_tokenizer(qa_texts(data))
+
+
+def small_model(tokenizer):
+    return tiny_llama(tokenizer, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=48,
+                      max_position_embeddings=64, seed=3)

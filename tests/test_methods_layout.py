@@ -11,29 +11,13 @@ import torch
 import torch.nn.functional as F
 
 from alter.config import AlterConfig
-from alter.data import qa_texts, tofu_mini
 from alter.methods import ADAPTER_METHODS, METHODS, method_class
 from alter.methods.alter import Alter
 from alter.training.args import UnlearnArgs
 from alter.methods.asym_lora import AsymLoRA
 from alter.methods.base import Method
-from alter.tiny import build_tokenizer, tiny_llama
 from alter.train import RUN_ARGS_FILE, encode_dataset, unlearn
-
-
-@pytest.fixture(scope="module")
-def data():
-    return tofu_mini(num_authors=4, facts_per_author=2, forget_fraction=0.5, seed=2)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(data):
-    return build_tokenizer(qa_texts(data))
-
-
-def small_model(tokenizer):
-    return tiny_llama(tokenizer, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=48,
-                      max_position_embeddings=64, seed=3)
+from conftest import small_model  # with the data and tokenizer fixtures of conftest
 
 
 def test_registry_has_one_class_per_method_each_owning_its_loss():

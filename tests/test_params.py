@@ -10,29 +10,13 @@ import torch
 from alter.adapters import adapter_parameters, is_patched
 from alter.cli import main
 from alter.config import AlterConfig
-from alter.data import qa_texts, tofu_mini
 from alter.methods import method_class, method_names
 from alter.methods.params import PARAMS
-from alter.tiny import build_tokenizer, tiny_llama
 from alter.training.args import UnlearnArgs
 from alter.training.loop import unlearn
+from conftest import small_model  # with the data and tokenizer fixtures of conftest
 
 PAIRS = [(method, params) for method in method_names() for params in PARAMS]
-
-
-@pytest.fixture(scope="module")
-def data():
-    return tofu_mini(num_authors=4, facts_per_author=2, forget_fraction=0.5, seed=2)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(data):
-    return build_tokenizer(qa_texts(data))
-
-
-def small_model(tokenizer):
-    return tiny_llama(tokenizer, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=48,
-                      max_position_embeddings=64, seed=3)
 
 
 @pytest.fixture(scope="module")
