@@ -290,7 +290,7 @@ def cmd_quality(args) -> int:
     from alter.quality import main as quality_main
 
     quality_main(args.out, quick=args.quick, seeds=args.seeds, workers=args.workers, development=args.development,
-                 ablations=args.ablations)
+                 ablations=args.ablations, zoo=args.zoo)
     return 0
 
 

@@ -267,6 +267,9 @@ def add_quality_flags(quality: argparse.ArgumentParser) -> None:
                               "(default: off: the held-out ones)")
     quality.add_argument("--ablations", action="store_true",
                          help="also run ALTER with one component off (alter.quality.ABLATIONS); default: methods only")
+    quality.add_argument("--zoo", action="store_true",
+                         help="also run every method on its other parameterizations, as method@params "
+                              "(alter.quality.ZOO_RUNS); default: each method on its default params only")
 
 
 # name: (help, description, flags); bench's flags are the harness's own (benchmarks/harness.py).

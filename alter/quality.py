@@ -41,8 +41,8 @@ from alter.data.scenarios import (DEVELOPMENT, DEVELOPMENT_SEEDS, HELD_OUT, HELD
                                   to_dataset)
 from alter.evaluation.facts import (fact_accuracy, fact_forget_quality, fact_mia_auc, fact_scores,  # noqa: F401
                                     generation_hit_rate)
-from alter.methods import METHODS
-from alter.methods.params import LR_MAX, LR_MIN, LR_SCALE
+from alter.methods import METHODS, method_class
+from alter.methods.params import LR_MAX, LR_MIN, LR_SCALE, PARAMS
 from alter.training.finetune import finetune
 from alter.training.loop import unlearn
 
@@ -54,6 +54,11 @@ ABLATIONS = {
     "alter-a-high-entropy-only": {"a_learns_from_high_entropy_only": True},  # the paper's A (the default: every token)
 }
 ALL_RUNS = METHODS + tuple(ABLATIONS)
+# Every method on each parameterization besides its default, named "method@params"
+# (``--zoo``; every method runs on its default in any case): the pairs a method refuses
+# (alter off asym_lora, lora off lora) are left out.
+ZOO_RUNS = tuple(f"{m}@{p}" for m in METHODS for p in PARAMS
+                 if p != method_class(m).default_params and p in method_class(m).supported_params)
 MEMORIZE = {"batch_size": 16, "lr": 3e-3}
 # The relearning attack: every weight fine-tuned on the rows (unlearned phrasing) of half
 # of the forgotten entities, 3 epochs of 8 rows a step.
@@ -66,11 +71,13 @@ def memorize(model, tokenizer, data, scenario: Scenario, seed: int):
     return finetune(model, tokenizer, data, epochs=scenario.memorize_epochs, seed=seed, progress=False, **MEMORIZE)
 
 
-def run_config(name: str) -> tuple[str, AlterConfig | None]:
-    """(method, config) of a run name of :data:`ALL_RUNS` (config None: the default)."""
+def run_config(name: str) -> tuple[str, AlterConfig | None, str | None]:
+    """(method, config, params) of a run name of :data:`ALL_RUNS` or :data:`ZOO_RUNS`
+    (config None: the default; params None: the method's default)."""
     if name in ABLATIONS:
-        return "alter", dataclasses.replace(AlterConfig(), **ABLATIONS[name])
-    return name, None
+        return "alter", dataclasses.replace(AlterConfig(), **ABLATIONS[name]), None
+    method, _, params = name.partition("@")
+    return method, None, params or None
 
 
 def relearn_split(rows: list[dict]) -> tuple[list[dict], list[dict]]:
@@ -154,13 +161,13 @@ def run_pair(scenario: Scenario, seed: int, runs: tuple[str, ...], max_steps: in
                {**common, "run": "oracle", **evaluate_run(oracle, built, oracle_scores, None),
                 "seconds": oracle_seconds}]
     for name in runs:
-        method, config = run_config(name)
+        method, config, params = run_config(name)
         model = copy.deepcopy(target)
         t0 = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                unlearn(model, tok, built["forget"], built["retain"], config=config, method=method,
+                unlearn(model, tok, built["forget"], built["retain"], config=config, method=method, params=params,
                         seed=seed, progress=False, max_steps=max_steps)
             except ValueError as exc:  # a method refusing the scenario's rows (dpo: no alternate answers)
                 results.append({**common, "run": name, "refused": str(exc)})
@@ -238,12 +245,13 @@ def _logged(rows: list[dict], log) -> list[dict]:
 
 
 def main(out: str, quick: bool = False, seeds=None, workers: int = 2, development: bool = False,
-         scenarios=None, ablations: bool = False) -> list[dict]:
+         scenarios=None, ablations: bool = False, zoo: bool = False) -> list[dict]:
     """``alter quality``: run the suite and write QUALITY.json, QUALITY.md and the plot into ``out``.
 
     ``quick``: one development scenario (three phrasings), one seed, 3 steps per run (a
     smoke test; it says nothing about quality). ``development``: the development scenarios
-    and seeds. ``ablations``: ALTER's ablations (:data:`ABLATIONS`) run too.
+    and seeds. ``ablations``: ALTER's ablations (:data:`ABLATIONS`) run too; ``zoo``: every
+    method on its other parameterizations (:data:`ZOO_RUNS`) too.
     """
     from alter.quality_report import summarize, write_report
 
@@ -258,7 +266,7 @@ def main(out: str, quick: bool = False, seeds=None, workers: int = 2, developmen
         scenario = next(s for s in DEVELOPMENT if len(s.all_phrasings) == 3)
         scenarios = [dataclasses.replace(scenario, memorize_epochs=2)]
         seeds, max_steps = DEVELOPMENT_SEEDS[:1], 3
-    runs = ALL_RUNS if ablations else METHODS
+    runs = (ALL_RUNS if ablations else METHODS) + (ZOO_RUNS if zoo else ())
     results = run_suite(scenarios, seeds, runs=runs, workers=workers, max_steps=max_steps)
     summary = summarize(results)
     seconds = time.perf_counter() - started

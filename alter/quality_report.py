@@ -9,9 +9,9 @@ import os
 import numpy as np
 
 from alter.data.scenarios import DEVELOPMENT, DEVELOPMENT_SEEDS, HELD_OUT, Scenario
-from alter.quality import ALL_RUNS, RELEARN
+from alter.quality import ALL_RUNS, RELEARN, ZOO_RUNS
 
-ORDER = ("target", "oracle") + ALL_RUNS
+ORDER = ("target", "oracle") + ALL_RUNS + ZOO_RUNS
 # The targets for the default call (seed means): forget quality on the unlearned
 # phrasing and on the others, forget accuracy near the oracle's, retained accuracy kept,
 # and relearning no stronger than on the oracle.

@@ -205,3 +205,17 @@ def test_a_scenario_with_more_entities_than_names_fails_clearly():
     """glaciers names are "{A}{b} Glacier": 144 of them; 150 entities cannot all differ."""
     with pytest.raises(ValueError, match="too small"):
         generate_rows(Scenario("too-many", "glaciers", "qa", 150, 1, 10, "word", 1, 32), 0)
+
+
+def test_zoo_runs_name_every_supported_pair_off_the_default():
+    from alter.methods import METHODS, method_class
+    from alter.quality import ZOO_RUNS, run_config
+
+    for name in ZOO_RUNS:
+        method, config, params = run_config(name)
+        assert config is None and params != method_class(method).default_params
+        assert method_class(method).resolve_params(params) == params  # not a refused pair
+    expected = sum(len(method_class(m).supported_params) - 1 for m in METHODS)
+    assert len(ZOO_RUNS) == expected and {"simnpo@lora", "rmu@asym_lora", "undial@lora"} <= set(ZOO_RUNS)
+    assert not any(name.startswith(("alter@", "lora@")) for name in ZOO_RUNS)
+    assert run_config("alter-no-structural")[1].lam == 0 and run_config("npo") == ("npo", None, None)
