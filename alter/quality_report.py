@@ -92,6 +92,31 @@ def dominating_runs(summary: list[dict], name: str = "alter") -> dict[str, list[
     return out
 
 
+def paired_comparison(results: list[dict], name: str = "alter") -> list[dict]:
+    """``name`` against every other method run, paired over the (scenario, seed) pairs
+    both ran: how often ``name`` has the higher forget quality, the retain ratio at least
+    as high, and both; with the one-sided sign test's p-value (``scipy.stats.binomtest``)
+    of "higher forget quality" (ties count against ``name``)."""
+    from scipy.stats import binomtest
+
+    runs = {(r["scenario"], r["seed"], r["run"]): r for r in results if "refused" not in r}
+    out = []
+    for other in dict.fromkeys(r["run"] for r in results):
+        if other in (name, "target", "oracle"):
+            continue
+        pairs = [(a, runs[key[:2] + (other,)]) for key, a in runs.items()
+                 if key[2] == name and key[:2] + (other,) in runs]
+        if not pairs:
+            continue
+        higher = sum(a["forget_quality"] > b["forget_quality"] for a, b in pairs)
+        kept = sum(a["retain_ratio"] >= b["retain_ratio"] for a, b in pairs)
+        both = sum(a["forget_quality"] > b["forget_quality"] and a["retain_ratio"] >= b["retain_ratio"]
+                   for a, b in pairs)
+        out.append({"run": other, "pairs": len(pairs), "higher_quality": higher, "retain_kept": kept,
+                    "both": both, "sign_test_p": binomtest(higher, len(pairs), 0.5, alternative="greater").pvalue})
+    return out
+
+
 def plot_tradeoff(summary: list[dict], path: str) -> None:
     """Retain ratio against forget quality (log scale), one panel per scenario, one point per run."""
     import matplotlib
@@ -144,8 +169,10 @@ def _layers(entry, key) -> str:
     return ", ".join(f"{name} {v:.2f}" for name, v in zip(names, entry[key]))
 
 
-def format_markdown(summary: list[dict], scenarios, seeds, seconds: float, quick: bool) -> str:
-    """The seed-averaged tables as Markdown (QUALITY.md)."""
+def format_markdown(summary: list[dict], scenarios, seeds, seconds: float, quick: bool,
+                    results: list[dict] = ()) -> str:
+    """The seed-averaged tables as Markdown (QUALITY.md); ``results`` (the per-seed rows)
+    give the paired comparison of ALTER with every other run."""
     held = {s.name for s in HELD_OUT}
     lines = ["# Unlearning quality: the default call on held-out scenarios, against an oracle", "",
              "Produced by `alter quality` (`make quality`) in "
@@ -216,6 +243,15 @@ def format_markdown(summary: list[dict], scenarios, seeds, seconds: float, quick
         better = dominated.get(scenario) or []
         lines.append(f"- {scenario}: {'all targets met' if not missed else '**missed: ' + ', '.join(missed) + '**'}; "
                      f"dominated by {', '.join(better) if better else 'no other run'}")
+    paired = paired_comparison(list(results))
+    if paired:
+        lines += ["", "## ALTER against each run, paired over scenarios × seeds", "",
+                  "Per (scenario, seed): does the default ALTER call have the higher forget quality, a retain ratio "
+                  "at least as high, both; p: one-sided sign test of the higher forget quality.", "",
+                  "| run | pairs | ALTER's forget quality higher | ALTER's retain ratio ≥ | both | sign test p |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {p['run']} | {p['pairs']} | {p['higher_quality']} | {p['retain_kept']} | {p['both']} | "
+                  f"{p['sign_test_p']:.2g} |" for p in paired]
     lines += ["", "![trade-off](quality_tradeoff.png)", ""]
     return "\n".join(lines)
 
@@ -227,4 +263,5 @@ def write_report(out: str) -> None:
     scenarios = [Scenario(**s) for s in record["scenarios"]]
     plot_tradeoff(record["summary"], os.path.join(out, "quality_tradeoff.png"))
     with open(os.path.join(out, "QUALITY.md"), "w") as f:
-        f.write(format_markdown(record["summary"], scenarios, record["seeds"], record["seconds"], record["quick"]))
+        f.write(format_markdown(record["summary"], scenarios, record["seeds"], record["seconds"], record["quick"],
+                                record["results"]))

@@ -143,9 +143,9 @@ def test_fact_accuracy_is_one_for_a_model_that_predicts_the_text():
 
 def test_ablations_each_change_one_config_field():
     for name in quality.ABLATIONS:
-        method, config = quality.run_config(name)
-        assert method == "alter" and config != quality.AlterConfig()
-    assert quality.run_config("npo") == ("npo", None)
+        method, config, params = quality.run_config(name)
+        assert method == "alter" and config != quality.AlterConfig() and params is None
+    assert quality.run_config("npo") == ("npo", None, None)
 
 
 def test_relearn_split_halves_the_forgotten_entities():
@@ -177,11 +177,13 @@ def test_quick_runner_writes_the_report(tmp_path):
     assert {e["seeds"] for e in summary} == {2}
     assert [e["run"] for e in summary] == ["target", "oracle", "alter", "grad_diff", "alter-no-structural"]
     assert summary[2]["forget_routing_by_layer"] == pytest.approx(layers)
-    text = quality_report.format_markdown(summary, [TINY], [0, 1], 12.0, quick=True)
+    text = quality_report.format_markdown(summary, [TINY], [0, 1], 12.0, quick=True, results=results)
     assert "| tiny-test | **alter (default)** | 2 |" in text and "smoke sizes" in text
     assert "## Routing per layer" in text and "| tiny-test | alter | 0.q_proj " in text
+    assert "| grad_diff | 1 |" in text and "| alter-no-structural | 1 |" in text  # paired with ALTER
     (tmp_path / "QUALITY.json").write_text(json.dumps(
-        {"scenarios": [TINY.to_dict()], "seeds": [0, 1], "seconds": 12.0, "quick": True, "summary": summary}))
+        {"scenarios": [TINY.to_dict()], "seeds": [0, 1], "seconds": 12.0, "quick": True, "summary": summary,
+         "results": results}))
     quality_report.write_report(str(tmp_path))
     assert (tmp_path / "quality_tradeoff.png").stat().st_size > 0
     assert (tmp_path / "QUALITY.md").read_text() == text
@@ -218,4 +220,18 @@ def test_zoo_runs_name_every_supported_pair_off_the_default():
     expected = sum(len(method_class(m).supported_params) - 1 for m in METHODS)
     assert len(ZOO_RUNS) == expected and {"simnpo@lora", "rmu@asym_lora", "undial@lora"} <= set(ZOO_RUNS)
     assert not any(name.startswith(("alter@", "lora@")) for name in ZOO_RUNS)
-    assert run_config("alter-no-structural")[1].lam == 0 and run_config("npo") == ("npo", None, None)
+
+
+def test_paired_comparison_counts_and_sign_test():
+    from scipy.stats import binomtest
+
+    rows = []
+    for seed, (fq_alter, fq_npo, rr_alter, rr_npo) in enumerate([(0.5, 0.1, 0.9, 0.8), (0.5, 0.1, 0.7, 0.8),
+                                                                   (0.1, 0.5, 0.9, 0.8), (0.3, 0.3, 0.9, 0.9)]):
+        rows += [{"scenario": "s", "seed": seed, "run": "alter", "forget_quality": fq_alter, "retain_ratio": rr_alter},
+                 {"scenario": "s", "seed": seed, "run": "npo", "forget_quality": fq_npo, "retain_ratio": rr_npo},
+                 {"scenario": "s", "seed": seed, "run": "target", "forget_quality": 0.0, "retain_ratio": 1.0}]
+    rows.append({"scenario": "s", "seed": 0, "run": "dpo", "refused": "no QA rows"})
+    (npo,) = quality_report.paired_comparison(rows)
+    assert (npo["run"], npo["pairs"], npo["higher_quality"], npo["retain_kept"], npo["both"]) == ("npo", 4, 2, 3, 1)
+    assert npo["sign_test_p"] == pytest.approx(binomtest(2, 4, 0.5, alternative="greater").pvalue)
