@@ -109,11 +109,6 @@ def input_cache(inputs: dict):
     return None, None
 
 
-def cache_length(inputs: dict) -> int:
-    _, cache = input_cache(inputs)
-    return 0 if cache is None else int(cache.get_seq_length())
-
-
 def output_cache(output):
     """The KV cache a forward returned (None when it kept none)."""
     for key in _CACHE_INPUTS:

@@ -3,7 +3,7 @@ measured against an oracle (the model trained the same way without the forget ro
 
 * :func:`fact_scores`: per fact, the summed log-probability of its value's tokens
   (teacher-forced) and how many of them the model predicts (argmax); one pass of
-  :func:`alter.evaluation.scoring.forward_batches`;
+  :func:`alter.evaluation.scoring.labelled_logits`;
 * :func:`fact_accuracy`: the micro-averaged argmax accuracy over fact-value tokens;
 * :func:`fact_forget_quality`: the KS-test p-value between two models' per-fact value
   log-probabilities (TOFU's forget quality, applied to facts);
@@ -22,10 +22,11 @@ import numpy as np
 import torch
 from scipy import stats
 
+from alter.data import IGNORE_INDEX
 from alter.data.scenarios import fact_prompts, fact_token_spans
 from alter.evaluation.generation import generate
 from alter.evaluation.mia import mia_auc
-from alter.evaluation.scoring import forward_batches
+from alter.evaluation.scoring import labelled_logits
 from alter.evaluation.validation import check_samples
 
 
@@ -33,30 +34,27 @@ def fact_scores(model, tokenizer, rows: Sequence[dict], batch_size: int = 32) ->
     """Per fact of ``rows`` (every span of every row, in order): ``logprob`` (float64
     ``[n]``, the sum over the value's tokens of ``log p(token | tokens before)``),
     ``tokens`` (int64 ``[n]``, the value's token count) and ``correct`` (int64 ``[n]``, how
-    many of them are the argmax prediction). Eval mode, no gradients."""
+    many of them are the argmax prediction). Eval mode, no gradients; one pass of
+    :func:`alter.evaluation.scoring.labelled_logits` with the value tokens as labels."""
     if not rows:
         raise ValueError("fact_scores: rows is empty")
-    encoded, owners, first_fact = [], [], [0]
+    encoded, value_owners, first_fact = [], [], [0]
     for row in rows:
         ids, owner = fact_token_spans(tokenizer, row)
-        encoded.append({"input_ids": ids, "attention_mask": [1] * len(ids)})
-        owners.append(owner)
+        # The value tokens are the labels: scoring yields them (and their logits) in order.
+        # The BOS (token 0) is never a value, and never a target.
+        labels = [token if fact >= 0 and t > 0 else IGNORE_INDEX for t, (token, fact) in enumerate(zip(ids, owner))]
+        encoded.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
+        value_owners.append(np.asarray([fact for t, fact in enumerate(owner) if fact >= 0 and t > 0]))
         first_fact.append(first_fact[-1] + len(row["spans"]))
     n = first_fact[-1]
     logprob, tokens, correct = np.zeros(n), np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
-    for indices, logits, batch in forward_batches(model, tokenizer, encoded, batch_size, "fact_scores"):
-        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        targets = batch["input_ids"][:, 1:].to(logp.device)
-        token_logp = logp.gather(-1, targets[..., None])[..., 0].double().cpu().numpy()
-        hits = (logp.argmax(-1) == targets).cpu().numpy()
-        for row_in_batch, i in enumerate(indices):
-            # Token t is predicted at position t - 1; the BOS (token 0) is never a value.
-            owner = np.asarray(owners[i][1:])
-            facts = owner >= 0
-            where = first_fact[i] + owner[facts]
-            np.add.at(logprob, where, token_logp[row_in_batch, :len(owner)][facts])
-            np.add.at(tokens, where, 1)
-            np.add.at(correct, where, hits[row_in_batch, :len(owner)][facts])
+    for i, logits, targets in labelled_logits(model, tokenizer, encoded, batch_size, "fact_scores"):
+        logp = torch.log_softmax(logits, dim=-1)
+        where = first_fact[i] + value_owners[i]
+        np.add.at(logprob, where, logp.gather(1, targets[:, None])[:, 0].double().cpu().numpy())
+        np.add.at(tokens, where, 1)
+        np.add.at(correct, where, (logp.argmax(-1) == targets).cpu().numpy())
     if (tokens == 0).any():
         raise ValueError("fact_scores: a fact value covers no token (its span is empty or outside the text)")
     return {"logprob": logprob, "tokens": tokens, "correct": correct}

@@ -24,11 +24,9 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def sequence_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of next-token log-probabilities of the labelled tokens of each sample: ``[B]``."""
-    targets = labels[:, 1:]
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    picked = logp.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-    return (picked * (targets != IGNORE_INDEX)).sum(-1)
+    """Sum of next-token log-probabilities of the labelled tokens of each sample: ``[B]``
+    float32 (:func:`token_logprobs` of the float32 logits)."""
+    return token_logprobs(logits.float(), labels)[0].sum(-1)
 
 
 def npo_loss(logprob: torch.Tensor, ref_logprob: torch.Tensor, beta: float) -> torch.Tensor:
@@ -67,7 +65,6 @@ def _floats(logs: dict[str, torch.Tensor]) -> dict[str, float]:
     ``.item()`` would stall the host until the device drains its queue)."""
     values = torch.stack([value.float() for value in logs.values()]).tolist()
     return dict(zip(logs, values))
-
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -154,6 +154,11 @@ class AsymLoRAParameters(FullParameters):
         self.model = model
         groups = adapter_parameters(model)
         self.A, self.B = groups["A"], groups["B"]
+        # The routing passes' logits go unread: on one process they skip the output layer
+        # (most of a tiny model's step is the vocabulary projection of its four forwards)
+        # when the model takes logits_to_keep.
+        skip_head = not self.method.distributed and "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.routing_pass_kwargs = {"logits_to_keep": 1} if skip_head else {}
 
     def clip_groups(self, model):
         # The routers apart from A and B, so that large forget-loss gradients do not
@@ -197,7 +202,7 @@ class AsymLoRAParameters(FullParameters):
                     precomputed_entropy(self.model, batch["entropy"]), frozen_adapters(self.model):
                 with method.autocast():
                     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                   **self._unread_logits(model)).logits
+                                   **self.routing_pass_kwargs).logits
             # The positions routing_targets chose (docs/training.md, "Routing targets").
             routed = batch["route_mask"].bool()
             route = router_loss(self.model, routed)
@@ -210,14 +215,6 @@ class AsymLoRAParameters(FullParameters):
                 total = total + 0.0 * logits.sum()
             logged = logged + route.detach()
         return total, {"route": logged}
-
-    def _unread_logits(self, model) -> dict:
-        """Keyword arguments that skip the output layer where the routing passes' logits go
-        unread (one process; the model takes ``logits_to_keep``): most of a tiny model's
-        step is the vocabulary projection of its four forwards."""
-        if self.method.distributed or "logits_to_keep" not in inspect.signature(model.forward).parameters:
-            return {}
-        return {"logits_to_keep": 1}
 
     def warmup_step(self, model, forget, retain) -> dict:
         """The routing loss alone (a router warm-up step), gradients for the routers only."""
