@@ -94,12 +94,16 @@ def _seed_list(text: str) -> tuple[int, ...]:
 
 
 def _method_list(text: str) -> tuple[str, ...]:
-    from alter.methods import METHODS
+    from alter.methods import parse_run
 
     methods = tuple(m.strip() for m in text.split(",") if m.strip())
-    unknown = [m for m in methods if m not in METHODS]
-    if not methods or unknown:
-        raise argparse.ArgumentTypeError(f"unknown method(s) {unknown or text!r}; choose from {','.join(METHODS)}")
+    if not methods:
+        raise argparse.ArgumentTypeError(f"no method in {text!r}")
+    for name in methods:
+        try:
+            parse_run(name)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
     return methods
 
 
@@ -209,7 +213,8 @@ def add_demo_flags(demo: argparse.ArgumentParser) -> None:
                       help="run this one seed (default: seeds 0-4, two processes, reporting mean ± std)")
     demo.add_argument("--quick", action="store_true", help="smaller data and fewer steps (a smoke run; default: off)")
     demo.add_argument("--methods", type=_method_list, default=DEMO_METHODS, metavar="M1,M2",
-                      help=f"comma-separated unlearning methods to run, any of {','.join(METHODS)} "
+                      help=f"comma-separated unlearning methods to run, any of {','.join(METHODS)}, each "
+                           "on its default params or as METHOD@PARAMS (e.g. simnpo@lora) "
                            f"(default: {','.join(DEMO_METHODS)})")
 
 

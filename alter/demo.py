@@ -27,7 +27,7 @@ import time
 import torch
 
 from alter.config import AlterConfig
-from alter.methods import DEMO_METHODS, METHODS
+from alter.methods import DEMO_METHODS, parse_run
 from alter.training.finetune import finetune
 from alter.training.loop import unlearn
 
@@ -167,16 +167,17 @@ def run_seed(seed: int, quick: bool = False, methods=DEMO_METHODS) -> tuple[list
 
     forget_set, retain_set = facts(data["forget"]), facts(data["retain"])
     unlearn_settings = {}
-    for method in methods:
+    for name in methods:
+        method, params = parse_run(name)
         model = copy.deepcopy(target)
-        settings = {}
-        unlearn_settings[method] = dict(settings)
+        settings = {} if params is None else {"params": params}
+        unlearn_settings[name] = dict(settings)
         if quick:
             settings["max_steps"] = 4
         log(f"unlearning with {method} ({settings})")
         t0 = time.perf_counter()
         unlearn(model, tokenizer, forget_set, retain_set, method=method, seed=seed, progress=False, **settings)
-        rows.append(evaluate(method, model, time.perf_counter() - t0, truth_ratios))
+        rows.append(evaluate(name, model, time.perf_counter() - t0, truth_ratios))
     return rows, {"finetune": finetune_args, "unlearn": unlearn_settings}
 
 
@@ -190,13 +191,13 @@ def run_demo(out: str, seed: int | None = None, quick: bool = False, methods=DEM
 
     ``seed``: one seed only; default :data:`DEMO_SEEDS` (``quick``: the first), run in
     ``workers`` processes of one thread each. ``methods``: the unlearning methods to run
-    (a subset of ``alter.methods.METHODS``); the retain and target models are always built
+    (names of ``alter.methods.METHODS``, each on its default params or as
+    ``"method@params"``); the retain and target models are always built
     and listed first.
     """
     methods = tuple(methods)
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"run_demo: methods must be among {METHODS}, got unknown {unknown}")
+    for name in methods:
+        parse_run(name)  # ValueError before any model is trained
     started = time.perf_counter()
     os.makedirs(out, exist_ok=True)
     seeds = (seed,) if seed is not None else DEMO_SEEDS[:1] if quick else DEMO_SEEDS

@@ -41,7 +41,7 @@ from alter.data.scenarios import (DEVELOPMENT, DEVELOPMENT_SEEDS, HELD_OUT, HELD
                                   to_dataset)
 from alter.evaluation.facts import (fact_accuracy, fact_forget_quality, fact_mia_auc, fact_scores,  # noqa: F401
                                     generation_hit_rate)
-from alter.methods import METHODS, method_class
+from alter.methods import METHODS, method_class, parse_run
 from alter.methods.params import LR_MAX, LR_MIN, LR_SCALE, PARAMS
 from alter.training.finetune import finetune
 from alter.training.loop import unlearn
@@ -76,8 +76,8 @@ def run_config(name: str) -> tuple[str, AlterConfig | None, str | None]:
     (config None: the default; params None: the method's default)."""
     if name in ABLATIONS:
         return "alter", dataclasses.replace(AlterConfig(), **ABLATIONS[name]), None
-    method, _, params = name.partition("@")
-    return method, None, params or None
+    method, params = parse_run(name)
+    return method, None, params
 
 
 def relearn_split(rows: list[dict]) -> tuple[list[dict], list[dict]]:

@@ -299,15 +299,19 @@ def test_demo_runs_only_the_chosen_methods(tmp_path, monkeypatch):
 
     monkeypatch.setattr(alter.demo, "DEMO_DATA", {"num_authors": 4, "facts_per_author": 1, "forget_fraction": 0.5})
     monkeypatch.setattr(alter.demo, "DEMO_FINETUNE", {"epochs": 2, "batch_size": 8, "lr": 3e-3})
-    assert main(["demo", "--quick", "--methods", "npo,grad_ascent", "--out", str(tmp_path)]) == 0
+    assert main(["demo", "--quick", "--methods", "npo,grad_ascent@lora", "--out", str(tmp_path)]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
-    assert [row["method"] for row in results["rows"]] == ["retain", "target", "npo", "grad_ascent"]
-    assert sorted(results["unlearn"]) == ["grad_ascent", "npo"]
+    assert [row["method"] for row in results["rows"]] == ["retain", "target", "npo", "grad_ascent@lora"]
+    assert results["unlearn"] == {"npo": {}, "grad_ascent@lora": {"params": "lora"}}
 
 
 def test_demo_rejects_unknown_methods(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--methods", "alter,sgd", "--out", str(tmp_path)])
-    assert "unknown method(s) ['sgd']" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="methods must be among"):
+    assert "unknown method 'sgd'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["demo", "--methods", "alter@full", "--out", str(tmp_path)])
+    assert "does not run on params='full'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown method 'sgd'"):
         alter.demo.run_demo(str(tmp_path), methods=["sgd"])
+    assert not (tmp_path / "results.json").exists()

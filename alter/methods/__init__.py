@@ -50,6 +50,16 @@ def _registry() -> dict[str, type]:
     return {**{name: _REGISTRY[name] for name in METHODS}, **_REGISTRY}
 
 
+def parse_run(name: str) -> tuple[str, str | None]:
+    """(method, params) of a run name, ``"method"`` or ``"method@params"`` (params None:
+    the method's default). ValueError when the method is unknown or refuses the params."""
+    method, _, params = name.partition("@")
+    if method not in _registry():
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(_registry())}")
+    method_class(method).resolve_params(params or None)
+    return method, params or None
+
+
 def method_names() -> tuple[str, ...]:
     """The built-in methods, then any registered since (a user's own module)."""
     return tuple(_registry())
