@@ -40,7 +40,7 @@ from alter.adapters.layers import AlterRouter
 from alter.config import AlterConfig
 from alter.data import format_qa
 from alter.data.scenarios import DEVELOPMENT, HELD_OUT, build_scenario, fact_token_mask, model_text
-from alter.methods.base import RETENTION_EXPERT
+from alter.methods.params import RETENTION_EXPERT
 from alter.quality import MEMORIZE, fact_accuracy, memorize
 from alter.training.finetune import finetune
 from alter.training.loop import unlearn
