@@ -20,8 +20,9 @@ Step = Callable[[], object]
 MODEL_GROUPS = ("train_step", "inference")
 # The settings the ALTER defaults use, so that the op cases time what training runs.
 DEFAULTS = AlterConfig()
-# Variants that are not a backend name: each case's baselines and the dispatcher's choice.
-NON_BACKEND_VARIANTS = ("linear", "loop", "eager_dense", "base", "kernels")
+# Variants that are not a backend name: each case's baselines, the dispatcher's choice and the
+# methods of the step-cost case.
+NON_BACKEND_VARIANTS = ("linear", "loop", "eager_dense", "base", "kernels", "asym_lora", "alter")
 
 
 @dataclass(frozen=True)

@@ -63,22 +63,22 @@ def _build_model(device, quick, variant, entropy_source="prepass"):
     return model, alter_config, input_ids
 
 
-def _train_step_case(device: torch.device, quick: bool) -> BenchCase:
-    """One ALTER step as ``alter.unlearn`` runs it, through the trainer's own setup and step
-    function (so the case cannot drift from the trainer): the base-model pass caches the
-    entropy, the model is patched, then each step is the objective's ``step`` (a forget and
-    a retain pass under forced routes with β·IHL + γ·NLL + structural term, and the two
-    router-only passes of the routing loss) and the optimizer step. Half the rows are
-    forget samples (a random prompt, then an answer), half retain samples. As in the
-    trainer, autocast on a GPU; gradient checkpointing stays off (the kernels are timed,
-    not the recompute)."""
+def _train_step_build(device: torch.device, quick: bool, method: str, backend_variant: str):
+    """The ``build`` of a train-step case: one ``method`` step as ``alter.unlearn`` runs it,
+    through the trainer's own setup and step function (so the case cannot drift from the
+    trainer): the base-model pass caches the entropy, the model is patched, then each step
+    is the method's ``step`` (its forget and retain passes, plus the routers' passes of the
+    AsymLoRA parameterization) and the optimizer step. Half the rows are forget samples (a
+    random prompt, then an answer), half retain samples. As in the trainer, autocast on a
+    GPU; gradient checkpointing stays off (the kernels are timed, not the recompute).
+    ``backend_variant``: ``eager`` or ``kernels`` (:func:`_bench_alter_config`)."""
     from alter import methods, train
     from alter.data import IGNORE_INDEX
     from alter.training.args import UnlearnArgs
 
     config, _, (batch, seq) = _model_config(device, quick)
 
-    def build(variant, dev):
+    def build(dev):
         model, _, _ = _build_model(dev, quick, "base")
         gen = torch.Generator(device="cpu").manual_seed(0)
         ids = torch.randint(0, config.vocab_size, (batch, seq), generator=gen)
@@ -91,7 +91,7 @@ def _train_step_case(device: torch.device, quick: bool) -> BenchCase:
         half = max(batch // 2, 1)
         forget, retain = examples[:half], examples[half:] or examples[:half]
         autocast = train._autocast_factory(dev, dev.type == "cuda")
-        args = UnlearnArgs(method="alter", config=_bench_alter_config(variant, "prepass"), batch_size=half)
+        args = UnlearnArgs(method=method, config=_bench_alter_config(backend_variant, "prepass"), batch_size=half)
         objective = methods.build(args, autocast)
         optimizer, forget, retain = objective.setup(model, forget, retain, 0)
         forget_batch = train._batch(forget, range(len(forget)), 0, dev)
@@ -105,9 +105,26 @@ def _train_step_case(device: torch.device, quick: bool) -> BenchCase:
 
         return step
 
+    return build, batch, seq
+
+
+def _train_step_cases(device: torch.device, quick: bool) -> list[BenchCase]:
+    """The ALTER step on the eager path and the dispatcher's choice (kernels), and the
+    step cost of ALTER against an ``asym_lora`` step (issue 18: <= 1.25x, the paper's
+    Fig. 6 ratio; both on the dispatcher's choice, so the ratio is the method's cost)."""
     what = "Llama-3-8B x2 layers" if device.type == "cuda" else "tiny Llama"
-    return BenchCase(f"ALTER train step {what} [{batch}x{seq}]", "train_step", ("eager", "kernels"), build,
-                     tokens=batch * seq)
+    _, batch, seq = _train_step_build(device, quick, "alter", "kernels")
+
+    def backends(variant, dev):
+        return _train_step_build(dev, quick, "alter", variant)[0](dev)
+
+    def method_cost(variant, dev):
+        return _train_step_build(dev, quick, variant, "kernels")[0](dev)
+
+    return [BenchCase(f"ALTER train step {what} [{batch}x{seq}]", "train_step", ("eager", "kernels"), backends,
+                      tokens=batch * seq),
+            BenchCase(f"step cost, ALTER vs asym_lora {what} [{batch}x{seq}]", "train_step", ("asym_lora", "alter"),
+                      method_cost, tokens=batch * seq)]
 
 
 def _inference_cases(device: torch.device, quick: bool) -> list[BenchCase]:
@@ -185,5 +202,5 @@ def _inference_cases(device: torch.device, quick: bool) -> list[BenchCase]:
 
 
 def model_cases(device: torch.device, quick: bool) -> list[BenchCase]:
-    return [_train_step_case(device, quick), *_inference_cases(device, quick)]
+    return [*_train_step_cases(device, quick), *_inference_cases(device, quick)]
 

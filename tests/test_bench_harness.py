@@ -157,6 +157,19 @@ def test_train_step_runs_the_trainers_own_step(monkeypatch):
     assert forget["input_ids"].shape == retain["input_ids"].shape == (1, 64)
 
 
+def test_step_cost_case_times_each_methods_own_step(monkeypatch):
+    from alter.methods.base import Method
+
+    names = []
+    real = Method.step
+    monkeypatch.setattr(Method, "step", lambda self, *args: names.append(self.name) or real(self, *args))
+    case = find_case("step cost, ALTER vs asym_lora tiny Llama [2x64]", CPU, quick=True)
+    assert case.variants == ("asym_lora", "alter")  # the baseline first: the ratio is ALTER's cost
+    for variant in case.variants:
+        case.build(variant, CPU)()
+    assert names == ["asym_lora", "alter"]
+
+
 def test_train_step_eager_variant_runs_every_op_eagerly(backend_calls):
     _run_once(TRAIN_STEP, "eager", backend_calls)
     ops = {op for op, _ in backend_calls}
