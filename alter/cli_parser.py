@@ -271,7 +271,7 @@ def add_quality_flags(quality: argparse.ArgumentParser) -> None:
                          help="the development scenarios and seeds, the ones the defaults were tuned on "
                               "(default: off: the held-out ones)")
     quality.add_argument("--ablations", action="store_true",
-                         help="also run ALTER with one component off (alter.quality.ABLATIONS); default: methods only")
+                         help="also run ALTER with one component off or replaced (alter.quality.ABLATIONS); default: methods only")
     quality.add_argument("--zoo", action="store_true",
                          help="also run every method on its other parameterizations, as method@params "
                               "(alter.quality.ZOO_RUNS); default: each method on its default params only")

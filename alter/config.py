@@ -21,6 +21,11 @@ BASE_MODEL_KEY = "base_model"
 ENTROPY_SOURCES = ("prepass", "precomputed", "lagged")
 FORGET_LOSSES = ("ihl", "nll_ascent")
 TRAIN_ROUTES = ("router", "forced")
+ROUTINGS = ("token", "sequence")
+# The longest route key: n-grams of up to 3 tokens are coded exactly in an int64 for any
+# vocabulary under 2M tokens (alter.adapters.sequence_route).
+MAX_KEY_TOKENS = 3
+MAX_KEY_VOCAB = 1 << 21
 BACKEND_CHOICES = (None, "eager", "triton", "cpp")
 
 DEFAULT_TARGET_MODULES = (
@@ -97,6 +102,16 @@ class AlterConfig:
     The defaults are the settings measured to unlearn across the scenario suite of
     ``alter quality`` (benchmarks/QUALITY.md); :meth:`paper` gives the paper's settings.
 
+    Routing (docs/routing.md):
+      routing: "token" (the paper's: each layer's router gates each token from its input
+        and entropy) or "sequence": a position goes to a forget expert once one of
+        ``route_keys`` occurred at or before it, to the retention expert before (every
+        layer alike; the routers are not used). ``unlearn`` finds the keys from its forget
+        and retain rows (``alter.methods.data.route_keys``): isolation by construction on
+        those rows (docs/routing.md, "(e) The sequence route").
+      route_keys: the keys of "sequence" routing, a list of {"tokens": 1 to 3 token ids,
+        "expert": a forget expert in [1, num_experts)}; saved with the adapter.
+
     backend: backend of every op (None = the best available per op and device, see
       ``alter_kernels._dispatch``). A named backend is required of every op: "cpp" makes
       route and asym_lora (which have no C++ version) raise BackendUnavailable.
@@ -124,6 +139,8 @@ class AlterConfig:
     a_learns_from_high_entropy_only: bool = False
     forget_loss: str = "ihl"
     train_routes: str = "router"
+    routing: str = "token"
+    route_keys: list[dict] = field(default_factory=list)
 
     @classmethod
     def paper(cls, **overrides) -> "AlterConfig":
@@ -168,8 +185,9 @@ class AlterConfig:
         if not self.dropout < 1:
             raise ValueError(f"AlterConfig: dropout must be in [0, 1), got {self.dropout}")
         for name, allowed in (("entropy_source", ENTROPY_SOURCES), ("forget_loss", FORGET_LOSSES),
-                              ("train_routes", TRAIN_ROUTES), ("backend", BACKEND_CHOICES)):
+                              ("train_routes", TRAIN_ROUTES), ("backend", BACKEND_CHOICES), ("routing", ROUTINGS)):
             check_choice(name, getattr(self, name), allowed, "AlterConfig")
+        self.route_keys = _checked_route_keys(self.route_keys, self.num_experts)
         if not isinstance(self.a_learns_from_high_entropy_only, bool):
             raise ValueError(
                 f"AlterConfig: a_learns_from_high_entropy_only must be a bool, got {self.a_learns_from_high_entropy_only!r}"
@@ -245,6 +263,25 @@ def check_choice(name: str, value, allowed: Iterable, fn: str) -> None:
     allowed = tuple(allowed)
     if value not in allowed:
         raise ValueError(f"{fn}: {name} must be one of {allowed}, got {value!r}")
+
+
+def _checked_route_keys(keys, num_experts: int) -> list[dict]:
+    """``keys`` as a list of {"tokens": [1 to MAX_KEY_TOKENS ids in [0, MAX_KEY_VOCAB)],
+    "expert": int in [1, num_experts)}; ValueError naming the first bad entry."""
+    if not isinstance(keys, (list, tuple)):
+        raise ValueError(f"AlterConfig: route_keys must be a list, got {type(keys).__name__}")
+    checked = []
+    for i, key in enumerate(keys):
+        ok = isinstance(key, dict) and set(key) == {"tokens", "expert"}
+        tokens, expert = (key["tokens"], key["expert"]) if ok else (None, None)
+        ok = ok and isinstance(tokens, (list, tuple)) and 1 <= len(tokens) <= MAX_KEY_TOKENS and all(
+            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < MAX_KEY_VOCAB for t in tokens)
+        ok = ok and isinstance(expert, int) and not isinstance(expert, bool) and 1 <= expert < num_experts
+        if not ok:
+            raise ValueError(f"AlterConfig: route_keys[{i}] must be {{'tokens': 1 to {MAX_KEY_TOKENS} token ids, "
+                             f"'expert': a forget expert in [1, {num_experts})}}, got {key!r}")
+        checked.append({"tokens": [int(t) for t in tokens], "expert": int(expert)})
+    return checked
 
 
 def _check_real(name: str, value, *, positive: bool) -> None:

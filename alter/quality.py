@@ -46,8 +46,9 @@ from alter.methods.params import LR_MAX, LR_MIN, LR_SCALE, PARAMS
 from alter.training.finetune import finetune
 from alter.training.loop import unlearn
 
-# ALTER with one component off: the AlterConfig fields that switch it.
+# ALTER with one component off or replaced: the AlterConfig fields that switch it.
 ABLATIONS = {
+    "alter-sequence-route": {"routing": "sequence"},  # the routers replaced by the sequence route (docs/routing.md)
     "alter-no-entropy-routing": {"tau_high": 0.01, "k_high": 1},  # every token routed as a low-entropy one
     "alter-nll-ascent": {"forget_loss": "nll_ascent"},  # IHL replaced by NLL ascent
     "alter-no-structural": {"lam": 0.0},

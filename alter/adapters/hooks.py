@@ -6,6 +6,7 @@ instance overrides (the checkpoint function and the beam reorder) that keep per-
 state right."""
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import torch
@@ -17,6 +18,19 @@ _CACHE_INPUTS = ("cache", "past_key_values")  # transformers >= 5.x renames the 
 # Inputs of a causal LM forward that the base-model prepass repeats; the cache is left
 # out on purpose: the prepass must neither read nor extend the adapted model's cache.
 _PREPASS_INPUTS = ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "token_type_ids")
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module):
+    """No gradients and eval mode (no dropout); each module's mode is restored afterwards."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for module, mode in modes:
+            module.training = mode
 
 
 class StatefulCheckpoint:
@@ -58,6 +72,7 @@ class BeamReorderGuard:
                 "would gate each token with another beam's entropy; decode greedily or by sampling, or use "
                 "entropy_source='prepass' with use_cache=False"
             )
+        self.tracker.sequence_routing.reorder(beam_idx)
         if self.original is not None:
             return self.original(cache, beam_idx)
         cache.reorder_cache(beam_idx)

@@ -191,7 +191,8 @@ def _adopt_config(model: nn.Module, saved: AlterConfig, directory) -> None:
     config = dataclasses.replace(saved, backend=current.backend)
     changed = _config_differences(current, config)
     if changed:
-        shown = ", ".join(f"{k}: {have!r} -> {want!r}" for k, (have, want) in changed.items())
+        shown = ", ".join(f"{k}: {len(have)} -> {len(want)} keys" if k == "route_keys" else f"{k}: {have!r} -> {want!r}"
+                          for k, (have, want) in changed.items())
         warnings.warn(f"load_adapter: the model now uses the settings the adapter in {directory} was trained with "
                       f"({shown})", stacklevel=3)
     # In place: the model, its tracker and its layers share this one config object.

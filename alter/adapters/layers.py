@@ -111,6 +111,8 @@ class AsymLoRALinear(nn.Module):
         num_tokens = tokens.shape[0]
         entropy = tracker.token_entropy(state, num_tokens, x.device)
         forced = tracker.token_experts(state, num_tokens, x.device)
+        # The experts that gate: forced ones, else the sequence route, else the router's.
+        gating = forced if forced is not None and state.gate_forced else tracker.token_route(state, num_tokens, x.device)
         a_grad_mask = None
         if self.training and config.a_learns_from_high_entropy_only:
             a_grad_mask = entropy > config.entropy_threshold
@@ -123,15 +125,16 @@ class AsymLoRALinear(nn.Module):
         elif state.frozen_experts:
             lora_B = _zero_gradient(lora_B, state.frozen_experts)
         if dense_path(config, num_tokens, x.device):
-            delta = self._dense_delta(tokens, state, entropy, forced, lora_A, lora_B, a_grad_mask)
+            delta = self._dense_delta(tokens, state, entropy, forced, gating, lora_A, lora_B, a_grad_mask)
             if into_result:
                 result.view(num_tokens, self.out_features).addmm_(*delta)
                 return result
             return result + (delta[0] @ delta[1]).reshape(*x.shape[:-1], self.out_features).to(result.dtype)
-        router_logits = self.router(tokens, entropy)
-        if forced is not None:
-            tracker.record_router_logits(state, self, router_logits, forced)
-        if forced is None or not state.gate_forced:
+        if forced is not None or gating is None:
+            router_logits = self.router(tokens, entropy)
+            if forced is not None:
+                tracker.record_router_logits(state, self, router_logits, forced)
+        if gating is None:
             weights, experts = route(
                 router_logits,
                 entropy,
@@ -144,7 +147,7 @@ class AsymLoRALinear(nn.Module):
                 check_finite=False,  # no per-layer host sync; a NaN/+inf row gives NaN weights on every backend
             )
         else:
-            experts = forced[:, None]
+            experts = gating[:, None]
             weights = torch.ones(num_tokens, 1, dtype=torch.float32, device=x.device)
         out = asym_lora(
             self.dropout(tokens),
@@ -162,9 +165,10 @@ class AsymLoRALinear(nn.Module):
             return out
         return result + out.reshape(*x.shape[:-1], self.out_features).to(result.dtype)
 
-    def _dense_delta(self, tokens, state, entropy, forced, lora_A, lora_B, a_grad_mask):
+    def _dense_delta(self, tokens, state, entropy, forced, gating, lora_A, lora_B, a_grad_mask):
         """The dense path (:func:`dense_path`): (G ⊗ h [T, N·r], s·B_cat^T [N·r, out]),
-        whose product is the delta. The router and the shrink share one matmul when the
+        whose product is the delta; G is the one-hot of ``gating`` [T] (forced or
+        sequence-routed experts) when given, else the routers' top-k gate. The router and the shrink share one matmul when the
         adapter input is the router's (no dropout, no a_grad_mask); without autograd the
         stacked and laid-out weights are kept between calls (:meth:`_inference_weights`)."""
         tracker, N, dtype = self.tracker, self.num_experts, tokens.dtype
@@ -184,11 +188,11 @@ class AsymLoRALinear(nn.Module):
                 b_t = self._inference_weights(dtype)[1]
         if forced is not None:
             tracker.record_router_logits(state, self, router_logits, forced)
-        if forced is None or not state.gate_forced:
+        if gating is None:
             k, tau = routing_constants(state, entropy, self.tracker.config, router_logits.dtype)
             gate = dense_gate(router_logits, k, tau).to(dtype)
         else:
-            gate = F.one_hot(forced.long(), N).to(dtype)
+            gate = F.one_hot(gating.long(), N).to(dtype)
         if b_t is None:
             gate = gate * self.scaling
             b_t = lora_B.to(dtype).permute(1, 0, 2).reshape(self.out_features, N * self.r).t()

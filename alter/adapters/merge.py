@@ -15,7 +15,7 @@ from torch import nn
 
 from alter.adapters.layers import AsymLoRALinear, dense_gate, routing_constants
 from alter.adapters.patching import _set_submodule, _tracker, alter_layers, remove_alter
-from alter.adapters.state import evaluating
+from alter.adapters.hooks import evaluating
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +47,8 @@ def merge_adapters(model: nn.Module, threshold: float = 0.999, data=None) -> Mer
     entropy is the base model's, which a partly merged model would change (the merged
     layers would join the base pass), so layers merge only when all of them qualify; the
     model is then unpatched (no prepass left). Under ``"precomputed"`` any subset merges.
-    Merged layers become new ``nn.Linear`` modules (the original base layers are left
+    Under ``routing="sequence"`` nothing merges: an input with a key would need the
+    forget experts. Merged layers become new ``nn.Linear`` modules (the original base layers are left
     untouched); their weights are computed in float64 and stored in the base dtype.
     """
     tracker = _tracker(model, "merge_adapters")
@@ -55,6 +56,9 @@ def merge_adapters(model: nn.Module, threshold: float = 0.999, data=None) -> Mer
         raise ValueError(f"merge_adapters: threshold must be a number in (0, 1], got {threshold!r}")
     batches = _batches(data)
     layers = alter_layers(model)
+    if tracker.config.routing == "sequence":  # merged, a layer would lose the forget experts the keys select
+        reason = "routing='sequence': the keys route any later input to the forget experts"
+        return MergeReport({}, dict.fromkeys(layers, reason), 0.0, unpatched=False)
     routes = {name: _Routes() for name in layers}
     handles = [layer.register_forward_hook(routes[name].hook) for name, layer in layers.items()]
     try:

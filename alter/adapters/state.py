@@ -11,6 +11,9 @@ value built by a forward pre-hook before any layer runs and dropped when the cal
   flatten it to [T] in the token order of ``x.reshape(-1, in_features)``;
 - ``forced_experts`` [B] int64 or None: every token of sample i goes to expert
   ``forced_experts[i]``;
+- ``token_route`` [B, L] int64 or None: under ``routing="sequence"``, each token's expert
+  from the route keys (:mod:`~alter.adapters.sequence_route`), which gates every layer
+  unless forced experts gate;
 - ``adapters_enabled``: when False the layers compute exactly their base ``nn.Linear``;
 - ``router_records``: the router logits the layers record under forced routing, for
   :func:`~alter.adapters.patching.router_loss`;
@@ -35,11 +38,11 @@ import weakref
 import torch
 from torch import nn
 
-from alter.adapters.hooks import (BeamReorderGuard, StatefulCheckpoint, base_model_entropy, input_cache, named_inputs,
-                                  output_cache, output_logits, returns_cache, token_input)
+from alter.adapters.hooks import (BeamReorderGuard, StatefulCheckpoint, base_model_entropy, evaluating, input_cache,
+                                  named_inputs, output_cache, output_logits, returns_cache, token_input)
+from alter.adapters.sequence_route import SequenceRouting
 from alter.config import AlterConfig
 from alter_kernels import tsallis_entropy
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,25 +60,13 @@ class CallState:
     entropy: torch.Tensor | None = None
     forced_experts: torch.Tensor | None = None
     gate_forced: bool = True
+    token_route: torch.Tensor | None = None
     token_mask: torch.Tensor | None = None
     router_records: dict = dataclasses.field(default_factory=dict)
     frozen_experts: tuple[int, ...] = ()
     adapters_frozen: bool = False
     prepass: bool = False
     routing: dict = dataclasses.field(default_factory=dict)
-
-
-@contextlib.contextmanager
-def evaluating(model: nn.Module):
-    """No gradients and eval mode (no dropout); each module's mode is restored afterwards."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for module, mode in modes:
-            module.training = mode
 
 
 class EntropyTracker:
@@ -124,6 +115,7 @@ class EntropyTracker:
         # "prepass" with a KV cache: (weakref to the adapted model's cache, the base model's
         # cache of the same tokens), and the latter while its forward runs.
         self._base_cache = self._pending_base_cache = None
+        self.sequence_routing = SequenceRouting(config)
         # The states of the calls running now (a prepass runs inside its model's call).
         self._calls: list[CallState] = []
         self._hooks: list = []
@@ -281,6 +273,17 @@ class EntropyTracker:
         return forced.to(device=device, dtype=torch.int32).repeat_interleave(num_tokens // batch)
 
     @staticmethod
+    def token_route(state: CallState, num_tokens: int, device: torch.device) -> torch.Tensor | None:
+        """The sequence route of each of the layer's tokens under ``state``, [T] int32, or None."""
+        route = state.token_route
+        if route is None:
+            return None
+        if route.numel() != num_tokens:
+            raise ValueError(f"routing='sequence': the call's route has {route.numel()} tokens but the layer input "
+                             f"has {num_tokens}")
+        return route.reshape(-1).to(device=device, dtype=torch.int32)
+
+    @staticmethod
     def record_router_logits(state: CallState, layer: nn.Module, router_logits: torch.Tensor,
                              experts: torch.Tensor) -> None:
         """Keep a layer's router logits [T, N] and forced experts [T] for ``router_loss``."""
@@ -343,7 +346,9 @@ class EntropyTracker:
         if forced is not None:
             forced = forced.to(tokens.device)
         entropy = self._call_entropy(model, inputs, batch, seq_len, tokens.device)
-        self._calls[-1] = self._given_state(entropy=entropy, forced_experts=forced,
+        route = self.sequence_routing.call_route(inputs, tokens) if self.config.routing == "sequence" \
+            and self.adapters_enabled else None
+        self._calls[-1] = self._given_state(entropy=entropy, forced_experts=forced, token_route=route,
                                             token_mask=mask.bool() if is_2d_mask else None)
         if model.training and torch.is_grad_enabled():
             self._wrap_checkpointing()
@@ -404,9 +409,10 @@ class EntropyTracker:
             return
         self.last_call = self._calls.pop()
         pending, self._pending_base_cache = self._pending_base_cache, None
-        returned = None if output is None or pending is None else output_cache(output)
-        if returned is not None:  # the base cache goes when the adapted model's cache goes
+        returned = None if output is None else output_cache(output)
+        if returned is not None and pending is not None:  # the base cache goes when the adapted model's cache goes
             self._base_cache = (weakref.ref(returned, self._drop_base_cache), pending)
+        self.sequence_routing.call_ended(returned)
         if output is None or self.config.entropy_source != "lagged":  # None: the forward raised
             return
         logits = output_logits(output)

@@ -13,6 +13,7 @@ import torch
 from scipy.cluster.vq import kmeans2
 from tqdm.auto import tqdm
 
+from alter.config import MAX_KEY_TOKENS
 from alter.data import collate, collated_batches, encode_qa, encode_text
 from alter.methods.losses import sequence_logprob
 from alter.adapters import evaluating, is_patched, precomputed_entropy
@@ -200,6 +201,32 @@ def routing_targets(forget_examples: list[dict], retain_examples: list[dict]) ->
             mask.append(int(node < 0))
         forget_masks.append(mask)
     return forget_masks, [[1] * len(example["input_ids"]) for example in retain_examples]
+
+
+def route_keys(forget_examples: list[dict], retain_examples: list[dict], experts: list[int]) -> list[dict]:
+    """The keys of ``routing="sequence"`` (``AlterConfig.route_keys``): per forget example,
+    the shortest token n-gram (n <= ``MAX_KEY_TOKENS``) that starts at its first routing
+    target (:func:`routing_targets`: where its prefix leaves every retained example) and
+    occurs nowhere in a retained example, with the example's forget expert
+    (``experts[i]``); when every such n-gram occurs in a retained example, the shortest
+    n-gram ending there instead. Starting at the divergence keeps a key inside what tells
+    the row apart (an entity's name, seldom the template), so the key also fires in the
+    same facts' other phrasings. An example that never leaves the retained prefixes, or
+    whose n-grams all occur in retained examples, gets no key. Keys are unique (the first
+    example's expert wins)."""
+    retained = {n: {tuple(e["input_ids"][i:i + n]) for e in retain_examples
+                    for i in range(len(e["input_ids"]) - n + 1)} for n in range(1, MAX_KEY_TOKENS + 1)}
+    keys: dict[tuple, int] = {}
+    for example, mask, expert in zip(forget_examples, routing_targets(forget_examples, retain_examples)[0], experts):
+        if 1 not in mask:
+            continue
+        ids, start = example["input_ids"], mask.index(1)
+        candidates = [tuple(ids[start:start + n]) for n in range(1, MAX_KEY_TOKENS + 1) if start + n <= len(ids)]
+        candidates += [tuple(ids[start - n + 1:start + 1]) for n in range(2, MAX_KEY_TOKENS + 1) if start - n + 1 >= 0]
+        key = next((c for c in candidates if c not in retained[len(c)]), None)
+        if key is not None:
+            keys.setdefault(key, int(expert))
+    return [{"tokens": list(tokens), "expert": expert} for tokens, expert in keys.items()]
 
 
 def mark_routing_targets(forget_examples: list[dict], retain_examples: list[dict]) -> None:

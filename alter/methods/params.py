@@ -32,7 +32,7 @@ import torch
 
 from alter.adapters import (adapter_parameters, apply_alter, disable_adapters, evaluating, forced_route,
                             frozen_adapters, precomputed_entropy, router_loss, save_adapter)
-from alter.methods.data import base_model_pass, routing_targets, split_subdomains, with_fields
+from alter.methods.data import base_model_pass, route_keys, routing_targets, split_subdomains, with_fields
 from alter.methods.losses import _floats
 
 RETENTION_EXPERT = 0
@@ -56,6 +56,7 @@ class FullParameters:
 
     name = "full"
     routed = False  # no routers: no router warm-up, no routing loss
+    trains_routers = False  # set by prepare: a router warm-up and a routing loss (token routing)
     adapter = False  # True: the base stays frozen and the result is an adapter
     has_forget_experts = False  # adapters with forget experts apart from the retention expert
 
@@ -138,11 +139,25 @@ class AsymLoRAParameters(FullParameters):
         self.router_routes = self.has_forget_experts and config.train_routes == "router"
         # prepass entropy runs on whole sequences; lagged tracking does that and lets generate() work.
         changes = {"entropy_source": "lagged"} if config.entropy_source == "prepass" else {}
+        # Under the sequence route the keys gate every layer: no router to train.
+        self.trains_routers = config.routing == "token"
+        if config.routing == "sequence":
+            if not self.has_forget_experts:
+                raise ValueError(f"routing='sequence' routes to forget experts; params={self.name!r} has none "
+                                 "(use params='asym_lora')")
+            if args.router_warmup:
+                raise ValueError("router_warmup trains the routers, which routing='sequence' does not use")
+            changes["route_keys"] = route_keys(forget_examples, retain_examples, forget_experts)
         return forget_examples, retain_examples, changes
 
     def setup(self, model, config) -> torch.optim.Optimizer:
         apply_alter(model, config)
         groups = adapter_parameters(model)
+        if not self.trains_routers:
+            for param in groups.pop("router"):
+                param.requires_grad_(False)
+            return torch.optim.AdamW([{"params": groups["A"], "lr": config.lr_A},
+                                      {"params": groups["B"], "lr": config.lr_B}], weight_decay=0.0)
         router_lr = self.args.router_lr
         return torch.optim.AdamW(
             [{"params": groups["A"], "lr": config.lr_A}, {"params": groups["B"], "lr": config.lr_B},
@@ -164,7 +179,7 @@ class AsymLoRAParameters(FullParameters):
         # The routers apart from A and B, so that large forget-loss gradients do not
         # shrink the routing loss's.
         groups = adapter_parameters(model)
-        return [groups["A"] + groups["B"], groups["router"]]
+        return [groups["A"] + groups["B"], groups["router"]] if self.trains_routers else [groups["A"] + groups["B"]]
 
     def save(self, model, directory: str, state: dict | None = None) -> None:
         save_adapter(model, directory, state)

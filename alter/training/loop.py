@@ -191,7 +191,7 @@ def _run(model, tokenizer, forget, retain, args: UnlearnArgs, progress: bool, ca
         method.attach(model)
     clip_groups = method.clip_groups(model)
     router_warmup, train_steps = run_length(len(forget_examples), batch_size, args.epochs, args.router_warmup,
-                                            method.parameters.routed)
+                                            method.parameters.trains_routers)
     capped = args.max_steps is not None and args.max_steps < train_steps
     if capped:  # max_steps counts unlearning steps; a sized warm-up shrinks with the run it precedes
         train_steps = args.max_steps

@@ -24,10 +24,12 @@ def layer_routing_shares(model, examples: list[dict], pad_id: int, batch_size: i
     weight that its router, gating on its own (as at inference, base-model entropy from
     ``example["entropy"]``), gives the forget experts (1..N-1) on the positions
     ``example["route_mask"]`` marks, averaged over those positions. Floats in [0, 1]
-    (NaN when no position is marked)."""
+    (NaN when no position is marked). Under ``routing="sequence"`` every layer gates by
+    the call's route, so each layer's share is the route's."""
     config = model.alter_config
     layers = alter_layers(model)
     shares: dict[str, torch.Tensor] = {}
+    sequence = config.routing == "sequence"
 
     def hook_of(name):
         def hook(router, inputs, logits):
@@ -36,11 +38,13 @@ def layer_routing_shares(model, examples: list[dict], pad_id: int, batch_size: i
             shares[name] = (weights * (experts > RETENTION_EXPERT)).sum(-1).float()
         return hook
 
-    handles = [layer.router.register_forward_hook(hook_of(name)) for name, layer in layers.items()]
+    handles = [] if sequence else [layer.router.register_forward_hook(hook_of(name)) for name, layer in layers.items()]
     totals = dict.fromkeys(layers, 0.0)
     count = 0.0
     try:
         for _, batch, _output in eval_forwards(model, examples, pad_id, batch_size):  # the hooks fill shares
+            if sequence:
+                shares = dict.fromkeys(layers, (model.alter_tracker.last_call.token_route > RETENTION_EXPERT).float())
             mask = (batch["route_mask"].bool() & batch["attention_mask"].bool()).reshape(-1)
             for name in layers:
                 totals[name] += float(shares[name].reshape(-1)[mask].sum())

@@ -1,0 +1,132 @@
+"""The sequence route (``AlterConfig.routing = "sequence"``): a position goes to a forget
+expert once one of the forget set's keys (short token sequences that occur in no
+retained row) has occurred at or before it, and to the retention expert before that.
+
+Why not the per-token routers: docs/routing.md measures that they cannot isolate the
+forget set on the suite's models (the layer-0 q/k/v routers see no context; the best
+linear separator of a position's hidden state reaches 0.26-0.82 of the forget positions at
+5% retained leak), while a decision taken once, where the row leaves every retained row,
+and carried to every later position, separates them by construction. The decision is
+causal, so decoding carries it from token to token (:class:`RouteCarry`).
+
+The keys are found from the rows ``unlearn`` is given (``alter.methods.data.route_keys``)
+and saved in the adapter's config.
+"""
+from __future__ import annotations
+
+import dataclasses
+import weakref
+
+import torch
+
+from alter.adapters.hooks import input_cache
+from alter.config import MAX_KEY_TOKENS, MAX_KEY_VOCAB
+
+@dataclasses.dataclass(frozen=True)
+class RouteCarry:
+    """What a decoded token's route needs from the tokens before it: per sample, the
+    forget expert already chosen (0: none yet) [B] int64 and the last
+    ``MAX_KEY_TOKENS - 1`` tokens [B, <= 2] int64 (a key may span two calls)."""
+
+    experts: torch.Tensor
+    tail: torch.Tensor
+
+
+def _codes(windows: torch.Tensor) -> torch.Tensor:
+    """int64 codes [..] of token windows [.., n]."""
+    code = torch.zeros(windows.shape[:-1], dtype=torch.int64, device=windows.device)
+    for j in range(windows.shape[-1]):
+        code = code * MAX_KEY_VOCAB + windows[..., j]
+    return code
+
+
+class KeyTable:
+    """The keys of a config grouped by length, as sorted codes and their experts, on one
+    device (built once per device and kept by the tracker)."""
+
+    def __init__(self, keys: list[dict], device: torch.device):
+        self.by_length = {}
+        for n in range(1, MAX_KEY_TOKENS + 1):
+            group = [k for k in keys if len(k["tokens"]) == n]
+            if not group:
+                continue
+            codes = _codes(torch.tensor([k["tokens"] for k in group], dtype=torch.int64))
+            experts = torch.tensor([k["expert"] for k in group], dtype=torch.int64)
+            codes, order = codes.sort()
+            self.by_length[n] = (codes.to(device), experts[order].to(device))
+
+    def route(self, input_ids: torch.Tensor, carry: RouteCarry | None) -> tuple[torch.Tensor, RouteCarry]:
+        """(route [B, L] int64, the carry after these tokens) of ``input_ids`` [B, L]
+        following ``carry`` (None: the sequences start here). A position's expert is that
+        of the first key that ends at or before it (ties: the longer key), carried from an
+        earlier call when one fired there; 0 (retention) before any key. No host sync."""
+        batch, length = input_ids.shape
+        device = input_ids.device
+        ids = input_ids.long()
+        tail = torch.zeros(batch, 0, dtype=torch.int64, device=device) if carry is None else carry.tail.to(device)
+        context = torch.cat([tail, ids], dim=1)
+        offset = tail.shape[1]
+        fired = torch.zeros(batch, length, dtype=torch.int64, device=device)  # the key's expert ending at t, 0: none
+        for n, (codes, experts) in sorted(self.by_length.items()):
+            if context.shape[1] < n:
+                continue
+            # windows ending at each new position (those starting before the tail's first token are cut)
+            codes_here = _codes(context.unfold(1, n, 1))[:, max(offset - n + 1, 0):].contiguous()
+            start = length - codes_here.shape[1]
+            index = torch.searchsorted(codes, codes_here).clamp_max(codes.numel() - 1)
+            hit = codes[index] == codes_here
+            fired[:, start:] = torch.where(hit, experts[index], fired[:, start:])
+        any_fired = fired > 0
+        first = any_fired.int().argmax(dim=1, keepdim=True)
+        expert = torch.where(any_fired.any(dim=1, keepdim=True), fired.gather(1, first), 0)
+        positions = torch.arange(length, device=device)[None, :]
+        route = torch.where(positions >= first, expert, 0)
+        if carry is not None:
+            carried = carry.experts.to(device)[:, None]
+            route = torch.where(carried > 0, carried, route)
+        new_tail = context[:, -(MAX_KEY_TOKENS - 1):]
+        return route, RouteCarry(experts=route[:, -1], tail=new_tail)
+
+
+class SequenceRouting:
+    """The sequence route of a patched model's calls (its tracker owns one): the key table
+    of ``config.route_keys`` on the input's device, and each KV cache's carry, linked to
+    the cache its forward returned (as the prepass links the base model's cache)."""
+
+    def __init__(self, config):
+        self.config = config
+        self._table: tuple | None = None  # (the keys list it was built from, device, KeyTable)
+        self._carry: tuple | None = None  # (weakref to a KV cache, the RouteCarry of its tokens)
+        self._pending: RouteCarry | None = None  # the running forward's carry
+
+    def call_route(self, inputs: dict, tokens: torch.Tensor) -> torch.Tensor:
+        """The route [B, L] of a call's token ids, carried from its KV cache's tokens."""
+        if tokens.dim() != 2 or tokens.is_floating_point():
+            raise RuntimeError("routing='sequence' routes by token ids: call the model with input_ids, "
+                               "not inputs_embeds")
+        keys = self.config.route_keys
+        if self._table is None or self._table[0] is not keys or self._table[1] != tokens.device:
+            self._table = (keys, tokens.device, KeyTable(keys, tokens.device))
+        _, cache = input_cache(inputs)
+        carry = None
+        if cache is not None and cache.get_seq_length():
+            if self._carry is None or self._carry[0]() is not cache:
+                raise RuntimeError(
+                    "routing='sequence' carries each sequence's route in the KV cache's tokens, filled when they "
+                    "ran through this patched model (as generate() does); this cache was filled elsewhere")
+            carry = self._carry[1]
+        route, self._pending = self._table[2].route(tokens, carry)
+        return route
+
+    def call_ended(self, returned_cache) -> None:
+        """Link the finished call's carry to the KV cache it returned (None: it kept none)."""
+        carry, self._pending = self._pending, None
+        if returned_cache is not None and carry is not None:
+            self._carry = (weakref.ref(returned_cache), carry)
+
+    def reorder(self, beam_idx: torch.Tensor) -> None:
+        """Reorder the carried routes as beam search reorders its cache."""
+        if self._carry is not None:
+            ref, carry = self._carry
+            self._carry = (ref, RouteCarry(experts=carry.experts[beam_idx.to(carry.experts.device)],
+                                           tail=carry.tail[beam_idx.to(carry.tail.device)]))

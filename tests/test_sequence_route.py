@@ -1,0 +1,166 @@
+"""The sequence route (AlterConfig(routing="sequence")): the key table against a plain
+Python reference, carried across calls and decode steps; the keys unlearn finds isolate
+its forget rows from its retained ones; the layers gate by the route; unlearn trains no
+router under it and saves the keys with the adapter; bad input is refused."""
+import random
+
+import pytest
+import torch
+
+from alter.adapters.sequence_route import KeyTable
+from alter.config import AlterConfig
+from alter.methods.data import route_keys, routing_targets
+from alter.adapters import merge_adapters
+from alter.model import alter_layers, apply_alter, forced_route, load_adapter
+from alter.train import unlearn
+from conftest import small_model
+from test_model import VOCAB, alter_config, randomize_adapters, tiny_model, tokens
+
+
+def reference_route(rows: list[list[int]], keys: list[dict]) -> list[list[int]]:
+    """Per position: the expert of the first key ending at or before it (the longer key
+    at the same end), else 0."""
+    routes = []
+    for row in rows:
+        first = None
+        for t in range(len(row)):
+            ending = [k for k in keys if len(k["tokens"]) <= t + 1 and row[t + 1 - len(k["tokens"]): t + 1] == k["tokens"]]
+            if ending:
+                first = (t, max(ending, key=lambda k: len(k["tokens"]))["expert"])
+                break
+        routes.append([first[1] if first and t >= first[0] else 0 for t in range(len(row))])
+    return routes
+
+
+def random_keys(rng, vocab, count, experts=4):
+    keys, seen = [], set()
+    while len(keys) < count:
+        tokens = [rng.randrange(vocab) for _ in range(rng.randint(1, 3))]
+        if tuple(tokens) not in seen:
+            seen.add(tuple(tokens))
+            keys.append({"tokens": tokens, "expert": rng.randint(1, experts - 1)})
+    return keys
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_key_table_matches_the_reference_and_carries_across_calls(seed):
+    rng = random.Random(seed)
+    vocab = 7  # a small vocabulary: keys occur often, several per row
+    rows = [[rng.randrange(vocab) for _ in range(23)] for _ in range(5)]
+    keys = random_keys(rng, vocab, 6)
+    ids = torch.tensor(rows)
+    table = KeyTable(AlterConfig(route_keys=keys).route_keys, ids.device)
+    expected = torch.tensor(reference_route(rows, keys))
+    whole, _ = table.route(ids, None)
+    assert torch.equal(whole, expected)
+    assert (expected > 0).any() and (expected == 0).any()  # both sides exercised
+    # prefill, then one token at a time (keys spanning the boundaries), then a chunk
+    route, carry = table.route(ids[:, :5], None)
+    pieces = [route]
+    for t in range(5, 11):
+        route, carry = table.route(ids[:, t:t + 1], carry)
+        pieces.append(route)
+    pieces.append(table.route(ids[:, 11:], carry)[0])
+    assert torch.equal(torch.cat(pieces, dim=1), expected)
+
+
+def test_found_keys_fire_on_every_forget_row_and_on_no_retained_position():
+    rng = random.Random(0)
+    template = [1, 5, 6, 7]  # a shared question opening
+    names = [[rng.randrange(10, 40) for _ in range(3)] for _ in range(12)]
+    rows = [template + name + [8, rng.randrange(40, 50)] for name in names]
+    forget, retain = [{"input_ids": r} for r in rows[:4]], [{"input_ids": r} for r in rows[4:]]
+    keys = route_keys(forget, retain, experts=[1, 2, 3, 1])
+    table = KeyTable(keys, torch.device("cpu"))
+    for example, mask in zip(forget, routing_targets(forget, retain)[0]):
+        route, _ = table.route(torch.tensor([example["input_ids"]]), None)
+        fired = route[0].nonzero()
+        assert fired.numel() > 0 and int(fired[0]) >= mask.index(1)  # fires, and not before the divergence
+    for example in retain:
+        assert not table.route(torch.tensor([example["input_ids"]]), None)[0].any()
+    assert all(len(k["tokens"]) <= 3 for k in keys)
+    # a forget row that is also retained never leaves the retained prefixes: no key
+    assert route_keys(forget[:1], forget[:1] + retain, [1]) == []
+
+
+def test_layers_gate_by_the_route():
+    # a key on the first token of sample 0: its every position goes to expert 2, sample 1's to expert 0
+    ids = tokens(batch=2)
+    ids[1] = torch.where(ids[1] == ids[0, 0], ids[0, 0] % (VOCAB - 3) + 3, ids[1])  # the key occurs only in sample 0
+    ids[1, 0] = 3 if ids[0, 0] != 3 else 4
+    model = apply_alter(tiny_model().double(), alter_config(routing="sequence",
+                                                            route_keys=[{"tokens": [int(ids[0, 0])], "expert": 2}]))
+    randomize_adapters(model, 0.5)
+    with torch.no_grad():
+        routed = model(input_ids=ids).logits
+        model.alter_config.routing = "token"
+        with forced_route(model, [2, 0]):
+            forced = model(input_ids=ids).logits
+        free = model(input_ids=ids).logits
+    torch.testing.assert_close(routed, forced, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(routed, free)  # the routers would route otherwise
+
+
+def test_generate_carries_the_route_across_decode_steps():
+    ids = tokens(batch=2, seq=6)
+    key = [int(ids[0, 4]), int(ids[0, 5])]
+    model = apply_alter(tiny_model().double(), alter_config(routing="sequence", route_keys=[{"tokens": key, "expert": 1}]))
+    randomize_adapters(model, 0.5)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, min_new_tokens=5,
+                         do_sample=False, output_logits=True, return_dict_in_generate=True)
+    sequence = ids
+    for step in range(5):
+        with torch.no_grad():
+            logits = model(input_ids=sequence, use_cache=False).logits[:, -1]
+        torch.testing.assert_close(out.logits[step].double(), logits, rtol=1e-6, atol=1e-6)
+        sequence = torch.cat([sequence, out.sequences[:, 6 + step, None]], dim=1)
+    assert int(model.alter_tracker.last_call.token_route[0, -1]) == 1  # carried from the prompt
+
+
+def test_nothing_merges_under_the_sequence_route():
+    model = apply_alter(tiny_model(), alter_config(routing="sequence", route_keys=[{"tokens": [5], "expert": 1}]))
+    ids = tokens()
+    ids[ids == 5] = 6  # no key in the data: every token goes to expert 0 there, but not on every input
+    report = merge_adapters(model, data=ids)
+    assert not report.merged and set(report.kept) == set(alter_layers(model))
+    assert all("routing='sequence'" in why for why in report.kept.values())
+
+
+def test_sequence_route_refuses_embeddings_and_a_foreign_cache():
+    model = apply_alter(tiny_model(), alter_config(routing="sequence", route_keys=[{"tokens": [5], "expert": 1}]))
+    other = apply_alter(tiny_model(), alter_config(routing="sequence"))
+    with torch.no_grad(), pytest.raises(RuntimeError, match="routes by token ids"):
+        model(inputs_embeds=model.get_input_embeddings()(tokens()))
+    with torch.no_grad():
+        cache = other(input_ids=tokens(), use_cache=True).cache
+        with pytest.raises(RuntimeError, match="filled elsewhere"):
+            model(input_ids=tokens(seq=1), cache=cache, use_cache=True)
+
+
+@pytest.mark.parametrize("keys", [[{"tokens": [], "expert": 1}], [{"tokens": [1, 2, 3, 4], "expert": 1}],
+                                  [{"tokens": [1], "expert": 0}], [{"tokens": [1], "expert": 4}],
+                                  [{"tokens": [-1], "expert": 1}], [{"tokens": [1]}], "1,2"])
+def test_config_refuses_bad_keys(keys):
+    with pytest.raises(ValueError, match="route_keys"):
+        AlterConfig(route_keys=keys)
+    with pytest.raises(ValueError, match="routing must be one of"):
+        AlterConfig(routing="entity")
+
+
+def test_unlearn_under_the_sequence_route(data, tokenizer, tmp_path):
+    model = small_model(tokenizer)
+    config = AlterConfig(r=4, num_experts=3, routing="sequence")
+    unlearn(model, tokenizer, data["forget"], data["retain"], config, "alter", batch_size=2, max_steps=3,
+            progress=False, output_dir=str(tmp_path))
+    report, saved = model.unlearn_report, model.alter_config
+    assert report.router_warmup == 0 and saved.route_keys
+    assert report.retain_leak_share == 0.0 and report.forget_routing_share > 0.5
+    assert all(not layer.router.weight.any() for layer in alter_layers(model).values())  # untrained
+    assert AlterConfig.from_pretrained(tmp_path).route_keys == saved.route_keys
+    fresh = load_adapter(small_model(tokenizer), str(tmp_path))
+    ids = tokenizer(data["forget"][0]["question"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(input_ids=ids).logits, model(input_ids=ids).logits)
+    with pytest.raises(ValueError, match="params='lora' has none"):
+        unlearn(small_model(tokenizer), tokenizer, data["forget"], data["retain"], config, "lora", max_steps=1,
+                progress=False)
