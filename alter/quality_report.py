@@ -169,13 +169,18 @@ def _layers(entry, key) -> str:
     return ", ".join(f"{name} {v:.2f}" for name, v in zip(names, entry[key]))
 
 
+TITLE = "Unlearning quality: the default call on held-out scenarios, against an oracle"
+PRODUCED_BY = "`alter quality` (`make quality`)"
+
+
 def format_markdown(summary: list[dict], scenarios, seeds, seconds: float, quick: bool,
-                    results: list[dict] = ()) -> str:
+                    results: list[dict] = (), title: str = TITLE, produced_by: str = PRODUCED_BY) -> str:
     """The seed-averaged tables as Markdown (QUALITY.md); ``results`` (the per-seed rows)
-    give the paired comparison of ALTER with every other run."""
+    give the paired comparison of ALTER with every other run. ``title`` and
+    ``produced_by`` name a table that another script produced."""
     held = {s.name for s in HELD_OUT}
-    lines = ["# Unlearning quality: the default call on held-out scenarios, against an oracle", "",
-             "Produced by `alter quality` (`make quality`) in "
+    lines = [f"# {title}", "",
+             f"Produced by {produced_by} in "
              f"{seconds / 60:.1f} min{' (--quick: smoke sizes, not a result)' if quick else ''}. "
              f"Seeds {', '.join(map(str, seeds))}; mean ± std over seeds.",
              "",
@@ -256,12 +261,13 @@ def format_markdown(summary: list[dict], scenarios, seeds, seconds: float, quick
     return "\n".join(lines)
 
 
-def write_report(out: str) -> None:
-    """``out/QUALITY.md`` and ``out/quality_tradeoff.png`` from ``out/QUALITY.json``."""
+def write_report(out: str, **titles) -> None:
+    """``out/QUALITY.md`` and ``out/quality_tradeoff.png`` from ``out/QUALITY.json``;
+    ``titles``: :func:`format_markdown`'s ``title`` and ``produced_by``."""
     with open(os.path.join(out, "QUALITY.json")) as f:
         record = json.load(f)
     scenarios = [Scenario(**s) for s in record["scenarios"]]
     plot_tradeoff(record["summary"], os.path.join(out, "quality_tradeoff.png"))
     with open(os.path.join(out, "QUALITY.md"), "w") as f:
         f.write(format_markdown(record["summary"], scenarios, record["seeds"], record["seconds"], record["quick"],
-                                record["results"]))
+                                record["results"], **titles))

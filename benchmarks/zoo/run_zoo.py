@@ -18,22 +18,6 @@ from alter.data.scenarios import HELD_OUT, HELD_OUT_SEEDS
 from alter.quality import RELEARN, ZOO_RUNS, run_suite
 from alter.quality_report import summarize, write_report
 
-TITLE = "# Unlearning quality: every method on its other parameterizations (the zoo), held-out scenarios, against an oracle"
-
-
-def _zoo_header(path: str, seconds: float, seeds: list[int]) -> None:
-    """QUALITY.md's title and first paragraph for the zoo (write_report writes the suite's)."""
-    with open(path) as f:
-        lines = f.read().split("\n")
-    lines[0] = TITLE
-    lines[2] = (f"Produced by `benchmarks/zoo/run_zoo.py` (ALTER and `alter.quality.ZOO_RUNS`: each method as "
-                f"`method@params`) in {seconds / 60:.1f} min of runs on 2 cores shared with other work. Seeds "
-                f"{', '.join(map(str, seeds))}; mean ± std over seeds. Each method on its default params: "
-                f"`benchmarks/QUALITY.md`.")
-    with open(path, "w") as f:
-        f.write("\n".join(lines))
-
-
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--add", type=int, nargs="+", help="seeds to add to the existing QUALITY.json")
@@ -56,6 +40,9 @@ if __name__ == "__main__":
         json.dump({"scenarios": [s.to_dict() for s in HELD_OUT], "seeds": seeds, "quick": False,
                    "default_config": AlterConfig().to_dict(), "relearn": RELEARN, "zoo": list(ZOO_RUNS),
                    "seconds": seconds, "summary": summarize(results), "results": results}, f, indent=1)
-    write_report(out)
-    _zoo_header(os.path.join(out, "QUALITY.md"), seconds, seeds)
+    write_report(out, title="Unlearning quality: every method on its other parameterizations (the zoo), held-out "
+                 "scenarios, against an oracle",
+                 produced_by="`benchmarks/zoo/run_zoo.py` (ALTER and `alter.quality.ZOO_RUNS`: each method as "
+                 "`method@params`; each method on its default params: `benchmarks/QUALITY.md`), runs on 2 cores "
+                 "shared with other work,")
     print("done", time.perf_counter() - t0)
