@@ -33,6 +33,8 @@ CONFIG_FLAGS = {
     "--threshold": ("entropy_threshold", float, "entropy threshold of high-entropy tokens"),
     "--q": ("tsallis_q", float, "Tsallis q"),
     "--backend": ("backend", str, "op backend (default: automatic)"),
+    "--routing": ("routing", str, "token: the per-token routers; sequence: a forget expert from the first of the "
+                                  "forget rows' keys on (docs/routing.md)"),
 }
 CONFIG_DEST = "config_{}"  # namespace attribute of a config flag's field
 # A negative number in any notation Python reads: argparse takes '-1e-3' for an option.
@@ -156,7 +158,7 @@ def add_field_flag(group, field: dataclasses.Field, hint, choices=None):
 
 
 def add_unlearn_flags(un: argparse.ArgumentParser) -> None:
-    from alter.config import BACKEND_CHOICES, AlterConfig
+    from alter.config import BACKEND_CHOICES, ROUTINGS, AlterConfig
     from alter.methods import METHODS
     from alter.training.args import UnlearnArgs
 
@@ -187,7 +189,8 @@ def add_unlearn_flags(un: argparse.ArgumentParser) -> None:
                              "(default: %(default)s)")
     defaults = AlterConfig()
     for flag, (name, kind, text) in CONFIG_FLAGS.items():
-        choices = [b for b in BACKEND_CHOICES if b is not None] if name == "backend" else None
+        choices = ([b for b in BACKEND_CHOICES if b is not None] if name == "backend"
+                   else ROUTINGS if name == "routing" else None)
         shown = "" if name == "backend" else f" (default: {getattr(defaults, name)}, or --config/--preset's)"
         config.add_argument(flag, dest=CONFIG_DEST.format(name), type=kind, choices=choices, help=text + shown)
 

@@ -4,6 +4,7 @@ development ones), into ``benchmarks/sequence_route/QUALITY.md`` (the suite's co
 with the paired comparison of the two).
 
     OMP_NUM_THREADS=1 python benchmarks/sequence_route.py [--development] [--workers 2]
+    OMP_NUM_THREADS=1 python benchmarks/sequence_route.py --development --scenarios dev-authors-text --seeds 0
 """
 import argparse
 import json
@@ -20,9 +21,18 @@ RUNS = ("alter", "alter-sequence-route")
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--development", action="store_true", help="development scenarios and seeds")
+    parser.add_argument("--scenarios", help="comma-separated scenario names of the chosen split (default: all)")
+    parser.add_argument("--seeds", help="comma-separated seeds (default: the split's)")
     parser.add_argument("--workers", type=int, default=2)
     cli = parser.parse_args()
     scenarios, seeds = (DEVELOPMENT, DEVELOPMENT_SEEDS) if cli.development else (HELD_OUT, HELD_OUT_SEEDS)
+    if cli.scenarios:
+        names = cli.scenarios.split(",")
+        scenarios = [s for s in scenarios if s.name in names]
+        if len(scenarios) != len(names):
+            raise SystemExit(f"--scenarios: not all of {names} are in the chosen split")
+    if cli.seeds:
+        seeds = tuple(int(s) for s in cli.seeds.split(","))
     out = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                        "sequence_route" + ("_development" if cli.development else ""))
     os.makedirs(out, exist_ok=True)

@@ -182,6 +182,20 @@ def test_missing_optional_dependency_names_its_extra(monkeypatch, capsys):
         "alter demo: error: matplotlib is not installed: pip install 'alter-kernels[plot]'\n")
 
 
+def test_unlearn_and_eval_under_the_sequence_route(data_dir, tmp_path):
+    out = tmp_path / "alter_out"
+    assert main(["unlearn", "--model", "tiny", "--forget", str(data_dir / "forget.jsonl"), "--retain",
+                 str(data_dir / "retain.json"), "--out", str(out), "--max-steps", "2", "--batch-size", "2",
+                 "--rank", "2", "--num-experts", "3", "--routing", "sequence", "--quiet"]) == 0
+    adapter_config = json.loads((out / "adapter_config.json").read_text())
+    assert adapter_config["routing"] == "sequence" and adapter_config["route_keys"]
+    assert json.loads((out / "unlearn_args.json").read_text())["router_warmup_steps"] == 0
+    metrics_file = tmp_path / "m.json"  # loads the adapter with its keys and generates under the route
+    assert main(["eval", "--model", str(out), "--data", str(data_dir), "--out", str(metrics_file),
+                 "--max-new-tokens", "4"]) == 0
+    assert 0.0 <= json.loads(metrics_file.read_text())["model_utility"] <= 1.0
+
+
 def test_unlearn_then_eval_tiny(data_dir, tmp_path, capsys):
     out = tmp_path / "alter_out"
     forget, retain = str(data_dir / "forget.jsonl"), str(data_dir / "retain.json")
