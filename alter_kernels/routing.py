@@ -70,6 +70,23 @@ def route_eager(router_logits, entropy, threshold, tau_high, tau_low, k_high, k_
     return weights, experts
 
 
+def dense_gate(router_logits: torch.Tensor, k: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """The gate of ``alter_kernels.route`` as a dense matrix G [T, N] in the logits' dtype:
+    G[t, e] = the weight ``route`` gives expert e for token t, 0 when e is not kept.
+
+    router_logits [T, N] float32/float64; k [T, 1] int64 (experts kept per token) and tau
+    [T, 1] (its temperature, the logits' dtype). An expert's rank is its position in a
+    stable descending sort (ties: the lower index first, as ``route``). Differentiable in
+    the logits as ``route``'s weights are; a NaN or +inf logit gives its row NaN weights.
+    (A row of -inf logits only, which no finite router produces, gives NaN, not zeros.)
+    """
+    rank = router_logits.argsort(dim=1, descending=True, stable=True).argsort(dim=1)
+    # The row max shifted out before the division by tau (0.01), as route does: dividing
+    # first would round large logits / tau to a few bits of the differences that matter.
+    shifted = router_logits - router_logits.detach().amax(dim=1, keepdim=True)
+    return torch.softmax(torch.where(rank < k, shifted / tau, float("-inf")), dim=1)
+
+
 if triton is not None:
 
     @triton.jit

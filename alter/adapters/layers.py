@@ -21,6 +21,7 @@ from alter.config import AlterConfig
 from alter.adapters.state import CallState, EntropyTracker
 from alter_kernels import asym_lora, route
 from alter_kernels.asym_lora import asym_lora_shrink
+from alter_kernels.routing import dense_gate
 
 # Tokens per call up to which a layer runs every expert densely on any device (decode).
 DENSE_TOKENS = 16
@@ -195,7 +196,7 @@ class AsymLoRALinear(nn.Module):
             gate = F.one_hot(gating.long(), N).to(dtype)
         if b_t is None:
             gate = gate * self.scaling
-            b_t = lora_B.to(dtype).permute(1, 0, 2).reshape(self.out_features, N * self.r).t()
+            b_t = _experts_side_by_side(lora_B.to(dtype)).t()
         return (gate[:, :, None] * h[:, None, :]).reshape(-1, N * self.r), b_t
 
     def _inference_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,7 +210,7 @@ class AsymLoRALinear(nn.Module):
         if cached is None or cached[0] != key:
             with torch.no_grad():
                 stacked = torch.cat([self.router.weight.to(dtype), self.lora_A.to(dtype)])
-                b_t = (self.lora_B.to(dtype).permute(1, 0, 2).reshape(self.out_features, -1) * self.scaling).t()
+                b_t = (_experts_side_by_side(self.lora_B.to(dtype)) * self.scaling).t()
             # the detached aliases keep the parameters' storage alive: a data_ptr in the key
             # cannot be reused by another tensor while the cache holds it
             cached = (key, stacked, b_t.contiguous(), [p.detach() for p in params])
@@ -248,21 +249,10 @@ def routing_constants(state: CallState, entropy: torch.Tensor, config: AlterConf
     return constants
 
 
-def dense_gate(router_logits: torch.Tensor, k: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-    """The gate of ``alter_kernels.route`` as a dense matrix G [T, N] in the logits' dtype:
-    G[t, e] = the weight ``route`` gives expert e for token t, 0 when e is not kept.
-
-    router_logits [T, N] float32/float64; k [T, 1] int64 (experts kept per token) and tau
-    [T, 1] (its temperature, the logits' dtype). An expert's rank is its position in a
-    stable descending sort (ties: the lower index first, as ``route``). Differentiable in
-    the logits as ``route``'s weights are; a NaN or +inf logit gives its row NaN weights.
-    (A row of -inf logits only, which no finite router produces, gives NaN, not zeros.)
-    """
-    rank = router_logits.argsort(dim=1, descending=True, stable=True).argsort(dim=1)
-    # The row max shifted out before the division by tau (0.01), as route does: dividing
-    # first would round large logits / tau to a few bits of the differences that matter.
-    shifted = router_logits - router_logits.detach().amax(dim=1, keepdim=True)
-    return torch.softmax(torch.where(rank < k, shifted / tau, float("-inf")), dim=1)
+def _experts_side_by_side(lora_B: torch.Tensor) -> torch.Tensor:
+    """B [N, out, r] as [out, N·r], expert i in columns i·r..(i+1)·r-1: the layout whose
+    product with G ⊗ h [T, N·r] is the dense path's delta."""
+    return lora_B.permute(1, 0, 2).reshape(lora_B.shape[1], -1)
 
 
 def _zero_gradient(weight: torch.Tensor, rows: tuple[int, ...] | None = None) -> torch.Tensor:

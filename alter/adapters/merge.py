@@ -13,9 +13,10 @@ import dataclasses
 import torch
 from torch import nn
 
-from alter.adapters.layers import AsymLoRALinear, dense_gate, routing_constants
-from alter.adapters.patching import _set_submodule, _tracker, alter_layers, remove_alter
 from alter.adapters.hooks import evaluating
+from alter.adapters.layers import AsymLoRALinear, routing_constants
+from alter.adapters.patching import _set_submodule, _tracker, alter_layers, remove_alter
+from alter_kernels.routing import dense_gate
 
 
 @dataclasses.dataclass(frozen=True)
