@@ -4,6 +4,7 @@ Llama on the CPU, Llama-3-8B cut to two layers on a GPU.
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 import torch
@@ -63,7 +64,7 @@ def _build_model(device, quick, variant, entropy_source="prepass"):
     return model, alter_config, input_ids
 
 
-def _train_step_build(device: torch.device, quick: bool, method: str, backend_variant: str):
+def _train_step_build(device: torch.device, quick: bool, method: str, backend_variant: str, routing: str = "token"):
     """The ``build`` of a train-step case: one ``method`` step as ``alter.unlearn`` runs it,
     through the trainer's own setup and step function (so the case cannot drift from the
     trainer): the base-model pass caches the entropy, the model is patched, then each step
@@ -71,7 +72,8 @@ def _train_step_build(device: torch.device, quick: bool, method: str, backend_va
     AsymLoRA parameterization) and the optimizer step. Half the rows are forget samples (a
     random prompt, then an answer), half retain samples. As in the trainer, autocast on a
     GPU; gradient checkpointing stays off (the kernels are timed, not the recompute).
-    ``backend_variant``: ``eager`` or ``kernels`` (:func:`_bench_alter_config`)."""
+    ``backend_variant``: ``eager`` or ``kernels`` (:func:`_bench_alter_config`); ``routing``:
+    the config's (``"sequence"``: keys found from the rows, no routing passes)."""
     from alter import methods, train
     from alter.data import IGNORE_INDEX
     from alter.training.args import UnlearnArgs
@@ -91,7 +93,8 @@ def _train_step_build(device: torch.device, quick: bool, method: str, backend_va
         half = max(batch // 2, 1)
         forget, retain = examples[:half], examples[half:] or examples[:half]
         autocast = train._autocast_factory(dev, dev.type == "cuda")
-        args = UnlearnArgs(method=method, config=_bench_alter_config(backend_variant, "prepass"), batch_size=half)
+        alter_config = dataclasses.replace(_bench_alter_config(backend_variant, "prepass"), routing=routing)
+        args = UnlearnArgs(method=method, config=alter_config, batch_size=half)
         objective = methods.build(args, autocast)
         optimizer, forget, retain = objective.setup(model, forget, retain, 0)
         forget_batch = train._batch(forget, range(len(forget)), 0, dev)
@@ -110,8 +113,9 @@ def _train_step_build(device: torch.device, quick: bool, method: str, backend_va
 
 def _train_step_cases(device: torch.device, quick: bool) -> list[BenchCase]:
     """The ALTER step on the eager path and the dispatcher's choice (kernels), and the
-    step cost of ALTER against an ``asym_lora`` step (issue 18: <= 1.25x, the paper's
-    Fig. 6 ratio; both on the dispatcher's choice, so the ratio is the method's cost)."""
+    step cost of ALTER, with token routing and with the sequence route, against an
+    ``asym_lora`` step (issue 18: <= 1.25x, the paper's Fig. 6 ratio; all on the
+    dispatcher's choice, so the ratio is the method's cost)."""
     what = "Llama-3-8B x2 layers" if device.type == "cuda" else "tiny Llama"
     _, batch, seq = _train_step_build(device, quick, "alter", "kernels")
 
@@ -119,11 +123,12 @@ def _train_step_cases(device: torch.device, quick: bool) -> list[BenchCase]:
         return _train_step_build(dev, quick, "alter", variant)[0](dev)
 
     def method_cost(variant, dev):
-        return _train_step_build(dev, quick, variant, "kernels")[0](dev)
+        method, _, routing = variant.partition("-")
+        return _train_step_build(dev, quick, method, "kernels", routing or "token")[0](dev)
 
     return [BenchCase(f"ALTER train step {what} [{batch}x{seq}]", "train_step", ("eager", "kernels"), backends,
                       tokens=batch * seq),
-            BenchCase(f"step cost, ALTER vs asym_lora {what} [{batch}x{seq}]", "train_step", ("asym_lora", "alter"),
+            BenchCase(f"step cost, ALTER vs asym_lora {what} [{batch}x{seq}]", "train_step", ("asym_lora", "alter", "alter-sequence"),
                       method_cost, tokens=batch * seq)]
 
 

@@ -160,14 +160,15 @@ def test_train_step_runs_the_trainers_own_step(monkeypatch):
 def test_step_cost_case_times_each_methods_own_step(monkeypatch):
     from alter.methods.base import Method
 
-    names = []
+    runs = []
     real = Method.step
-    monkeypatch.setattr(Method, "step", lambda self, *args: names.append(self.name) or real(self, *args))
+    monkeypatch.setattr(Method, "step",
+                        lambda self, *args: runs.append((self.name, self.config.routing)) or real(self, *args))
     case = find_case("step cost, ALTER vs asym_lora tiny Llama [2x64]", CPU, quick=True)
-    assert case.variants == ("asym_lora", "alter")  # the baseline first: the ratio is ALTER's cost
+    assert case.variants == ("asym_lora", "alter", "alter-sequence")  # the baseline first: ratios are ALTER's cost
     for variant in case.variants:
         case.build(variant, CPU)()
-    assert names == ["asym_lora", "alter"]
+    assert runs == [("asym_lora", "token"), ("alter", "token"), ("alter", "sequence")]
 
 
 def test_train_step_eager_variant_runs_every_op_eagerly(backend_calls):
