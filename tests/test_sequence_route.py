@@ -164,3 +164,18 @@ def test_unlearn_under_the_sequence_route(data, tokenizer, tmp_path):
     with pytest.raises(ValueError, match="params='lora' has none"):
         unlearn(small_model(tokenizer), tokenizer, data["forget"], data["retain"], config, "lora", max_steps=1,
                 progress=False)
+
+
+def test_beam_search_reorders_the_carried_routes():
+    # no key in the prompt; half the vocabulary are keys of expert 1 or 2, so the beams'
+    # routes diverge while they decode and a reorder must carry each beam's own
+    ids = tokens(batch=2, seq=6)
+    free = set(ids.flatten().tolist())
+    keys = [{"tokens": [t], "expert": 1 + t % 2} for t in range(3, VOCAB) if t not in free and t % 3]
+    model = apply_alter(tiny_model().double(), alter_config(routing="sequence", route_keys=keys))
+    randomize_adapters(model, 1.0)
+    common = dict(attention_mask=torch.ones_like(ids), max_new_tokens=5, min_new_tokens=5, do_sample=False,
+                  num_beams=4, num_return_sequences=4)
+    cached = model.generate(ids, use_cache=True, **common)
+    uncached = model.generate(ids, use_cache=False, **common)  # every step routes the whole sequence again
+    assert torch.equal(cached, uncached)
