@@ -100,7 +100,8 @@ class SequenceRouting:
         self._pending: RouteCarry | None = None  # the running forward's carry
 
     def call_route(self, inputs: dict, tokens: torch.Tensor) -> torch.Tensor:
-        """The route [B, L] of a call's token ids, carried from its KV cache's tokens."""
+        """The route [B, L] int32 of a call's token ids, carried from its KV cache's tokens
+        (int32: what the layers read, cast once per call rather than once per layer)."""
         if tokens.dim() != 2 or tokens.is_floating_point():
             raise RuntimeError("routing='sequence' routes by token ids: call the model with input_ids, "
                                "not inputs_embeds")
@@ -116,7 +117,7 @@ class SequenceRouting:
                     "ran through this patched model (as generate() does); this cache was filled elsewhere")
             carry = self._carry[1]
         route, self._pending = self._table[2].route(tokens, carry)
-        return route
+        return route.int()
 
     def call_ended(self, returned_cache) -> None:
         """Link the finished call's carry to the KV cache it returned (None: it kept none)."""

@@ -11,7 +11,7 @@ value built by a forward pre-hook before any layer runs and dropped when the cal
   flatten it to [T] in the token order of ``x.reshape(-1, in_features)``;
 - ``forced_experts`` [B] int64 or None: every token of sample i goes to expert
   ``forced_experts[i]``;
-- ``token_route`` [B, L] int64 or None: under ``routing="sequence"``, each token's expert
+- ``token_route`` [B, L] int32 or None: under ``routing="sequence"``, each token's expert
   from the route keys (:mod:`~alter.adapters.sequence_route`), which gates every layer
   unless forced experts gate;
 - ``adapters_enabled``: when False the layers compute exactly their base ``nn.Linear``;
