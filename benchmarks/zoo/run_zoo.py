@@ -18,6 +18,15 @@ from alter.data.scenarios import HELD_OUT, HELD_OUT_SEEDS
 from alter.quality import RELEARN, ZOO_RUNS, run_suite
 from alter.quality_report import summarize, write_report
 
+def write(out: str) -> None:
+    """QUALITY.md and the trade-off plot from QUALITY.json, under the zoo's title."""
+    write_report(out, title="Unlearning quality: every method on its other parameterizations (the zoo), held-out "
+                 "scenarios, against an oracle",
+                 produced_by="`benchmarks/zoo/run_zoo.py` (ALTER and `alter.quality.ZOO_RUNS`: each method as "
+                 "`method@params`; each method on its default params: `benchmarks/QUALITY.md`), runs on 2 cores "
+                 "shared with other work,")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--add", type=int, nargs="+", help="seeds to add to the existing QUALITY.json")
@@ -40,9 +49,5 @@ if __name__ == "__main__":
         json.dump({"scenarios": [s.to_dict() for s in HELD_OUT], "seeds": seeds, "quick": False,
                    "default_config": AlterConfig().to_dict(), "relearn": RELEARN, "zoo": list(ZOO_RUNS),
                    "seconds": seconds, "summary": summarize(results), "results": results}, f, indent=1)
-    write_report(out, title="Unlearning quality: every method on its other parameterizations (the zoo), held-out "
-                 "scenarios, against an oracle",
-                 produced_by="`benchmarks/zoo/run_zoo.py` (ALTER and `alter.quality.ZOO_RUNS`: each method as "
-                 "`method@params`; each method on its default params: `benchmarks/QUALITY.md`), runs on 2 cores "
-                 "shared with other work,")
+    write(out)
     print("done", time.perf_counter() - t0)
