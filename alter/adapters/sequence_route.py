@@ -22,6 +22,7 @@ import torch
 from alter.adapters.hooks import input_cache
 from alter.config import MAX_KEY_TOKENS, MAX_KEY_VOCAB
 
+
 @dataclasses.dataclass(frozen=True)
 class RouteCarry:
     """What a decoded token's route needs from the tokens before it: per sample, the
@@ -33,7 +34,8 @@ class RouteCarry:
 
 
 def _codes(windows: torch.Tensor) -> torch.Tensor:
-    """int64 codes [..] of token windows [.., n]."""
+    """int64 codes [...] of token windows [..., n] (n <= MAX_KEY_TOKENS): Σ token_j ·
+    MAX_KEY_VOCAB^(n-1-j), exact and distinct for ids below MAX_KEY_VOCAB."""
     code = torch.zeros(windows.shape[:-1], dtype=torch.int64, device=windows.device)
     for j in range(windows.shape[-1]):
         code = code * MAX_KEY_VOCAB + windows[..., j]
