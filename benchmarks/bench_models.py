@@ -64,8 +64,8 @@ def _build_model(device, quick, variant, entropy_source="prepass"):
     return model, alter_config, input_ids
 
 
-def _train_step_build(device: torch.device, quick: bool, method: str, backend_variant: str, routing: str = "token"):
-    """The ``build`` of a train-step case: one ``method`` step as ``alter.unlearn`` runs it,
+def _train_step(dev: torch.device, quick: bool, method: str, backend_variant: str, routing: str = "token"):
+    """A train-step case's closure: one ``method`` step as ``alter.unlearn`` runs it,
     through the trainer's own setup and step function (so the case cannot drift from the
     trainer): the base-model pass caches the entropy, the model is patched, then each step
     is the method's ``step`` (its forget and retain passes, plus the routers' passes of the
@@ -78,37 +78,33 @@ def _train_step_build(device: torch.device, quick: bool, method: str, backend_va
     from alter.data import IGNORE_INDEX
     from alter.training.args import UnlearnArgs
 
-    config, _, (batch, seq) = _model_config(device, quick)
+    config, _, (batch, seq) = _model_config(dev, quick)
+    model, _, _ = _build_model(dev, quick, "base")
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    ids = torch.randint(0, config.vocab_size, (batch, seq), generator=gen)
+    prompt = seq // 4
+    examples = [
+        {"input_ids": row.tolist(), "attention_mask": [1] * seq,
+         "labels": [IGNORE_INDEX] * prompt + row[prompt:].tolist()}
+        for row in ids
+    ]
+    half = max(batch // 2, 1)
+    forget, retain = examples[:half], examples[half:] or examples[:half]
+    autocast = train._autocast_factory(dev, dev.type == "cuda")
+    alter_config = dataclasses.replace(_bench_alter_config(backend_variant, "prepass"), routing=routing)
+    args = UnlearnArgs(method=method, config=alter_config, batch_size=half)
+    objective = methods.build(args, autocast)
+    optimizer, forget, retain = objective.setup(model, forget, retain, 0)
+    forget_batch = train._batch(forget, range(len(forget)), 0, dev)
+    retain_batch = train._batch(retain, range(len(retain)), 0, dev)
+    model.train()
 
-    def build(dev):
-        model, _, _ = _build_model(dev, quick, "base")
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        ids = torch.randint(0, config.vocab_size, (batch, seq), generator=gen)
-        prompt = seq // 4
-        examples = [
-            {"input_ids": row.tolist(), "attention_mask": [1] * seq,
-             "labels": [IGNORE_INDEX] * prompt + row[prompt:].tolist()}
-            for row in ids
-        ]
-        half = max(batch // 2, 1)
-        forget, retain = examples[:half], examples[half:] or examples[:half]
-        autocast = train._autocast_factory(dev, dev.type == "cuda")
-        alter_config = dataclasses.replace(_bench_alter_config(backend_variant, "prepass"), routing=routing)
-        args = UnlearnArgs(method=method, config=alter_config, batch_size=half)
-        objective = methods.build(args, autocast)
-        optimizer, forget, retain = objective.setup(model, forget, retain, 0)
-        forget_batch = train._batch(forget, range(len(forget)), 0, dev)
-        retain_batch = train._batch(retain, range(len(retain)), 0, dev)
-        model.train()
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        objective.step(model, forget_batch, retain_batch)
+        optimizer.step()
 
-        def step():
-            optimizer.zero_grad(set_to_none=True)
-            objective.step(model, forget_batch, retain_batch)
-            optimizer.step()
-
-        return step
-
-    return build, batch, seq
+    return step
 
 
 def _train_step_cases(device: torch.device, quick: bool) -> list[BenchCase]:
@@ -117,19 +113,19 @@ def _train_step_cases(device: torch.device, quick: bool) -> list[BenchCase]:
     ``asym_lora`` step (issue 18: <= 1.25x, the paper's Fig. 6 ratio; all on the
     dispatcher's choice, so the ratio is the method's cost)."""
     what = "Llama-3-8B x2 layers" if device.type == "cuda" else "tiny Llama"
-    _, batch, seq = _train_step_build(device, quick, "alter", "kernels")
+    _, _, (batch, seq) = _model_config(device, quick)
 
     def backends(variant, dev):
-        return _train_step_build(dev, quick, "alter", variant)[0](dev)
+        return _train_step(dev, quick, "alter", variant)
 
     def method_cost(variant, dev):
         method, _, routing = variant.partition("-")
-        return _train_step_build(dev, quick, method, "kernels", routing or "token")[0](dev)
+        return _train_step(dev, quick, method, "kernels", routing or "token")
 
     return [BenchCase(f"ALTER train step {what} [{batch}x{seq}]", "train_step", ("eager", "kernels"), backends,
                       tokens=batch * seq),
-            BenchCase(f"step cost, ALTER vs asym_lora {what} [{batch}x{seq}]", "train_step", ("asym_lora", "alter", "alter-sequence"),
-                      method_cost, tokens=batch * seq)]
+            BenchCase(f"step cost, ALTER vs asym_lora {what} [{batch}x{seq}]", "train_step",
+                      ("asym_lora", "alter", "alter-sequence"), method_cost, tokens=batch * seq)]
 
 
 def _inference_cases(device: torch.device, quick: bool) -> list[BenchCase]:

@@ -153,17 +153,14 @@ class AsymLoRAParameters(FullParameters):
     def setup(self, model, config) -> torch.optim.Optimizer:
         apply_alter(model, config)
         groups = adapter_parameters(model)
-        if not self.trains_routers:
-            for param in groups.pop("router"):
+        param_groups = [{"params": groups["A"], "lr": config.lr_A}, {"params": groups["B"], "lr": config.lr_B}]
+        if self.trains_routers:
+            router_lr = config.lr_B if self.args.router_lr is None else self.args.router_lr
+            param_groups.append({"params": groups["router"], "lr": router_lr})
+        else:  # the sequence route gates: the routers stay as they are
+            for param in groups["router"]:
                 param.requires_grad_(False)
-            return torch.optim.AdamW([{"params": groups["A"], "lr": config.lr_A},
-                                      {"params": groups["B"], "lr": config.lr_B}], weight_decay=0.0)
-        router_lr = self.args.router_lr
-        return torch.optim.AdamW(
-            [{"params": groups["A"], "lr": config.lr_A}, {"params": groups["B"], "lr": config.lr_B},
-             {"params": groups["router"], "lr": config.lr_B if router_lr is None else router_lr}],
-            weight_decay=0.0,
-        )
+        return torch.optim.AdamW(param_groups, weight_decay=0.0)
 
     def attach(self, model) -> None:
         self.model = model
@@ -194,8 +191,12 @@ class AsymLoRAParameters(FullParameters):
             raise ValueError(f"params={self.name!r}: say whether the batch is the forget batch "
                              "(logits(model, batch, forget=True/False))")
         frozen = [RETENTION_EXPERT] if forget and self.router_routes else []
-        with forced_route(self.model, batch["expert"], gate=not self.router_routes), \
-                precomputed_entropy(self.model, batch["entropy"]), frozen_adapters(self.model, frozen):
+        # Under router routes the forced experts are only the routing loss's targets: with no
+        # router to train (the sequence route), the layers need not record their logits.
+        targets_only = self.router_routes and not self.trains_routers
+        route = contextlib.nullcontext() if targets_only else forced_route(self.model, batch["expert"],
+                                                                             gate=not self.router_routes)
+        with route, precomputed_entropy(self.model, batch["entropy"]), frozen_adapters(self.model, frozen):
             yield
 
     @contextlib.contextmanager

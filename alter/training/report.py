@@ -19,6 +19,14 @@ from alter.training.schedule import LabelScores, label_scores
 from alter_kernels import route
 
 
+def forget_expert_weight(router_logits: torch.Tensor, entropy: torch.Tensor, config) -> torch.Tensor:
+    """The routing weight a router gives the forget experts (1..N-1), gating on its own as
+    at inference: router_logits [T, N], entropy [T] -> [T] float32."""
+    weights, experts = route(router_logits, entropy, config.entropy_threshold, config.tau_high, config.tau_low,
+                             config.k_high, config.k_low, backend=config.backend)
+    return (weights * (experts > RETENTION_EXPERT)).sum(-1).float()
+
+
 def layer_routing_shares(model, examples: list[dict], pad_id: int, batch_size: int) -> dict[str, float]:
     """Per patched layer (its module name, in the model's order): the share of the routing
     weight that its router, gating on its own (as at inference, base-model entropy from
@@ -33,9 +41,7 @@ def layer_routing_shares(model, examples: list[dict], pad_id: int, batch_size: i
 
     def hook_of(name):
         def hook(router, inputs, logits):
-            weights, experts = route(logits, inputs[1], config.entropy_threshold, config.tau_high, config.tau_low,
-                                     config.k_high, config.k_low, backend=config.backend)
-            shares[name] = (weights * (experts > RETENTION_EXPERT)).sum(-1).float()
+            shares[name] = forget_expert_weight(logits, inputs[1], config)
         return hook
 
     handles = [] if sequence else [layer.router.register_forward_hook(hook_of(name)) for name, layer in layers.items()]
