@@ -40,11 +40,9 @@ from alter.adapters.layers import AlterRouter
 from alter.config import AlterConfig
 from alter.data import format_qa
 from alter.data.scenarios import DEVELOPMENT, HELD_OUT, build_scenario, fact_token_mask, model_text
-from alter.methods.params import RETENTION_EXPERT
-from alter.quality import MEMORIZE, fact_accuracy, memorize
-from alter.training.finetune import finetune
+from alter.quality import fact_accuracy, memorize
+from alter.training.report import forget_expert_weight
 from alter.training.loop import unlearn
-from alter_kernels import route
 
 SCENARIOS = {s.name: s for s in DEVELOPMENT + HELD_OUT}
 KINDS = ("before", "entity", "after", "fact")  # position types, see row_positions
@@ -215,9 +213,7 @@ def router_shares(model, tokenizer, rows: dict) -> dict:
 
     def hook_for(name):
         def hook(router, inputs, logits):
-            weights, experts = route(logits, inputs[1], config.entropy_threshold, config.tau_high, config.tau_low,
-                                     config.k_high, config.k_low, backend=config.backend)
-            record[name] = (weights * (experts > RETENTION_EXPERT)).sum(-1).float()
+            record[name] = forget_expert_weight(logits, inputs[1], config)
         return hook
 
     short = {name: f"L{name.split('layers.')[1].split('.')[0]}.{name.rsplit('.', 1)[1]}" for name in layers}
@@ -447,16 +443,23 @@ def _accuracies(model, tok, rows) -> dict:
             "forget_labelled_acc": labelled_accuracy(model, tok, rows["forget"])}
 
 
-def study(name: str, seed: int, variants=tuple(VARIANTS)) -> dict:
+def target_and_oracle(name: str, seed: int):
+    """(scenario, built scenario, target, oracle) of a pair, memorized as ``alter quality``
+    memorizes them (:func:`alter.quality.memorize`: the target on every phrasing's rows, the
+    oracle on the retained ones, same initialization and seed); one thread."""
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     scenario = SCENARIOS[name]
     built = build_scenario(scenario, seed)
-    tok, rows = built["tokenizer"], built["rows"]
     init = copy.deepcopy(built["model"])
-    target = memorize(built, scenario, seed)
-    oracle = finetune(init, tok, built["retain"], epochs=scenario.memorize_epochs, seed=seed, progress=False,
-                      **MEMORIZE)
+    target = memorize(built["model"], built["tokenizer"], built["memorize"], scenario, seed)
+    oracle = memorize(init, built["tokenizer"], built["oracle"], scenario, seed)
+    return scenario, built, target, oracle
+
+
+def study(name: str, seed: int, variants=tuple(VARIANTS)) -> dict:
+    scenario, built, target, oracle = target_and_oracle(name, seed)
+    tok, rows = built["tokenizer"], built["rows"]
     qa_or_text = scenario.format != "bio"
     pool = rows["retain"] + rows["forget"]
     result = {"scenario": name, "seed": seed, "positions": position_shares(tok, rows),
@@ -524,15 +527,8 @@ def stop_study(name: str, seed: int, steps: int = 40, probe_layer: int | None = 
     facts' fact accuracy and value log-probability, against the oracle's and against the
     never-seen-entity level of the target (:func:`value_logprob` with ``unknown_entity``).
     ``probe_layer``: route by :class:`ProbeRouting` on that hidden layer instead of the rule."""
-    torch.set_num_threads(1)
-    warnings.simplefilter("ignore")
-    scenario = SCENARIOS[name]
-    built = build_scenario(scenario, seed)
+    scenario, built, target, oracle = target_and_oracle(name, seed)
     tok, rows = built["tokenizer"], built["rows"]
-    init = copy.deepcopy(built["model"])
-    target = memorize(built, scenario, seed)
-    oracle = finetune(init, tok, built["retain"], epochs=scenario.memorize_epochs, seed=seed, progress=False,
-                      **MEMORIZE)
     result = {"scenario": name, "seed": seed,
               "target": {**_accuracies(target, tok, rows), "value_logprob": value_logprob(target, tok, rows["forget"]),
                          "unknown_entity_logprob": value_logprob(target, tok, rows["forget"], True)},
