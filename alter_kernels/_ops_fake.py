@@ -48,3 +48,9 @@ def _moe_align(experts, num_experts, block_m):
     block_expert = experts.new_empty(max_blocks, dtype=torch.int32)
     num_padded = experts.new_empty(1, dtype=torch.int32)
     return sorted_ids, block_expert, num_padded
+
+
+@torch.library.register_fake("alter_kernels::gated_asym_lora_")
+def _gated_asym_lora_(out, x, stacked, entropy_weight, entropy, expand, num_experts, threshold, tau_high, tau_low,
+                      k_high, k_low, experts):
+    return None  # adds into out in place

@@ -88,10 +88,16 @@ def _dense_gate(weights: torch.Tensor, experts: torch.Tensor, num_experts: int, 
     )
 
 
-def _b_cat(B: torch.Tensor) -> torch.Tensor:
+def b_cat(B: torch.Tensor) -> torch.Tensor:
     """B_cat [d, N·r]: the experts' B [N, d, r] laid side by side (column e·r + j = B[e, :, j])."""
     N, d, r = B.shape
     return B.permute(1, 0, 2).reshape(d, N * r)
+
+
+def gated_rank(gate: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """G ⊗ h [T, N·r] from the dense gate G [T, N] and h = x A^T [T, r] (one dtype):
+    column e·r + j holds G[t, e]·h[t, j], so that its product with B_cat^T is the expand."""
+    return (gate[:, :, None] * h[:, None, :]).reshape(h.shape[0], -1)
 
 
 def asym_lora_eager_dense(x, A, B, weights, experts, scaling, a_grad_mask=None):
@@ -101,12 +107,9 @@ def asym_lora_eager_dense(x, A, B, weights, experts, scaling, a_grad_mask=None):
     expand is one GEMM of rank N·r: delta = s · (G ⊗ h) [T, N·r] @ B_cat^T with
     B_cat [d, N·r] = B laid side by side. No host syncs; memory O(T·N·r).
     """
-    T = experts.shape[0]
-    N, _, r = B.shape
     h = asym_lora_shrink(x, A, a_grad_mask)
-    gate = _dense_gate(weights, experts, N, x.dtype)
-    gated_h = (gate[:, :, None] * h[:, None, :]).reshape(T, N * r)
-    return scaling * (gated_h @ _b_cat(B).t())
+    gate = _dense_gate(weights, experts, B.shape[0], x.dtype)
+    return scaling * (gated_rank(gate, h) @ b_cat(B).t())
 
 
 # --------------------------------------------------------------------------- triton
@@ -282,7 +285,7 @@ class AsymLoRATriton(torch.autograd.Function):
         gate = _dense_gate(weights, experts, N, acc)
         grad_x = grad_A = grad_B = grad_weights = None
         if need_x or need_A or need_weights:
-            projected = (grad_out @ _b_cat(B)).view(T, N, r).to(acc)  # P
+            projected = (grad_out @ b_cat(B)).view(T, N, r).to(acc)  # P
             if need_weights:
                 grad_gate = s * (projected * h.to(acc)[:, None, :]).sum(dim=2)
                 grad_weights = torch.where(

@@ -70,6 +70,26 @@ def route_eager(router_logits, entropy, threshold, tau_high, tau_low, k_high, k_
     return weights, experts
 
 
+def router_logits_with_entropy(projected: torch.Tensor, entropy: torch.Tensor,
+                               entropy_weight: torch.Tensor) -> torch.Tensor:
+    """Router logits ``l_t = W_g x_t + S_t·u`` [T, N] from ``projected`` = W_g x [T, N]
+    (any float dtype), entropy S [T] and u [N]: upcast to at least float32, because
+    low-entropy routing divides them by tau_low = 0.01."""
+    logits = projected.to(_route_compute_dtype(projected.dtype))
+    return torch.addcmul(logits, entropy[:, None].to(logits.dtype), entropy_weight.to(logits.dtype))
+
+
+def route_constants(entropy: torch.Tensor, threshold: float, tau_high: float, tau_low: float, k_high: int,
+                    k_low: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(k [T, 1] int64, tau [T, 1] ``dtype``): each token's number of kept experts and its
+    temperature, from its entropy [T] (high iff ``entropy > threshold``), for :func:`dense_gate`."""
+    high = (entropy > threshold)[:, None]
+    k = torch.where(high, k_high, k_low)
+    # tau from Python floats in the logits' dtype, as route builds it (no host-to-device copy)
+    tau = torch.full(high.shape, tau_low, dtype=dtype, device=entropy.device).masked_fill_(high, tau_high)
+    return k, tau
+
+
 def dense_gate(router_logits: torch.Tensor, k: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     """The gate of ``alter_kernels.route`` as a dense matrix G [T, N] in the logits' dtype:
     G[t, e] = the weight ``route`` gives expert e for token t, 0 when e is not kept.

@@ -1,5 +1,5 @@
 // alter_kernels._C: the op schemas (TORCH_LIBRARY) and the Python module that loading the
-// library needs. Kernels live in logits_cpu.cpp, moe_align_cpu.cpp and, when built with
+// library needs. Kernels live in logits_cpu.cpp, moe_align_cpu.cpp, gated_asym_lora_cpu.cpp and, when built with
 // CUDA, cuda_ops.cpp. Fake (meta) kernels for torch.compile are in alter_kernels/_ops_fake.py.
 #include <Python.h>
 #include <torch/library.h>
@@ -24,6 +24,11 @@ TORCH_LIBRARY(alter_kernels, m) {
       "ihl_backward(Tensor grad_loss, Tensor logits, Tensor labels, Tensor row_max, Tensor log_sum, "
       "Tensor runner_up, int ignore_index) -> Tensor");
   m.def("moe_align(Tensor experts, int num_experts, int block_m) -> (Tensor, Tensor, Tensor)");
+  // out += the routed AsymLoRA delta of x (inference): stacked = [W_g; A], expand = s·B_cat^T.
+  m.def(
+      "gated_asym_lora_(Tensor(a!) out, Tensor x, Tensor stacked, Tensor entropy_weight, Tensor entropy, "
+      "Tensor expand, int num_experts, float threshold, float tau_high, float tau_low, int k_high, int k_low, "
+      "Tensor? experts) -> ()");
 }
 
 static PyModuleDef alter_kernels_c_module = {

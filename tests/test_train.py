@@ -242,7 +242,8 @@ def test_routing_pass_gates_like_inference_and_trains_only_the_routers(data, tok
             assert router_loss(model).item() > 0
         with forced_route(model, [1, 2]):
             forced = model(input_ids=ids).logits
-    torch.testing.assert_close(targets_only, gated, rtol=0, atol=0)
+    # float32 tolerance: without a forced route a no-grad call runs the fused gated_asym_lora op
+    torch.testing.assert_close(targets_only, gated)
     assert not torch.allclose(forced, gated)  # a forced route is another function
     with pytest.raises(TypeError, match="gate must be a bool"):
         with forced_route(model, [1, 2], gate="no"):

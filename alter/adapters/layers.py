@@ -20,8 +20,9 @@ from torch import nn
 from alter.config import AlterConfig
 from alter.adapters.state import CallState, EntropyTracker
 from alter_kernels import asym_lora, route
-from alter_kernels.asym_lora import asym_lora_shrink
-from alter_kernels.routing import dense_gate
+from alter_kernels.asym_lora import asym_lora_shrink, b_cat, gated_rank
+from alter_kernels.gated_asym_lora import gated_asym_lora
+from alter_kernels.routing import dense_gate, route_constants, router_logits_with_entropy
 
 # Tokens per call up to which a layer runs every expert densely on any device (decode).
 DENSE_TOKENS = 16
@@ -47,9 +48,8 @@ class AlterRouter(nn.Module):
         [T, N] when the caller computed it (fused with the adapter's shrink), so that the
         router still runs as a module (its hooks see every call).
         """
-        logits = F.linear(x, self.weight.to(x.dtype)) if projected is None else projected
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        return torch.addcmul(logits, entropy[:, None].to(logits.dtype), self.entropy_weight.to(logits.dtype))
+        projected = F.linear(x, self.weight.to(x.dtype)) if projected is None else projected
+        return router_logits_with_entropy(projected, entropy, self.entropy_weight)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, num_experts={self.num_experts}"
@@ -111,15 +111,18 @@ class AsymLoRALinear(nn.Module):
         tokens = x.reshape(-1, self.in_features)
         num_tokens = tokens.shape[0]
         entropy = tracker.token_entropy(state, num_tokens, x.device)
+        # The delta goes straight into the base output (the output is written once),
+        # unless autocast gave the base output another dtype than x.
+        into_result = result.dtype == x.dtype and result.is_contiguous()
+        if state.forced_experts is None and self._fused_inference() and dense_path(config, num_tokens, x.device):
+            gating = tracker.token_route(state, num_tokens, x.device)
+            return self._add_fused_delta(result, tokens, entropy, gating, into_result)
         forced = tracker.token_experts(state, num_tokens, x.device)
         # The experts that gate: forced ones, else the sequence route, else the router's.
         gating = forced if forced is not None and state.gate_forced else tracker.token_route(state, num_tokens, x.device)
         a_grad_mask = None
         if self.training and config.a_learns_from_high_entropy_only:
             a_grad_mask = entropy > config.entropy_threshold
-        # The delta goes straight into the base output (the output is written once),
-        # unless autocast gave the base output another dtype than x.
-        into_result = result.dtype == x.dtype and result.is_contiguous()
         lora_A, lora_B = self.lora_A, self.lora_B
         if state.adapters_frozen:
             lora_A, lora_B = _zero_gradient(lora_A), _zero_gradient(lora_B)
@@ -196,8 +199,33 @@ class AsymLoRALinear(nn.Module):
             gate = F.one_hot(gating.long(), N).to(dtype)
         if b_t is None:
             gate = gate * self.scaling
-            b_t = _experts_side_by_side(lora_B.to(dtype)).t()
-        return (gate[:, :, None] * h[:, None, :]).reshape(-1, N * self.r), b_t
+            b_t = b_cat(lora_B.to(dtype)).t()
+        return gated_rank(gate, h), b_t
+
+    def _fused_inference(self) -> bool:
+        """Whether a call without a forced route may run the dense path as one
+        :func:`gated_asym_lora` call: without autograd (A's entropy mask only shapes
+        gradients), not in a compiled graph (it cannot read the kept weights' keys), no
+        dropout in use, and no hook on the router to see its logits."""
+        router = self.router
+        dropout = self.training and not isinstance(self.dropout, nn.Identity)
+        return (not torch.is_grad_enabled() and not dropout and not torch.compiler.is_compiling()
+                and not router._forward_hooks and not router._forward_pre_hooks)
+
+    def _add_fused_delta(self, result, tokens, entropy, gating, into_result):
+        """``result`` + the adapter's delta by :func:`gated_asym_lora` (its inputs are right
+        by construction: unchecked, no host sync)."""
+        num_tokens, config = tokens.shape[0], self.tracker.config
+        stacked, expand = self._inference_weights(tokens.dtype)
+        delta = result.view(num_tokens, self.out_features) if into_result else tokens.new_zeros(
+            num_tokens, self.out_features)
+        threshold, tau_high, tau_low, k_high, k_low = route_settings(config)
+        gated_asym_lora(delta, tokens, stacked, self.router.entropy_weight, entropy, expand, self.num_experts,
+                        threshold=threshold, tau_high=tau_high, tau_low=tau_low, k_high=k_high, k_low=k_low,
+                        experts=gating, check_inputs=False)
+        if into_result:
+            return result
+        return result + delta.reshape(*result.shape[:-1], self.out_features).to(result.dtype)
 
     def _inference_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(W_g over A [N + r, in], s·B_cat^T [N·r, out]) in ``dtype``, for calls without
@@ -210,7 +238,7 @@ class AsymLoRALinear(nn.Module):
         if cached is None or cached[0] != key:
             with torch.no_grad():
                 stacked = torch.cat([self.router.weight.to(dtype), self.lora_A.to(dtype)])
-                b_t = (_experts_side_by_side(self.lora_B.to(dtype)) * self.scaling).t()
+                b_t = (b_cat(self.lora_B.to(dtype)) * self.scaling).t()
             # the detached aliases keep the parameters' storage alive: a data_ptr in the key
             # cannot be reused by another tensor while the cache holds it
             cached = (key, stacked, b_t.contiguous(), [p.detach() for p in params])
@@ -241,18 +269,14 @@ def routing_constants(state: CallState, entropy: torch.Tensor, config: AlterConf
     key = (entropy.device, dtype, entropy.numel())
     constants = state.routing.get(key)
     if constants is None:
-        high = (entropy > config.entropy_threshold)[:, None]
-        k = torch.where(high, config.k_high, config.k_low)
-        # tau from Python floats in the logits' dtype, as route builds it (no host-to-device copy)
-        tau = torch.full(high.shape, config.tau_low, dtype=dtype, device=entropy.device).masked_fill_(high, config.tau_high)
-        constants = state.routing[key] = (k, tau)
+        constants = state.routing[key] = route_constants(entropy, *route_settings(config), dtype)
     return constants
 
 
-def _experts_side_by_side(lora_B: torch.Tensor) -> torch.Tensor:
-    """B [N, out, r] as [out, N·r], expert i in columns i·r..(i+1)·r-1: the layout whose
-    product with G ⊗ h [T, N·r] is the dense path's delta."""
-    return lora_B.permute(1, 0, 2).reshape(lora_B.shape[1], -1)
+def route_settings(config: AlterConfig) -> tuple[float, float, float, int, int]:
+    """(threshold, tau_high, tau_low, k_high, k_low): the config's routing, in the order
+    the routing ops take it."""
+    return config.entropy_threshold, config.tau_high, config.tau_low, config.k_high, config.k_low
 
 
 def _zero_gradient(weight: torch.Tensor, rows: tuple[int, ...] | None = None) -> torch.Tensor:
