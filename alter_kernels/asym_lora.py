@@ -202,21 +202,26 @@ def _gpu_arch(device: torch.device) -> int | None:
     return 10 * major + minor
 
 
-def expand_config(device: torch.device, dtype: torch.dtype, T: int, d: int, nr: int) -> dict:
-    """Launch meta-parameters of the expand kernel for T tokens, d features and K = N·r.
-
-    Dtypes: on a GPU half tiles go to tensor cores as they are (fp32 accumulation) and
-    fp32 tiles use exact fp32 products ("ieee", as torch's default matmul); the
-    interpreter's bf16/fp16 dot is unreliable, so there tiles are cast to fp32. float64
-    stays float64.
-    """
-    arch = _gpu_arch(device)
+def dot_dtypes(device: torch.device, dtype: torch.dtype) -> dict:
+    """The ``tl.dot`` operand and accumulator dtypes and precision for ``dtype`` tiles:
+    on a GPU half tiles go to tensor cores as they are (fp32 accumulation) and fp32
+    tiles use exact fp32 products ("ieee", as torch's default matmul); the interpreter's
+    bf16/fp16 dot is unreliable, so there tiles are cast to fp32. float64 stays float64."""
     if dtype == torch.float64:
         dot_dtype, acc_dtype = tl.float64, tl.float64
-    elif arch is None or dtype == torch.float32:
+    elif _gpu_arch(device) is None or dtype == torch.float32:
         dot_dtype, acc_dtype = tl.float32, tl.float32
     else:
         dot_dtype, acc_dtype = (tl.bfloat16 if dtype == torch.bfloat16 else tl.float16), tl.float32
+    return dict(DOT_DTYPE=dot_dtype, DOT_PRECISION="ieee" if dot_dtype == tl.float32 else "tf32", ACC_DTYPE=acc_dtype)
+
+
+def expand_config(device: torch.device, dtype: torch.dtype, T: int, d: int, nr: int) -> dict:
+    """Launch meta-parameters of the expand kernel for T tokens, d features and K = N·r
+    (the dtypes: :func:`dot_dtypes`)."""
+    arch = _gpu_arch(device)
+    dots = dot_dtypes(device, dtype)
+    dot_dtype = dots["DOT_DTYPE"]
     if arch is None:
         table = EXPAND_TILES["interpret"]
     elif dot_dtype in (tl.float32, tl.float64):
@@ -229,8 +234,7 @@ def expand_config(device: torch.device, dtype: torch.dtype, T: int, d: int, nr: 
     return dict(
         BLOCK_M=block_m, BLOCK_N=min(block_n, max(16, triton.next_power_of_2(d))),
         BLOCK_KR=min(block_kr, max(16, triton.next_power_of_2(nr))),  # tl.dot needs every dim >= 16
-        DOT_DTYPE=dot_dtype, DOT_PRECISION="ieee" if dot_dtype == tl.float32 else "tf32", ACC_DTYPE=acc_dtype,
-        num_warps=num_warps, num_stages=num_stages,
+        **dots, num_warps=num_warps, num_stages=num_stages,
     )
 
 

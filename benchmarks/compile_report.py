@@ -51,6 +51,7 @@ ASYM_LORA_SHAPES = (  # label, k, d; r 8, N 8, top-3 (Llama-3-8B projections)
 )
 ASYM_LORA_TOKENS = (8192, 1024, 32, 1)
 ROUTE_TOKENS = (8192, 1024, 32, 1)
+GATED_TOKENS = (16, 4, 1)  # the fused inference adapter: decode-sized calls
 R, NUM_EXPERTS, TOP_K = 8, 8, 3
 
 
@@ -168,14 +169,30 @@ def _asym_lora_cases(rec: _Recorder) -> None:
                 asym_lora.AsymLoRATriton.apply(x, A, B, weights, experts.contiguous(), 2.0, None, None)
 
 
-CASES = {"entropy": _entropy_cases, "ihl": _ihl_cases, "route": _route_cases, "asym_lora": _asym_lora_cases}
+def _gated_asym_lora_cases(rec: _Recorder) -> None:
+    import torch
+
+    gated = importlib.import_module("alter_kernels.gated_asym_lora")
+    for label, k, d in ASYM_LORA_SHAPES:
+        for T in GATED_TOKENS:
+            rec.case = f"gated AsymLoRA (decode) {label} T={T} {k}->{d} r={R} N={NUM_EXPERTS} top-{TOP_K} bf16"
+            x = torch.empty(T, k, dtype=torch.bfloat16)
+            stacked = torch.empty(NUM_EXPERTS + R, k, dtype=torch.bfloat16)
+            expand = torch.empty(NUM_EXPERTS * R, d, dtype=torch.bfloat16)
+            out = torch.empty(T, d, dtype=torch.bfloat16)
+            gated._launch_triton(out, x, stacked, torch.zeros(NUM_EXPERTS), torch.rand(T) * 3, expand, NUM_EXPERTS,
+                                 1.2, 0.8, 0.01, TOP_K, 1, None)
+
+
+CASES = {"entropy": _entropy_cases, "ihl": _ihl_cases, "route": _route_cases, "asym_lora": _asym_lora_cases,
+         "gated_asym_lora": _gated_asym_lora_cases}
 
 
 def _gpu_like_launch_config(arch: int) -> None:
     """Make the launchers pick the target GPU's tiles, as on a real one (on CPU tensors
     they would pick the interpreter's)."""
-    asym_lora = importlib.import_module("alter_kernels.asym_lora")  # the module, not the op of that name
-    asym_lora._gpu_arch = lambda device: arch
+    for module in ("alter_kernels.asym_lora", "alter_kernels.gated_asym_lora"):  # the modules, not the ops
+        importlib.import_module(module)._gpu_arch = lambda device: arch
 
 
 # ----------------------------------------------------------------------------------

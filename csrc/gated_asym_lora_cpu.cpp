@@ -80,10 +80,13 @@ void token_gates(const Tensor& shrunk, const Tensor& entropy_weight, const Tenso
   const opmath_t* u_data = u.const_data_ptr<opmath_t>();
   const Tensor entropy64 = entropy.to(at::kDouble).contiguous();  // exact for float32 and float64 entropy
   const double* ent = entropy64.const_data_ptr<double>();
+  const bool single = entropy.scalar_type() == at::kFloat;
   at::parallel_for(0, T, 256, [&](int64_t begin, int64_t end) {
     std::vector<opmath_t> logits(N);
     for (int64_t t = begin; t < end; ++t) {
-      const bool high = ent[t] > settings.threshold;
+      // compared in the entropy's dtype, as torch compares a tensor with a Python float
+      const bool high = single ? static_cast<float>(ent[t]) > static_cast<float>(settings.threshold)
+                               : ent[t] > settings.threshold;
       for (int64_t e = 0; e < N; ++e) {
         logits[e] = static_cast<opmath_t>(rows[t * width + e]) + static_cast<opmath_t>(ent[t]) * u_data[e];
       }
