@@ -110,13 +110,12 @@ class AsymLoRALinear(nn.Module):
         result = self.base_layer(x)
         tokens = x.reshape(-1, self.in_features)
         num_tokens = tokens.shape[0]
-        entropy = tracker.token_entropy(state, num_tokens, x.device)
         # The delta goes straight into the base output (the output is written once),
         # unless autocast gave the base output another dtype than x.
         into_result = result.dtype == x.dtype and result.is_contiguous()
         if state.forced_experts is None and self._fused_inference() and dense_path(config, num_tokens, x.device):
-            gating = tracker.token_route(state, num_tokens, x.device)
-            return self._add_fused_delta(result, tokens, entropy, gating, into_result)
+            return self._add_fused_delta(result, tokens, state, into_result)
+        entropy = tracker.token_entropy(state, num_tokens, x.device)
         forced = tracker.token_experts(state, num_tokens, x.device)
         # The experts that gate: forced ones, else the sequence route, else the router's.
         gating = forced if forced is not None and state.gate_forced else tracker.token_route(state, num_tokens, x.device)
@@ -212,14 +211,21 @@ class AsymLoRALinear(nn.Module):
         return (not torch.is_grad_enabled() and not dropout and not torch.compiler.is_compiling()
                 and not router._forward_hooks and not router._forward_pre_hooks)
 
-    def _add_fused_delta(self, result, tokens, entropy, gating, into_result):
+    def _add_fused_delta(self, result, tokens, state, into_result):
         """``result`` + the adapter's delta by :func:`gated_asym_lora` (its inputs are right
-        by construction: unchecked, no host sync)."""
-        num_tokens, config = tokens.shape[0], self.tracker.config
+        by construction: unchecked, no host sync). The tokens' entropy and sequence route
+        are looked up once per call (every layer of a decode step reads the same)."""
+        num_tokens, tracker = tokens.shape[0], self.tracker
+        key = ("tokens", tokens.device, num_tokens)
+        looked_up = state.routing.get(key)
+        if looked_up is None:
+            looked_up = state.routing[key] = (tracker.token_entropy(state, num_tokens, tokens.device),
+                                              tracker.token_route(state, num_tokens, tokens.device))
+        entropy, gating = looked_up
         stacked, expand = self._inference_weights(tokens.dtype)
         delta = result.view(num_tokens, self.out_features) if into_result else tokens.new_zeros(
             num_tokens, self.out_features)
-        threshold, tau_high, tau_low, k_high, k_low = route_settings(config)
+        threshold, tau_high, tau_low, k_high, k_low = route_settings(tracker.config)
         gated_asym_lora(delta, tokens, stacked, self.router.entropy_weight, entropy, expand, self.num_experts,
                         threshold=threshold, tau_high=tau_high, tau_low=tau_low, k_high=k_high, k_low=k_low,
                         experts=gating, check_inputs=False)
