@@ -8,6 +8,7 @@ from alter_kernels.entropy import fused_linear_entropy, tsallis_entropy
 from alter_kernels.gated_asym_lora import gated_asym_lora
 from alter_kernels.ihl import inverted_hinge_loss
 from alter_kernels.routing import moe_align, route
+from alter_kernels.token_losses import token_losses
 
 __all__ = [
     "BACKENDS",
@@ -19,6 +20,7 @@ __all__ = [
     "inverted_hinge_loss",
     "moe_align",
     "route",
+    "token_losses",
     "tsallis_entropy",
 ]
 __version__ = "0.1.0"

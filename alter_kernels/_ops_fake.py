@@ -54,3 +54,15 @@ def _moe_align(experts, num_experts, block_m):
 def _gated_asym_lora_(out, x, stacked, entropy_weight, entropy, expand, num_experts, threshold, tau_high, tau_low,
                       k_high, k_low, experts):
     return None  # adds into out in place
+
+
+@torch.library.register_fake("alter_kernels::token_losses_forward")
+def _token_losses_forward(logits, labels, q, threshold, high_entropy_weight, ignore_index):
+    loss, entropy, weight, row_max, log_sum, power_sum = (_token_vector(logits) for _ in range(6))
+    return loss, entropy, weight, row_max, log_sum, power_sum, _token_vector(logits, torch.int32)
+
+
+@torch.library.register_fake("alter_kernels::token_losses_backward")
+def _token_losses_backward(grad_nll, grad_ihl, grad_entropy, logits, labels, entropy, row_max, log_sum, power_sum,
+                           runner_up, q, ignore_index):
+    return _grad_like(logits)

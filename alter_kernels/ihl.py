@@ -299,6 +299,31 @@ def inverted_hinge_loss(
     in ``logits``; entropy [T] of the same dtype, detached.
     """
     op = "inverted_hinge_loss"
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{op}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    labels, q, threshold, high_entropy_weight, out_of_range = check_ihl_inputs(
+        op, logits, labels, q, threshold, high_entropy_weight, ignore_index, check_values)
+    backend = resolve_backend(op, backend, logits.device, ("eager", "triton", "cpp"))
+    if backend == "eager":
+        if check_values:
+            check_rows_finite_somewhere(op, logits)
+        loss, entropy, weight = inverted_hinge_loss_eager(logits, labels, q, threshold, high_entropy_weight, ignore_index)
+    else:
+        loss, entropy, weight = InvertedHingeLossFunction.apply(
+            rows_with_unit_stride(logits), labels.contiguous(), q, threshold, high_entropy_weight, ignore_index,
+            IHL_KERNELS[backend], check_values,
+        )
+        dtype = result_dtype(logits.dtype)
+        loss, entropy, weight = loss.to(dtype), entropy.to(dtype), weight.to(dtype)
+    if not check_values:
+        loss = loss.masked_fill(out_of_range, float("nan"))
+    return reduce_weighted(loss, weight, reduction), entropy
+
+
+def check_ihl_inputs(op, logits, labels, q, threshold, high_entropy_weight, ignore_index, check_values):
+    """The checks of :func:`inverted_hinge_loss`'s arguments; returns (labels as int64, q,
+    threshold, high_entropy_weight, the out-of-range labels [T] bool). With check_values
+    False an out-of-range label is replaced by ignore_index (never used as an index)."""
     check_logits(op, logits, ndim=2)
     check_tensor(op, "labels", labels, dtypes=INTEGER_DTYPES)
     T, V = logits.shape
@@ -316,8 +341,6 @@ def inverted_hinge_loss(
         raise ValueError(f"{op}: high_entropy_weight must be finite, got {high_entropy_weight}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"{op}: ignore_index must be an int, got {type(ignore_index).__name__}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"{op}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     labels = labels.long()
     out_of_range = (labels != ignore_index) & ((labels < 0) | (labels >= V))
     if check_values and bool(out_of_range.any()):
@@ -325,20 +348,6 @@ def inverted_hinge_loss(
         raise ValueError(
             f"{op}: labels must be in [0, {V}) or ignore_index={ignore_index}; labels[{bad}] = {int(labels[bad])}"
         )
-    if not check_values:  # never index with a bad label; its token's loss is NaN below
+    if not check_values:  # never index with a bad label; its token's loss is NaN
         labels = labels.masked_fill(out_of_range, ignore_index)
-    backend = resolve_backend(op, backend, logits.device, ("eager", "triton", "cpp"))
-    if backend == "eager":
-        if check_values:
-            check_rows_finite_somewhere(op, logits)
-        loss, entropy, weight = inverted_hinge_loss_eager(logits, labels, q, threshold, high_entropy_weight, ignore_index)
-    else:
-        loss, entropy, weight = InvertedHingeLossFunction.apply(
-            rows_with_unit_stride(logits), labels.contiguous(), q, threshold, high_entropy_weight, ignore_index,
-            IHL_KERNELS[backend], check_values,
-        )
-        dtype = result_dtype(logits.dtype)
-        loss, entropy, weight = loss.to(dtype), entropy.to(dtype), weight.to(dtype)
-    if not check_values:
-        loss = loss.masked_fill(out_of_range, float("nan"))
-    return reduce_weighted(loss, weight, reduction), entropy
+    return labels, q, threshold, high_entropy_weight, out_of_range

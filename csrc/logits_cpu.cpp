@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 
 #include "op_checks.h"
 #include "softmax_stats.h"
@@ -244,23 +245,32 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> entropy_forward(const Tensor& logits,
 
 // Tsallis: dS/dz_j = -q/(q-1) (p_j^q - p_j P_q), P_q saved by the forward.
 // Shannon: dH/dz_j = -p_j (log p_j + H).  p_j = e^{(z_j - m) - log s}; both times grad_entropy.
-// dz = scale * p (max(d, floor) + offset) (Shannon) or scale * (p^q - p * offset)
-// (Tsallis), with d = (z - m) - log s (z - m exact, see softmax_stats.h), p = e^d.
-ALTER_SIMD_CLONES void entropy_grad_chunk(const float* z, int64_t n, float m, float log_s, float scale, float offset,
-                                          float q, bool shannon, float* dz) {
+// A gradient row that is a combination of them and of p itself (IHL, NLL) is, with
+// d = (z - m) - log s (z - m exact, see softmax_stats.h) and p = e^d:
+//   Tsallis: dz = a p^q + b p;   Shannon: dz = p (a max(d, floor) + b).
+ALTER_SIMD_CLONES void softmax_terms_chunk(const float* z, int64_t n, float m, float log_s, float a, float b, float q,
+                                           bool shannon, float* dz) {
   if (shannon) {
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
       const float d = (z[i] - m) - log_s;
-      dz[i] = scale * exp_nonpositive(d) * (std::max(d, kExpFloor) + offset);
+      dz[i] = exp_nonpositive(d) * (a * std::max(d, kExpFloor) + b);
     }
   } else {
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
       const float d = (z[i] - m) - log_s;
-      dz[i] = scale * (exp_nonpositive(q * d) - exp_nonpositive(d) * offset);
+      dz[i] = a * exp_nonpositive(q * d) + b * exp_nonpositive(d);
     }
   }
+}
+
+// (a, b) of softmax_terms_chunk for grad_entropy g alone: Shannon -g p (d + H); Tsallis
+// -g q/(q-1) (p^q - p P_q).
+inline std::pair<float, float> entropy_terms(float g, float entropy, float power_sum, float q, bool shannon) {
+  if (shannon) return {-g, -g * entropy};
+  const float a = -g * q / (q - 1.0f);
+  return {a, -a * power_sum};
 }
 
 // Writes a gradient row chunk by chunk: fill_chunk(z, n, start, dz) computes dz[0, n) from
@@ -297,11 +307,9 @@ Tensor entropy_backward(const Tensor& grad_entropy, const Tensor& logits, const 
   const int64_t V = logits.size(1);
   Tensor grad_logits = logits_grad_output(logits);
   for_each_row(logits, grad_logits, [&](const auto* row, auto* grad_row, int64_t t) {
-    // Shannon: -g p (d + H); Tsallis: a (p^q - p P_q) with a = -g q/(q-1).
-    const float scale = shannon ? -grad[t] : -grad[t] * qf / (qf - 1.0f);
-    const float offset = shannon ? ent[t] : power_sum_in[t];
+    const auto [a, b] = entropy_terms(grad[t], ent[t], power_sum_in[t], qf, shannon);
     write_grad_row(row, V, grad_row, [&](const float* z, int64_t n, int64_t, float* dz) {
-      entropy_grad_chunk(z, n, max_in[t], log_sum_in[t], scale, offset, qf, shannon, dz);
+      softmax_terms_chunk(z, n, max_in[t], log_sum_in[t], a, b, qf, shannon, dz);
     });
   });
   return grad_logits;
@@ -313,11 +321,11 @@ Tensor entropy_backward(const Tensor& grad_entropy, const Tensor& logits, const 
 // loss = 1 + p_y - max_{v != y} p_v (0 for ignored tokens), entropy, max and log-sum of every row,
 // weight = 0 (ignored) | 1 (entropy <= threshold) | high_entropy_weight, and the runner-up
 // v* (int32, -1 for ignored tokens and when there is none) for the backward; all in one read.
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ihl_forward(const Tensor& logits, const Tensor& labels,
-                                                                       double q, double threshold,
-                                                                       double high_entropy_weight,
-                                                                       int64_t ignore_index) {
-  const char* op = "ihl_forward";
+// With power_sum defined, P_q of every row too (token_losses_forward: the entropy's backward).
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ihl_rows(const char* op, const Tensor& logits,
+                                                                    const Tensor& labels, double q, double threshold,
+                                                                    double high_entropy_weight, int64_t ignore_index,
+                                                                    const Tensor& power_sum) {
   check_logits(op, logits);
   check_q(op, q);
   const int64_t V = logits.size(1);
@@ -332,6 +340,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ihl_forward(const Ten
   float* max_out = row_max.mutable_data_ptr<float>();
   float* log_sum_out = log_sum.mutable_data_ptr<float>();
   int32_t* runner_up_out = runner_up.mutable_data_ptr<int32_t>();
+  float* power_sum_out = power_sum.defined() ? power_sum.mutable_data_ptr<float>() : nullptr;
   for_each_row(logits, Tensor(), [&](const auto* row, auto* /*no gradient*/, int64_t t) {
     const bool ignored = y[t] == ignore_index;
     RunnerUp other{y[t]};
@@ -341,6 +350,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ihl_forward(const Ten
     max_out[t] = static_cast<float>(st.m);  // a logit as float: exact
     log_sum_out[t] = static_cast<float>(st.log_sum());
     runner_up_out[t] = static_cast<int32_t>(other.index);  // V < 2^31
+    if (power_sum_out != nullptr) power_sum_out[t] = static_cast<float>(st.power_sum(shannon, q));
     if (ignored) {
       loss_out[t] = 0.0f;
       weight_out[t] = 0.0f;
@@ -352,6 +362,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ihl_forward(const Ten
     }
   });
   return {loss, entropy, weight, row_max, log_sum, runner_up};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ihl_forward(const Tensor& logits, const Tensor& labels,
+                                                                       double q, double threshold,
+                                                                       double high_entropy_weight,
+                                                                       int64_t ignore_index) {
+  return ihl_rows("ihl_forward", logits, labels, q, threshold, high_entropy_weight, ignore_index, Tensor());
 }
 
 // dL/dz_j = g (p_y (δ_jy - p_j) - p_v* (δ_jv* - p_j)) = g (p_v* - p_y) p_j + g p_y δ_jy - g p_v* δ_jv*,
@@ -397,9 +414,78 @@ Tensor ihl_backward(const Tensor& grad_loss, const Tensor& logits, const Tensor&
   return grad_logits;
 }
 
+// ---------------------------------------------------------------------------------------
+// token losses: the IHL, the NLL and the entropy of one logits tensor, forward in one read
+// and backward in one read and one write
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> token_losses_forward(
+    const Tensor& logits, const Tensor& labels, double q, double threshold, double high_entropy_weight,
+    int64_t ignore_index) {
+  check_logits("token_losses_forward", logits);
+  Tensor power_sum = token_output(logits);
+  auto [loss, entropy, weight, row_max, log_sum, runner_up] =
+      ihl_rows("token_losses_forward", logits, labels, q, threshold, high_entropy_weight, ignore_index, power_sum);
+  return {loss, entropy, weight, row_max, log_sum, power_sum, runner_up};
+}
+
+// dz = g_S dS/dz + g_I dL/dz + g_N dNLL/dz with dL/dz as ihl_backward and
+// dNLL/dz = p - δ_y: the entropy's terms (softmax_terms_chunk) with the IHL's and the NLL's
+// multiples of p added to b, then the corrections at y and v*. Ignored tokens: entropy only.
+Tensor token_losses_backward(const Tensor& grad_nll, const Tensor& grad_ihl, const Tensor& grad_entropy,
+                             const Tensor& logits, const Tensor& labels, const Tensor& entropy, const Tensor& row_max,
+                             const Tensor& log_sum, const Tensor& power_sum, const Tensor& runner_up, double q,
+                             int64_t ignore_index) {
+  const char* op = "token_losses_backward";
+  check_logits(op, logits);
+  check_q(op, q);
+  const Tensor nll_c = token_vector(op, "grad_nll", grad_nll, logits);
+  const Tensor ihl_c = token_vector(op, "grad_ihl", grad_ihl, logits);
+  const Tensor ent_grad_c = token_vector(op, "grad_entropy", grad_entropy, logits);
+  const Tensor entropy_c = token_vector(op, "entropy", entropy, logits);
+  const Tensor max_c = token_vector(op, "row_max", row_max, logits);
+  const Tensor log_sum_c = token_vector(op, "log_sum", log_sum, logits);
+  const Tensor power_sum_c = token_vector(op, "power_sum", power_sum, logits);
+  const Tensor labels_c = checked_labels(op, labels, logits, ignore_index);
+  const Tensor runner_up_c = checked_runner_up(op, runner_up, logits);
+  const float* g_nll = nll_c.const_data_ptr<float>();
+  const float* g_ihl = ihl_c.const_data_ptr<float>();
+  const float* g_ent = ent_grad_c.const_data_ptr<float>();
+  const float* ent = entropy_c.const_data_ptr<float>();
+  const float* max_in = max_c.const_data_ptr<float>();
+  const float* log_sum_in = log_sum_c.const_data_ptr<float>();
+  const float* power_sum_in = power_sum_c.const_data_ptr<float>();
+  const int64_t* y = labels_c.const_data_ptr<int64_t>();
+  const int32_t* v_star = runner_up_c.const_data_ptr<int32_t>();
+  const bool shannon = use_shannon(q);
+  const float qf = static_cast<float>(q);
+  const int64_t V = logits.size(1);
+  Tensor grad_logits = logits_grad_output(logits);
+  for_each_row(logits, grad_logits, [&](const auto* row, auto* grad_row, int64_t t) {
+    const float m = max_in[t], log_s = log_sum_in[t];
+    auto [a, b] = entropy_terms(g_ent[t], ent[t], power_sum_in[t], qf, shannon);
+    const int64_t label = y[t] == ignore_index ? -1 : y[t], other = label < 0 ? -1 : v_star[t];
+    float at_label = 0.0f, at_other = 0.0f;
+    if (label >= 0) {
+      const float p_y = std::exp((static_cast<float>(row[label]) - m) - log_s);
+      const float p_other = other >= 0 ? std::exp((static_cast<float>(row[other]) - m) - log_s) : 0.0f;
+      b += g_ihl[t] * (p_other - p_y) + g_nll[t];
+      at_label = g_ihl[t] * p_y - g_nll[t];
+      at_other = -g_ihl[t] * p_other;
+    }
+    write_grad_row(row, V, grad_row, [&](const float* z, int64_t n, int64_t start, float* dz) {
+      softmax_terms_chunk(z, n, m, log_s, a, b, qf, shannon, dz);
+      if (label >= start && label < start + n) dz[label - start] += at_label;
+      if (other >= start && other < start + n) dz[other - start] += at_other;
+    });
+  });
+  return grad_logits;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(alter_kernels, CPU, m) {
+  m.impl("token_losses_forward", &token_losses_forward);
+  m.impl("token_losses_backward", &token_losses_backward);
   m.impl("entropy_forward", &entropy_forward);
   m.impl("entropy_backward", &entropy_backward);
   m.impl("ihl_forward", &ihl_forward);

@@ -23,6 +23,16 @@ TORCH_LIBRARY(alter_kernels, m) {
   m.def(
       "ihl_backward(Tensor grad_loss, Tensor logits, Tensor labels, Tensor row_max, Tensor log_sum, "
       "Tensor runner_up, int ignore_index) -> Tensor");
+  // The IHL, NLL and entropy of one logits tensor (ihl_forward's outputs and P_q), and the
+  // gradient of any combination of the three in one pass.
+  m.def(
+      "token_losses_forward(Tensor logits, Tensor labels, float q, float threshold, float high_entropy_weight, "
+      "int ignore_index) -> (Tensor loss, Tensor entropy, Tensor weight, Tensor row_max, Tensor log_sum, "
+      "Tensor power_sum, Tensor runner_up)");
+  m.def(
+      "token_losses_backward(Tensor grad_nll, Tensor grad_ihl, Tensor grad_entropy, Tensor logits, Tensor labels, "
+      "Tensor entropy, Tensor row_max, Tensor log_sum, Tensor power_sum, Tensor runner_up, float q, "
+      "int ignore_index) -> Tensor");
   m.def("moe_align(Tensor experts, int num_experts, int block_m) -> (Tensor, Tensor, Tensor)");
   // out += the routed AsymLoRA delta of x (inference): stacked = [W_g; A], expand = s·B_cat^T.
   m.def(

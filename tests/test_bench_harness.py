@@ -121,7 +121,7 @@ def backend_calls(monkeypatch):
     """Every (op, backend) the dispatcher picks while the test runs."""
     calls = []
     # by module path: the package re-exports the op asym_lora under its module's name
-    for name in ("entropy", "ihl", "routing", "asym_lora"):
+    for name in ("entropy", "ihl", "routing", "asym_lora", "gated_asym_lora", "token_losses"):
         module = importlib.import_module(f"alter_kernels.{name}")
         original = module.resolve_backend
 
@@ -174,8 +174,8 @@ def test_step_cost_case_times_each_methods_own_step(monkeypatch):
 def test_train_step_eager_variant_runs_every_op_eagerly(backend_calls):
     _run_once(TRAIN_STEP, "eager", backend_calls)
     ops = {op for op, _ in backend_calls}
-    # the trainer's step: cached entropy (no prepass), IHL, structural term, layers, routers
-    assert {"inverted_hinge_loss", "tsallis_entropy", "asym_lora", "route"} <= ops
+    # the trainer's step: cached entropy (no prepass); IHL, NLL and structural term in one op; layers, routers
+    assert {"token_losses", "asym_lora", "route"} <= ops
     assert "fused_linear_entropy" not in ops
     assert {backend for _, backend in backend_calls} == {"eager"}
 
@@ -186,8 +186,7 @@ def test_train_step_kernels_variant_runs_the_logits_ops_in_the_extension(backend
         pytest.skip(f"cpp on cpu: {why}")
     _run_once(TRAIN_STEP, "kernels", backend_calls)
     chosen = dict(backend_calls)
-    assert chosen["tsallis_entropy"] == "cpp"
-    assert chosen["inverted_hinge_loss"] == "cpp"
+    assert chosen["token_losses"] == "cpp"
     # the layers take their dense path on the CPU (no grouped asym_lora, no route call)
     assert "asym_lora" not in chosen and "route" not in chosen
 

@@ -11,7 +11,10 @@ when ``config.a_learns_from_high_entropy_only`` (the paper's setting; off by def
 """
 from alter.methods import register
 from alter.methods.base import Method, labelled
-from alter.methods.losses import _high_entropy_tokens, structural_exact, structural_surrogate, token_nll
+from alter.methods.losses import (_high_entropy_tokens, entropy_drift, shift_labels, structural_exact,
+                                  structural_surrogate, token_nll)
+from alter_kernels import token_losses
+from alter_kernels.ihl import reduce_weighted
 
 
 @register
@@ -28,28 +31,53 @@ class Alter(Method):
         return {}  # the user's a_learns_from_high_entropy_only
 
     def structural(self, logits, batch):
-        """(structural term of a batch, the count of high-entropy tokens it is a mean over)."""
+        """The structural term of a batch, a mean over its high-entropy tokens."""
         cfg = self.config
         if self.args.structural == "exact":
-            term = structural_exact(logits, batch, cfg.tsallis_q, cfg.entropy_threshold, self.parameters.A)
-        else:
-            term = structural_surrogate(logits, batch, cfg.tsallis_q, cfg.entropy_threshold, cfg.backend)
-        return term, _high_entropy_tokens(batch, cfg.entropy_threshold).sum()
+            return structural_exact(logits, batch, cfg.tsallis_q, cfg.entropy_threshold, self.parameters.A)
+        return structural_surrogate(logits, batch, cfg.tsallis_q, cfg.entropy_threshold, cfg.backend)
 
     def loss(self, model, forget, retain):
         cfg = self.config
         loss, logs = 0.0, {}
         for batch, is_forget in ((forget, True), (retain, False)):
             logits = self.logits(model, batch, is_forget)
-            if is_forget:
-                term, count = self.ihl(logits, batch["labels"], cfg.high_entropy_weight)
-                loss = loss + cfg.beta * self.global_mean(term, count)
+            if self.in_one_pass(is_forget):
+                term, count, structure = self.terms_in_one_pass(logits, batch, is_forget)
             else:
-                term = token_nll(logits, batch["labels"])
-                loss = loss + cfg.gamma * self.global_mean(term, labelled(batch["labels"]))
+                if is_forget:
+                    term, count = self.ihl(logits, batch["labels"], cfg.high_entropy_weight)
+                else:
+                    term, count = token_nll(logits, batch["labels"]), labelled(batch["labels"])
+                structure = self.structural(logits, batch) if cfg.lam > 0 else None
+            loss = loss + (cfg.beta if is_forget else cfg.gamma) * self.global_mean(term, count)
             logs["forget" if is_forget else "retain"] = term.detach()
             if cfg.lam > 0:
-                structure, high = self.structural(logits, batch)
+                high = _high_entropy_tokens(batch, cfg.entropy_threshold).sum()
                 loss = loss + cfg.lam * self.global_mean(structure, high)
                 logs["structural"] = logs.get("structural", 0.0) + structure.detach()
         return loss, logs
+
+    def in_one_pass(self, is_forget: bool) -> bool:
+        """Whether a batch's loss term and structural surrogate come from one
+        ``token_losses`` call (one forward and one backward pass over its logits instead
+        of two and an add): with the surrogate, and the IHL as the forget loss."""
+        cfg = self.config
+        return (cfg.lam > 0 and self.args.structural != "exact"
+                and not (is_forget and cfg.forget_loss == "nll_ascent"))
+
+    def terms_in_one_pass(self, logits, batch, is_forget):
+        """(the batch's loss term, the count it is a mean over, its structural term) from
+        one ``token_losses`` call: the forget batch's weighted IHL mean or the retain
+        batch's NLL mean, and the entropy drift of every token."""
+        cfg = self.config
+        flat_logits, flat_labels = shift_labels(logits, batch["labels"])
+        losses = token_losses(flat_logits, flat_labels, cfg.tsallis_q, cfg.entropy_threshold, cfg.high_entropy_weight,
+                              backend=cfg.backend, nll=not is_forget, ihl=is_forget)
+        if is_forget:
+            term = reduce_weighted(losses.ihl, losses.weight, "mean")
+            count = None if self.reduce_sum is None else losses.weight.sum()
+        else:
+            count = labelled(batch["labels"])
+            term = losses.nll.sum() / count
+        return term, count, entropy_drift(losses.entropy.view(logits.shape[:-1]), batch, cfg.entropy_threshold)

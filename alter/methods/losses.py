@@ -40,8 +40,12 @@ def _high_entropy_tokens(batch: dict, threshold: float) -> torch.Tensor:
 
 def structural_surrogate(logits, batch: dict, q: float, threshold: float, backend=None) -> torch.Tensor:
     """``E_H[(S_q^adapted - S_q^base)^2]`` over the high-entropy tokens H of the batch."""
+    return entropy_drift(tsallis_entropy(logits, q, backend=backend), batch, threshold)
+
+
+def entropy_drift(adapted: torch.Tensor, batch: dict, threshold: float) -> torch.Tensor:
+    """:func:`structural_surrogate` from the adapted model's entropy [B, L]."""
     high = _high_entropy_tokens(batch, threshold)
-    adapted = tsallis_entropy(logits, q, backend=backend)
     # A masked mean, not [high].mean(): no host sync, and 0 when H is empty.
     return ((adapted - batch["entropy"]) ** 2 * high).sum() / high.sum().clamp_min(1)
 
