@@ -308,20 +308,30 @@ if triton is not None:
             tl.store(ptr + cols, value.to(ptr.dtype.element_ty))
 
     @triton.jit
+    def softmax_block(row_ptr, cols, V, m, log_s, MASKED: tl.constexpr):
+        """(log p, log2 p, p) of a block of a row's columns."""
+        # (z - m) - log s, not z - (m + log s): z - m is exact, m + log s is not
+        log_p = (load_logits(row_ptr, cols, V, MASKED) - m) - log_s
+        log2_p = log_p * LOG2E
+        return log_p, log2_p, exp2_ftz(log2_p)
+
+    @triton.jit
+    def entropy_grad_terms(log_p, log2_p, p, grad, entropy, power_sum, q, SHANNON: tl.constexpr):
+        """grad · dS/dz of a block from its softmax_block."""
+        if SHANNON:
+            # p == 0 (masked logit) contributes 0; 0 * log 0 would be nan.
+            return -grad * p * tl.where(p > 0, log_p + entropy, 0.0)
+        else:
+            return (-grad * q / (q - 1.0)) * (exp2_ftz(q * log2_p) - p * power_sum)
+
+    @triton.jit
     def entropy_grad_block(
         row_ptr, grad_row_ptr, cols, V, grad, entropy, m, log_s, power_sum, q, SHANNON: tl.constexpr, MASKED: tl.constexpr
     ):
         """grad · dS/dz of a block of a row's columns into its gradient row."""
-        # (z - m) - log s, not z - (m + log s): z - m is exact, m + log s is not
-        log_p = (load_logits(row_ptr, cols, V, MASKED) - m) - log_s
-        log2_p = log_p * LOG2E
-        p = exp2_ftz(log2_p)
-        if SHANNON:
-            # p == 0 (masked logit) contributes 0; 0 * log 0 would be nan.
-            d = -grad * p * tl.where(p > 0, log_p + entropy, 0.0)
-        else:
-            d = (-grad * q / (q - 1.0)) * (exp2_ftz(q * log2_p) - p * power_sum)
-        store_block(grad_row_ptr, cols, V, d, MASKED)
+        log_p, log2_p, p = softmax_block(row_ptr, cols, V, m, log_s, MASKED)
+        store_block(grad_row_ptr, cols, V, entropy_grad_terms(log_p, log2_p, p, grad, entropy, power_sum, q, SHANNON),
+                    MASKED)
 
     @triton.jit
     def _entropy_backward_kernel(

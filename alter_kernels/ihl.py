@@ -100,10 +100,11 @@ if triton is not None:
     @triton.jit
     def _ihl_forward_kernel(
         logits_ptr, logits_row_stride, labels_ptr,
-        loss_ptr, entropy_ptr, weight_ptr, row_max_ptr, log_sum_ptr, runner_up_ptr,
+        loss_ptr, entropy_ptr, weight_ptr, row_max_ptr, log_sum_ptr, runner_up_ptr, power_sum_ptr,
         V, q, threshold, high_entropy_weight, ignore_index,
-        SHANNON: tl.constexpr, BLOCK_V: tl.constexpr,
+        SHANNON: tl.constexpr, BLOCK_V: tl.constexpr, STORE_POWER_SUM: tl.constexpr,
     ):
+        """One row's IHL statistics; with STORE_POWER_SUM its P_q too (token_losses)."""
         row = tl.program_id(0).to(tl.int64)
         row_ptr = logits_ptr + row * logits_row_stride
         label = tl.load(labels_ptr + row)
@@ -125,7 +126,9 @@ if triton is not None:
             z = load_logits(row_ptr, full + offsets, V, MASKED=True)
             m, s, acc = online_entropy_update(z, m, s, acc, q, SHANNON)
             best, best_start = runner_up_update(z, offsets, full, label, best, best_start)
-        entropy, log_s, _ = entropy_from_stats(s, acc, q, SHANNON)
+        entropy, log_s, power_sum = entropy_from_stats(s, acc, q, SHANNON)
+        if STORE_POWER_SUM:
+            tl.store(power_sum_ptr + row, power_sum)
         # v*: the lowest column among the lanes holding the max (-1 when all are -inf)
         top = tl.max(best, axis=0)
         runner_up = tl.min(tl.where(best == top, tl.where(best_start < 0, -1, best_start + offsets), V), axis=0)
@@ -191,7 +194,8 @@ if triton is not None:
             )
 
 
-def _ihl_forward_triton(logits, labels, q, threshold, high_entropy_weight, ignore_index):
+def _ihl_forward_triton(logits, labels, q, threshold, high_entropy_weight, ignore_index, power_sum=None):
+    """The IHL's forward outputs; with ``power_sum`` (a [T] float32 tensor) P_q is stored in it."""
     T, V = logits.shape
     loss, entropy, weight, row_max, log_sum = (torch.empty(T, dtype=torch.float32, device=logits.device) for _ in range(5))
     runner_up = torch.empty(T, dtype=torch.int32, device=logits.device)
@@ -199,8 +203,8 @@ def _ihl_forward_triton(logits, labels, q, threshold, high_entropy_weight, ignor
         with device_guard(logits.device):
             _ihl_forward_kernel[(T,)](
                 logits, logits.stride(0), labels, loss, entropy, weight, row_max, log_sum, runner_up,
-                V, q, threshold, high_entropy_weight, ignore_index,
-                SHANNON=is_shannon(q), **row_kernel_config(V),
+                loss if power_sum is None else power_sum, V, q, threshold, high_entropy_weight, ignore_index,
+                SHANNON=is_shannon(q), STORE_POWER_SUM=power_sum is not None, **row_kernel_config(V),
             )
     return loss, entropy, weight, row_max, log_sum, runner_up
 

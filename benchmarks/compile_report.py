@@ -134,6 +134,23 @@ def _ihl_cases(rec: _Recorder) -> None:
         ihl._ihl_backward_triton(torch.empty_like(loss), logits, labels, row_max, log_sum, runner_up, -100)
 
 
+def _token_losses_cases(rec: _Recorder) -> None:
+    import torch
+
+    token_losses = importlib.import_module("alter_kernels.token_losses")  # the module, not the op of that name
+
+    T, V = LOGITS_SHAPE
+    logits = torch.empty(T, V, dtype=torch.bfloat16)
+    labels = torch.zeros(T, dtype=torch.long)
+    for q in (1.2, 1.0):
+        rec.case = f"token losses (NLL, IHL, entropy) [{T}, {V}] bf16 q={q}"
+        loss, entropy, _, row_max, log_sum, power_sum, runner_up = token_losses._token_losses_forward_triton(
+            logits, labels, q, 1.2, 0.1, -100)
+        grad = torch.empty_like(loss)
+        token_losses._token_losses_backward_triton(grad, grad, grad, logits, labels, entropy, row_max, log_sum,
+                                                   power_sum, runner_up, q, -100)
+
+
 def _route_cases(rec: _Recorder) -> None:
     import torch
 
@@ -184,8 +201,8 @@ def _gated_asym_lora_cases(rec: _Recorder) -> None:
                                  1.2, 0.8, 0.01, TOP_K, 1, None)
 
 
-CASES = {"entropy": _entropy_cases, "ihl": _ihl_cases, "route": _route_cases, "asym_lora": _asym_lora_cases,
-         "gated_asym_lora": _gated_asym_lora_cases}
+CASES = {"entropy": _entropy_cases, "ihl": _ihl_cases, "token_losses": _token_losses_cases, "route": _route_cases,
+         "asym_lora": _asym_lora_cases, "gated_asym_lora": _gated_asym_lora_cases}
 
 
 def _gpu_like_launch_config(arch: int) -> None:

@@ -387,13 +387,13 @@ def test_ihl_kernels_compile_for_hopper():
             "logits_ptr": "*" + data, "grad_logits_ptr": "*" + data, "labels_ptr": "*i64",
             "loss_ptr": "*fp32", "entropy_ptr": "*fp32", "weight_ptr": "*fp32", "row_max_ptr": "*fp32",
             "log_sum_ptr": "*fp32",
-            "runner_up_ptr": "*i32", "grad_loss_ptr": "*fp32",
+            "runner_up_ptr": "*i32", "grad_loss_ptr": "*fp32", "power_sum_ptr": "*fp32",
             "q": "fp32", "threshold": "fp32", "high_entropy_weight": "fp32",
         }
-        for shannon in (False, True):
+        for shannon, power_sum in ((False, False), (True, False), (False, True)):  # P_q stored: token_losses
             specs.append(dict(module="alter_kernels.ihl", kernel="_ihl_forward_kernel", signature=signature,
-                              constexprs={"BLOCK_V": block_v, "SHANNON": shannon}, num_warps=num_warps,
-                              ptx_contains="ex2.approx.ftz.f32"))
+                              constexprs={"BLOCK_V": block_v, "SHANNON": shannon, "STORE_POWER_SUM": power_sum},
+                              num_warps=num_warps, ptx_contains="ex2.approx.ftz.f32"))
         specs.append(dict(module="alter_kernels.ihl", kernel="_ihl_backward_kernel", signature=signature,
                           constexprs={"BLOCK_V": block_v}, num_warps=num_warps, ptx_contains="ex2.approx.ftz.f32"))
     assert_compiles_for_hopper(specs)

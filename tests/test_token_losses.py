@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from alter_kernels import token_losses
-from _reference import (assert_close, grid, log_softmax64, random_logits, reference_entropy, reference_entropy_grad,
+from alter_kernels.entropy import row_kernel_config
+from _reference import (assert_close, assert_compiles_for_hopper, grid, log_softmax64, random_logits, reference_entropy, reference_entropy_grad,
                         reference_ihl, strided_rows, threshold_between)
 from conftest import require_backend
 from conftest import test_devices as devices_under_test  # renamed: pytest would collect test_*
@@ -131,3 +132,19 @@ def test_a_loss_left_out(device, backend, left_out):
     want = reference(logits, labels, 1.2, 1.0, upstream)[4]
     scale = want.abs().max()
     assert_close(grad.cpu() / scale, want / scale, 0, 1e-5, "grad")
+
+
+def test_token_losses_backward_kernel_compiles_for_hopper():
+    """The combined backward lowered for sm_90 at a Llama-3 vocabulary's launch config."""
+    config = row_kernel_config(128256)
+    specs = []
+    for data in ("bf16", "fp16", "fp32"):
+        signature = {name: "*fp32" for name in ("grad_nll_ptr", "grad_ihl_ptr", "grad_entropy_ptr", "entropy_ptr",
+                                                "row_max_ptr", "log_sum_ptr", "power_sum_ptr")}
+        signature.update(logits_ptr="*" + data, grad_logits_ptr="*" + data, labels_ptr="*i64", runner_up_ptr="*i32",
+                         q="fp32")
+        for shannon in (False, True):
+            specs.append(dict(module="alter_kernels.token_losses", kernel="_token_losses_backward_kernel",
+                              signature=signature, constexprs={"BLOCK_V": config["BLOCK_V"], "SHANNON": shannon},
+                              num_warps=config["num_warps"], ptx_contains="ex2.approx.ftz.f32"))
+    assert_compiles_for_hopper(specs)
