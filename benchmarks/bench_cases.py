@@ -22,7 +22,8 @@ MODEL_GROUPS = ("train_step", "inference")
 DEFAULTS = AlterConfig()
 # Variants that are not a backend name: each case's baselines, the dispatcher's choice and the
 # methods of the step-cost case.
-NON_BACKEND_VARIANTS = ("linear", "loop", "eager_dense", "base", "kernels", "asym_lora", "alter", "alter-sequence")
+NON_BACKEND_VARIANTS = ("linear", "loop", "eager_dense", "base", "kernels", "asym_lora", "alter", "alter-sequence",
+                        "apart")
 
 
 @dataclass(frozen=True)
@@ -161,6 +162,65 @@ def _ihl_case(T: int, V: int, dtype, variants) -> BenchCase:
     )
 
 
+def _token_losses_case(T: int, V: int, dtype, variants) -> BenchCase:
+    """ALTER's loss terms of one batch, NLL + IHL + entropy drift, forward and backward:
+    ``token_losses`` on each backend, and ``apart``: the per-op kernels the dispatcher picks
+    (``inverted_hinge_loss``, ``tsallis_entropy``, ``F.cross_entropy``), as ALTER ran them
+    before ``token_losses``."""
+    from alter_kernels import inverted_hinge_loss, token_losses, tsallis_entropy
+
+    q, threshold = DEFAULTS.tsallis_q, DEFAULTS.entropy_threshold
+
+    def build(variant, device):
+        logits = _logits(T, V, dtype, device, True)
+        labels = torch.randint(0, V, (T,), device=device)
+        labels[::7] = -100
+        base_entropy = torch.rand(T, device=device) * 3
+
+        def step():
+            if variant == "apart":
+                ihl, _ = inverted_hinge_loss(logits, labels, q, threshold, high_entropy_weight=0.1)
+                nll = F.cross_entropy(logits.float(), labels)
+                entropy = tsallis_entropy(logits, q)
+            else:
+                losses = token_losses(logits, labels, q, threshold, 0.1, backend=variant)
+                ihl, nll, entropy = losses.ihl.mean(), losses.nll.mean(), losses.entropy
+            (ihl + nll + ((entropy - base_entropy) ** 2).mean()).backward()
+            _drop_grads(logits)
+
+        return step
+
+    elem = torch.finfo(dtype).bits // 8
+    return BenchCase(f"token_losses fwd+bwd [{T}x{V}] {_dtype_name(dtype)}", "token_losses", variants, build,
+                     bytes_moved=T * V * elem * 3)
+
+
+def _gated_asym_lora_case(T: int, k: int, d: int, r: int, N: int, dtype, variants) -> BenchCase:
+    """One adapted layer's routed delta without autograd at decode size (T tokens), into
+    the base output: ``gated_asym_lora`` on each backend."""
+    from alter_kernels import gated_asym_lora
+
+    def build(variant, device):
+        x = torch.randn(T, k, device=device).to(dtype)
+        stacked = (torch.randn(N + r, k, device=device) * 0.05).to(dtype)
+        expand = (torch.randn(N * r, d, device=device) * 0.05).to(dtype)
+        u = torch.randn(N, device=device)
+        entropy = torch.rand(T, device=device) * 3
+        out = torch.zeros(T, d, device=device, dtype=dtype)
+
+        def step():
+            with torch.no_grad():
+                gated_asym_lora(out, x, stacked, u, entropy, expand, N, threshold=DEFAULTS.entropy_threshold,
+                                tau_high=DEFAULTS.tau_high, tau_low=DEFAULTS.tau_low, k_high=DEFAULTS.k_high,
+                                k_low=DEFAULTS.k_low, backend=variant, check_inputs=False)
+
+        return step
+
+    elem = torch.finfo(dtype).bits // 8
+    return BenchCase(f"gated_asym_lora (decode) T={T} {k}->{d} r={r} N={N} {_dtype_name(dtype)}", "gated_asym_lora",
+                     variants, build, bytes_moved=((N + r) * k + N * r * d + 2 * T * d) * elem, tokens=T)
+
+
 def _route_case(T: int, N: int, variants) -> BenchCase:
     from alter_kernels import route
 
@@ -286,11 +346,13 @@ def op_cases(device: torch.device, quick: bool) -> list[BenchCase]:
             _entropy_case(T, V, torch.bfloat16, False, logits_variants),
             _entropy_case(T, V, torch.bfloat16, True, logits_variants),
             _ihl_case(T, V, torch.bfloat16, logits_variants),
+            _token_losses_case(T, V, torch.bfloat16, ("eager", "apart", "triton")),
             _fused_linear_entropy_case(T, 4096, V, torch.bfloat16, logits_variants),
             _route_case(8192, 8, ("eager", "triton")),
             _moe_align_case(8192, 3, 8, 64, ("eager", "cpp")),
             _asym_lora_case("MLP", 8192, 4096, 14336, 8, 8, 3, torch.bfloat16, layer_variants),
             _asym_lora_case("attention", 8192, 4096, 4096, 8, 8, 3, torch.bfloat16, layer_variants),
+            _gated_asym_lora_case(4, 4096, 14336, 8, 8, torch.bfloat16, ("eager", "triton")),
         ]
     cpu = ("eager", "cpp")
     shapes = [(512, 32000), (128, 128256)] if quick else [(4096, 32000), (1024, 128256)]
@@ -301,7 +363,10 @@ def op_cases(device: torch.device, quick: bool) -> list[BenchCase]:
             _entropy_case(T, V, torch.float32, True, cpu),
             _ihl_case(T, V, torch.float32, cpu),
         ]
+    T, V = shapes[0]
+    cases.append(_token_losses_case(T, V, torch.float32, ("eager", "apart", "cpp")))
     cases.append(_fused_linear_entropy_case(256 if quick else 1024, 256, 32000, torch.float32, cpu))
+    cases.append(_gated_asym_lora_case(4, 1024, 2816, 8, 8, torch.float32, cpu))
     cases.append(_moe_align_case(1024 if quick else 8192, 3, 8, 16, cpu))
     T, k, d = (256, 256, 512) if quick else (1024, 1024, 2816)
     cases.append(_asym_lora_case("MLP-like", T, k, d, 8, 8, 3, torch.float32, ("linear", "loop", "eager", "eager_dense")))
