@@ -51,7 +51,8 @@ compile_pid=$!
 budget=$(clamp $(( $(left) - 270 )) 30 150)
 echo "== kernel tests on CUDA, ${budget} s at most (log: $OUT/tests.log)"
 ALTER_TEST_CUDA=1 timeout -s INT -k 15 "$budget" $PY -m pytest -q -n 4 -p no:cacheprovider \
-  tests/test_entropy.py tests/test_ihl.py tests/test_routing.py tests/test_asym_lora.py tests/test_gated_asym_lora.py \
+  tests/test_entropy.py tests/test_ihl.py tests/test_token_losses.py tests/test_routing.py tests/test_asym_lora.py \
+  tests/test_gated_asym_lora.py \
   tests/test_cpp_extension.py \
   tests/test_cuda_graph.py > "$OUT/tests.log" 2>&1
 [ $? -eq 0 ] || status=1

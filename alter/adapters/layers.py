@@ -76,6 +76,12 @@ class AsymLoRALinear(nn.Module):
     was given to its tracker), in the token order of ``x.reshape(-1, in)``. In training mode, with
     ``config.a_learns_from_high_entropy_only``, lora_A learns only from tokens whose
     entropy exceeds ``config.entropy_threshold``.
+
+    Paths, under the dispatcher's choice (no backend named): on the CPU, and for calls of
+    <= ``DENSE_TOKENS`` tokens elsewhere, every expert runs densely with the top-k gate as
+    a mask (:func:`dense_path`); without autograd that is one :func:`gated_asym_lora` call
+    on weights laid out once (decode: one op per layer). Otherwise ``route`` and the grouped
+    ``asym_lora``.
     """
 
     def __init__(self, base_layer: nn.Linear, config: AlterConfig, tracker: EntropyTracker | None = None):
