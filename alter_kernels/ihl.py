@@ -145,6 +145,18 @@ if triton is not None:
         tl.store(runner_up_ptr + row, tl.where(ignored, -1, runner_up))
 
     @triton.jit
+    def target_and_runner_up_probs(row_ptr, label, ignored, runner_up, m, log_s):
+        """(p_y, p_v*) of a row from its saved statistics (p_v* = 0 without a runner-up)."""
+        # p = exp((z - m) - log s): z - m is exact (see the module docstring)
+        p_target = exp2_ftz(((tl.load(row_ptr + tl.where(ignored, 0, label)).to(tl.float32) - m) - log_s) * LOG2E)
+        p_runner_up = tl.where(
+            runner_up >= 0,
+            exp2_ftz(((tl.load(row_ptr + tl.maximum(runner_up, 0)).to(tl.float32) - m) - log_s) * LOG2E),
+            0.0,
+        )
+        return p_target, p_runner_up
+
+    @triton.jit
     def ihl_grad_block(
         row_ptr, grad_row_ptr, offsets, start, V, label, runner_up, grad, m, log_s, p_target, p_runner_up,
         MASKED: tl.constexpr,
@@ -172,13 +184,7 @@ if triton is not None:
         m = tl.load(row_max_ptr + row)
         log_s = tl.load(log_sum_ptr + row)
         grad = tl.where(ignored, 0.0, tl.load(grad_loss_ptr + row))
-        # p = exp((z - m) - log s): z - m is exact (see the module docstring)
-        p_target = exp2_ftz(((tl.load(row_ptr + tl.where(ignored, 0, label)).to(tl.float32) - m) - log_s) * LOG2E)
-        p_runner_up = tl.where(
-            runner_up >= 0,
-            exp2_ftz(((tl.load(row_ptr + tl.maximum(runner_up, 0)).to(tl.float32) - m) - log_s) * LOG2E),
-            0.0,
-        )
+        p_target, p_runner_up = target_and_runner_up_probs(row_ptr, label, ignored, runner_up, m, log_s)
         label = tl.where(ignored, -1, label).to(tl.int32)  # int32 compares, as in the forward
         offsets = tl.arange(0, BLOCK_V)
         full = V - V % BLOCK_V  # whole blocks unmasked, then the masked tail

@@ -71,7 +71,8 @@ def token_losses_eager(logits, labels, q, threshold, high_entropy_weight, ignore
 # --------------------------------------------------------------------------- triton
 
 if triton is not None:
-    from alter_kernels.entropy import LOG2E, entropy_grad_terms, exp2_ftz, softmax_block, store_block
+    from alter_kernels.entropy import entropy_grad_terms, softmax_block, store_block
+    from alter_kernels.ihl import target_and_runner_up_probs
 
     @triton.jit
     def token_losses_grad_block(
@@ -102,12 +103,7 @@ if triton is not None:
         log_s = tl.load(log_sum_ptr + row)
         g_ihl = tl.where(ignored, 0.0, tl.load(grad_ihl_ptr + row))
         g_nll = tl.where(ignored, 0.0, tl.load(grad_nll_ptr + row))
-        p_target = exp2_ftz(((tl.load(row_ptr + tl.where(ignored, 0, label)).to(tl.float32) - m) - log_s) * LOG2E)
-        p_runner_up = tl.where(
-            runner_up >= 0,
-            exp2_ftz(((tl.load(row_ptr + tl.maximum(runner_up, 0)).to(tl.float32) - m) - log_s) * LOG2E),
-            0.0,
-        )
+        p_target, p_runner_up = target_and_runner_up_probs(row_ptr, label, ignored, runner_up, m, log_s)
         linear = g_ihl * (p_runner_up - p_target) + g_nll
         at_label, at_runner_up = g_ihl * p_target - g_nll, -g_ihl * p_runner_up
         label = tl.where(ignored, -1, label).to(tl.int32)  # int32 compares, as in the forward

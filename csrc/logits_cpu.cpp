@@ -379,32 +379,46 @@ ALTER_SIMD_CLONES void scaled_softmax_chunk(const float* z, int64_t n, float m, 
   for (int64_t i = 0; i < n; ++i) dz[i] = scale * exp_nonpositive((z[i] - m) - log_s);
 }
 
+// What the IHL's backward reads of each row, checked and contiguous: the label, v*, and the
+// softmax statistics m and log s the forward saved.
+struct HingeRows {
+  Tensor labels, runner_up, row_max, log_sum;
+  HingeRows(const char* op, const Tensor& logits, const Tensor& labels_in, const Tensor& row_max_in,
+            const Tensor& log_sum_in, const Tensor& runner_up_in, int64_t ignore_index)
+      : labels(checked_labels(op, labels_in, logits, ignore_index)),
+        runner_up(checked_runner_up(op, runner_up_in, logits)),
+        row_max(token_vector(op, "row_max", row_max_in, logits)),
+        log_sum(token_vector(op, "log_sum", log_sum_in, logits)) {}
+  int64_t label(int64_t t) const { return labels.const_data_ptr<int64_t>()[t]; }
+  int64_t other(int64_t t) const { return runner_up.const_data_ptr<int32_t>()[t]; }
+  float m(int64_t t) const { return row_max.const_data_ptr<float>()[t]; }
+  float log_s(int64_t t) const { return log_sum.const_data_ptr<float>()[t]; }
+  // p_y and p_v* of row t (p_v* = 0 without a runner-up): exp((z - m) - log s), z - m exact
+  template <typename scalar_t>
+  std::pair<float, float> probs(const scalar_t* row, int64_t t, int64_t label, int64_t other) const {
+    const float p_y = std::exp((static_cast<float>(row[label]) - m(t)) - log_s(t));
+    return {p_y, other >= 0 ? std::exp((static_cast<float>(row[other]) - m(t)) - log_s(t)) : 0.0f};
+  }
+};
+
 Tensor ihl_backward(const Tensor& grad_loss, const Tensor& logits, const Tensor& labels, const Tensor& row_max,
                     const Tensor& log_sum, const Tensor& runner_up, int64_t ignore_index) {
   const char* op = "ihl_backward";
   check_logits(op, logits);
   const Tensor grad_c = token_vector(op, "grad_loss", grad_loss, logits);
-  const Tensor max_c = token_vector(op, "row_max", row_max, logits);
-  const Tensor log_sum_c = token_vector(op, "log_sum", log_sum, logits);
-  const Tensor labels_c = checked_labels(op, labels, logits, ignore_index);
-  const Tensor runner_up_c = checked_runner_up(op, runner_up, logits);
+  const HingeRows rows(op, logits, labels, row_max, log_sum, runner_up, ignore_index);
   const float* grad = grad_c.const_data_ptr<float>();
-  const float* max_in = max_c.const_data_ptr<float>();
-  const float* log_sum_in = log_sum_c.const_data_ptr<float>();
-  const int64_t* y = labels_c.const_data_ptr<int64_t>();
-  const int32_t* v_star = runner_up_c.const_data_ptr<int32_t>();
   const int64_t V = logits.size(1);
   Tensor grad_logits = logits_grad_output(logits);
   for_each_row(logits, grad_logits, [&](const auto* row, auto* grad_row, int64_t t) {
     using scalar_t = std::remove_pointer_t<decltype(grad_row)>;
-    const int64_t label = y[t], other = v_star[t];
+    const int64_t label = rows.label(t), other = rows.other(t);
     if (label == ignore_index) {
       std::fill(grad_row, grad_row + V, static_cast<scalar_t>(0));
       return;
     }
-    const float g = grad[t], m = max_in[t], log_s = log_sum_in[t];
-    const float p_y = std::exp((static_cast<float>(row[label]) - m) - log_s);
-    const float p_other = other >= 0 ? std::exp((static_cast<float>(row[other]) - m) - log_s) : 0.0f;
+    const float g = grad[t], m = rows.m(t), log_s = rows.log_s(t);
+    const auto [p_y, p_other] = rows.probs(row, t, label, other);
     write_grad_row(row, V, grad_row, [&](const float* z, int64_t n, int64_t start, float* dz) {
       scaled_softmax_chunk(z, n, m, log_s, g * (p_other - p_y), dz);
       if (label >= start && label < start + n) dz[label - start] += g * p_y;
@@ -442,32 +456,24 @@ Tensor token_losses_backward(const Tensor& grad_nll, const Tensor& grad_ihl, con
   const Tensor ihl_c = token_vector(op, "grad_ihl", grad_ihl, logits);
   const Tensor ent_grad_c = token_vector(op, "grad_entropy", grad_entropy, logits);
   const Tensor entropy_c = token_vector(op, "entropy", entropy, logits);
-  const Tensor max_c = token_vector(op, "row_max", row_max, logits);
-  const Tensor log_sum_c = token_vector(op, "log_sum", log_sum, logits);
   const Tensor power_sum_c = token_vector(op, "power_sum", power_sum, logits);
-  const Tensor labels_c = checked_labels(op, labels, logits, ignore_index);
-  const Tensor runner_up_c = checked_runner_up(op, runner_up, logits);
+  const HingeRows rows(op, logits, labels, row_max, log_sum, runner_up, ignore_index);
   const float* g_nll = nll_c.const_data_ptr<float>();
   const float* g_ihl = ihl_c.const_data_ptr<float>();
   const float* g_ent = ent_grad_c.const_data_ptr<float>();
   const float* ent = entropy_c.const_data_ptr<float>();
-  const float* max_in = max_c.const_data_ptr<float>();
-  const float* log_sum_in = log_sum_c.const_data_ptr<float>();
   const float* power_sum_in = power_sum_c.const_data_ptr<float>();
-  const int64_t* y = labels_c.const_data_ptr<int64_t>();
-  const int32_t* v_star = runner_up_c.const_data_ptr<int32_t>();
   const bool shannon = use_shannon(q);
   const float qf = static_cast<float>(q);
   const int64_t V = logits.size(1);
   Tensor grad_logits = logits_grad_output(logits);
   for_each_row(logits, grad_logits, [&](const auto* row, auto* grad_row, int64_t t) {
-    const float m = max_in[t], log_s = log_sum_in[t];
+    const float m = rows.m(t), log_s = rows.log_s(t);
     auto [a, b] = entropy_terms(g_ent[t], ent[t], power_sum_in[t], qf, shannon);
-    const int64_t label = y[t] == ignore_index ? -1 : y[t], other = label < 0 ? -1 : v_star[t];
+    const int64_t label = rows.label(t) == ignore_index ? -1 : rows.label(t), other = label < 0 ? -1 : rows.other(t);
     float at_label = 0.0f, at_other = 0.0f;
     if (label >= 0) {
-      const float p_y = std::exp((static_cast<float>(row[label]) - m) - log_s);
-      const float p_other = other >= 0 ? std::exp((static_cast<float>(row[other]) - m) - log_s) : 0.0f;
+      const auto [p_y, p_other] = rows.probs(row, t, label, other);
       b += g_ihl[t] * (p_other - p_y) + g_nll[t];
       at_label = g_ihl[t] * p_y - g_nll[t];
       at_other = -g_ihl[t] * p_other;

@@ -11,30 +11,24 @@ import torch
 
 from alter_kernels import token_losses
 from alter_kernels.entropy import row_kernel_config
-from _reference import (assert_close, assert_compiles_for_hopper, grid, log_softmax64, random_logits, reference_entropy, reference_entropy_grad,
-                        reference_ihl, strided_rows, threshold_between)
+from _reference import (assert_close, assert_compiles_for_hopper, grid, log_softmax64, reference_entropy,
+                        reference_entropy_grad, reference_ihl, threshold_between)
 from conftest import require_backend
 from conftest import test_devices as devices_under_test  # renamed: pytest would collect test_*
+from test_ihl import ihl_inputs
 
 DEVICES = devices_under_test()
 BACKENDS = ["eager", "triton", "cpp"]
 IGNORE = -100
 HIGH_ENTROPY_WEIGHT = 0.3
+T = 6  # the tokens of ihl_inputs
 GRAD_TOL = {torch.float32: 1e-5, torch.float16: 2 * 2**-10, torch.bfloat16: 2 * 2**-7}
 
 
 def inputs(vocab, dtype, device):
-    """Seven tokens as a non-contiguous row view: random ones, an ignored one, a
-    half-masked vocabulary (-inf), a masked target (p_y = 0)."""
-    logits = random_logits(7, vocab, dtype, device)
-    labels = torch.randint(0, vocab, (7,))
-    labels[1] = IGNORE
-    if vocab > 1:
-        logits[2, : vocab // 2] = float("-inf")
-        labels[2] = vocab - 1
-        logits[3, 0] = float("-inf")
-        labels[3] = 0
-    return strided_rows(logits), labels.to(device)
+    """test_ihl's six tokens (random, ignored, half-masked vocabulary, masked target with
+    NLL +inf, only the target unmasked, random) as a non-contiguous row view."""
+    return ihl_inputs(vocab, dtype, device)
 
 
 def reference(logits, labels, q, threshold, upstream):
@@ -60,11 +54,11 @@ def test_token_losses_match_float64(device, backend, dtype, vocab, q):
     logits, labels = inputs(vocab, dtype, device)
     ignored = labels.cpu() == IGNORE
     threshold = threshold_between(reference_entropy(logits.double().cpu(), q), ignored)
-    upstream = [torch.randn(7, device=device) for _ in range(3)]
+    upstream = [torch.randn(T, device=device) for _ in range(3)]
     want = reference(logits, labels, q, threshold, upstream)
     leaf = logits.detach().requires_grad_()
     got = token_losses(leaf, labels, q, threshold, HIGH_ENTROPY_WEIGHT, backend=backend)
-    assert all(value.dtype == torch.float32 and value.shape == (7,) for value in got)
+    assert all(value.dtype == torch.float32 and value.shape == (T,) for value in got)
     assert got.nll.requires_grad and got.ihl.requires_grad and got.entropy.requires_grad and not got.weight.requires_grad
     finite = ~torch.isinf(want[0])  # the masked target's NLL is +inf on every path
     assert torch.isinf(got.nll.detach().cpu()[~finite]).all()
@@ -92,9 +86,9 @@ def test_one_loss_alone(device, backend, used):
     logits[2:4] = torch.randn(2, 1003, device=device)  # finite targets: the NLL is finite
     leaf = logits.detach().requires_grad_()
     got = token_losses(leaf, labels, 1.2, 1.0, HIGH_ENTROPY_WEIGHT, backend=backend)
-    g = torch.randn(7, device=device)
+    g = torch.randn(T, device=device)
     (grad,) = torch.autograd.grad((getattr(got, used) * g).sum(), leaf)
-    upstream = [g if name == used else torch.zeros(7) for name in ("nll", "ihl", "entropy")]
+    upstream = [g if name == used else torch.zeros(T) for name in ("nll", "ihl", "entropy")]
     want = reference(logits, labels, 1.2, 1.0, upstream)[4]
     scale = want.abs().max()
     assert_close(grad.cpu() / scale, want / scale, 0, 1e-5, used)
@@ -126,9 +120,9 @@ def test_a_loss_left_out(device, backend, left_out):
     assert getattr(got, left_out) is None and (got.weight is None) == (left_out == "ihl")
     torch.testing.assert_close(getattr(got, kept), getattr(every, kept))
     torch.testing.assert_close(got.entropy, every.entropy)
-    g = [torch.randn(7, device=device) for _ in range(2)]
+    g = [torch.randn(T, device=device) for _ in range(2)]
     (grad,) = torch.autograd.grad((getattr(got, kept) * g[0]).sum() + (got.entropy * g[1]).sum(), leaf)
-    upstream = [g[0], torch.zeros(7), g[1]] if kept == "nll" else [torch.zeros(7), g[0], g[1]]
+    upstream = [g[0], torch.zeros(T), g[1]] if kept == "nll" else [torch.zeros(T), g[0], g[1]]
     want = reference(logits, labels, 1.2, 1.0, upstream)[4]
     scale = want.abs().max()
     assert_close(grad.cpu() / scale, want / scale, 0, 1e-5, "grad")
