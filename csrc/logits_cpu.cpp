@@ -265,13 +265,24 @@ ALTER_SIMD_CLONES void softmax_terms_chunk(const float* z, int64_t n, float m, f
   }
 }
 
-// (a, b) of softmax_terms_chunk for grad_entropy g alone: Shannon -g p (d + H); Tsallis
-// -g q/(q-1) (p^q - p P_q).
-inline std::pair<float, float> entropy_terms(float g, float entropy, float power_sum, float q, bool shannon) {
-  if (shannon) return {-g, -g * entropy};
-  const float a = -g * q / (q - 1.0f);
-  return {a, -a * power_sum};
-}
+// What the entropy's backward reads of each row, checked and contiguous: S and P_q.
+struct EntropyRows {
+  Tensor entropy, power_sum;
+  float q;
+  bool shannon;
+  EntropyRows(const char* op, const Tensor& logits, const Tensor& entropy_in, const Tensor& power_sum_in, double q_in)
+      : entropy(token_vector(op, "entropy", entropy_in, logits)),
+        power_sum(token_vector(op, "power_sum", power_sum_in, logits)),
+        q(static_cast<float>(q_in)),
+        shannon(use_shannon(q_in)) {}
+  // (a, b) of softmax_terms_chunk for grad_entropy g of row t alone: Shannon -g p (d + H);
+  // Tsallis -g q/(q-1) (p^q - p P_q).
+  std::pair<float, float> terms(float g, int64_t t) const {
+    if (shannon) return {-g, -g * entropy.const_data_ptr<float>()[t]};
+    const float a = -g * q / (q - 1.0f);
+    return {a, -a * power_sum.const_data_ptr<float>()[t]};
+  }
+};
 
 // Writes a gradient row chunk by chunk: fill_chunk(z, n, start, dz) computes dz[0, n) from
 // the chunk's logits z[0, n) as floats (start: the chunk's first column).
@@ -293,23 +304,18 @@ Tensor entropy_backward(const Tensor& grad_entropy, const Tensor& logits, const 
   check_logits(op, logits);
   check_q(op, q);
   const Tensor grad_c = token_vector(op, "grad_entropy", grad_entropy, logits);
-  const Tensor entropy_c = token_vector(op, "entropy", entropy, logits);
+  const EntropyRows rows(op, logits, entropy, power_sum, q);
   const Tensor max_c = token_vector(op, "row_max", row_max, logits);
   const Tensor log_sum_c = token_vector(op, "log_sum", log_sum, logits);
-  const Tensor power_sum_c = token_vector(op, "power_sum", power_sum, logits);
   const float* grad = grad_c.const_data_ptr<float>();
-  const float* ent = entropy_c.const_data_ptr<float>();
   const float* max_in = max_c.const_data_ptr<float>();
   const float* log_sum_in = log_sum_c.const_data_ptr<float>();
-  const float* power_sum_in = power_sum_c.const_data_ptr<float>();
-  const bool shannon = use_shannon(q);
-  const float qf = static_cast<float>(q);
   const int64_t V = logits.size(1);
   Tensor grad_logits = logits_grad_output(logits);
   for_each_row(logits, grad_logits, [&](const auto* row, auto* grad_row, int64_t t) {
-    const auto [a, b] = entropy_terms(grad[t], ent[t], power_sum_in[t], qf, shannon);
+    const auto [a, b] = rows.terms(grad[t], t);
     write_grad_row(row, V, grad_row, [&](const float* z, int64_t n, int64_t, float* dz) {
-      softmax_terms_chunk(z, n, max_in[t], log_sum_in[t], a, b, qf, shannon, dz);
+      softmax_terms_chunk(z, n, max_in[t], log_sum_in[t], a, b, rows.q, rows.shannon, dz);
     });
   });
   return grad_logits;
@@ -455,21 +461,16 @@ Tensor token_losses_backward(const Tensor& grad_nll, const Tensor& grad_ihl, con
   const Tensor nll_c = token_vector(op, "grad_nll", grad_nll, logits);
   const Tensor ihl_c = token_vector(op, "grad_ihl", grad_ihl, logits);
   const Tensor ent_grad_c = token_vector(op, "grad_entropy", grad_entropy, logits);
-  const Tensor entropy_c = token_vector(op, "entropy", entropy, logits);
-  const Tensor power_sum_c = token_vector(op, "power_sum", power_sum, logits);
+  const EntropyRows entropy_rows(op, logits, entropy, power_sum, q);
   const HingeRows rows(op, logits, labels, row_max, log_sum, runner_up, ignore_index);
   const float* g_nll = nll_c.const_data_ptr<float>();
   const float* g_ihl = ihl_c.const_data_ptr<float>();
   const float* g_ent = ent_grad_c.const_data_ptr<float>();
-  const float* ent = entropy_c.const_data_ptr<float>();
-  const float* power_sum_in = power_sum_c.const_data_ptr<float>();
-  const bool shannon = use_shannon(q);
-  const float qf = static_cast<float>(q);
   const int64_t V = logits.size(1);
   Tensor grad_logits = logits_grad_output(logits);
   for_each_row(logits, grad_logits, [&](const auto* row, auto* grad_row, int64_t t) {
     const float m = rows.m(t), log_s = rows.log_s(t);
-    auto [a, b] = entropy_terms(g_ent[t], ent[t], power_sum_in[t], qf, shannon);
+    auto [a, b] = entropy_rows.terms(g_ent[t], t);
     const int64_t label = rows.label(t) == ignore_index ? -1 : rows.label(t), other = label < 0 ? -1 : rows.other(t);
     float at_label = 0.0f, at_other = 0.0f;
     if (label >= 0) {
@@ -479,7 +480,7 @@ Tensor token_losses_backward(const Tensor& grad_nll, const Tensor& grad_ihl, con
       at_other = -g_ihl[t] * p_other;
     }
     write_grad_row(row, V, grad_row, [&](const float* z, int64_t n, int64_t start, float* dz) {
-      softmax_terms_chunk(z, n, m, log_s, a, b, qf, shannon, dz);
+      softmax_terms_chunk(z, n, m, log_s, a, b, entropy_rows.q, entropy_rows.shannon, dz);
       if (label >= start && label < start + n) dz[label - start] += at_label;
       if (other >= start && other < start + n) dz[other - start] += at_other;
     });
