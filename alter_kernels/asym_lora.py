@@ -97,7 +97,7 @@ def b_cat(B: torch.Tensor) -> torch.Tensor:
 def gated_rank(gate: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """G ⊗ h [T, N·r] from the dense gate G [T, N] and h = x A^T [T, r] (one dtype):
     column e·r + j holds G[t, e]·h[t, j], so that its product with B_cat^T is the expand."""
-    return (gate[:, :, None] * h[:, None, :]).reshape(h.shape[0], -1)
+    return (gate[:, :, None] * h[:, None, :]).reshape(-1, gate.shape[1] * h.shape[1])
 
 
 def asym_lora_eager_dense(x, A, B, weights, experts, scaling, a_grad_mask=None):

@@ -210,6 +210,8 @@ def _check_inputs(out, x, stacked, entropy_weight, entropy, expand, num_experts,
     if entropy.shape[0] != T or out.shape != (T, expand.shape[1]):
         raise ValueError(f"{_OP}: entropy must be [T={T}] and out [T, d] = [{T}, {expand.shape[1]}], got "
                          f"{tuple(entropy.shape)} and {tuple(out.shape)}")
+    if out.stride(1) != 1 or (T > 1 and out.stride(0) < out.shape[1]):
+        raise ValueError(f"{_OP}: out must have rows of unit stride that do not overlap, got strides {out.stride()}")
     k_high = _check_int(_OP, "k_high", k_high, low=1, high=min(N, MAX_EXPERTS_PER_TOKEN))
     _check_int(_OP, "k_low", k_low, low=1, high=k_high)
     if experts is not None:
@@ -251,4 +253,5 @@ def gated_asym_lora(out, x, stacked, entropy_weight, entropy, expand, num_expert
             raise ValueError(f"{_OP}: the triton backend takes N <= {MAX_TRITON_EXPERTS} experts and r <= "
                              f"{MAX_TRITON_RANK}, float16/bfloat16/float32 x with float32 entropy, and out, stacked "
                              "and expand of unit column stride; use backend='eager'")
-    return gated_asym_lora_eager(*args)
+    with torch.autocast(x.device.type, enabled=False):  # x's dtype throughout, as the kernels compute
+        return gated_asym_lora_eager(*args)

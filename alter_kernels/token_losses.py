@@ -173,7 +173,8 @@ class TokenLossesFunction(torch.autograd.Function):
         check_row_max_finite(_OP, row_max)
         ignored = labels == ignore_index
         label_logit = logits.gather(1, labels.masked_fill(ignored, 0)[:, None])[:, 0].float()
-        nll = (row_max + log_sum - label_logit).masked_fill(ignored, 0.0)
+        # (m - z_y) + log s: z_y - m is exact, m + log s would round at the logits' magnitude
+        nll = ((row_max - label_logit) + log_sum).masked_fill(ignored, 0.0)
         ctx.save_for_backward(logits, labels, entropy, row_max, log_sum, power_sum, runner_up)
         ctx.q, ctx.ignore_index, ctx.kernels = q, ignore_index, kernels
         ctx.mark_non_differentiable(weight)

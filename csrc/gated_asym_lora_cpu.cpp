@@ -18,6 +18,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -120,7 +121,8 @@ void expand_kept(const Tensor& out, const Tensor& shrunk, const Tensor& expand, 
     opmath_t* acc = sum.data();
     for (int64_t e = 0; e < N; ++e) {
       const opmath_t gate = gates[t * N + e];
-      if (gate == opmath_t(0)) continue;  // not kept (a NaN gate is kept: it must reach the output)
+      // not kept: never read, as the grouped path reads only kept experts (a NaN gate is kept)
+      if (gate == opmath_t(0)) continue;
       for (int64_t j = 0; j < r; ++j) {
         const opmath_t c = static_cast<opmath_t>(gated_entry<scalar_t>(gate, h[t * width + j]));
         const scalar_t* row = ex + (e * r + j) * d;
@@ -160,6 +162,8 @@ void gated_asym_lora_(const Tensor& out, const Tensor& x, const Tensor& stacked,
                       const Tensor& entropy, const Tensor& expand, int64_t num_experts, double threshold,
                       double tau_high, double tau_low, int64_t k_high, int64_t k_low,
                       const std::optional<Tensor>& experts) {
+  // x's dtype throughout, also inside an autocast region (which would make the GEMM bf16)
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const Tensor shrunk = at::mm(x, stacked.t());  // contiguous [T, N + r]
   const GateSettings settings{threshold, tau_high, tau_low, k_high, k_low};
   const bool sparse = x.size(0) <= kSparseExpandTokens && (out.size(1) == 1 || out.stride(1) == 1);

@@ -142,6 +142,7 @@ def test_refuses_autograd_and_bad_input():
         (dict(entropy=entropy[:4]), ValueError, "entropy must be \\[T=5\\]"),
         (dict(entropy=entropy.half()), TypeError, "entropy must have dtype"),
         (dict(out=out[:, :-1]), ValueError, "out \\[T, d\\]"),
+        (dict(out=torch.zeros(1, OUT).expand(5, OUT)), ValueError, "rows of unit stride that do not overlap"),
         (dict(k_high=5), ValueError, "k_high must be in \\[1, 4\\]"),
         (dict(k_low=3), ValueError, "k_low must be in \\[1, 2\\]"),
         (dict(tau_low=0.0), ValueError, "tau_low must be a finite number > 0"),
@@ -211,3 +212,38 @@ def layers_of(model):
     from alter.adapters import alter_layers
 
     return alter_layers(model)
+
+
+def test_layer_edge_calls_without_autograd():
+    """Under CPU autocast a no-grad call follows the composition's dtypes (bf16), as the
+    autograd path does; a call with no tokens returns an empty output on both paths."""
+    from torch import nn
+
+    from alter.adapters.layers import AsymLoRALinear
+    from alter.config import AlterConfig
+
+    layer = AsymLoRALinear(nn.Linear(12, 10), AlterConfig(r=4, num_experts=4, k_high=2, k_low=1,
+                                                          entropy_source="precomputed")).eval()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+        layer.router.weight.normal_()
+    x = torch.randn(2, 5, 12)
+    with layer.tracker.precomputed(torch.rand(2, 5) * 2), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = layer(x)
+        with torch.no_grad():
+            got = layer(x)
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want.detach(), rtol=0, atol=0)
+    for grad in (True, False):
+        with layer.tracker.precomputed(torch.rand(0, 5)), torch.set_grad_enabled(grad):
+            assert layer(torch.randn(0, 5, 12)).shape == (0, 5, 10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_op_in_an_autocast_region_keeps_its_dtype(backend):
+    require(backend, "cpu")
+    out, x, stacked, u, entropy, expand = make_inputs(5, 4, 3, torch.float32, "cpu")
+    want = reference(out, x, stacked, u, entropy, expand, 4, 2, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        gated_asym_lora(out, x, stacked, u, entropy, expand, 4, k_high=2, k_low=1, backend=backend, **SETTINGS)
+    torch.testing.assert_close(out.double(), want, **TOLERANCE[torch.float32])

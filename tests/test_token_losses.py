@@ -142,3 +142,16 @@ def test_token_losses_backward_kernel_compiles_for_hopper():
                               signature=signature, constexprs={"BLOCK_V": config["BLOCK_V"], "SHANNON": shannon},
                               num_warps=config["num_warps"], ptx_contains="ex2.approx.ftz.f32"))
     assert_compiles_for_hopper(specs)
+
+
+@grid(device=DEVICES, backend=BACKENDS)
+def test_nll_exact_at_large_logits(device, backend):
+    """nll = (m - z_y) + log s: at a logit offset of 1000 (a float32 ulp there is 6e-5) the
+    NLL of a near-certain token (1.8e-4) keeps the error of float32's log s near 1 (two ulps
+    of 1.0), as at offset 0; m + log s - z_y would be off by 6e-5."""
+    require_backend(backend, device)
+    logits = torch.tensor([[10.0, 0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    want = float(-log_softmax64(logits)[0, 0])
+    got = token_losses((logits + 1000).float().to(device), torch.tensor([0], device=device), 1.2, 1.0,
+                       backend=backend).nll
+    assert abs(float(got) - want) <= 2 * 2**-23

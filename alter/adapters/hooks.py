@@ -89,7 +89,10 @@ def _method_signature(function) -> inspect.Signature:
     """The signature of a method's function without ``self``: computing a signature costs
     ~100 µs (a decode step's budget for a whole layer), so it is computed once per function."""
     signature = inspect.signature(function)
-    return signature.replace(parameters=list(signature.parameters.values())[1:])
+    parameters = list(signature.parameters.values())
+    bound_self = parameters and parameters[0].kind in (inspect.Parameter.POSITIONAL_ONLY,
+                                                       inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return signature.replace(parameters=parameters[1:] if bound_self else parameters)
 
 
 def named_inputs(model: nn.Module, args: tuple, kwargs: dict) -> dict:

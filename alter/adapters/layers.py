@@ -210,11 +210,13 @@ class AsymLoRALinear(nn.Module):
     def _fused_inference(self) -> bool:
         """Whether a call without a forced route may run the dense path as one
         :func:`gated_asym_lora` call: without autograd (A's entropy mask only shapes
-        gradients), not in a compiled graph (it cannot read the kept weights' keys), no
-        dropout in use, and no hook on the router to see its logits."""
+        gradients), not in a compiled graph (it cannot read the kept weights' keys), not
+        under autocast (whose dtypes the composition follows), no dropout in use, and no
+        hook on the router to see its logits."""
         router = self.router
         dropout = self.training and not isinstance(self.dropout, nn.Identity)
         return (not torch.is_grad_enabled() and not dropout and not torch.compiler.is_compiling()
+                and not torch.is_autocast_enabled(router.weight.device.type)
                 and not router._forward_hooks and not router._forward_pre_hooks)
 
     def _add_fused_delta(self, result, tokens, state, into_result):
