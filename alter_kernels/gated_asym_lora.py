@@ -239,17 +239,31 @@ def gated_asym_lora(out, x, stacked, entropy_weight, entropy, expand, num_expert
         threshold = _check_real(_OP, "threshold", threshold)
         tau_high = _check_real(_OP, "tau_high", tau_high, positive=True)
         tau_low = _check_real(_OP, "tau_low", tau_low, positive=True)
+    return run_gated_asym_lora(choose_backend(x.device, backend), out, x, stacked, entropy_weight, entropy, expand,
+                               num_experts, threshold, tau_high, tau_low, k_high, k_low, experts,
+                               strict=backend == "triton")
+
+
+def choose_backend(device: torch.device, backend: str | None = None) -> str:
+    """The backend :func:`gated_asym_lora` runs on ``device`` (see ``_dispatch``)."""
+    implemented = ("eager", "cpp", "triton") if device.type == "cpu" else ("eager", "triton")  # C++: CPU only
+    return resolve_backend(_OP, backend, device, implemented)
+
+
+def run_gated_asym_lora(chosen, out, x, stacked, entropy_weight, entropy, expand, num_experts, threshold, tau_high,
+                        tau_low, k_high, k_low, experts=None, strict=False):
+    """:func:`gated_asym_lora` on the backend ``chosen`` by :func:`choose_backend`, inputs
+    unchecked: for a caller that chose once for many calls (a model's layers in one call).
+    Inputs the triton kernel does not take go to eager, or raise with ``strict``."""
     args = (out, x, stacked, entropy_weight, entropy, expand, num_experts, threshold, tau_high, tau_low, k_high, k_low,
             experts)
-    implemented = ("eager", "cpp", "triton") if x.device.type == "cpu" else ("eager", "triton")  # C++: CPU only
-    chosen = resolve_backend(_OP, backend, x.device, implemented)
     if chosen == "cpp":
         torch.ops.alter_kernels.gated_asym_lora_(*args)
         return out
     if chosen == "triton":
         if _triton_fits(out, stacked, entropy, expand, num_experts):
             return _launch_triton(*args)
-        if backend == "triton":
+        if strict:
             raise ValueError(f"{_OP}: the triton backend takes N <= {MAX_TRITON_EXPERTS} experts and r <= "
                              f"{MAX_TRITON_RANK}, float16/bfloat16/float32 x with float32 entropy, and out, stacked "
                              "and expand of unit column stride; use backend='eager'")

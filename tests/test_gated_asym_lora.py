@@ -194,15 +194,17 @@ def test_a_patched_model_decodes_alike_on_every_backend(backend, monkeypatch):
         patch.setattr(layers.AsymLoRALinear, "_fused_inference", lambda self: False)
         want = prefill_and_step()
     calls = []
+    run = layers.run_gated_asym_lora
 
     def recorded(*args, **kwargs):
-        calls.append(1)
-        return gated_asym_lora(*args, **{**kwargs, "backend": backend})
+        calls.append(args[0])
+        return run(*args, **kwargs)
 
-    monkeypatch.setattr(layers, "gated_asym_lora", recorded)
+    monkeypatch.setattr(layers, "choose_backend", lambda device: backend)
+    monkeypatch.setattr(layers, "run_gated_asym_lora", recorded)
     with torch.no_grad():
         got = prefill_and_step()
-    assert len(calls) == 2 * len(layers_of(model))
+    assert calls == [backend] * (2 * len(layers_of(model)))
     for g, w in zip(got, want):
         assert g.dtype == dtype
         torch.testing.assert_close(g, w, rtol=tolerance, atol=tolerance)

@@ -21,7 +21,7 @@ from alter.config import AlterConfig
 from alter.adapters.state import CallState, EntropyTracker
 from alter_kernels import asym_lora, route
 from alter_kernels.asym_lora import asym_lora_shrink, b_cat, gated_rank
-from alter_kernels.gated_asym_lora import gated_asym_lora
+from alter_kernels.gated_asym_lora import choose_backend, run_gated_asym_lora
 from alter_kernels.routing import dense_gate, route_constants, router_logits_with_entropy
 
 # Tokens per call up to which a layer runs every expert densely on any device (decode).
@@ -221,22 +221,22 @@ class AsymLoRALinear(nn.Module):
 
     def _add_fused_delta(self, result, tokens, state, into_result):
         """``result`` + the adapter's delta by :func:`gated_asym_lora` (its inputs are right
-        by construction: unchecked, no host sync). The tokens' entropy and sequence route
-        are looked up once per call (every layer of a decode step reads the same)."""
+        by construction: unchecked, no host sync). The tokens' entropy, their sequence route
+        and the op's backend are looked up once per model call (every layer reads the same)."""
         num_tokens, tracker = tokens.shape[0], self.tracker
         key = ("tokens", tokens.device, num_tokens)
         looked_up = state.routing.get(key)
         if looked_up is None:
             looked_up = state.routing[key] = (tracker.token_entropy(state, num_tokens, tokens.device),
-                                              tracker.token_route(state, num_tokens, tokens.device))
-        entropy, gating = looked_up
+                                              tracker.token_route(state, num_tokens, tokens.device),
+                                              choose_backend(tokens.device))
+        entropy, gating, backend = looked_up
         stacked, expand = self._inference_weights(tokens.dtype)
         delta = result.view(num_tokens, self.out_features) if into_result else tokens.new_zeros(
             num_tokens, self.out_features)
         threshold, tau_high, tau_low, k_high, k_low = route_settings(tracker.config)
-        gated_asym_lora(delta, tokens, stacked, self.router.entropy_weight, entropy, expand, self.num_experts,
-                        threshold=threshold, tau_high=tau_high, tau_low=tau_low, k_high=k_high, k_low=k_low,
-                        experts=gating, check_inputs=False)
+        run_gated_asym_lora(backend, delta, tokens, stacked, self.router.entropy_weight, entropy, expand,
+                            self.num_experts, threshold, tau_high, tau_low, k_high, k_low, gating)
         if into_result:
             return result
         return result + delta.reshape(*result.shape[:-1], self.out_features).to(result.dtype)
