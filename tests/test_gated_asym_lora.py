@@ -25,7 +25,7 @@ TOLERANCE = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rt
 def require(backend, device):
     require_backend(backend, device)
     if backend == "cpp" and device != "cpu":
-        pytest.skip("gated_asym_lora's cpp kernel is CPU-only (on a GPU the dispatcher takes eager)")
+        pytest.skip("gated_asym_lora's cpp kernel is CPU-only (on a GPU the dispatcher takes triton)")
 
 
 def make_inputs(num_tokens, num_experts, rank, dtype, device):
@@ -180,8 +180,6 @@ def test_refuses_autograd_and_bad_input():
 def test_a_patched_model_decodes_alike_on_every_backend(backend, monkeypatch):
     """A prefill and a decode step of a patched model without autograd, with each backend
     of AsymLoRALinear's fused call, give the logits of the layers' own composition."""
-    import functools
-
     from alter.adapters import layers
     from alter.config import AlterConfig
     from alter.model import apply_alter

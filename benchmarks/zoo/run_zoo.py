@@ -18,6 +18,7 @@ from alter.data.scenarios import HELD_OUT, HELD_OUT_SEEDS
 from alter.quality import RELEARN, ZOO_RUNS, run_suite
 from alter.quality_report import summarize, write_report
 
+
 def write(out: str) -> None:
     """QUALITY.md and the trade-off plot from QUALITY.json, under the zoo's title."""
     write_report(out, title="Unlearning quality: every method on its other parameterizations (the zoo), held-out "
