@@ -290,7 +290,7 @@ def cmd_quality(args) -> int:
     from alter.quality import main as quality_main
 
     quality_main(args.out, quick=args.quick, seeds=args.seeds, workers=args.workers, development=args.development,
-                 ablations=args.ablations, zoo=args.zoo)
+                 scenarios=args.scenarios, ablations=args.ablations, zoo=args.zoo, runs=args.methods)
     return 0
 
 

@@ -35,6 +35,8 @@ CONFIG_FLAGS = {
     "--backend": ("backend", str, "op backend (default: automatic)"),
     "--routing": ("routing", str, "token: the per-token routers; sequence: a forget expert from the first of the "
                                   "forget rows' keys on (docs/routing.md)"),
+    "--forget-tokens": ("forget_tokens", str, "unpredictable: push down the forget tokens the retain rows do not "
+                                              "predict and keep the others; all: every forget token"),
 }
 CONFIG_DEST = "config_{}"  # namespace attribute of a config flag's field
 # A negative number in any notation Python reads: argparse takes '-1e-3' for an option.
@@ -66,16 +68,16 @@ def positive_int(text: str) -> int:
     return value
 
 
-def _share_or_none(text: str) -> float | None:
+def _share_or_none(text: str) -> float | str | None:
     from alter.training.args import check_early_stop_share
 
-    if text.strip().lower() == "none":
-        return None
+    if text.strip().lower() in ("none", "auto"):
+        return None if text.strip().lower() == "none" else "auto"
     try:
         value = float(text)
         check_early_stop_share(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1) or 'none', got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), 'auto' or 'none', got {text!r}") from None
     return value
 
 
@@ -95,6 +97,17 @@ def _seed_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"seeds must be comma-separated integers, got {text!r}") from None
 
 
+def _scenario_list(text: str) -> tuple:
+    from alter.data.scenarios import DEVELOPMENT, HELD_OUT
+
+    known = {s.name: s for s in DEVELOPMENT + HELD_OUT}
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown scenarios {unknown or text!r}; known: {', '.join(known)}")
+    return tuple(known[n] for n in names)
+
+
 def _method_list(text: str) -> tuple[str, ...]:
     from alter.methods import parse_run
 
@@ -107,6 +120,16 @@ def _method_list(text: str) -> tuple[str, ...]:
         except ValueError as error:
             raise argparse.ArgumentTypeError(str(error)) from None
     return methods
+
+
+def _quality_runs(text: str) -> tuple[str, ...]:
+    """Runs of ``alter quality --methods``: what ``--methods`` of the demo takes, or ALTER's ablations."""
+    from alter.quality import ABLATIONS
+
+    ablations = tuple(m.strip() for m in text.split(",") if m.strip() in ABLATIONS)
+    others = ",".join(m for m in text.split(",") if m.strip() and m.strip() not in ABLATIONS)
+    methods = _method_list(others) if others or not ablations else ()
+    return tuple(m.strip() for m in text.split(",") if m.strip() in ablations or m.strip() in methods)
 
 
 def method_arg(text: str) -> tuple[str, object]:
@@ -141,7 +164,7 @@ def _scalar_type(hint) -> tuple[type, bool]:
 
 def add_field_flag(group, field: dataclasses.Field, hint, choices=None):
     """The flag of one UnlearnArgs field (dest: the field's name)."""
-    kind, optional = _scalar_type(hint)
+    kind, optional = (None, True) if field.name in FIELD_PARSERS else _scalar_type(hint)
     flags = FIELD_FLAGS.get(field.name, ("--" + field.name.replace("_", "-"),))
     kwargs = dict(dest=field.name, default=field.default)
     if kind is bool:
@@ -158,7 +181,7 @@ def add_field_flag(group, field: dataclasses.Field, hint, choices=None):
 
 
 def add_unlearn_flags(un: argparse.ArgumentParser) -> None:
-    from alter.config import BACKEND_CHOICES, ROUTINGS, AlterConfig
+    from alter.config import BACKEND_CHOICES, FORGET_TOKENS, ROUTINGS, AlterConfig
     from alter.methods import METHODS
     from alter.training.args import UnlearnArgs
 
@@ -189,8 +212,8 @@ def add_unlearn_flags(un: argparse.ArgumentParser) -> None:
                              "(default: %(default)s)")
     defaults = AlterConfig()
     for flag, (name, kind, text) in CONFIG_FLAGS.items():
-        choices = ([b for b in BACKEND_CHOICES if b is not None] if name == "backend"
-                   else ROUTINGS if name == "routing" else None)
+        choices = {"backend": [b for b in BACKEND_CHOICES if b is not None], "routing": ROUTINGS,
+                   "forget_tokens": FORGET_TOKENS}.get(name)
         shown = "" if name == "backend" else f" (default: {getattr(defaults, name)}, or --config/--preset's)"
         config.add_argument(flag, dest=CONFIG_DEST.format(name), type=kind, choices=choices, help=text + shown)
 
@@ -278,6 +301,12 @@ def add_quality_flags(quality: argparse.ArgumentParser) -> None:
     quality.add_argument("--zoo", action="store_true",
                          help="also run every method on its other parameterizations, as method@params "
                               "(alter.quality.ZOO_RUNS); default: each method on its default params only")
+    quality.add_argument("--scenarios", type=_scenario_list,
+                         help="comma-separated scenario names, development or held out (default: the held-out "
+                              "ones, or the development ones with --development)")
+    quality.add_argument("--methods", type=_quality_runs,
+                         help="comma-separated runs instead of every method: methods, method@params or ALTER's "
+                              "ablations (default: every method)")
 
 
 # name: (help, description, flags); bench's flags are the harness's own (benchmarks/harness.py).

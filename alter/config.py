@@ -22,6 +22,7 @@ ENTROPY_SOURCES = ("prepass", "precomputed", "lagged")
 FORGET_LOSSES = ("ihl", "nll_ascent")
 TRAIN_ROUTES = ("router", "forced")
 ROUTINGS = ("token", "sequence")
+FORGET_TOKENS = ("unpredictable", "all")
 # The longest route key: n-grams of up to 3 tokens are coded exactly in an int64 for any
 # vocabulary under 2M tokens (alter.adapters.sequence_route).
 MAX_KEY_TOKENS = 3
@@ -93,6 +94,13 @@ class AlterConfig:
       beta, gamma, lam: weights of the forget (IHL), retain (NLL) and structural terms (>= 0).
       lr_A, lr_B: learning rates of the shared A and of the B experts and router (> 0).
       forget_loss: "ihl" (the inverted hinge loss, the paper's) or "nll_ascent" (an ablation).
+      forget_tokens: which forget tokens the forget loss pushes down. "unpredictable":
+        those a trigram model of the retain rows does not predict (a fact's value, an
+        entity's name), while the retain NLL keeps the forget rows' other tokens (a BPE
+        word's continuation, a template word, a value common among retained entities:
+        what a model that never saw the forget rows predicts too), and the early stop
+        counts the unpredictable tokens only (``alter.methods.data.split_predictable``;
+        docs/training.md, "Forget tokens"); "all": every labelled forget token, the paper's.
       train_routes: how the experts see tokens while they train. "router": the routers
         gate as at inference (the forget loss reaches the forget experts only, the retain
         loss every expert a retained token is routed to); "forced": every token of a
@@ -108,7 +116,9 @@ class AlterConfig:
         ``route_keys`` occurred at or before it, to the retention expert before (every
         layer alike; the routers are not used). ``unlearn`` finds the keys from its forget
         and retain rows (``alter.methods.data.route_keys``): isolation by construction on
-        those rows (docs/routing.md, "(e) The sequence route").
+        those rows (docs/routing.md, "(e) The sequence route"). None (the default):
+        "sequence" when ``unlearn`` trains forget experts (params asym_lora), "token"
+        elsewhere (adapters applied on their own have no keys; lora has no forget expert).
       route_keys: the keys of "sequence" routing, a list of {"tokens": 1 to 3 token ids,
         "expert": a forget expert in [1, num_experts)}; saved with the adapter.
 
@@ -138,8 +148,9 @@ class AlterConfig:
     backend: str | None = None
     a_learns_from_high_entropy_only: bool = False
     forget_loss: str = "ihl"
+    forget_tokens: str = "unpredictable"
     train_routes: str = "router"
-    routing: str = "token"
+    routing: str | None = None
     route_keys: list[dict] = field(default_factory=list)
 
     @classmethod
@@ -147,12 +158,13 @@ class AlterConfig:
         """The paper's settings (ALTER, §5): r 8, alpha 16, 4 experts, Tsallis q 1.2 and
         threshold 1.2, tau 0.8 / 0.01, top-3 / top-1 experts, beta = gamma = 1,
         lam 0.01, lr_A 1e-5, lr_B 1e-3, A learning from high-entropy tokens only,
-        experts trained under forced routes.
+        experts trained under forced routes, every forget token pushed down.
         ``overrides`` replace fields. These learning rates were set for 7B models; on the
         small models of ``alter quality`` they forget nothing within the default run."""
         values = dict(r=8, alpha=16.0, num_experts=4, tsallis_q=1.2, entropy_threshold=1.2, tau_high=0.8,
                       tau_low=0.01, k_high=3, k_low=1, beta=1.0, gamma=1.0, lam=0.01, lr_A=1e-5, lr_B=1e-3,
-                      a_learns_from_high_entropy_only=True, train_routes="forced")
+                      a_learns_from_high_entropy_only=True, train_routes="forced", forget_tokens="all",
+                      routing="token")
         values.update(overrides)
         return cls(**values)
 
@@ -185,7 +197,8 @@ class AlterConfig:
         if not self.dropout < 1:
             raise ValueError(f"AlterConfig: dropout must be in [0, 1), got {self.dropout}")
         for name, allowed in (("entropy_source", ENTROPY_SOURCES), ("forget_loss", FORGET_LOSSES),
-                              ("train_routes", TRAIN_ROUTES), ("backend", BACKEND_CHOICES), ("routing", ROUTINGS)):
+                              ("forget_tokens", FORGET_TOKENS),
+                              ("train_routes", TRAIN_ROUTES), ("backend", BACKEND_CHOICES), ("routing", ROUTINGS + (None,))):
             check_choice(name, getattr(self, name), allowed, "AlterConfig")
         self.route_keys = _checked_route_keys(self.route_keys, self.num_experts)
         if not isinstance(self.a_learns_from_high_entropy_only, bool):

@@ -48,8 +48,12 @@ from alter.training.loop import unlearn
 
 # ALTER with one component off or replaced: the AlterConfig fields that switch it.
 ABLATIONS = {
-    "alter-sequence-route": {"routing": "sequence"},  # the routers replaced by the sequence route (docs/routing.md)
-    "alter-no-entropy-routing": {"tau_high": 0.01, "k_high": 1},  # every token routed as a low-entropy one
+    "alter-all-tokens": {"forget_tokens": "all"},  # every forget token pushed down (docs/training.md, "Forget tokens")
+    "alter-token-routing": {"routing": "token"},  # the per-token routers instead of the sequence route
+    # the per-token routers, every token routed as a low-entropy one
+    "alter-no-entropy-routing": {"routing": "token", "tau_high": 0.01, "k_high": 1},
+    # the default until 2026-12-07: the per-token routers, every forget token pushed down
+    "alter-token-routing-all-tokens": {"routing": "token", "forget_tokens": "all"},
     "alter-nll-ascent": {"forget_loss": "nll_ascent"},  # IHL replaced by NLL ascent
     "alter-no-structural": {"lam": 0.0},
     "alter-a-high-entropy-only": {"a_learns_from_high_entropy_only": True},  # the paper's A (the default: every token)
@@ -246,13 +250,14 @@ def _logged(rows: list[dict], log) -> list[dict]:
 
 
 def main(out: str, quick: bool = False, seeds=None, workers: int = 2, development: bool = False,
-         scenarios=None, ablations: bool = False, zoo: bool = False) -> list[dict]:
+         scenarios=None, ablations: bool = False, zoo: bool = False, runs=None) -> list[dict]:
     """``alter quality``: run the suite and write QUALITY.json, QUALITY.md and the plot into ``out``.
 
     ``quick``: one development scenario (three phrasings), one seed, 3 steps per run (a
     smoke test; it says nothing about quality). ``development``: the development scenarios
     and seeds. ``ablations``: ALTER's ablations (:data:`ABLATIONS`) run too; ``zoo``: every
-    method on its other parameterizations (:data:`ZOO_RUNS`) too.
+    method on its other parameterizations (:data:`ZOO_RUNS`) too; ``runs``: these runs instead
+    (names of :data:`ALL_RUNS` or :data:`ZOO_RUNS`).
     """
     from alter.quality_report import summarize, write_report
 
@@ -267,7 +272,8 @@ def main(out: str, quick: bool = False, seeds=None, workers: int = 2, developmen
         scenario = next(s for s in DEVELOPMENT if len(s.all_phrasings) == 3)
         scenarios = [dataclasses.replace(scenario, memorize_epochs=2)]
         seeds, max_steps = DEVELOPMENT_SEEDS[:1], 3
-    runs = (ALL_RUNS if ablations else METHODS) + (ZOO_RUNS if zoo else ())
+    if runs is None:
+        runs = (ALL_RUNS if ablations else METHODS) + (ZOO_RUNS if zoo else ())
     results = run_suite(scenarios, seeds, runs=runs, workers=workers, max_steps=max_steps)
     summary = summarize(results)
     seconds = time.perf_counter() - started

@@ -201,8 +201,10 @@ def format_markdown(summary: list[dict], scenarios, seeds, seconds: float, quick
              "continuation contains the value; **relearn**: every weight fine-tuned "
              f"{RELEARN['epochs']} epochs (batch {RELEARN['batch_size']}, lr {RELEARN['lr']:g}) on half of the "
              "forgotten entities: acc and forget quality (vs the oracle under the same fine-tune) on the other half; "
-             "**routing**: share of the routing weight the trained routers give the forget experts on the forget "
-             "positions that teach them, and on retained tokens (leak), mean over layers (per layer below).", "",
+             "**routing**: share of the routing weight on the forget experts at the forget positions after the "
+             "row leaves every retained row, and on retained tokens (leak), mean over layers (per layer below): "
+             "the sequence route's (ALTER's default, docs/routing.md (e)), or the trained routers' under "
+             "`routing=\"token\"`.", "",
              "## Scenarios", "",
              "| scenario | split | domain | phrasings (unlearned first) | entities × facts | forget rows | tokenizer | "
              "layers × width |", "|---|---|---|---|---|---|---|---|"]

@@ -22,7 +22,7 @@ MODEL_GROUPS = ("train_step", "inference")
 DEFAULTS = AlterConfig()
 # Variants that are not a backend name: each case's baselines, the dispatcher's choice and the
 # methods of the step-cost case.
-NON_BACKEND_VARIANTS = ("linear", "loop", "eager_dense", "base", "kernels", "asym_lora", "alter", "alter-sequence",
+NON_BACKEND_VARIANTS = ("linear", "loop", "eager_dense", "base", "kernels", "asym_lora", "alter", "alter-token",
                         "apart")
 
 

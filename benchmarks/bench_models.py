@@ -64,7 +64,7 @@ def _build_model(device, quick, variant, entropy_source="prepass"):
     return model, alter_config, input_ids
 
 
-def _train_step(dev: torch.device, quick: bool, method: str, backend_variant: str, routing: str = "token"):
+def _train_step(dev: torch.device, quick: bool, method: str, backend_variant: str, routing: str | None = "token"):
     """A train-step case's closure: one ``method`` step as ``alter.unlearn`` runs it,
     through the trainer's own setup and step function (so the case cannot drift from the
     trainer): the base-model pass caches the entropy, the model is patched, then each step
@@ -73,9 +73,12 @@ def _train_step(dev: torch.device, quick: bool, method: str, backend_variant: st
     random prompt, then an answer), half retain samples. As in the trainer, autocast on a
     GPU; gradient checkpointing stays off (the kernels are timed, not the recompute).
     ``backend_variant``: ``eager`` or ``kernels`` (:func:`_bench_alter_config`); ``routing``:
-    the config's (``"sequence"``: keys found from the rows, no routing passes)."""
+    the config's (None, the default: the sequence route, keys found from the rows, no routing
+    passes). The forget examples are split into unpredictable and kept tokens as the
+    trainer splits them (``forget_tokens="unpredictable"``, the default)."""
     from alter import methods, train
     from alter.data import IGNORE_INDEX
+    from alter.methods.data import split_predictable
     from alter.training.args import UnlearnArgs
 
     config, _, (batch, seq) = _model_config(dev, quick)
@@ -94,6 +97,8 @@ def _train_step(dev: torch.device, quick: bool, method: str, backend_variant: st
     alter_config = dataclasses.replace(_bench_alter_config(backend_variant, "prepass"), routing=routing)
     args = UnlearnArgs(method=method, config=alter_config, batch_size=half)
     objective = methods.build(args, autocast)
+    if objective.forgets_unpredictable_only:
+        forget = split_predictable(forget, retain)
     optimizer, forget, retain = objective.setup(model, forget, retain, 0)
     forget_batch = train._batch(forget, range(len(forget)), 0, dev)
     retain_batch = train._batch(retain, range(len(retain)), 0, dev)
@@ -108,10 +113,11 @@ def _train_step(dev: torch.device, quick: bool, method: str, backend_variant: st
 
 
 def _train_step_cases(device: torch.device, quick: bool) -> list[BenchCase]:
-    """The ALTER step on the eager path and the dispatcher's choice (kernels), and the
-    step cost of ALTER, with token routing and with the sequence route, against an
-    ``asym_lora`` step (issue 18: <= 1.25x, the paper's Fig. 6 ratio; all on the
-    dispatcher's choice, so the ratio is the method's cost)."""
+    """The ALTER step (per-token routers) on the eager path and the dispatcher's choice
+    (kernels), and the step cost of ALTER on its defaults (the sequence route, the forget
+    tokens the retain rows do not predict) and with the per-token routers, against an
+    ``asym_lora`` step on its defaults (issue 18: <= 1.25x, the paper's Fig. 6 ratio; all
+    on the dispatcher's choice, so the ratio is the method's cost)."""
     what = "Llama-3-8B x2 layers" if device.type == "cuda" else "tiny Llama"
     _, _, (batch, seq) = _model_config(device, quick)
 
@@ -120,12 +126,12 @@ def _train_step_cases(device: torch.device, quick: bool) -> list[BenchCase]:
 
     def method_cost(variant, dev):
         method, _, routing = variant.partition("-")
-        return _train_step(dev, quick, method, "kernels", routing or "token")
+        return _train_step(dev, quick, method, "kernels", routing or None)
 
     return [BenchCase(f"ALTER train step {what} [{batch}x{seq}]", "train_step", ("eager", "kernels"), backends,
                       tokens=batch * seq),
             BenchCase(f"step cost, ALTER vs asym_lora {what} [{batch}x{seq}]", "train_step",
-                      ("asym_lora", "alter", "alter-sequence"), method_cost, tokens=batch * seq)]
+                      ("asym_lora", "alter", "alter-token"), method_cost, tokens=batch * seq)]
 
 
 def _inference_cases(device: torch.device, quick: bool) -> list[BenchCase]:

@@ -165,10 +165,17 @@ def test_step_cost_case_times_each_methods_own_step(monkeypatch):
     monkeypatch.setattr(Method, "step",
                         lambda self, *args: runs.append((self.name, self.config.routing)) or real(self, *args))
     case = find_case("step cost, ALTER vs asym_lora tiny Llama [2x64]", CPU, quick=True)
-    assert case.variants == ("asym_lora", "alter", "alter-sequence")  # the baseline first: ratios are ALTER's cost
+    assert case.variants == ("asym_lora", "alter", "alter-token")  # the baseline first: ratios are ALTER's cost
+    kept = []
+    real_kept = Method.with_kept_tokens
+    monkeypatch.setattr(Method, "with_kept_tokens",
+                        lambda self, loss, logs, logits, forget: kept.append("keep_labels" in forget)
+                        or real_kept(self, loss, logs, logits, forget))
     for variant in case.variants:
         case.build(variant, CPU)()
-    assert runs == [("asym_lora", "token"), ("alter", "token"), ("alter", "sequence")]
+    # the defaults: the sequence route and the kept term, as unlearn runs them
+    assert runs == [("asym_lora", "sequence"), ("alter", "sequence"), ("alter", "token")]
+    assert kept == [True, True, True]
 
 
 def test_train_step_eager_variant_runs_every_op_eagerly(backend_calls):

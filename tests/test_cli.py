@@ -120,6 +120,11 @@ def test_unlearn_flags_give_the_dataclass_defaults_and_parse_every_type():
     assert (args.max_length, args.npo_beta, args.max_grad_norm, args.router_lr) == (64, 0.2, None, None)
     assert (args.mixed_precision, args.gradient_checkpointing, args.resume) == (False, True, True)
     assert args.structural == "exact" and args.config.r == 2 and args.config.backend == "eager"
+    # the early stop's share: auto (resolved by the method and forget tokens), a number or none
+    for text, share in (("auto", 0.25), ("0.3", 0.3), ("none", None)):
+        assert unlearn_args(parse(required + ["--early-stop-share", text])).early_stop_share == share
+    args = unlearn_args(parse(required + ["--forget-tokens", "all", "--routing", "token"]))
+    assert (args.config.forget_tokens, args.config.routing, args.early_stop_share) == ("all", "token", 0.4)
 
 
 def test_every_unlearn_argument_is_a_keyword_of_unlearn_and_documented():
@@ -246,7 +251,7 @@ def test_early_stop_share_flag_is_checked_by_the_parser(share, tmp_path, capsys)
         main(["unlearn", "--model", "tiny", "--forget", "f.jsonl", "--out", str(tmp_path / "o"),
               "--early-stop-share", share])
     assert exit_info.value.code == 2
-    assert "--early-stop-share: must be a number in [0, 1) or 'none'" in capsys.readouterr().err
+    assert "--early-stop-share: must be a number in [0, 1), 'auto' or 'none'" in capsys.readouterr().err
 
 
 def test_bad_data_file_is_a_clear_error(tmp_path, capsys):
@@ -329,3 +334,19 @@ def test_demo_rejects_unknown_methods(tmp_path, capsys):
     with pytest.raises(ValueError, match="unknown method 'sgd'"):
         alter.demo.run_demo(str(tmp_path), methods=["sgd"])
     assert not (tmp_path / "results.json").exists()
+
+
+def test_quality_takes_scenarios_and_runs_by_name(monkeypatch, capsys):
+    import alter.quality
+
+    seen = {}
+    monkeypatch.setattr(alter.quality, "main", lambda out, **kwargs: seen.update(kwargs))
+    assert main(["quality", "--development", "--scenarios", "comets-qa-word,dev-authors-qa", "--seeds", "0",
+                 "--methods", "alter,alter-token-routing,npo@lora"]) == 0
+    assert [s.name for s in seen["scenarios"]] == ["comets-qa-word", "dev-authors-qa"]
+    assert seen["runs"] == ("alter", "alter-token-routing", "npo@lora") and seen["seeds"] == (0,)
+    for flag, bad, message in (("--scenarios", "nowhere-qa", "unknown scenarios"),
+                               ("--methods", "alter,nomethod", "nomethod")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["quality", flag, bad])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -15,9 +15,12 @@ from alter.data import qa_texts, tofu_mini
 from alter.tiny import build_tokenizer, tiny_llama
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# 5 steps on a global batch of 4: 2 examples a process; alter with one router warm-up step.
+# 5 steps on a global batch of 4: 2 examples a process; alter on the per-token routers with
+# one router warm-up step, asym_lora on the default sequence route and forget tokens.
 METHOD_ARGS = {
-    "alter": dict(config=AlterConfig(r=2, num_experts=3), batch_size=4, max_steps=5, router_warmup=1),
+    "alter": dict(config=AlterConfig(r=2, num_experts=3, routing="token"), batch_size=4, max_steps=5,
+                  router_warmup=1),
+    "asym_lora": dict(config=AlterConfig(r=2, num_experts=3), batch_size=4, max_steps=5),
     "grad_diff": dict(batch_size=4, max_steps=5, lr=1e-3),
 }
 RTOL = 1e-4

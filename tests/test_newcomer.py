@@ -71,25 +71,27 @@ def test_unlearn_eval_load_generate(home, capsys, monkeypatch):
     monkeypatch.chdir(home)  # relative paths, as typed
     code, out, err = run(UNLEARN + ["--out", "out", "--early-stop-share", "none"], capsys)
     assert code == 0, err
-    # --max-steps counts unlearning steps; the warm-up (sized to the capped run) is apart.
-    assert "unlearn [alter]: 3 router warm-up steps, then 3 unlearning steps" in out
+    # The default: the sequence route (no router to warm up) on the forget tokens the retain
+    # rows do not predict.
+    assert "unlearn [alter]: 0 router warm-up steps, then 3 unlearning steps" in out
+    assert "labelled tokens the retain rows do not predict" in out
     assert "ended: step cap: max_steps 3" in out
     verdicts = [line for line in out[:out.index("glossary:")].splitlines() if line.strip().startswith("verdict:")]
     assert len(verdicts) == 1 and "forget-token probability" in verdicts[0] and "still predicted" in verdicts[0]
     # Progress: one bar per phase with its own total, the last saying why it ended.
-    assert "router warm-up: 100%" in err and "3/3" in err and "step cap" in err
+    assert "unlearning steps" in err and "3/3" in err and "step cap" in err
     glossary = out[out.index("glossary:"):]
-    for term in ("router warm-up:", "unlearning steps:", "ended:", "verdict:", "still predicted:", "forget:",
-                 "retain:", "route:", "structural:", "routing:"):
+    for term in ("unlearning steps:", "ended:", "verdict:", "still predicted:", "forget:", "kept:",
+                 "retain:", "structural:", "routing:"):
         assert f"\n  {term}" in glossary, term
     report = json.loads((home / "out" / "report.json").read_text())
-    assert (report["steps"], report["router_warmup"]) == (3, 3)
+    assert (report["steps"], report["router_warmup"]) == (3, 0)
     assert report["verdict"] in ("forgotten", "partly forgotten", "not forgotten")
     assert report["verdict"] in (home / "out" / "report.md").read_text()
     record = json.loads((home / "out" / "unlearn_args.json").read_text())
     assert record["base_model"] == str(home / "mymodel")  # resolved, not "mymodel"
     assert (record["forget_file"], record["retain_file"]) == (str(home / "forget.jsonl"), str(home / "retain.jsonl"))
-    assert record["steps"] == 3 and record["router_warmup_steps"] == 3
+    assert record["steps"] == 3 and record["router_warmup_steps"] == 0
 
     # From another folder, no data flags: the data the run recorded, not tofu_mini.
     monkeypatch.chdir(home / "elsewhere")

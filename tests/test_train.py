@@ -31,7 +31,9 @@ from alter.train import (
 )
 from alter_kernels import inverted_hinge_loss, tsallis_entropy
 
-CONFIG = AlterConfig(r=4, num_experts=3)
+# The per-token routers (routing "token"), which most tests here train; the sequence route,
+# the default of an asym_lora run, has tests/test_sequence_route.py.
+CONFIG = AlterConfig(r=4, num_experts=3, routing="token")
 
 
 @pytest.fixture(scope="module")
@@ -646,7 +648,8 @@ def test_run_report_and_forgetting_warning(data, tokenizer, capsys):
         run(model, tokenizer, data, "alter", router_warmup=1)
     report = model.unlearn_report
     assert (report.method, report.steps, report.router_warmup) == ("alter", 2, 1)
-    assert set(report.losses) == {"route", "forget", "retain", "structural", "loss"}
+    # kept: the retain NLL of the forget rows' predictable tokens (forget_tokens "unpredictable")
+    assert set(report.losses) == {"route", "forget", "retain", "structural", "kept", "loss"}
     assert report.losses["route"]["min"] <= min(report.losses["route"]["first"], report.losses["route"]["last"])
     assert 0.0 <= report.forget_routing_share <= 1.0 and 0.0 <= report.retain_leak_share <= 1.0
     assert 0.0 < report.forget_probability_before <= 1.0

@@ -2,6 +2,7 @@
 settings, target module names, resume of a changed run, the command line's errors, beam
 search under lagged entropy. Each test here failed before the checks it covers."""
 import copy
+import dataclasses
 import errno
 import json
 import os
@@ -20,6 +21,7 @@ from alter.config import AlterConfig
 from alter.data import IGNORE_INDEX, qa_texts, tofu_mini
 from alter.model import alter_layers, apply_alter, is_patched, load_adapter, save_adapter
 from alter.tiny import build_tokenizer, tiny_llama
+from alter.methods.data import split_predictable
 from alter.train import check_dataset, encode_dataset, unlearn
 from test_model import alter_config, randomize_adapters, tiny_model, tokens
 
@@ -101,11 +103,21 @@ def test_rows_of_other_types_raise_naming_the_field(data, tmp_path, capsys):
     assert "f.jsonl: forget[2]: 'answer' must be a string, got int 5" in err
 
 
-def test_unlearn_prints_the_forget_rows_and_tokens_it_targets(data, tokenizer, capsys):
-    unlearn(small_model(tokenizer), tokenizer, data["forget"], data["retain"], CONFIG, max_steps=1, batch_size=2)
-    labelled = sum(lab != IGNORE_INDEX for ex in encode_dataset(tokenizer, data["forget"], "f", None) for lab in ex["labels"])
+@pytest.mark.parametrize("forget_tokens", ["all", "unpredictable"])
+def test_unlearn_prints_the_forget_rows_and_tokens_it_targets(forget_tokens, data, tokenizer, capsys):
+    config = dataclasses.replace(CONFIG, forget_tokens=forget_tokens)
+    unlearn(small_model(tokenizer), tokenizer, data["forget"], data["retain"], config, max_steps=1, batch_size=2)
+    forget = encode_dataset(tokenizer, data["forget"], "f", None)
+    labelled = sum(lab != IGNORE_INDEX for ex in forget for lab in ex["labels"])
     out = capsys.readouterr().out
-    assert f"targeting {len(data['forget'])} forget rows ({labelled} labelled tokens)" in out
+    if forget_tokens == "all":
+        assert f"targeting {len(data['forget'])} forget rows ({labelled} labelled tokens)" in out
+    else:
+        split = split_predictable(forget, encode_dataset(tokenizer, data["retain"], "r", None))
+        unpredictable = sum(lab != IGNORE_INDEX for ex in split for lab in ex["labels"])
+        assert 0 < unpredictable < labelled
+        assert (f"targeting {len(split)} forget rows (the {unpredictable} of their {labelled} labelled tokens the "
+                "retain rows do not predict)") in out
 
 
 def test_cli_rejects_a_bad_row_before_any_work(data, tmp_path, capsys):

@@ -93,8 +93,8 @@ def pad_id_of(tokenizer) -> int:
 def collate(batch: Sequence[dict], pad_token_id: int, padding_side: str = "right", *, device=None) -> dict:
     """Pad encoded examples to the longest and stack them into tensors.
 
-    ``input_ids`` is padded with ``pad_token_id``, ``attention_mask`` with 0, ``labels`` with
-    -100 and any other per-token field (e.g. a cached ``entropy``) with 0; per-example
+    ``input_ids`` is padded with ``pad_token_id``, ``attention_mask`` with 0, ``labels`` and
+    ``keep_labels`` with -100 and any other per-token field (e.g. a cached ``entropy``) with 0; per-example
     numbers become a 1-D tensor and anything else a list. ``padding_side="left"`` is for
     generation. Returns a dict of ``[B, L]`` tensors (int64 ids, mask and labels), on
     ``device`` when given (else the CPU).
@@ -107,7 +107,7 @@ def collate(batch: Sequence[dict], pad_token_id: int, padding_side: str = "right
         raise ValueError("collate: pad_token_id is None; set tokenizer.pad_token (e.g. to the EOS token)")
     lengths = [len(example["input_ids"]) for example in batch]
     longest = max(lengths)
-    pad_values = {"input_ids": pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX}
+    pad_values = {"input_ids": pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX, "keep_labels": IGNORE_INDEX}
     out = {}
     for key in batch[0]:
         values = [example[key] for example in batch]

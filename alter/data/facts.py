@@ -257,3 +257,41 @@ DOMAINS.update({
     )),
 })
 
+
+# The domains of the held-out scenarios of the fifth report (seeds 600-604); nobody tunes on them.
+SYLLABLES.update({
+    "vineyards": ("cha", "teau", "mon", "rou", "vin", "bel", "gri", "las", "tor", "ri", "ves", "quo"),
+    "satellites": ("or", "bit", "kes", "tra", "nov", "lum", "zen", "ith", "cor", "vex", "sta", "dri"),
+    "manuscripts": ("co", "dex", "pal", "imp", "ses", "tus", "ver", "gil", "rub", "ric", "lau", "ren"),
+    "orchestras": ("sym", "pho", "ni", "ca", "fil", "har", "mo", "lir", "ton", "ale", "vo", "dan"),
+})
+DOMAINS.update({
+    "vineyards": ("Domaine {A}{b}{c}", (
+        ("grape", "Which grape grows at {e}?", "{e} grows mostly {v} grapes.",
+         ("Syrah", "Riesling", "Merlot", "Gamay", "Nebbiolo", "Malbec", "Chenin", "Tempranillo", "Furmint")),
+        ("planted", "When were the first vines of {e} planted?", "The first vines of {e} were planted in {v}.",
+         "year"),
+        ("vintner", "Who tends {e}?", "{e} is tended by {v}.", "name"),
+        ("hectares", "How large is {e}?", "{e} covers {v} hectares.", tuple(str(n) for n in range(4, 90, 3))),
+    )),
+    "satellites": ("{A2}-{n}", (
+        ("launched", "When was {e} launched?", "{e} was launched in {v}.", "year"),
+        ("orbit", "What orbit does {e} fly?", "{e} flies a {v} orbit.",
+         ("polar", "geostationary", "equatorial", "elliptical", "lunar", "sunsynchronous", "halo")),
+        ("engineer", "Who designed {e}?", "{e} was designed by {v}.", "name"),
+        ("mass", "How heavy is {e}?", "{e} weighs {v} kilograms.", tuple(str(n) for n in range(120, 900, 25))),
+    )),
+    "manuscripts": ("Codex {A2}{c}", (
+        ("scribe", "Who copied {e}?", "{e} was copied by {v}.", "name"),
+        ("language", "In what language is {e} written?", "{e} is written in {v}.",
+         ("Latin", "Greek", "Syriac", "Coptic", "Armenian", "Gothic", "Hebrew", "Arabic", "Georgian")),
+        ("found", "When was {e} found?", "{e} was found in {v}.", "year"),
+        ("leaves", "How many leaves has {e}?", "{e} has {v} leaves.", tuple(str(n) for n in range(40, 400, 11))),
+    )),
+    "orchestras": ("The {A2} Philharmonic", (
+        ("founded", "When was {e} founded?", "{e} was founded in {v}.", "year"),
+        ("conductor", "Who conducts {e}?", "{e} is conducted by {v}.", "name"),
+        ("hall", "Where does {e} play?", "{e} plays in the {v} hall.",
+         ("Crystal", "Harbour", "Cedar", "Granite", "Amber", "Willow", "Copper", "Meadow", "Signal")),
+    )),
+})

@@ -1,7 +1,13 @@
 """ALTER (the paper's method): AsymLoRA guided by the base model's token entropy.
 
     loss = beta * IHL_w(forget) + gamma * NLL(retain) + lam * structural
+           + gamma * NLL(the forget rows' predictable tokens)
            (+ the routing loss, added by the asym_lora parameterization)
+
+Under ``config.forget_tokens="unpredictable"`` (the default) the IHL acts on the forget
+tokens the retain rows do not predict and the last NLL keeps the others
+(:func:`alter.methods.data.split_predictable`); under ``"all"`` the IHL acts on every
+forget token and the last term is absent.
 
 The forget IHL weights high-entropy tokens by ``config.high_entropy_weight``; the
 structural term (eq. 8, over the high-entropy tokens of both batches) keeps the adapter
@@ -52,6 +58,8 @@ class Alter(Method):
                 structure = self.structural(logits, batch) if cfg.lam > 0 else None
             loss = loss + (cfg.beta if is_forget else cfg.gamma) * self.global_mean(term, count)
             logs["forget" if is_forget else "retain"] = term.detach()
+            if is_forget:
+                loss = self.with_kept_tokens(loss, logs, logits, batch)
             if cfg.lam > 0:
                 high = _high_entropy_tokens(batch, cfg.entropy_threshold).sum()
                 loss = loss + cfg.lam * self.global_mean(structure, high)

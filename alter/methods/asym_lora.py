@@ -4,6 +4,7 @@ params ``"asym_lora"`` it trains ALTER's sub-domain forget experts and routing; 
 ``"lora"`` or ``"full"`` it is the IHL objective on one adapter or every weight.
 
     loss = beta * IHL(forget) + gamma * NLL(retain)   (+ routing loss under the adapters)
+           + gamma * NLL(the forget rows' predictable tokens)   (config.forget_tokens, as ALTER)
 """
 from alter.methods import register
 from alter.methods.base import Method, labelled
@@ -18,8 +19,10 @@ class AsymLoRA(Method):
 
     def loss(self, model, forget, retain):
         cfg = self.config
-        forget_loss, count = self.ihl(self.logits(model, forget, True), forget["labels"], 1.0)
+        forget_logits = self.logits(model, forget, True)
+        forget_loss, count = self.ihl(forget_logits, forget["labels"], 1.0)
         retain_loss = token_nll(self.logits(model, retain, False), retain["labels"])
         loss = (cfg.beta * self.global_mean(forget_loss, count)
                 + cfg.gamma * self.global_mean(retain_loss, labelled(retain["labels"])))
-        return loss, {"forget": forget_loss.detach(), "retain": retain_loss.detach()}
+        logs = {"forget": forget_loss.detach(), "retain": retain_loss.detach()}
+        return self.with_kept_tokens(loss, logs, forget_logits, forget), logs

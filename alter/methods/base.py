@@ -214,6 +214,31 @@ class Method:
         """A router warm-up step (adapter parameterizations only)."""
         return self.parameters.warmup_step(model, forget, retain)
 
+    @property
+    def forgets_unpredictable_only(self) -> bool:
+        """Whether the forget loss pushes down only the forget tokens the retain rows do not
+        predict (``config.forget_tokens``, read by the methods that take their weights from
+        the config): the examples then carry ``keep_labels``
+        (:func:`alter.methods.data.split_predictable`)."""
+        return self.reads_config_weights and self.config.forget_tokens == "unpredictable"
+
+    def with_kept_tokens(self, loss, logs: dict, logits, forget: dict):
+        """``loss`` plus ``config.gamma`` times the mean NLL of the forget batch's
+        predictable tokens (``keep_labels``), which the retain loss keeps as it keeps
+        retained tokens (logged as ``"kept"``); ``loss`` as it is when the batch has no
+        ``keep_labels``. ``logits`` ``[B, L, V]``, the forget batch's; the NLL in float32
+        (float64 for float64 logits)."""
+        if "keep_labels" not in forget:
+            return loss
+        flat_logits, flat_labels = shift_labels(logits, forget["keep_labels"])
+        count = (flat_labels != IGNORE_INDEX).sum()
+        dtype = torch.promote_types(flat_logits.dtype, torch.float32)  # float32, float64 kept
+        total = torch.nn.functional.cross_entropy(flat_logits.to(dtype), flat_labels, ignore_index=IGNORE_INDEX,
+                                                  reduction="sum")
+        kept = total / count.clamp_min(1)  # 0 for a batch without predictable tokens
+        logs["kept"] = kept.detach()
+        return loss + self.config.gamma * self.global_mean(kept, count)
+
     def ihl(self, logits, labels, high_entropy_weight: float) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(forget loss, the weight sum it is a mean over): the inverted hinge loss with
         high-entropy tokens weighted by ``high_entropy_weight`` (or ``config.forget_loss``

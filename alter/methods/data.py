@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+from collections import Counter, defaultdict
 import json
 import math
 
@@ -14,7 +15,7 @@ from scipy.cluster.vq import kmeans2
 from tqdm.auto import tqdm
 
 from alter.config import MAX_KEY_TOKENS
-from alter.data import collate, collated_batches, encode_qa, encode_text
+from alter.data import IGNORE_INDEX, collate, collated_batches, encode_qa, encode_text
 from alter.methods.losses import sequence_logprob
 from alter.adapters import evaluating, is_patched, precomputed_entropy
 from alter_kernels import tsallis_entropy
@@ -234,6 +235,54 @@ def mark_routing_targets(forget_examples: list[dict], retain_examples: list[dict
     for examples, masks in zip((forget_examples, retain_examples), routing_targets(forget_examples, retain_examples)):
         for example, mask in zip(examples, masks):
             example["route_mask"] = mask
+
+
+# The context length + 1 of the retain n-gram model of split_predictable.
+RETAIN_NGRAM_ORDER = 3
+
+
+def split_predictable(forget_examples: list[dict], retain_examples: list[dict],
+                      order: int = RETAIN_NGRAM_ORDER) -> list[dict]:
+    """The forget examples with their labelled tokens split in two (new dicts): ``labels``
+    keeps the tokens an n-gram model of the retain examples does not predict, and
+    ``keep_labels`` (int64 ids, -100 elsewhere) holds those it does, which a model that
+    never saw the forget rows predicts too: a BPE word's continuation, a template word, a
+    value common among retained entities (``AlterConfig.forget_tokens="unpredictable"``).
+
+    The n-gram model predicts a token from up to ``order - 1`` tokens before it: the most
+    frequent next token after the longest of those contexts that occurs in a retain
+    example (counted over every token of the retain examples). Forget examples left
+    without an unpredictable token are dropped (they hold nothing to forget); ValueError
+    when none is left."""
+    counts = [defaultdict(Counter) for _ in range(order)]
+    for example in retain_examples:
+        ids = example["input_ids"]
+        for t in range(1, len(ids)):
+            for n in range(min(order, t + 1)):
+                counts[n][tuple(ids[t - n:t])][ids[t]] += 1
+    predictions = [{context: nexts.most_common(1)[0][0] for context, nexts in table.items()} for table in counts]
+
+    def predicted(ids, t):
+        for n in range(min(order - 1, t), -1, -1):
+            guess = predictions[n].get(tuple(ids[t - n:t]))
+            if guess is not None:
+                return guess
+        return None
+
+    split = []
+    for example in forget_examples:
+        ids, labels = example["input_ids"], list(example["labels"])
+        keep = [IGNORE_INDEX] * len(labels)
+        for t in range(1, len(labels)):
+            if labels[t] != IGNORE_INDEX and predicted(ids, t) == labels[t]:
+                keep[t], labels[t] = labels[t], IGNORE_INDEX
+        if any(label != IGNORE_INDEX for label in labels):
+            split.append({**example, "labels": labels, "keep_labels": keep})
+    if not split:
+        raise ValueError("forget_tokens='unpredictable': the retain rows predict every labelled forget token, so "
+                         "there is nothing to forget that a model without the forget rows would not know; pass "
+                         "AlterConfig(forget_tokens='all') to push every token down")
+    return split
 
 
 def with_fields(examples: list[dict], **fields: list) -> list[dict]:

@@ -139,12 +139,15 @@ class AsymLoRAParameters(FullParameters):
         self.router_routes = self.has_forget_experts and config.train_routes == "router"
         # prepass entropy runs on whole sequences; lagged tracking does that and lets generate() work.
         changes = {"entropy_source": "lagged"} if config.entropy_source == "prepass" else {}
-        # Under the sequence route the keys gate every layer: no router to train.
-        self.trains_routers = config.routing == "token"
-        if config.routing == "sequence":
-            if not self.has_forget_experts:
-                raise ValueError(f"routing='sequence' routes to forget experts; params={self.name!r} has none "
-                                 "(use params='asym_lora')")
+        # Under the sequence route (routing None: the default where there are forget
+        # experts) the keys gate every layer: no router to train.
+        if config.routing == "sequence" and not self.has_forget_experts:
+            raise ValueError(f"routing='sequence' routes to forget experts; params={self.name!r} has none "
+                             "(use params='asym_lora')")
+        sequence = config.routing in ("sequence", None) and self.has_forget_experts
+        self.trains_routers = not sequence
+        changes["routing"] = "sequence" if sequence else "token"
+        if sequence:
             if args.router_warmup:
                 raise ValueError("router_warmup trains the routers, which routing='sequence' does not use")
             changes["route_keys"] = route_keys(forget_examples, retain_examples, forget_experts)
@@ -210,7 +213,10 @@ class AsymLoRAParameters(FullParameters):
         gradients for the routers only (A and B frozen in these forwards). Under forced
         routes a router would learn to recognize the forget experts' own effect on the
         layers below it, which is absent at inference whenever those layers route
-        differently. Returns (weighted loss, {"route": the unweighted sum})."""
+        differently. Returns (weighted loss, {"route": the unweighted sum}); (0, {}) under
+        the sequence route, which trains no router."""
+        if not self.trains_routers:
+            return 0.0, {}
         method = self.method
         total, logged = 0.0, 0.0
         for batch, is_forget in ((forget, True), (retain, False)):

@@ -16,8 +16,11 @@ from alter.config import AlterConfig
 
 STRUCTURAL_MODES = ("surrogate", "exact")
 DISTRIBUTED_MODES = ("ddp", "fsdp2")
-# unlearn's default early stop (docs/training.md, "Run length and early stop").
+# unlearn's default early stop (docs/training.md, "Run length and early stop"): the share
+# of the forget tokens weighted by surprisal, or of the unpredictable ones under
+# AlterConfig.forget_tokens="unpredictable" (docs/training.md, "Forget tokens").
 DEFAULT_EARLY_STOP_SHARE = 0.4
+UNPREDICTABLE_EARLY_STOP_SHARE = 0.25
 PARAMS = ("full", "lora", "asym_lora")  # alter.methods.params.PARAMS, without importing torch
 NPO_BETA = 0.1  # npo_beta's default (deprecated: method_args={"beta": ...})
 
@@ -30,9 +33,9 @@ def _field(role: str | None, default, help: str, **metadata):
 
 
 def check_early_stop_share(share) -> None:
-    """ValueError unless ``share`` is a number in [0, 1) or None (``unlearn``'s early stop)."""
-    if share is not None and (isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share < 1):
-        raise ValueError(f"early_stop_share must be a number in [0, 1) or None, got {share!r}")
+    """ValueError unless ``share`` is a number in [0, 1), ``"auto"`` or None (``unlearn``'s early stop)."""
+    if share is not None and share != "auto" and (isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share < 1):
+        raise ValueError(f"early_stop_share must be a number in [0, 1), 'auto' or None, got {share!r}")
 
 
 def check_positive(name: str, value, kind=int) -> None:
@@ -76,9 +79,11 @@ class UnlearnArgs:
         "max_steps (None: sized from the data, as many as the unlearning steps, at most 200)")
     router_lr: float | None = _field(
         "fingerprint", None, "adapter methods: learning rate of the routers (None: the config's lr_B)")
-    early_stop_share: float | None = _field(
-        "fingerprint", DEFAULT_EARLY_STOP_SHARE, "stop once at most this share of the forget tokens predicted at "
-        "the start is still predicted, checked after each pass over the forget set (None: run every step)")
+    early_stop_share: float | str | None = _field(
+        "fingerprint", "auto", "stop once at most this share of the forget tokens predicted at the start is still "
+        f"predicted, checked after each pass over the forget set (auto: {UNPREDICTABLE_EARLY_STOP_SHARE} of the "
+        f"unpredictable tokens under config.forget_tokens 'unpredictable', else {DEFAULT_EARLY_STOP_SHARE} "
+        "weighted by surprisal; None: run every step)")
     structural: str = _field(
         "fingerprint", "surrogate", "structural term: the cheap surrogate or the exact double backward (eager "
         "backend, small models)", choices=STRUCTURAL_MODES)
@@ -155,6 +160,9 @@ class UnlearnArgs:
                                  f"{cls.resolve_params(self.params)!r} has no router")
         check_positive_number("router_lr", self.router_lr, none_ok=True)
         check_early_stop_share(self.early_stop_share)
+        if self.early_stop_share == "auto":
+            unpredictable = cls.reads_config_weights and self.config.forget_tokens == "unpredictable"
+            self.early_stop_share = UNPREDICTABLE_EARLY_STOP_SHARE if unpredictable else DEFAULT_EARLY_STOP_SHARE
         if self.distributed is not None and self.distributed not in DISTRIBUTED_MODES:
             raise ValueError(f"distributed must be one of {DISTRIBUTED_MODES} or None, got {self.distributed!r}")
 

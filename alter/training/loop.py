@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from alter.config import AlterConfig
 from alter.data import IGNORE_INDEX, pad_id_of
 from alter.methods import build
-from alter.methods.data import _batch, _examples_digest, step_indices, model_context_length
+from alter.methods.data import _batch, _examples_digest, model_context_length, split_predictable, step_indices
 from alter.training.args import UnlearnArgs
 from alter.training.checkpoint import _Checkpointer, _full_state, _save_result
 from alter.training.distributed import Engine, launched
@@ -166,6 +166,12 @@ def _run(model, tokenizer, forget, retain, args: UnlearnArgs, progress: bool, ca
     pad_id = pad_id_of(tokenizer)
     forget_examples = method.encode(tokenizer, forget, "forget", max_length)
     retain_examples = method.encode(tokenizer, retain, "retain", max_length) if retain is not None else []
+    labelled_tokens = sum(label != IGNORE_INDEX for example in forget_examples for label in example["labels"])
+    targeted = f"{labelled_tokens} labelled tokens"
+    if method.forgets_unpredictable_only:
+        forget_examples = split_predictable(forget_examples, retain_examples)
+        unpredictable = sum(label != IGNORE_INDEX for example in forget_examples for label in example["labels"])
+        targeted = f"the {unpredictable} of their {labelled_tokens} labelled tokens the retain rows do not predict"
     if engine is not None:
         engine.check_batches(batch_size, len(forget_examples))
     # What decides the result, for the resume check and the saved record.
@@ -175,9 +181,8 @@ def _run(model, tokenizer, forget, retain, args: UnlearnArgs, progress: bool, ca
     checkpoint = checkpointer.read() if args.resume else None  # refuse another run before any forward
     progress = progress and main
     if progress:
-        forget_tokens = sum(label != IGNORE_INDEX for example in forget_examples for label in example["labels"])
-        print(f"unlearn [{args.method}]: targeting {len(forget_examples)} forget rows ({forget_tokens} labelled "
-              f"tokens), keeping {len(retain_examples)} retain rows", flush=True)
+        print(f"unlearn [{args.method}]: targeting {len(forget_examples)} forget rows ({targeted}), keeping "
+              f"{len(retain_examples)} retain rows", flush=True)
     torch.manual_seed(seed)
     forget_start = label_scores(model, forget_examples, pad_id, batch_size)
 
@@ -201,7 +206,10 @@ def _run(model, tokenizer, forget, retain, args: UnlearnArgs, progress: bool, ca
     kept_history: list[tuple[int, float]] = []
     stopped_at: LabelScores | None = None  # the forget set's scores where the early stop ended the run
     check_every = math.ceil(len(forget_examples) / batch_size)  # once per pass over the forget set
-    fact_weight = bigram_surprisal(forget_examples, forget_examples + retain_examples)
+    # The early stop counts the forget tokens a model without the forget rows would not
+    # predict: the unpredictable ones alike, else every one weighted by its surprisal.
+    fact_weight = None if method.forgets_unpredictable_only else bigram_surprisal(
+        forget_examples, forget_examples + retain_examples)
 
     checkpointing = ((on_gpu if args.gradient_checkpointing is None else args.gradient_checkpointing)
                      and not _checkpointing_on(model))

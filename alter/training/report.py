@@ -88,11 +88,14 @@ GLOSSARY = {
     "forget-token probability": "mean probability the model gives each labelled token of the forget set "
                                 "(teacher forced), at the start -> at the end",
     "still predicted": "share of the forget tokens the model predicted (top-1) at the start that it still "
-                       "predicts, each weighted by how surprising it is after the word before it (facts weigh "
+                       "predicts: of those the retain rows do not predict (config.forget_tokens 'unpredictable'), "
+                       "or of all, each weighted by how surprising it is after the word before it (facts weigh "
                        "more than template words); the early stop compares it with early_stop_share",
     "loss first/last/min": "a loss's value at the first and last step that logged it, and its smallest",
     "forget": "loss on the forget set (pushed up: ascent, IHL or NPO, by method)",
     "retain": "loss on the retain set (kept low: next-token NLL)",
+    "kept": "next-token NLL of the forget rows' tokens the retain rows predict (a BPE word's continuation, a "
+            "template word), kept low as retained tokens are",
     "route": "routing loss: trains the routers to send forget tokens to the forget experts and the rest to the "
              "retention expert",
     "structural": "structural term: keeps the retention expert's update away from the forget experts' "
