@@ -71,8 +71,9 @@ def positive_int(text: str) -> int:
 def _share_or_none(text: str) -> float | str | None:
     from alter.training.args import check_early_stop_share
 
-    if text.strip().lower() in ("none", "auto"):
-        return None if text.strip().lower() == "none" else "auto"
+    word = text.strip().lower()
+    if word in ("none", "auto"):
+        return None if word == "none" else "auto"
     try:
         value = float(text)
         check_early_stop_share(value)
@@ -126,10 +127,11 @@ def _quality_runs(text: str) -> tuple[str, ...]:
     """Runs of ``alter quality --methods``: what ``--methods`` of the demo takes, or ALTER's ablations."""
     from alter.quality import ABLATIONS
 
-    ablations = tuple(m.strip() for m in text.split(",") if m.strip() in ABLATIONS)
-    others = ",".join(m for m in text.split(",") if m.strip() and m.strip() not in ABLATIONS)
-    methods = _method_list(others) if others or not ablations else ()
-    return tuple(m.strip() for m in text.split(",") if m.strip() in ablations or m.strip() in methods)
+    runs = tuple(m.strip() for m in text.split(",") if m.strip())
+    others = [m for m in runs if m not in ABLATIONS]
+    if others or not runs:
+        _method_list(",".join(others))  # refuses an unknown name (or none), with the reason
+    return runs
 
 
 def method_arg(text: str) -> tuple[str, object]:

@@ -78,7 +78,6 @@ def _train_step(dev: torch.device, quick: bool, method: str, backend_variant: st
     trainer splits them (``forget_tokens="unpredictable"``, the default)."""
     from alter import methods, train
     from alter.data import IGNORE_INDEX
-    from alter.methods.data import split_predictable
     from alter.training.args import UnlearnArgs
 
     config, _, (batch, seq) = _model_config(dev, quick)
@@ -97,8 +96,7 @@ def _train_step(dev: torch.device, quick: bool, method: str, backend_variant: st
     alter_config = dataclasses.replace(_bench_alter_config(backend_variant, "prepass"), routing=routing)
     args = UnlearnArgs(method=method, config=alter_config, batch_size=half)
     objective = methods.build(args, autocast)
-    if objective.forgets_unpredictable_only:
-        forget = split_predictable(forget, retain)
+    forget = objective.select_forget_tokens(forget, retain)
     optimizer, forget, retain = objective.setup(model, forget, retain, 0)
     forget_batch = train._batch(forget, range(len(forget)), 0, dev)
     retain_batch = train._batch(retain, range(len(retain)), 0, dev)

@@ -28,7 +28,7 @@ import dataclasses
 import torch
 
 from alter.data import IGNORE_INDEX
-from alter.methods.data import _model_inputs, encode_dataset
+from alter.methods.data import _model_inputs, encode_dataset, split_predictable
 from alter.methods.losses import _floats, shift_labels, token_nll
 from alter.methods.params import PARAMETERIZATIONS, PARAMS, frozen_copy
 from alter_kernels import inverted_hinge_loss
@@ -221,6 +221,14 @@ class Method:
         the config): the examples then carry ``keep_labels``
         (:func:`alter.methods.data.split_predictable`)."""
         return self.reads_config_weights and self.config.forget_tokens == "unpredictable"
+
+    def select_forget_tokens(self, forget_examples: list[dict], retain_examples: list[dict]) -> list[dict]:
+        """The forget examples the loss trains on: split by
+        :func:`alter.methods.data.split_predictable` when :attr:`forgets_unpredictable_only`,
+        else as given (the trainer and the step benchmark both call this)."""
+        if not self.forgets_unpredictable_only:
+            return forget_examples
+        return split_predictable(forget_examples, retain_examples)
 
     def with_kept_tokens(self, loss, logs: dict, logits, forget: dict):
         """``loss`` plus ``config.gamma`` times the mean NLL of the forget batch's

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from alter.config import AlterConfig
 from alter.data import IGNORE_INDEX, pad_id_of
 from alter.methods import build
-from alter.methods.data import _batch, _examples_digest, model_context_length, split_predictable, step_indices
+from alter.methods.data import _batch, _examples_digest, model_context_length, step_indices
 from alter.training.args import UnlearnArgs
 from alter.training.checkpoint import _Checkpointer, _full_state, _save_result
 from alter.training.distributed import Engine, launched
@@ -143,6 +143,11 @@ def _why_ended(stopped: bool, kept_history: list, capped: bool, args: UnlearnArg
     return f"run length: {train_steps} unlearning steps ({sized})"
 
 
+def _labelled_count(examples: list[dict]) -> int:
+    """Labelled tokens of encoded examples."""
+    return sum(label != IGNORE_INDEX for example in examples for label in example["labels"])
+
+
 def _run(model, tokenizer, forget, retain, args: UnlearnArgs, progress: bool, callback):
     """:func:`unlearn` with its arguments validated."""
     started = time.perf_counter()
@@ -166,12 +171,7 @@ def _run(model, tokenizer, forget, retain, args: UnlearnArgs, progress: bool, ca
     pad_id = pad_id_of(tokenizer)
     forget_examples = method.encode(tokenizer, forget, "forget", max_length)
     retain_examples = method.encode(tokenizer, retain, "retain", max_length) if retain is not None else []
-    labelled_tokens = sum(label != IGNORE_INDEX for example in forget_examples for label in example["labels"])
-    targeted = f"{labelled_tokens} labelled tokens"
-    if method.forgets_unpredictable_only:
-        forget_examples = split_predictable(forget_examples, retain_examples)
-        unpredictable = sum(label != IGNORE_INDEX for example in forget_examples for label in example["labels"])
-        targeted = f"the {unpredictable} of their {labelled_tokens} labelled tokens the retain rows do not predict"
+    encoded_forget, forget_examples = forget_examples, method.select_forget_tokens(forget_examples, retain_examples)
     if engine is not None:
         engine.check_batches(batch_size, len(forget_examples))
     # What decides the result, for the resume check and the saved record.
@@ -181,6 +181,11 @@ def _run(model, tokenizer, forget, retain, args: UnlearnArgs, progress: bool, ca
     checkpoint = checkpointer.read() if args.resume else None  # refuse another run before any forward
     progress = progress and main
     if progress:
+        labelled_tokens = _labelled_count(encoded_forget)
+        targeted = f"{labelled_tokens} labelled tokens"
+        if method.forgets_unpredictable_only:
+            targeted = (f"the {_labelled_count(forget_examples)} of their {labelled_tokens} labelled tokens the "
+                        "retain rows do not predict")
         print(f"unlearn [{args.method}]: targeting {len(forget_examples)} forget rows ({targeted}), keeping "
               f"{len(retain_examples)} retain rows", flush=True)
     torch.manual_seed(seed)
