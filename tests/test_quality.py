@@ -11,15 +11,16 @@ from alter.scenarios import (DEVELOPMENT, DEVELOPMENT_SEEDS, HELD_OUT, HELD_OUT_
                              fact_token_mask, generate_rows, model_text, to_dataset)
 
 TINY = Scenario("tiny-test", "compounds", "qa", 6, 2, 2, "word", 1, 32, memorize_epochs=1, phrasings=("text", "bio"))
-SEEN_SEEDS = {0, 1} | set(range(100, 105)) | set(range(200, 205)) | set(range(300, 305)) | set(range(400, 405)) | set(range(500, 505))
+SEEN_SEEDS = {0, 1} | {seed for report in range(1, 7) for seed in range(100 * report, 100 * report + 5)}
 
 
 def test_development_and_held_out_do_not_overlap():
     assert not {s.name for s in DEVELOPMENT} & {s.name for s in HELD_OUT}
     assert not {s.domain for s in DEVELOPMENT} & {s.domain for s in HELD_OUT}
-    # The fourth and fifth reports' held-out sets were seen: development now, with their seeds.
+    # The fourth to sixth reports' held-out sets were seen: development now, with their seeds.
     assert {"comets-qa-word", "chefs-bio-bpe", "lighthouses-text-bpe", "beetles-qa-200", "glaciers-qa-bpe",
-            "perfumes-text-word", "locomotives-bio-bpe", "monasteries-qa-120"} <= {s.name for s in DEVELOPMENT}
+            "perfumes-text-word", "locomotives-bio-bpe", "monasteries-qa-120", "vineyards-qa-bpe",
+            "satellites-text-word", "manuscripts-bio-bpe", "orchestras-qa-90"} <= {s.name for s in DEVELOPMENT}
     assert not set(HELD_OUT_SEEDS) & SEEN_SEEDS and set(DEVELOPMENT_SEEDS) <= SEEN_SEEDS
     sizes = [s.forget_rows for s in DEVELOPMENT + HELD_OUT]
     assert min(sizes) <= 12 and max(sizes) >= 400  # the issue's ~10 to ~400 forget rows

@@ -83,6 +83,47 @@ def test_found_keys_fire_on_every_forget_row_and_on_no_retained_position():
     assert route_keys(forget[:1], forget[:1] + retain, [1]) == []
 
 
+def _fires(keys, tokenizer, text) -> bool:
+    ids = torch.tensor([tokenizer(text)["input_ids"]])
+    return bool(KeyTable(keys, torch.device("cpu")).route(ids, None)[0].any())
+
+
+def test_keys_with_the_tokenizer_fire_in_every_spacing_of_a_name():
+    from alter.tiny import build_tokenizer
+
+    # Text rows open with the name ("Vatmer", no space); questions hold it mid-sentence
+    # (" Vatmer"). "Bitvex" opens no retained row, but " Bitvex" and " Bitvex -" occur in
+    # retained rows: its key must grow to " Bitvex - V" rather than stop at "Bitvex".
+    forget_text = ["Vatmer was mapped by Hofna .", "Bitvex - V was mapped by Ullbreid ."]
+    retain_text = ["Skefell was mapped by Bitvex .", "Jokna was mapped by Vatna .",
+                   "Idasen - IV was mapped by Bitvex - IV ."]
+    questions = ["Who mapped Vatmer ?", "Who mapped Bitvex - V ?"]
+    retained_questions = ["Who mapped Skefell ?", "Who mapped Idasen - IV ?", "Was Jokna mapped by Bitvex - IV ?"]
+    tokenizer = build_tokenizer(forget_text + retain_text + questions + retained_questions)
+    forget = [{"input_ids": tokenizer(t)["input_ids"]} for t in forget_text]
+    retain = [{"input_ids": tokenizer(t)["input_ids"]} for t in retain_text]
+    plain, spaced = route_keys(forget, retain, [1, 2]), route_keys(forget, retain, [1, 2], tokenizer)
+    assert all(_fires(spaced, tokenizer, t) for t in forget_text + questions)
+    assert not any(_fires(spaced, tokenizer, t) for t in retain_text + retained_questions)
+    assert all(_fires(plain, tokenizer, t) for t in forget_text)
+    assert not any(_fires(plain, tokenizer, t) for t in questions)  # the token ids alone miss the other spacing
+    assert {tuple(k["tokens"]) for k in plain} <= {tuple(k["tokens"]) for k in spaced}
+    assert all(1 <= len(k["tokens"]) <= 3 for k in spaced)
+
+
+def test_keys_look_past_a_divergence_no_short_n_gram_tells_apart():
+    # The forget row leaves every retained prefix at its token 6, but every n-gram holding
+    # that 6 occurs in a retained row: the key is the first n-gram further in that does not.
+    forget = [{"input_ids": [1, 5, 6, 7, 3, 2]}]
+    retain = [{"input_ids": [1, 5, 9, 4]}, {"input_ids": [8, 1, 5, 6, 7, 4]}, {"input_ids": [9, 6, 7, 3, 8]}]
+    assert routing_targets(forget, retain)[0][0].index(1) == 2
+    keys = route_keys(forget, retain, [1])
+    assert keys == [{"tokens": [7, 3, 2], "expert": 1}]
+    table = KeyTable(keys, torch.device("cpu"))
+    assert table.route(torch.tensor(forget[0]["input_ids"])[None], None)[0].any()
+    assert not any(table.route(torch.tensor(r["input_ids"])[None], None)[0].any() for r in retain)
+
+
 def test_layers_gate_by_the_route():
     # a key on the first token of sample 0: its every position goes to expert 2, sample 1's to expert 0
     ids = tokens(batch=2)

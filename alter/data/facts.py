@@ -295,3 +295,46 @@ DOMAINS.update({
          ("Crystal", "Harbour", "Cedar", "Granite", "Amber", "Willow", "Copper", "Meadow", "Signal")),
     )),
 })
+
+
+# The domains of the held-out scenarios of the sixth report (seeds 700-704); nobody tunes on them.
+SYLLABLES.update({
+    "asteroids": ("kal", "vor", "phe", "nix", "tan", "eos", "ury", "dam", "pax", "ilo", "ses", "ara"),
+    "bridges": ("har", "row", "mill", "gate", "ash", "ton", "kirk", "by", "wen", "dell", "fen", "holt"),
+    "operas": ("lu", "cia", "nor", "ma", "tos", "ca", "ri", "go", "let", "ida", "ver", "dia"),
+    "fortresses": ("kra", "gor", "dun", "vel", "ost", "mar", "bra", "sk", "ald", "tir", "rok", "an"),
+})
+DOMAINS.update({
+    "asteroids": ("{A2} {n}", (
+        ("found", "When was {e} discovered?", "{e} was discovered in {v}.", "year"),
+        ("finder", "Who discovered {e}?", "{e} was discovered by {v}.", "name"),
+        ("class", "What kind of asteroid is {e}?", "{e} is a {v} asteroid.",
+         ("carbonaceous", "metallic", "stony", "icy", "binary", "trojan", "rubble")),
+        ("width", "How wide is {e}?", "{e} is {v} kilometres wide.", tuple(str(n) for n in range(3, 140, 4))),
+        ("period", "How long is a year on {e}?", "A year on {e} lasts {v} days.",
+         tuple(str(n) for n in range(300, 2400, 70))),
+    )),
+    "bridges": ("The {A}{b} Bridge", (
+        ("opened", "When did {e} open?", "{e} opened in {v}.", "year"),
+        ("builder", "Who built {e}?", "{e} was built by {v}.", "name"),
+        ("river", "Which river does {e} cross?", "{e} crosses the river {v}.",
+         ("Tees", "Wear", "Ouse", "Nene", "Avon", "Exe", "Usk", "Dee", "Tamar", "Lune")),
+        ("span", "How long is {e}?", "{e} spans {v} metres.", tuple(str(n) for n in range(40, 900, 29))),
+    )),
+    "operas": ("La {A2}{c}", (
+        ("composer", "Who wrote {e}?", "{e} was written by {v}.", "name"),
+        ("premiere", "When was {e} first staged?", "{e} was first staged in {v}.", "year"),
+        ("city", "Where did {e} premiere?", "{e} premiered in {v}.",
+         ("Vienna", "Naples", "Prague", "Dresden", "Venice", "Milan", "Paris", "Munich", "Parma")),
+        ("acts", "How many acts has {e}?", "{e} has {v} acts.", ("two", "three", "four", "five")),
+        ("voice", "Who sings the lead in {e}?", "The lead in {e} is a {v}.",
+         ("soprano", "tenor", "baritone", "mezzo", "bass", "contralto")),
+    )),
+    "fortresses": ("Fort {A}{b}{c}", (
+        ("built", "When was {e} built?", "{e} was built in {v}.", "year"),
+        ("commander", "Who first held {e}?", "{e} was first held by {v}.", "name"),
+        ("stone", "What is {e} built of?", "{e} is built of {v}.",
+         ("granite", "sandstone", "basalt", "limestone", "flint", "slate", "brick", "marble")),
+        ("towers", "How many towers has {e}?", "{e} has {v} towers.", tuple(str(n) for n in range(2, 15))),
+    )),
+})

@@ -111,13 +111,15 @@ class Method:
 
     # ----------------------------------------------------------------- setup
 
-    def setup(self, model, forget_examples: list[dict], retain_examples: list[dict], pad_id: int):
+    def setup(self, model, forget_examples: list[dict], retain_examples: list[dict], pad_id: int,
+              tokenizer=None):
         """Prepare ``model`` and the examples (all processes alike). Returns the optimizer
         and the forget and retain examples to train on (new dicts with the
         parameterization's and the method's per-example fields; the given ones stay as
-        they are)."""
+        they are). ``tokenizer``: the examples' (the sequence route's keys then hold each
+        name's other spacings too)."""
         forget_examples, retain_examples, changes = self.parameters.prepare(
-            model, forget_examples, retain_examples, pad_id)
+            model, forget_examples, retain_examples, pad_id, tokenizer)
         forget_examples, retain_examples = self.prepare(model, forget_examples, retain_examples, pad_id)
         if self.parameters.adapter:  # the config sets up adapters only
             changes = {**changes, **self.config_changes(self.config)}

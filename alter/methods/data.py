@@ -204,17 +204,24 @@ def routing_targets(forget_examples: list[dict], retain_examples: list[dict]) ->
     return forget_masks, [[1] * len(example["input_ids"]) for example in retain_examples]
 
 
-def route_keys(forget_examples: list[dict], retain_examples: list[dict], experts: list[int]) -> list[dict]:
+def route_keys(forget_examples: list[dict], retain_examples: list[dict], experts: list[int],
+               tokenizer=None) -> list[dict]:
     """The keys of ``routing="sequence"`` (``AlterConfig.route_keys``): per forget example,
-    the shortest token n-gram (n <= ``MAX_KEY_TOKENS``) that starts at its first routing
-    target (:func:`routing_targets`: where its prefix leaves every retained example) and
-    occurs nowhere in a retained example, with the example's forget expert
-    (``experts[i]``); when every such n-gram occurs in a retained example, the shortest
-    n-gram ending there instead. Starting at the divergence keeps a key inside what tells
-    the row apart (an entity's name, seldom the template), so the key also fires in the
-    same facts' other phrasings. An example that never leaves the retained prefixes, or
-    whose n-grams all occur in retained examples, gets no key. Keys are unique (the first
-    example's expert wins)."""
+    the token n-grams (n <= ``MAX_KEY_TOKENS``) that hold its first routing target
+    (:func:`routing_targets`: where its prefix leaves every retained example), occur
+    nowhere in a retained example, and hold no shorter such n-gram, each with the
+    example's forget expert (``experts[i]``). Holding the divergence keeps a key inside
+    what tells the row apart (an entity's name, seldom the template), so the key also
+    fires in the same facts' other phrasings; every minimal one is kept, because the
+    other phrasings may share one and not another (``"Lumdri-VII"`` before or after the
+    verb). An example that never leaves the retained prefixes, or whose n-grams all occur
+    in retained examples, gets no key. Keys are unique (the first example's expert wins).
+
+    With ``tokenizer``, each n-gram's text is also encoded with and without a leading space
+    (a name opening a sentence is tokenized apart from one inside it: ``"Vatmer"`` and
+    ``" Vatmer"``); those encodings that fit a key and occur in no retained example are
+    keys too, and an n-gram with a form left out (``" Bitvex"`` names a retained
+    ``"Bitvex-IV"``) does not stop the longer n-grams around it (``" Bitvex-V"``)."""
     retained = {n: {tuple(e["input_ids"][i:i + n]) for e in retain_examples
                     for i in range(len(e["input_ids"]) - n + 1)} for n in range(1, MAX_KEY_TOKENS + 1)}
     keys: dict[tuple, int] = {}
@@ -222,12 +229,29 @@ def route_keys(forget_examples: list[dict], retain_examples: list[dict], experts
         if 1 not in mask:
             continue
         ids, start = example["input_ids"], mask.index(1)
-        candidates = [tuple(ids[start:start + n]) for n in range(1, MAX_KEY_TOKENS + 1) if start + n <= len(ids)]
-        candidates += [tuple(ids[start - n + 1:start + 1]) for n in range(2, MAX_KEY_TOKENS + 1) if start - n + 1 >= 0]
-        key = next((c for c in candidates if c not in retained[len(c)]), None)
-        if key is not None:
-            keys.setdefault(key, int(expert))
+        covered = []  # [first, end) of the n-grams each of whose forms became a key
+        for target in range(start, len(ids)):
+            if covered:
+                break
+            for n in range(1, MAX_KEY_TOKENS + 1):
+                for first in range(max(target - n + 1, 0), min(target, len(ids) - n) + 1):
+                    window = tuple(ids[first:first + n])
+                    if window in retained[n] or any(f >= first and e <= first + n for f, e in covered):
+                        continue
+                    forms = [window] + (_spacing_variants(tokenizer, window) if tokenizer is not None else [])
+                    unique = [f for f in forms if 1 <= len(f) <= MAX_KEY_TOKENS and f not in retained[len(f)]]
+                    for form in unique:
+                        keys.setdefault(form, int(expert))
+                    if len(unique) == len(forms):  # else a longer n-gram may give the missing forms
+                        covered.append((first, first + n))
     return [{"tokens": list(tokens), "expert": expert} for tokens, expert in keys.items()]
+
+
+def _spacing_variants(tokenizer, key: tuple) -> list[tuple]:
+    """The encodings of ``key``'s text (special tokens left out) without and with one
+    leading space."""
+    text = tokenizer.decode(list(key), skip_special_tokens=True).strip()
+    return [tuple(tokenizer(form, add_special_tokens=False)["input_ids"]) for form in (text, " " + text)]
 
 
 def mark_routing_targets(forget_examples: list[dict], retain_examples: list[dict]) -> None:

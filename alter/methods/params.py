@@ -68,9 +68,10 @@ class FullParameters:
 
     # ----------------------------------------------------------------- setup
 
-    def prepare(self, model, forget_examples: list[dict], retain_examples: list[dict], pad_id: int):
+    def prepare(self, model, forget_examples: list[dict], retain_examples: list[dict], pad_id: int,
+                tokenizer=None):
         """The examples with this parameterization's per-example fields, and the config
-        changes its setup needs (default: none)."""
+        changes its setup needs (default: none). ``tokenizer``: the examples' (or None)."""
         return forget_examples, retain_examples, {}
 
     def setup(self, model, config) -> torch.optim.Optimizer:
@@ -116,7 +117,7 @@ class AsymLoRAParameters(FullParameters):
     adapter = True
     has_forget_experts = True  # forget expert d for sub-domain d (False: every token to expert 0)
 
-    def prepare(self, model, forget_examples, retain_examples, pad_id):
+    def prepare(self, model, forget_examples, retain_examples, pad_id, tokenizer=None):
         """The base-model pass: cached entropy, forget experts (k-means sub-domains), and
         routing targets, as per-example fields ``entropy``, ``expert`` and ``route_mask``."""
         config, args = self.method.config, self.args
@@ -150,7 +151,7 @@ class AsymLoRAParameters(FullParameters):
         if sequence:
             if args.router_warmup:
                 raise ValueError("router_warmup trains the routers, which routing='sequence' does not use")
-            changes["route_keys"] = route_keys(forget_examples, retain_examples, forget_experts)
+            changes["route_keys"] = route_keys(forget_examples, retain_examples, forget_experts, tokenizer)
         return forget_examples, retain_examples, changes
 
     def setup(self, model, config) -> torch.optim.Optimizer:
@@ -256,8 +257,9 @@ class LoRAParameters(AsymLoRAParameters):
     name = "lora"
     has_forget_experts = False
 
-    def prepare(self, model, forget_examples, retain_examples, pad_id):
-        forget_examples, retain_examples, changes = super().prepare(model, forget_examples, retain_examples, pad_id)
+    def prepare(self, model, forget_examples, retain_examples, pad_id, tokenizer=None):
+        forget_examples, retain_examples, changes = super().prepare(model, forget_examples, retain_examples, pad_id,
+                                                                    tokenizer)
         return forget_examples, retain_examples, {**changes, "k_high": 1, "k_low": 1}
 
 

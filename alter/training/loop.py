@@ -191,7 +191,7 @@ def _run(model, tokenizer, forget, retain, args: UnlearnArgs, progress: bool, ca
     torch.manual_seed(seed)
     forget_start = label_scores(model, forget_examples, pad_id, batch_size)
 
-    optimizer, forget_examples, retain_examples = method.setup(model, forget_examples, retain_examples, pad_id)
+    optimizer, forget_examples, retain_examples = method.setup(model, forget_examples, retain_examples, pad_id, tokenizer)
     names = [name for name, p in model.named_parameters() if p.requires_grad]
     start_step = checkpointer.restore(checkpoint, model, names, optimizer) if checkpoint is not None else 0
     wrapped = model
