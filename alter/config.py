@@ -115,8 +115,10 @@ class AlterConfig:
         and entropy) or "sequence": a position goes to a forget expert once one of
         ``route_keys`` occurred at or before it, to the retention expert before (every
         layer alike; the routers are not used). ``unlearn`` finds the keys from its forget
-        and retain rows (``alter.methods.data.route_keys``): isolation by construction on
-        those rows (docs/routing.md, "(e) The sequence route"). None (the default):
+        and retain rows and its tokenizer (``alter.methods.data.route_keys``: each key also
+        in the other spacing of its text, so that a name opening a sentence and one inside
+        it both fire): isolation by construction on those rows (docs/routing.md, "(e) The
+        sequence route", "(g)"). None (the default):
         "sequence" when ``unlearn`` trains forget experts (params asym_lora), "token"
         elsewhere (adapters applied on their own have no keys; lora has no forget expert).
       route_keys: the keys of "sequence" routing, a list of {"tokens": 1 to 3 token ids,

@@ -17,7 +17,7 @@ SEEN_SEEDS = {0, 1} | {seed for report in range(1, 7) for seed in range(100 * re
 def test_development_and_held_out_do_not_overlap():
     assert not {s.name for s in DEVELOPMENT} & {s.name for s in HELD_OUT}
     assert not {s.domain for s in DEVELOPMENT} & {s.domain for s in HELD_OUT}
-    # The fourth to sixth reports' held-out sets were seen: development now, with their seeds.
+    # The held-out sets of the fourth to sixth reports (seeds 400-604) were seen: development now.
     assert {"comets-qa-word", "chefs-bio-bpe", "lighthouses-text-bpe", "beetles-qa-200", "glaciers-qa-bpe",
             "perfumes-text-word", "locomotives-bio-bpe", "monasteries-qa-120", "vineyards-qa-bpe",
             "satellites-text-word", "manuscripts-bio-bpe", "orchestras-qa-90"} <= {s.name for s in DEVELOPMENT}

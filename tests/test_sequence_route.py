@@ -111,6 +111,17 @@ def test_keys_with_the_tokenizer_fire_in_every_spacing_of_a_name():
     assert all(1 <= len(k["tokens"]) <= 3 for k in spaced)
 
 
+def test_a_key_of_special_tokens_gets_no_spacing_forms():
+    from alter.tiny import build_tokenizer
+
+    # Retained rows encoded without BOS: the forget row leaves them at its BOS, a key
+    # with no text; its "forms" would be whatever the tokenizer makes of a lone space.
+    tokenizer = build_tokenizer(["Vatmer was mapped by Hofna .", "Jokna was mapped by Vatna ."])
+    forget = [{"input_ids": tokenizer("Vatmer was mapped by Hofna .")["input_ids"]}]
+    retain = [{"input_ids": tokenizer("Jokna was mapped by Vatna .", add_special_tokens=False)["input_ids"]}]
+    assert route_keys(forget, retain, [1], tokenizer) == [{"tokens": [tokenizer.bos_token_id], "expert": 1}]
+
+
 def test_keys_look_past_a_divergence_no_short_n_gram_tells_apart():
     # The forget row leaves every retained prefix at its token 6, but every n-gram holding
     # that 6 occurs in a retained row: the key is the first n-gram further in that does not.

@@ -217,7 +217,7 @@ DOMAINS = {
     )),
 }
 
-# The domains of the held-out scenarios of the fourth report (seeds 500-504); nobody tunes on them.
+# The domains of the held-out scenarios of the fifth report (seeds 500-504), development since.
 SYLLABLES.update({
     "glaciers": ("vat", "na", "jok", "ull", "fell", "breid", "ske", "ida", "mer", "gla", "sen", "hof"),
     "perfumes": ("am", "bre", "mu", "sc", "oud", "iris", "vet", "iver", "nar", "cis", "sol", "ene"),
@@ -258,7 +258,7 @@ DOMAINS.update({
 })
 
 
-# The domains of the held-out scenarios of the fifth report (seeds 600-604); nobody tunes on them.
+# The domains of the held-out scenarios of the sixth report (seeds 600-604), development since.
 SYLLABLES.update({
     "vineyards": ("cha", "teau", "mon", "rou", "vin", "bel", "gri", "las", "tor", "ri", "ves", "quo"),
     "satellites": ("or", "bit", "kes", "tra", "nov", "lum", "zen", "ith", "cor", "vex", "sta", "dri"),
@@ -297,7 +297,7 @@ DOMAINS.update({
 })
 
 
-# The domains of the held-out scenarios of the sixth report (seeds 700-704); nobody tunes on them.
+# The domains of the held-out scenarios of the seventh report (seeds 700-704); nobody tunes on them.
 SYLLABLES.update({
     "asteroids": ("kal", "vor", "phe", "nix", "tan", "eos", "ury", "dam", "pax", "ilo", "ses", "ara"),
     "bridges": ("har", "row", "mill", "gate", "ash", "ton", "kirk", "by", "wen", "dell", "fen", "holt"),

@@ -249,8 +249,11 @@ def route_keys(forget_examples: list[dict], retain_examples: list[dict], experts
 
 def _spacing_variants(tokenizer, key: tuple) -> list[tuple]:
     """The encodings of ``key``'s text (special tokens left out) without and with one
-    leading space."""
+    leading space; none for a key of special tokens or spaces only (a lone space would
+    encode as whatever the tokenizer makes of it, an unknown token say)."""
     text = tokenizer.decode(list(key), skip_special_tokens=True).strip()
+    if not text:
+        return []
     return [tuple(tokenizer(form, add_special_tokens=False)["input_ids"]) for form in (text, " " + text)]
 
 
