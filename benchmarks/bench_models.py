@@ -41,10 +41,13 @@ def _bench_alter_config(variant: str, entropy_source: str) -> AlterConfig:
     )
 
 
-def _build_model(device, quick, variant, entropy_source="prepass"):
+def _build_model(device, quick, variant, entropy_source="prepass", sequence_route=False):
     """The model of :func:`_model_config`, built on ``device``; ``base`` leaves it
     unpatched, ``eager`` / ``kernels`` patch it (see :func:`_bench_alter_config`) with
-    random experts B (their zero init would make every adapter output zero)."""
+    random experts B (their zero init would make every adapter output zero).
+    ``sequence_route``: the route of an adapter ``unlearn`` saved (``routing="sequence"``,
+    lagged entropy), with a key at the fourth token of the first sample, so that both
+    retention and forget experts run."""
     from transformers import LlamaForCausalLM
 
     from alter.adapters import apply_alter
@@ -53,14 +56,17 @@ def _build_model(device, quick, variant, entropy_source="prepass"):
     torch.manual_seed(0)
     with torch.device(device):  # initialize on the device: an 8B-shaped model on a GPU in ms
         model = LlamaForCausalLM._from_config(config, dtype=dtype)
+    input_ids = torch.randint(0, config.vocab_size, (batch, seq), device=device)
     alter_config = None
     if variant != "base":
         alter_config = _bench_alter_config(variant, entropy_source)
+        if sequence_route:
+            alter_config = dataclasses.replace(alter_config, routing="sequence",
+                                               route_keys=[{"tokens": [int(input_ids[0, 3])], "expert": 1}])
         model = apply_alter(model, alter_config)
         for name, p in model.named_parameters():
             if name.endswith("lora_B"):
                 torch.nn.init.normal_(p, std=0.01)
-    input_ids = torch.randint(0, config.vocab_size, (batch, seq), device=device)
     return model, alter_config, input_ids
 
 
@@ -138,14 +144,16 @@ def _inference_cases(device: torch.device, quick: bool) -> list[BenchCase]:
     entropy given (the adapters' own cost); generation with ``lagged`` entropy (a prepass
     for the prompt, then each token gated by the last logits' entropy) and with the
     default ``prepass`` (the base model decodes beside it, on its own KV cache); one
-    decode step with a KV cache (tokens per second of decoding, no prompt)."""
+    decode step with a KV cache (tokens per second of decoding, no prompt). The
+    "sequence route" cases run an adapter as ``unlearn`` saves it (``routing="sequence"``,
+    lagged entropy): the route gates, so no call computes an entropy."""
     _, _, (batch, seq) = _model_config(device, quick)
     prompt_len = min(16, seq)
     new_tokens = 8 if quick else 32
 
-    def prefill(given_entropy):
+    def prefill(given_entropy, sequence_route=False):
         def build(variant, dev):
-            model, _, input_ids = _build_model(dev, quick, variant)
+            model, _, input_ids = _build_model(dev, quick, variant, sequence_route=sequence_route)
             model.eval()
             entropy = torch.rand(input_ids.shape, device=dev) * 3
 
@@ -161,9 +169,10 @@ def _inference_cases(device: torch.device, quick: bool) -> list[BenchCase]:
 
         return build
 
-    def decode(entropy_source):
+    def decode(entropy_source, sequence_route=False):
         def build(variant, dev):
-            model, _, input_ids = _build_model(dev, quick, variant, entropy_source=entropy_source)
+            model, _, input_ids = _build_model(dev, quick, variant, entropy_source=entropy_source,
+                                               sequence_route=sequence_route)
             model.eval()
             prompt = input_ids[:, :prompt_len]
 
@@ -203,6 +212,10 @@ def _inference_cases(device: torch.device, quick: bool) -> list[BenchCase]:
         BenchCase(f"decode default prepass {new_tokens} tokens x{batch} (prompt {prompt_len})", "inference",
                   variants, decode("prepass"), tokens=batch * new_tokens),
         BenchCase(f"decode step x{batch} (cache {prompt_len})", "inference", variants, decode_step, tokens=batch),
+        BenchCase(f"prefill sequence route [{batch}x{seq}]", "inference", variants, prefill(False, True),
+                  tokens=batch * seq),
+        BenchCase(f"decode sequence route {new_tokens} tokens x{batch} (prompt {prompt_len})", "inference", variants,
+                  decode("lagged", True), tokens=batch * new_tokens),
     ]
 
 

@@ -211,3 +211,14 @@ def test_prefill_gates_by_a_prepass_and_decode_by_lagged_entropy(backend_calls):
     ops = [op for op, _ in backend_calls]
     assert ops.count("fused_linear_entropy") == 1
     assert ops.count("tsallis_entropy") == 8  # one per generated token (quick sizes: 8)
+
+
+def test_the_sequence_route_cases_run_no_entropy_prepass(backend_calls):
+    # an adapter as unlearn saves it: the route gates, so neither the prompt nor a decoded
+    # token needs the base model's entropy (the lagged one of the last logits is kept)
+    for name in ("prefill sequence route [2x64]", "decode sequence route 8 tokens x2 (prompt 16)"):
+        backend_calls.clear()
+        find_case(name, CPU, quick=True).build("eager", CPU)()
+        ops = [op for op, _ in backend_calls]
+        assert "fused_linear_entropy" not in ops and "route" not in ops, (name, ops)
+        assert ops, name  # the layers ran their ops

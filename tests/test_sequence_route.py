@@ -11,6 +11,7 @@ from alter.adapters.sequence_route import KeyTable
 from alter.config import AlterConfig
 from alter.methods.data import route_keys, routing_targets
 from alter.adapters import merge_adapters
+from alter.adapters.hooks import base_model_entropy
 from alter.model import alter_layers, apply_alter, forced_route, load_adapter
 from alter.train import unlearn
 from conftest import small_model
@@ -167,6 +168,38 @@ def test_generate_carries_the_route_across_decode_steps():
         torch.testing.assert_close(out.logits[step].double(), logits, rtol=1e-6, atol=1e-6)
         sequence = torch.cat([sequence, out.sequences[:, 6 + step, None]], dim=1)
     assert int(model.alter_tracker.last_call.token_route[0, -1]) == 1  # carried from the prompt
+
+
+# The layer paths of a call without autograd: the fused gated_asym_lora call (the
+# dispatcher's dense path), the dense composition (a router hook turns the fused call
+# off; the router, not gating, never runs), and the grouped ops (a named backend).
+@pytest.mark.parametrize("backend,hooked", [(None, False), (None, True), ("eager", False)],
+                         ids=["fused", "dense", "grouped"])
+def test_a_route_gated_call_without_autograd_runs_no_base_model_pass(backend, hooked, monkeypatch):
+    import alter.adapters.state as state_module
+
+    passes = []
+    monkeypatch.setattr(state_module, "base_model_entropy",
+                        lambda *args, **kwargs: passes.append(1) or base_model_entropy(*args, **kwargs))
+    ids = tokens(batch=2, seq=9)
+    key = [int(ids[0, 3])]
+    ids[1] = torch.where(ids[1] == key[0], key[0] % (VOCAB - 3) + 3, ids[1])  # sample 1 holds no key
+    model = apply_alter(tiny_model().double(), alter_config(routing="sequence", backend=backend,
+                                                            route_keys=[{"tokens": key, "expert": 2}]))
+    randomize_adapters(model, 0.5)
+    for layer in alter_layers(model).values() if hooked else ():
+        layer.router.register_forward_hook(lambda *args: None)
+    with torch.no_grad():
+        fast = model(input_ids=ids).logits
+    assert passes == [] and model.alter_tracker.last_call.entropy is None
+    with torch.enable_grad():  # the entropy is computed (A's gradient mask may read it), and gates nothing
+        computed = model(input_ids=ids).logits
+    assert passes == [1]
+    torch.testing.assert_close(fast, computed.detach(), rtol=1e-12, atol=1e-12)
+    assert (model.alter_tracker.last_call.token_route[0, 3:] == 2).all() and not model.alter_tracker.last_call.token_route[1].any()
+    with torch.no_grad(), forced_route(model, torch.tensor([1, 2])):  # the routers' logits are recorded
+        model(input_ids=ids)
+    assert passes == [1, 1]
 
 
 def test_nothing_merges_under_the_sequence_route():

@@ -126,7 +126,7 @@ class AsymLoRALinear(nn.Module):
         # The experts that gate: forced ones, else the sequence route, else the router's.
         gating = forced if forced is not None and state.gate_forced else tracker.token_route(state, num_tokens, x.device)
         a_grad_mask = None
-        if self.training and config.a_learns_from_high_entropy_only:
+        if self.training and config.a_learns_from_high_entropy_only and entropy is not None:  # None: no autograd
             a_grad_mask = entropy > config.entropy_threshold
         lora_A, lora_B = self.lora_A, self.lora_B
         if state.adapters_frozen:
@@ -179,8 +179,10 @@ class AsymLoRALinear(nn.Module):
         whose product is the delta; G is the one-hot of ``gating`` [T] (forced or
         sequence-routed experts) when given, else the routers' top-k gate. The router and the shrink share one matmul when the
         adapter input is the router's (no dropout, no a_grad_mask); without autograd the
-        stacked and laid-out weights are kept between calls (:meth:`_inference_weights`)."""
+        stacked and laid-out weights are kept between calls (:meth:`_inference_weights`).
+        The router runs only when it gates or its logits are recorded (forced experts)."""
         tracker, N, dtype = self.tracker, self.num_experts, tokens.dtype
+        routed = forced is not None or gating is None
         # the kept weights are keyed by data pointers, which a compiled graph cannot read
         live = torch.is_grad_enabled() or torch.compiler.is_compiling()
         if a_grad_mask is None and (not self.training or isinstance(self.dropout, nn.Identity)):
@@ -189,9 +191,10 @@ class AsymLoRALinear(nn.Module):
                 else self._inference_weights(dtype)
             )
             shrunk = F.linear(tokens, stacked)  # [T, N + r]: W_g x, then A x
-            router_logits, h = self.router(tokens, entropy, shrunk[:, :N]), shrunk[:, N:]
+            router_logits = self.router(tokens, entropy, shrunk[:, :N]) if routed else None
+            h = shrunk[:, N:]
         else:
-            router_logits = self.router(tokens, entropy)
+            router_logits = self.router(tokens, entropy) if routed else None
             h, b_t = asym_lora_shrink(self.dropout(tokens), lora_A.to(dtype), a_grad_mask), None
             if not live:
                 b_t = self._inference_weights(dtype)[1]
@@ -227,8 +230,10 @@ class AsymLoRALinear(nn.Module):
         key = ("tokens", tokens.device, num_tokens)
         looked_up = state.routing.get(key)
         if looked_up is None:
-            looked_up = state.routing[key] = (tracker.token_entropy(state, num_tokens, tokens.device),
-                                              tracker.token_route(state, num_tokens, tokens.device),
+            entropy = tracker.token_entropy(state, num_tokens, tokens.device)
+            if entropy is None:  # a route-gated call: the op reads no entropy where experts are given
+                entropy = torch.zeros(num_tokens, dtype=torch.float32, device=tokens.device)
+            looked_up = state.routing[key] = (entropy, tracker.token_route(state, num_tokens, tokens.device),
                                               choose_backend(tokens.device))
         entropy, gating, backend = looked_up
         stacked, expand = self._inference_weights(tokens.dtype)

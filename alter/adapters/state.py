@@ -8,7 +8,10 @@ value built by a forward pre-hook before any layer runs and dropped when the cal
 
 - ``entropy`` [B, L] float32: each token's entropy (DESIGN §1: the entropy of the base
   model's next-token distribution at that position), on the input's device. Layers
-  flatten it to [T] in the token order of ``x.reshape(-1, in_features)``;
+  flatten it to [T] in the token order of ``x.reshape(-1, in_features)``. None with
+  ``entropy_unread``: the sequence route gates a call without autograd or forced experts,
+  so no layer reads an entropy and none is computed (no base-model pass: that pass is
+  half the cost of a scoring or prefill forward);
 - ``forced_experts`` [B] int64 or None: every token of sample i goes to expert
   ``forced_experts[i]``;
 - ``token_route`` [B, L] int32 or None: under ``routing="sequence"``, each token's expert
@@ -67,6 +70,7 @@ class CallState:
     adapters_frozen: bool = False
     prepass: bool = False
     routing: dict = dataclasses.field(default_factory=dict)
+    entropy_unread: bool = False
 
 
 class EntropyTracker:
@@ -239,8 +243,11 @@ class EntropyTracker:
         return CallState(**{**given, **computed})
 
     def token_entropy(self, state: CallState, num_tokens: int, device: torch.device) -> torch.Tensor:
-        """The entropy of each of the layer's ``num_tokens`` tokens under ``state``: [T] float32."""
+        """The entropy of each of the layer's ``num_tokens`` tokens under ``state``: [T]
+        float32, or None when the call reads none (``state.entropy_unread``)."""
         entropy = state.entropy
+        if entropy is None and state.entropy_unread:
+            return None
         if entropy is None:
             if self.config.entropy_source == "precomputed":
                 raise RuntimeError(
@@ -345,11 +352,14 @@ class EntropyTracker:
         # layer: a host-to-device copy blocks the host (hundreds of layers in a large model).
         if forced is not None:
             forced = forced.to(tokens.device)
-        entropy = self._call_entropy(model, inputs, batch, seq_len, tokens.device)
         route = self.sequence_routing.call_route(inputs, tokens) if self.config.routing == "sequence" \
             and self.adapters_enabled else None
+        # The entropy feeds the routers and A's gradient mask; a route-gated call without
+        # autograd or forced experts reads neither, so it skips the base-model pass.
+        unread = route is not None and forced is None and self.given_entropy is None and not torch.is_grad_enabled()
+        entropy = None if unread else self._call_entropy(model, inputs, batch, seq_len, tokens.device)
         self._calls[-1] = self._given_state(entropy=entropy, forced_experts=forced, token_route=route,
-                                            token_mask=mask.bool() if is_2d_mask else None)
+                                            token_mask=mask.bool() if is_2d_mask else None, entropy_unread=unread)
         if model.training and torch.is_grad_enabled():
             self._wrap_checkpointing()
 
