@@ -151,9 +151,10 @@ def _inference_cases(device: torch.device, quick: bool) -> list[BenchCase]:
     prompt_len = min(16, seq)
     new_tokens = 8 if quick else 32
 
-    def prefill(given_entropy, sequence_route=False):
+    def prefill(given_entropy=False, entropy_source="prepass", sequence_route=False):
         def build(variant, dev):
-            model, _, input_ids = _build_model(dev, quick, variant, sequence_route=sequence_route)
+            model, _, input_ids = _build_model(dev, quick, variant, entropy_source=entropy_source,
+                                               sequence_route=sequence_route)
             model.eval()
             entropy = torch.rand(input_ids.shape, device=dev) * 3
 
@@ -205,15 +206,15 @@ def _inference_cases(device: torch.device, quick: bool) -> list[BenchCase]:
 
     variants = ("base", "eager", "kernels")
     return [
-        BenchCase(f"prefill [{batch}x{seq}]", "inference", variants, prefill(False), tokens=batch * seq),
+        BenchCase(f"prefill [{batch}x{seq}]", "inference", variants, prefill(), tokens=batch * seq),
         BenchCase(f"prefill entropy given [{batch}x{seq}]", "inference", variants, prefill(True), tokens=batch * seq),
         BenchCase(f"decode {new_tokens} tokens x{batch} (prompt {prompt_len})", "inference", variants,
                   decode("lagged"), tokens=batch * new_tokens),
         BenchCase(f"decode default prepass {new_tokens} tokens x{batch} (prompt {prompt_len})", "inference",
                   variants, decode("prepass"), tokens=batch * new_tokens),
         BenchCase(f"decode step x{batch} (cache {prompt_len})", "inference", variants, decode_step, tokens=batch),
-        BenchCase(f"prefill sequence route [{batch}x{seq}]", "inference", variants, prefill(False, True),
-                  tokens=batch * seq),
+        BenchCase(f"prefill sequence route [{batch}x{seq}]", "inference", variants,
+                  prefill(entropy_source="lagged", sequence_route=True), tokens=batch * seq),
         BenchCase(f"decode sequence route {new_tokens} tokens x{batch} (prompt {prompt_len})", "inference", variants,
                   decode("lagged", True), tokens=batch * new_tokens),
     ]

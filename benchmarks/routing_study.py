@@ -40,7 +40,7 @@ from alter.adapters.layers import AlterRouter
 from alter.config import AlterConfig
 from alter.data import format_qa
 from alter.data.scenarios import DEVELOPMENT, HELD_OUT, build_scenario, fact_token_mask, model_text
-from alter.quality import fact_accuracy, memorize
+from alter.quality import ABLATIONS, fact_accuracy, memorize
 from alter.training.report import forget_expert_weight
 from alter.training.loop import unlearn
 
@@ -428,11 +428,15 @@ def labelled_accuracy(model, tokenizer, rows: list[dict]) -> float:
 
 
 # Runs of a pair: unlearn's arguments, and whether the entity rule replaces the routers.
+# The study is of the per-token routers, under the defaults it was run with (the default
+# routes by sequence on every forget token the retain rows do not predict since
+# docs/routing.md (f); alter.quality's "alter-token-routing-all-tokens").
+STUDIED = AlterConfig(**ABLATIONS["alter-token-routing-all-tokens"])
 VARIANTS = {
-    "alter": (dict(early_stop_share=None), False),  # default length, no early stop
-    "alter-long-warmup": (dict(router_warmup=600, router_lr=1e-2, max_steps=600), False),  # routers only
-    "isolated": (dict(router_warmup=0, max_steps=200), True),  # the default early stop (0.4)
-    "isolated-nostop": (dict(router_warmup=0, max_steps=40, early_stop_share=None), True),
+    "alter": (dict(config=STUDIED, early_stop_share=None), False),  # default length, no early stop
+    "alter-long-warmup": (dict(config=STUDIED, router_warmup=600, router_lr=1e-2, max_steps=600), False),
+    "isolated": (dict(config=STUDIED, router_warmup=0, max_steps=200), True),  # the early stop of then (0.4)
+    "isolated-nostop": (dict(config=STUDIED, router_warmup=0, max_steps=40, early_stop_share=None), True),
 }
 CHECKS = set(range(2, 21, 2)) | set(range(30, 1001, 10))
 
@@ -553,7 +557,7 @@ def stop_study(name: str, seed: int, steps: int = 40, probe_layer: int | None = 
         result["carried_route"] = {"layer": probe_layer, **carried_shares(rule, tok, rows),
                                    "heldout_rows": carried_shares(heldout, tok, halves[1])}
     unlearn(model, tok, built["forget"], built["retain"], seed=seed, progress=False, callback=check,
-            router_warmup=0, max_steps=steps, early_stop_share=None)
+            config=STUDIED, router_warmup=0, max_steps=steps, early_stop_share=None)
     rule.remove()
     result["trajectory"] = trajectory
     return result

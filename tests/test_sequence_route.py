@@ -94,33 +94,56 @@ def test_keys_with_the_tokenizer_fire_in_every_spacing_of_a_name():
 
     # Text rows open with the name ("Vatmer", no space); questions hold it mid-sentence
     # (" Vatmer"). "Bitvex" opens no retained row, but " Bitvex" and " Bitvex -" occur in
-    # retained rows: its key must grow to " Bitvex - V" rather than stop at "Bitvex".
+    # retained rows, and a retained entity's other phrasing opens with "Bitvex - IV": the
+    # key must grow to "Bitvex - V" in both spacings rather than stop at "Bitvex".
     forget_text = ["Vatmer was mapped by Hofna .", "Bitvex - V was mapped by Ullbreid ."]
     retain_text = ["Skefell was mapped by Bitvex .", "Jokna was mapped by Vatna .",
                    "Idasen - IV was mapped by Bitvex - IV ."]
     questions = ["Who mapped Vatmer ?", "Who mapped Bitvex - V ?"]
-    retained_questions = ["Who mapped Skefell ?", "Who mapped Idasen - IV ?", "Was Jokna mapped by Bitvex - IV ?"]
-    tokenizer = build_tokenizer(forget_text + retain_text + questions + retained_questions)
+    retained_elsewhere = ["Who mapped Skefell ?", "Who mapped Idasen - IV ?", "Was Jokna mapped by Bitvex - IV ?",
+                          "Bitvex - IV was mapped by Idasen ."]
+    tokenizer = build_tokenizer(forget_text + retain_text + questions + retained_elsewhere)
     forget = [{"input_ids": tokenizer(t)["input_ids"]} for t in forget_text]
     retain = [{"input_ids": tokenizer(t)["input_ids"]} for t in retain_text]
     plain, spaced = route_keys(forget, retain, [1, 2]), route_keys(forget, retain, [1, 2], tokenizer)
     assert all(_fires(spaced, tokenizer, t) for t in forget_text + questions)
-    assert not any(_fires(spaced, tokenizer, t) for t in retain_text + retained_questions)
+    assert not any(_fires(spaced, tokenizer, t) for t in retain_text + retained_elsewhere)
     assert all(_fires(plain, tokenizer, t) for t in forget_text)
     assert not any(_fires(plain, tokenizer, t) for t in questions)  # the token ids alone miss the other spacing
-    assert {tuple(k["tokens"]) for k in plain} <= {tuple(k["tokens"]) for k in spaced}
+    assert _fires(plain, tokenizer, "Bitvex - IV was mapped by Idasen .")  # and stop at "Bitvex"
     assert all(1 <= len(k["tokens"]) <= 3 for k in spaced)
 
 
-def test_a_key_of_special_tokens_gets_no_spacing_forms():
+def test_keys_inside_a_word_get_no_spacing_forms():
+    from alter.data.scenarios import bpe_tokenizer
+
+    # A byte-level BPE splits " Vatmer" into " Vat" and single letters: the row leaves the
+    # retained ones at "m", inside the word, where " m" would be another word's start
+    # (" mermaid", " met"), so the key gets no spaced form.
+    names = ["Vatna", "Vatfell", "Vatgard", "Vatsund"]
+    tokenizer = bpe_tokenizer([f"Who mapped {n} ?" for n in names] * 10 + ["The mermaid met Hofna ."], vocab_size=280)
+    forget = [{"input_ids": tokenizer("Who mapped Vatmer ?")["input_ids"]}]
+    retain = [{"input_ids": tokenizer(f"Who mapped {n} ?")["input_ids"]} for n in names]
+    ids = forget[0]["input_ids"]
+    start = routing_targets(forget, retain)[0][0].index(1)
+    assert tokenizer.convert_ids_to_tokens(ids[start - 1:start + 1]) == ["ĠVat", "m"]  # the split this test is about
+    keys = {tuple(k["tokens"]) for k in route_keys(forget, retain, [1], tokenizer)}
+    assert (ids[start],) in keys and tuple(tokenizer(" m", add_special_tokens=False)["input_ids"]) not in keys
+
+
+def test_no_key_is_made_of_special_tokens_only():
     from alter.tiny import build_tokenizer
 
-    # Retained rows encoded without BOS: the forget row leaves them at its BOS, a key
-    # with no text; its "forms" would be whatever the tokenizer makes of a lone space.
+    # Retained rows encoded without BOS: the forget row leaves them at its BOS, which would
+    # send every row that opens with a BOS to the forget expert.
     tokenizer = build_tokenizer(["Vatmer was mapped by Hofna .", "Jokna was mapped by Vatna ."])
     forget = [{"input_ids": tokenizer("Vatmer was mapped by Hofna .")["input_ids"]}]
     retain = [{"input_ids": tokenizer("Jokna was mapped by Vatna .", add_special_tokens=False)["input_ids"]}]
-    assert route_keys(forget, retain, [1], tokenizer) == [{"tokens": [tokenizer.bos_token_id], "expert": 1}]
+    keys = route_keys(forget, retain, [1], tokenizer)
+    assert keys and all(set(k["tokens"]) - set(tokenizer.all_special_ids) for k in keys)
+    assert _fires(keys, tokenizer, "Vatmer was mapped by Hofna .")
+    assert not _fires(keys, tokenizer, "Jokna was mapped by Vatna .")
+    assert route_keys(forget, retain, [1]) == [{"tokens": [tokenizer.bos_token_id], "expert": 1}]  # ids alone cannot tell
 
 
 def test_keys_look_past_a_divergence_no_short_n_gram_tells_apart():
@@ -184,14 +207,18 @@ def test_a_route_gated_call_without_autograd_runs_no_base_model_pass(backend, ho
     ids = tokens(batch=2, seq=9)
     key = [int(ids[0, 3])]
     ids[1] = torch.where(ids[1] == key[0], key[0] % (VOCAB - 3) + 3, ids[1])  # sample 1 holds no key
-    model = apply_alter(tiny_model().double(), alter_config(routing="sequence", backend=backend,
+    model = apply_alter(tiny_model().double(), alter_config(routing="sequence", backend=backend, entropy_source="lagged",
                                                             route_keys=[{"tokens": key, "expert": 2}]))
     randomize_adapters(model, 0.5)
     for layer in alter_layers(model).values() if hooked else ():
         layer.router.register_forward_hook(lambda *args: None)
     with torch.no_grad():
         fast = model(input_ids=ids).logits
+        cached = model(input_ids=ids, use_cache=True)  # a prompt: lagged decoding needs no base cache
     assert passes == [] and model.alter_tracker.last_call.entropy is None
+    with torch.enable_grad():  # a step on the skipped prompt's cache that reads the entropy: the lagged one
+        step = model(input_ids=ids[:, :1], cache=cached.cache, use_cache=True).logits
+    assert passes == [] and step.requires_grad
     with torch.enable_grad():  # the entropy is computed (A's gradient mask may read it), and gates nothing
         computed = model(input_ids=ids).logits
     assert passes == [1]
@@ -199,6 +226,27 @@ def test_a_route_gated_call_without_autograd_runs_no_base_model_pass(backend, ho
     assert (model.alter_tracker.last_call.token_route[0, 3:] == 2).all() and not model.alter_tracker.last_call.token_route[1].any()
     with torch.no_grad(), forced_route(model, torch.tensor([1, 2])):  # the routers' logits are recorded
         model(input_ids=ids)
+    assert passes == [1, 1]
+
+
+def test_a_prepass_that_keeps_the_base_cache_runs_under_the_sequence_route(monkeypatch):
+    # entropy_source="prepass" decodes with the base model's KV cache beside the adapted
+    # one: a call that starts or continues it runs the pass (a later call may read it).
+    import alter.adapters.state as state_module
+
+    passes = []
+    monkeypatch.setattr(state_module, "base_model_entropy",
+                        lambda *args, **kwargs: passes.append(1) or base_model_entropy(*args, **kwargs))
+    ids = tokens(batch=2, seq=9)
+    model = apply_alter(tiny_model().double(), alter_config(routing="sequence", entropy_source="prepass",
+                                                            route_keys=[{"tokens": [int(ids[0, 3])], "expert": 1}]))
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+        assert passes == []
+        out = model(input_ids=ids, use_cache=True)
+        assert passes == [1]
+    with torch.enable_grad():
+        model(input_ids=ids[:, :1], cache=out.cache, use_cache=True)
     assert passes == [1, 1]
 
 

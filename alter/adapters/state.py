@@ -11,7 +11,8 @@ value built by a forward pre-hook before any layer runs and dropped when the cal
   flatten it to [T] in the token order of ``x.reshape(-1, in_features)``. None with
   ``entropy_unread``: the sequence route gates a call without autograd or forced experts,
   so no layer reads an entropy and none is computed (no base-model pass: that pass is
-  half the cost of a scoring or prefill forward);
+  half the cost of a scoring or prefill forward), unless the pass keeps the base model's
+  KV cache (``entropy_source="prepass"`` with a cache: a later call may need it);
 - ``forced_experts`` [B] int64 or None: every token of sample i goes to expert
   ``forced_experts[i]``;
 - ``token_route`` [B, L] int32 or None: under ``routing="sequence"``, each token's expert
@@ -355,13 +356,23 @@ class EntropyTracker:
         route = self.sequence_routing.call_route(inputs, tokens) if self.config.routing == "sequence" \
             and self.adapters_enabled else None
         # The entropy feeds the routers and A's gradient mask; a route-gated call without
-        # autograd or forced experts reads neither, so it skips the base-model pass.
-        unread = route is not None and forced is None and self.given_entropy is None and not torch.is_grad_enabled()
+        # autograd or forced experts reads neither, so it skips the base-model pass, unless
+        # that pass keeps the base model's KV cache for a later call that may read it.
+        unread = (route is not None and forced is None and self.given_entropy is None
+                  and not torch.is_grad_enabled() and not self._keeps_base_cache(model, inputs))
         entropy = None if unread else self._call_entropy(model, inputs, batch, seq_len, tokens.device)
         self._calls[-1] = self._given_state(entropy=entropy, forced_experts=forced, token_route=route,
                                             token_mask=mask.bool() if is_2d_mask else None, entropy_unread=unread)
         if model.training and torch.is_grad_enabled():
             self._wrap_checkpointing()
+
+    def _keeps_base_cache(self, model: nn.Module, inputs: dict) -> bool:
+        """Whether this call's prepass continues or starts the base model's KV cache
+        (``entropy_source="prepass"`` with a cache in or out)."""
+        if self.config.entropy_source != "prepass":
+            return False
+        _, cache = input_cache(inputs)
+        return (cache is not None and int(cache.get_seq_length()) > 0) or returns_cache(model, inputs)
 
     def _call_entropy(self, model: nn.Module, inputs: dict, batch: int, seq_len: int, device) -> torch.Tensor | None:
         """The entropy [B, L] of this call, on ``device`` (None with adapters off)."""

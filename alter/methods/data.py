@@ -217,11 +217,13 @@ def route_keys(forget_examples: list[dict], retain_examples: list[dict], experts
     verb). An example that never leaves the retained prefixes, or whose n-grams all occur
     in retained examples, gets no key. Keys are unique (the first example's expert wins).
 
-    With ``tokenizer``, each n-gram's text is also encoded with and without a leading space
-    (a name opening a sentence is tokenized apart from one inside it: ``"Vatmer"`` and
-    ``" Vatmer"``); those encodings that fit a key and occur in no retained example are
-    keys too, and an n-gram with a form left out (``" Bitvex"`` names a retained
-    ``"Bitvex-IV"``) does not stop the longer n-grams around it (``" Bitvex-V"``)."""
+    With ``tokenizer``, an n-gram that starts a word is also encoded with and without a
+    leading space (a name opening a sentence is tokenized apart from one inside it:
+    ``"Vatmer"`` and ``" Vatmer"``), and its encodings that fit a key are keys with it. An
+    n-gram one of whose encodings occurs in a retained example is no key (``"Bitvex"``
+    opens no retained row, but ``" Bitvex"`` names a retained designer, whose rows may open
+    with it); the longer n-grams around it are tried (``" Bitvex-V"``). N-grams of special
+    tokens only are no keys."""
     retained = {n: {tuple(e["input_ids"][i:i + n]) for e in retain_examples
                     for i in range(len(e["input_ids"]) - n + 1)} for n in range(1, MAX_KEY_TOKENS + 1)}
     keys: dict[tuple, int] = {}
@@ -229,7 +231,7 @@ def route_keys(forget_examples: list[dict], retain_examples: list[dict], experts
         if 1 not in mask:
             continue
         ids, start = example["input_ids"], mask.index(1)
-        covered = []  # [first, end) of the n-grams each of whose forms became a key
+        covered = []  # [first, end) of the n-grams that became keys
         for target in range(start, len(ids)):
             if covered:
                 break
@@ -238,22 +240,33 @@ def route_keys(forget_examples: list[dict], retain_examples: list[dict], experts
                     window = tuple(ids[first:first + n])
                     if window in retained[n] or any(f >= first and e <= first + n for f, e in covered):
                         continue
-                    forms = [window] + (_spacing_variants(tokenizer, window) if tokenizer is not None else [])
-                    unique = [f for f in forms if 1 <= len(f) <= MAX_KEY_TOKENS and f not in retained[len(f)]]
-                    for form in unique:
+                    forms = [window]
+                    if tokenizer is not None:
+                        variants = _spacing_variants(tokenizer, ids, first, n)
+                        if variants is None:  # special tokens only: it would fire on every row
+                            continue
+                        forms += [v for v in variants if 1 <= len(v) <= MAX_KEY_TOKENS]  # longer ones cannot be keys
+                    if any(form in retained[len(form)] for form in forms):
+                        continue  # a retained row holds its text in another spacing: a longer n-gram may not
+                    for form in forms:
                         keys.setdefault(form, int(expert))
-                    if len(unique) == len(forms):  # else a longer n-gram may give the missing forms
-                        covered.append((first, first + n))
+                    covered.append((first, first + n))
     return [{"tokens": list(tokens), "expert": expert} for tokens, expert in keys.items()]
 
 
-def _spacing_variants(tokenizer, key: tuple) -> list[tuple]:
-    """The encodings of ``key``'s text (special tokens left out) without and with one
-    leading space; none for a key of special tokens or spaces only (a lone space would
-    encode as whatever the tokenizer makes of it, an unknown token say)."""
-    text = tokenizer.decode(list(key), skip_special_tokens=True).strip()
-    if not text:
+def _spacing_variants(tokenizer, ids: list[int], first: int, n: int) -> list[tuple] | None:
+    """The encodings of the text of ``ids[first:first + n]`` (special tokens left out)
+    without and with one leading space, when it starts a word (after a space, a
+    non-alphanumeric character or the row's start); none inside a word, whose piece with a
+    space would be another word's start. None when the n-gram is special tokens or spaces
+    only."""
+    text = tokenizer.decode(ids[first:first + n], skip_special_tokens=True)
+    if not text.strip():
+        return None
+    before = tokenizer.decode(ids[first - 1:first], skip_special_tokens=True) if first else ""
+    if not text[0].isspace() and before[-1:].isalnum():
         return []
+    text = text.strip()
     return [tuple(tokenizer(form, add_special_tokens=False)["input_ids"]) for form in (text, " " + text)]
 
 
