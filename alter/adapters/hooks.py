@@ -156,6 +156,12 @@ def returns_cache(model: nn.Module, inputs: dict) -> bool:
     return bool(use_cache) and not model.training
 
 
+def feeds_cache(model: nn.Module, inputs: dict) -> bool:
+    """Whether the forward continues a KV cache (one that holds tokens comes in) or builds one."""
+    _, cache = input_cache(inputs)
+    return (cache is not None and int(cache.get_seq_length()) > 0) or returns_cache(model, inputs)
+
+
 def logits_are_plain_linear(model: nn.Module, head: nn.Module) -> bool:
     """True when logits = head(final hidden states) exactly, so the fused entropy applies."""
     config = getattr(model, "config", None)

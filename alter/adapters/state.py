@@ -9,10 +9,7 @@ value built by a forward pre-hook before any layer runs and dropped when the cal
 - ``entropy`` [B, L] float32: each token's entropy (DESIGN §1: the entropy of the base
   model's next-token distribution at that position), on the input's device. Layers
   flatten it to [T] in the token order of ``x.reshape(-1, in_features)``. None with
-  ``entropy_unread``: the sequence route gates a call without autograd or forced experts,
-  so no layer reads an entropy and none is computed (no base-model pass: that pass is
-  half the cost of a scoring or prefill forward), unless the pass keeps the base model's
-  KV cache (``entropy_source="prepass"`` with a cache: a later call may need it);
+  ``entropy_unread``: no layer of a route-gated call reads it, so no base-model pass ran;
 - ``forced_experts`` [B] int64 or None: every token of sample i goes to expert
   ``forced_experts[i]``;
 - ``token_route`` [B, L] int32 or None: under ``routing="sequence"``, each token's expert
@@ -42,8 +39,8 @@ import weakref
 import torch
 from torch import nn
 
-from alter.adapters.hooks import (BeamReorderGuard, StatefulCheckpoint, base_model_entropy, evaluating, input_cache,
-                                  named_inputs, output_cache, output_logits, returns_cache, token_input)
+from alter.adapters.hooks import (BeamReorderGuard, StatefulCheckpoint, base_model_entropy, evaluating, feeds_cache,
+                                  input_cache, named_inputs, output_cache, output_logits, token_input)
 from alter.adapters.sequence_route import SequenceRouting
 from alter.config import AlterConfig
 from alter_kernels import tsallis_entropy
@@ -244,8 +241,7 @@ class EntropyTracker:
         return CallState(**{**given, **computed})
 
     def token_entropy(self, state: CallState, num_tokens: int, device: torch.device) -> torch.Tensor:
-        """The entropy of each of the layer's ``num_tokens`` tokens under ``state``: [T]
-        float32, or None when the call reads none (``state.entropy_unread``)."""
+        """The entropy of the layer's ``num_tokens`` tokens under ``state``: [T] float32 (None if unread)."""
         entropy = state.entropy
         if entropy is None and state.entropy_unread:
             return None
@@ -355,24 +351,16 @@ class EntropyTracker:
             forced = forced.to(tokens.device)
         route = self.sequence_routing.call_route(inputs, tokens) if self.config.routing == "sequence" \
             and self.adapters_enabled else None
-        # The entropy feeds the routers and A's gradient mask; a route-gated call without
-        # autograd or forced experts reads neither, so it skips the base-model pass, unless
-        # that pass keeps the base model's KV cache for a later call that may read it.
-        unread = (route is not None and forced is None and self.given_entropy is None
-                  and not torch.is_grad_enabled() and not self._keeps_base_cache(model, inputs))
+        # The entropy feeds the routers and A's gradient mask: a route-gated call without autograd
+        # or forced experts reads neither, so it skips the base-model pass (half a prefill's cost).
+        # A prepass that feeds the base model's KV cache runs: a later call may read that cache.
+        unread = (route is not None and forced is None and self.given_entropy is None and not torch.is_grad_enabled()
+                  and not (self.config.entropy_source == "prepass" and feeds_cache(model, inputs)))
         entropy = None if unread else self._call_entropy(model, inputs, batch, seq_len, tokens.device)
         self._calls[-1] = self._given_state(entropy=entropy, forced_experts=forced, token_route=route,
                                             token_mask=mask.bool() if is_2d_mask else None, entropy_unread=unread)
         if model.training and torch.is_grad_enabled():
             self._wrap_checkpointing()
-
-    def _keeps_base_cache(self, model: nn.Module, inputs: dict) -> bool:
-        """Whether this call's prepass continues or starts the base model's KV cache
-        (``entropy_source="prepass"`` with a cache in or out)."""
-        if self.config.entropy_source != "prepass":
-            return False
-        _, cache = input_cache(inputs)
-        return (cache is not None and int(cache.get_seq_length()) > 0) or returns_cache(model, inputs)
 
     def _call_entropy(self, model: nn.Module, inputs: dict, batch: int, seq_len: int, device) -> torch.Tensor | None:
         """The entropy [B, L] of this call, on ``device`` (None with adapters off)."""
@@ -404,7 +392,7 @@ class EntropyTracker:
                 )
             return lagged.reshape(batch, 1)
         base_cache = self._base_cache_of(cache, cached) if cached else None
-        keep = cached > 0 or returns_cache(model, inputs)
+        keep = feeds_cache(model, inputs)
         entropy, base_cache = base_model_entropy(model, inputs, self.config, self._base_model_pass(model),
                                                  base_cache, keep_cache=keep)
         self._pending_base_cache = base_cache  # tied to the cache this forward returns
