@@ -15,7 +15,8 @@ import argparse
 import torch
 
 from alter.adapters.sequence_route import KeyTable
-from alter.data.scenarios import DEVELOPMENT, HELD_OUT, build_scenario, to_dataset
+from alter.cli_parser import _scenario_list, _seed_list  # alter quality's --scenarios and --seeds
+from alter.data.scenarios import build_scenario, to_dataset
 from alter.methods.data import encode_dataset, route_keys
 
 
@@ -40,21 +41,18 @@ def coverage(scenario, seed: int, with_tokenizer: bool) -> dict:
 
 
 def main() -> None:
-    known = {s.name: s for s in DEVELOPMENT + HELD_OUT}
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scenarios", required=True, help=f"comma-separated, of: {', '.join(known)}")
-    parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--scenarios", required=True, type=_scenario_list,
+                        help="comma-separated scenario names, development or held out")
+    parser.add_argument("--seeds", default=(0, 1), type=_seed_list, help="comma-separated (default: 0,1)")
     args = parser.parse_args()
-    for name in args.scenarios.split(","):
-        if name not in known:
-            parser.error(f"unknown scenario {name!r}")
-        for seed in (int(s) for s in args.seeds.split(",")):
+    for scenario in args.scenarios:
+        for seed in args.seeds:
             for with_tokenizer in (False, True):
-                result = coverage(known[name], seed, with_tokenizer)
+                result = coverage(scenario, seed, with_tokenizer)
                 cells = [f"{p} {f}/{nf} (retained {r}/{nr})" for p, (f, nf, r, nr) in result["phrasings"].items()]
-                print(f"{name} seed {seed} {'with' if with_tokenizer else 'without'} the tokenizer: "
+                print(f"{scenario.name} seed {seed} {'with' if with_tokenizer else 'without'} the tokenizer: "
                       f"{result['keys']} keys; " + "; ".join(cells), flush=True)
-
 
 if __name__ == "__main__":
     main()

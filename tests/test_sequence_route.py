@@ -193,17 +193,23 @@ def test_generate_carries_the_route_across_decode_steps():
     assert int(model.alter_tracker.last_call.token_route[0, -1]) == 1  # carried from the prompt
 
 
+@pytest.fixture
+def passes(monkeypatch) -> list:
+    """One entry per base-model pass a patched model's forward runs."""
+    import alter.adapters.state as state_module
+
+    counted = []
+    monkeypatch.setattr(state_module, "base_model_entropy",
+                        lambda *args, **kwargs: counted.append(1) or base_model_entropy(*args, **kwargs))
+    return counted
+
+
 # The layer paths of a call without autograd: the fused gated_asym_lora call (the
 # dispatcher's dense path), the dense composition (a router hook turns the fused call
 # off; the router, not gating, never runs), and the grouped ops (a named backend).
 @pytest.mark.parametrize("backend,hooked", [(None, False), (None, True), ("eager", False)],
                          ids=["fused", "dense", "grouped"])
-def test_a_route_gated_call_without_autograd_runs_no_base_model_pass(backend, hooked, monkeypatch):
-    import alter.adapters.state as state_module
-
-    passes = []
-    monkeypatch.setattr(state_module, "base_model_entropy",
-                        lambda *args, **kwargs: passes.append(1) or base_model_entropy(*args, **kwargs))
+def test_a_route_gated_call_without_autograd_runs_no_base_model_pass(backend, hooked, passes):
     ids = tokens(batch=2, seq=9)
     key = [int(ids[0, 3])]
     ids[1] = torch.where(ids[1] == key[0], key[0] % (VOCAB - 3) + 3, ids[1])  # sample 1 holds no key
@@ -229,14 +235,9 @@ def test_a_route_gated_call_without_autograd_runs_no_base_model_pass(backend, ho
     assert passes == [1, 1]
 
 
-def test_a_prepass_that_keeps_the_base_cache_runs_under_the_sequence_route(monkeypatch):
+def test_a_prepass_that_keeps_the_base_cache_runs_under_the_sequence_route(passes):
     # entropy_source="prepass" decodes with the base model's KV cache beside the adapted
     # one: a call that starts or continues it runs the pass (a later call may read it).
-    import alter.adapters.state as state_module
-
-    passes = []
-    monkeypatch.setattr(state_module, "base_model_entropy",
-                        lambda *args, **kwargs: passes.append(1) or base_model_entropy(*args, **kwargs))
     ids = tokens(batch=2, seq=9)
     model = apply_alter(tiny_model().double(), alter_config(routing="sequence", entropy_source="prepass",
                                                             route_keys=[{"tokens": [int(ids[0, 3])], "expert": 1}]))
