@@ -11,16 +11,17 @@ from alter.scenarios import (DEVELOPMENT, DEVELOPMENT_SEEDS, HELD_OUT, HELD_OUT_
                              fact_token_mask, generate_rows, model_text, to_dataset)
 
 TINY = Scenario("tiny-test", "compounds", "qa", 6, 2, 2, "word", 1, 32, memorize_epochs=1, phrasings=("text", "bio"))
-SEEN_SEEDS = {0, 1} | {seed for report in range(1, 7) for seed in range(100 * report, 100 * report + 5)}
+SEEN_SEEDS = {0, 1} | {seed for report in range(1, 8) for seed in range(100 * report, 100 * report + 5)}
 
 
 def test_development_and_held_out_do_not_overlap():
     assert not {s.name for s in DEVELOPMENT} & {s.name for s in HELD_OUT}
     assert not {s.domain for s in DEVELOPMENT} & {s.domain for s in HELD_OUT}
-    # The held-out sets of the fourth to sixth reports (seeds 400-604) were seen: development now.
+    # The held-out sets of the fourth to seventh reports (seeds 400-704) were seen: development now.
     assert {"comets-qa-word", "chefs-bio-bpe", "lighthouses-text-bpe", "beetles-qa-200", "glaciers-qa-bpe",
             "perfumes-text-word", "locomotives-bio-bpe", "monasteries-qa-120", "vineyards-qa-bpe",
-            "satellites-text-word", "manuscripts-bio-bpe", "orchestras-qa-90"} <= {s.name for s in DEVELOPMENT}
+            "satellites-text-word", "manuscripts-bio-bpe", "orchestras-qa-90", "asteroids-text-bpe", "bridges-qa-word",
+            "operas-bio-word", "fortresses-qa-100"} <= {s.name for s in DEVELOPMENT}
     assert not set(HELD_OUT_SEEDS) & SEEN_SEEDS and set(DEVELOPMENT_SEEDS) <= SEEN_SEEDS
     sizes = [s.forget_rows for s in DEVELOPMENT + HELD_OUT]
     assert min(sizes) <= 12 and max(sizes) >= 400  # the issue's ~10 to ~400 forget rows

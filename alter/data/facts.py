@@ -297,7 +297,7 @@ DOMAINS.update({
 })
 
 
-# The domains of the held-out scenarios of the seventh report (seeds 700-704); nobody tunes on them.
+# The domains of the held-out scenarios of the seventh report (seeds 700-704), development since.
 SYLLABLES.update({
     "asteroids": ("kal", "vor", "phe", "nix", "tan", "eos", "ury", "dam", "pax", "ilo", "ses", "ara"),
     "bridges": ("har", "row", "mill", "gate", "ash", "ton", "kirk", "by", "wen", "dell", "fen", "holt"),
@@ -336,5 +336,46 @@ DOMAINS.update({
         ("stone", "What is {e} built of?", "{e} is built of {v}.",
          ("granite", "sandstone", "basalt", "limestone", "flint", "slate", "brick", "marble")),
         ("towers", "How many towers has {e}?", "{e} has {v} towers.", tuple(str(n) for n in range(2, 15))),
+    )),
+})
+
+
+# The domains of the held-out scenarios of the eighth report (seeds 800-804); nobody tunes on them.
+SYLLABLES.update({
+    "lakes": ("mal", "ar", "en", "loch", "vat", "ten", "see", "jar", "vi", "ko", "lag", "uma"),
+    "caves": ("grot", "ta", "spe", "lun", "cav", "ern", "ol", "dra", "bar", "im", "ost", "ek"),
+    "clocks": ("tik", "hor", "olo", "gim", "bal", "ton", "cro", "nos", "pen", "dul", "sec", "ar"),
+    "harbours": ("port", "sal", "ma", "rin", "wick", "hav", "en", "ky", "bel", "dor", "qui", "sa"),
+})
+DOMAINS.update({
+    "lakes": ("Lake {A2}", (
+        ("depth", "How deep is {e}?", "{e} is {v} metres deep.", tuple(str(n) for n in range(12, 600, 17))),
+        ("surveyor", "Who first mapped {e}?", "{e} was first mapped by {v}.", "name"),
+        ("fish", "Which fish lives in {e}?", "The {v} lives in {e}.",
+         ("trout", "pike", "perch", "char", "carp", "salmon", "eel", "bream", "zander")),
+        ("frozen", "When did {e} last freeze over?", "{e} last froze over in {v}.", "year"),
+    )),
+    "caves": ("{A2} Cavern", (
+        ("explorer", "Who explored {e} first?", "{e} was first explored by {v}.", "name"),
+        ("length", "How long is {e}?", "{e} runs for {v} metres.", tuple(str(n) for n in range(150, 9000, 230))),
+        ("rock", "What rock is {e} in?", "{e} lies in {v}.",
+         ("limestone", "gypsum", "dolomite", "marble", "basalt", "chalk", "sandstone")),
+        ("found", "When was {e} found?", "{e} was found in {v}.", "year"),
+    )),
+    "clocks": ("The {A}{b} Clock", (
+        ("maker", "Who made {e}?", "{e} was made by {v}.", "name"),
+        ("made", "When was {e} made?", "{e} was made in {v}.", "year"),
+        ("bells", "How many bells has {e}?", "{e} has {v} bells.", tuple(str(n) for n in range(1, 13))),
+        ("metal", "What is the face of {e} made of?", "The face of {e} is made of {v}.",
+         ("brass", "bronze", "copper", "silver", "enamel", "iron", "gold", "pewter")),
+        ("square", "Where does {e} stand?", "{e} stands in {v} Square.",
+         ("Market", "Abbey", "Guild", "Castle", "Station", "Church", "Mill", "Corn")),
+    )),
+    "harbours": ("Port {A}{b}", (
+        ("opened", "When did {e} open?", "{e} opened in {v}.", "year"),
+        ("master", "Who was the first harbour master of {e}?", "The first harbour master of {e} was {v}.", "name"),
+        ("berths", "How many berths has {e}?", "{e} has {v} berths.", tuple(str(n) for n in range(4, 60, 3))),
+        ("cargo", "What does {e} ship most?", "{e} ships mostly {v}.",
+         ("timber", "coal", "grain", "salt", "wool", "fish", "copper", "tea", "oil")),
     )),
 })
