@@ -75,3 +75,66 @@ def test_lagged_entropy_from_a_tuple_output_with_a_loss():
     assert loss.dim() == 0
     # float32 entropy kernel against the float64 formula.
     torch.testing.assert_close(model.alter_tracker.lagged_entropy.double(), tsallis64(logits[:, -1]), rtol=1e-5, atol=1e-5)
+
+
+BEAMS = 3
+
+
+def beam_search(model, prompt, **kwargs):
+    """Beam search whose ``sequences_scores`` are the sums of the chosen tokens' log-probs
+    (length_penalty 0), every step compared (no early stop at eos)."""
+    return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=NEW, min_new_tokens=NEW,
+                          do_sample=False, num_beams=BEAMS, num_return_sequences=BEAMS, length_penalty=0.0,
+                          early_stopping=True, output_scores=True, return_dict_in_generate=True, **kwargs)
+
+
+def reordering(model):
+    """The beam indices transformers passes to the model's ``_reorder_cache``."""
+    seen, reorder = [], model._reorder_cache
+
+    def spy(cache, beam_idx):
+        seen.append(beam_idx.clone())
+        return reorder(cache, beam_idx)
+
+    model._reorder_cache = spy
+    return seen
+
+
+def test_lagged_beam_search_gates_each_beam_with_its_parents_entropy():
+    # Each returned beam written out without a cache: the prompt gated by the base model's
+    # entropy, token i by the entropy of the distribution it was chosen from, the one its
+    # parent beam computed. Its score, the sum of its tokens' log-probs, equals beam search's.
+    model = apply_alter(tiny_model().double(), alter_config(entropy_source="lagged"))
+    randomize_adapters(model, 0.5)
+    prompt = tokens(batch=1, seq=PROMPT)
+    seen = reordering(model)
+    out = beam_search(model, prompt)
+    assert any(not torch.equal(idx, torch.arange(BEAMS)) for idx in seen)  # the beams did reorder
+    used = []
+    for sequence, score in zip(out.sequences, out.sequences_scores):
+        with disable_adapters(model):
+            entropies = [tsallis64(model(input_ids=prompt).logits)]
+        total = 0.0
+        for step in range(NEW):
+            with precomputed_entropy(model, torch.cat(entropies, dim=1)):
+                logits = model(input_ids=sequence[None, : PROMPT + step]).logits[:, -1]
+            total += torch.log_softmax(logits, -1)[0, sequence[PROMPT + step]]
+            entropies.append(tsallis64(logits)[:, None])
+        used.append(torch.cat(entropies[1:-1], dim=1))
+        torch.testing.assert_close(score.double(), total, rtol=1e-5, atol=1e-5)
+    used = torch.cat(used)
+    assert (used > 1.2).any() and (used <= 1.2).any()  # both routing branches ran on decoded tokens
+
+
+def test_prepass_beam_search_equals_beam_search_without_a_cache():
+    # With the cache, the base model's own KV cache is reordered with the beams; without
+    # it, every step's prepass runs over the whole sequence.
+    model = apply_alter(tiny_model().double(), alter_config())
+    randomize_adapters(model, 0.5)
+    prompt = tokens(batch=1, seq=PROMPT)
+    seen = reordering(model)
+    cached = beam_search(model, prompt, use_cache=True)
+    assert any(not torch.equal(idx, torch.arange(BEAMS)) for idx in seen)
+    uncached = beam_search(model, prompt, use_cache=False)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    torch.testing.assert_close(cached.sequences_scores, uncached.sequences_scores, rtol=1e-6, atol=1e-6)

@@ -55,11 +55,12 @@ class StatefulCheckpoint:
         return self.checkpoint(under_state, *args, **kwargs)
 
 
-class BeamReorderGuard:
+class BeamReorder:
     """An instance ``_reorder_cache`` on the patched model: transformers' beam search calls
-    it to reorder the KV cache between steps, where ``"lagged"`` entropy would gate each
-    beam's next token with another beam's entropy. It raises then; otherwise it reorders
-    as the model would. ``remove()`` takes it off, like a hook handle."""
+    it to reorder the KV cache between steps. The per-call state that follows a sequence
+    is reordered with it: the carried sequence routes and the ``"lagged"`` entropy, so
+    that each beam's next token is gated by the entropy of the distribution it was chosen
+    from (its parent beam's). ``remove()`` takes it off, like a hook handle."""
 
     def __init__(self, model: nn.Module, tracker):
         self.model, self.tracker = model, tracker
@@ -67,13 +68,7 @@ class BeamReorderGuard:
         model._reorder_cache = self
 
     def __call__(self, cache, beam_idx):
-        if self.tracker.config.entropy_source == "lagged" and self.tracker.adapters_enabled:
-            raise RuntimeError(
-                "entropy_source='lagged' does not support beam search (num_beams > 1): reordering the beams "
-                "would gate each token with another beam's entropy; decode greedily or by sampling, or use "
-                "entropy_source='prepass' with use_cache=False"
-            )
-        self.tracker.sequence_routing.reorder(beam_idx)
+        self.tracker.reorder(beam_idx)
         if self.original is not None:
             return self.original(cache, beam_idx)
         cache.reorder_cache(beam_idx)

@@ -39,7 +39,7 @@ import weakref
 import torch
 from torch import nn
 
-from alter.adapters.hooks import (BeamReorderGuard, StatefulCheckpoint, base_model_entropy, evaluating, feeds_cache,
+from alter.adapters.hooks import (BeamReorder, StatefulCheckpoint, base_model_entropy, evaluating, feeds_cache,
                                   input_cache, named_inputs, output_cache, output_logits, token_input)
 from alter.adapters.sequence_route import SequenceRouting
 from alter.config import AlterConfig
@@ -89,10 +89,7 @@ class EntropyTracker:
     - ``"lagged"``: generation. A prompt (empty cache) is gated by a prepass; a token
       decoded with the KV cache is gated by the entropy of the distribution that
       produced it, i.e. of the previous forward's last-position logits (kept by a forward
-      hook in ``lagged_entropy``). Greedy and sampling decoding are supported; beam search
-      reorders the batch between steps, which the lagged entropy cannot follow: it raises
-      RuntimeError at its first reorder (``_reorder_cache``, which transformers calls when
-      a model has it).
+      hook in ``lagged_entropy``, reordered with the beams by :meth:`reorder`).
 
     ``last_call`` is the :class:`CallState` of the last completed forward, for
     :func:`~alter.adapters.patching.router_loss` and for inspection; no layer reads it.
@@ -128,10 +125,8 @@ class EntropyTracker:
     def __repr__(self) -> str:
         entropy = None if self.given_entropy is None else tuple(self.given_entropy.shape)
         forced = None if self.forced_experts is None else self.forced_experts.tolist()
-        return (
-            f"EntropyTracker(source={self.config.entropy_source!r}, adapters_enabled={self.adapters_enabled}, "
-            f"given_entropy={entropy}, forced_experts={forced})"
-        )
+        return (f"EntropyTracker(source={self.config.entropy_source!r}, adapters_enabled={self.adapters_enabled}, "
+                f"given_entropy={entropy}, forced_experts={forced})")
 
     # --- state set by the caller ------------------------------------------------------
 
@@ -140,10 +135,8 @@ class EntropyTracker:
         if not isinstance(entropy, torch.Tensor):
             raise TypeError(f"entropy must be a torch.Tensor, got {type(entropy).__name__}")
         if entropy.dim() != 2 or not entropy.is_floating_point():
-            raise ValueError(
-                f"entropy must be a float tensor of shape [batch, seq_len], got shape {tuple(entropy.shape)} "
-                f"and dtype {entropy.dtype}"
-            )
+            raise ValueError(f"entropy must be a float tensor of shape [batch, seq_len], got shape "
+                             f"{tuple(entropy.shape)} and dtype {entropy.dtype}")
         self.given_entropy = entropy.detach().float()
 
     def clear_entropy(self) -> None:
@@ -315,7 +308,7 @@ class EntropyTracker:
         self._hooks = [
             model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
             model.register_forward_hook(self._after_forward, with_kwargs=True, always_call=True),
-            BeamReorderGuard(model, self),
+            BeamReorder(model, self),
         ]
         self._checkpointing_modules = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
 
@@ -431,6 +424,15 @@ class EntropyTracker:
             self.lagged_entropy = tsallis_entropy(
                 logits[:, -1].detach(), self.config.tsallis_q, backend=self.config.backend, check_finite=False
             )
+
+    def reorder(self, beam_idx: torch.Tensor) -> None:
+        """Follow beam search's reorder of the batch [B] (``hooks.BeamReorder``): the
+        carried routes, the lagged entropy and the prepass's base-model cache."""
+        self.sequence_routing.reorder(beam_idx)
+        if self.lagged_entropy is not None:
+            self.lagged_entropy = self.lagged_entropy[beam_idx.to(self.lagged_entropy.device)]
+        if self._base_cache is not None:
+            self._base_cache[1].reorder_cache(beam_idx)
 
     def _wrap_checkpointing(self) -> None:
         """Make each checkpointed block of the model recompute under its own call's state
