@@ -87,7 +87,10 @@ class AlterConfig:
         bench's tiny Llama with random weights and adapters (median entropy 0.33), 15% of
         the decoded tokens fell on the other side of the threshold than under "prepass",
         and greedy outputs diverged within 1-2 tokens. "precomputed" costs nothing but
-        needs the entropy up front (training, scoring).
+        needs the entropy up front (training, scoring). "prepass" and "lagged" follow
+        beam search's reorders; a decode step on a KV cache other than the one the
+        model's last cached forward returned (another such forward ran in between; an
+        assistant model's decoding cropped it) raises rather than read the wrong state.
 
     Losses and optimisation (used by ``alter.training``; docs/training.md):
       high_entropy_weight: weight of high-entropy tokens in the inverted hinge loss (>= 0).

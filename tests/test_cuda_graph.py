@@ -22,13 +22,14 @@ def test_patched_decode_step_captures_in_a_cuda_graph():
     with torch.no_grad():
         prefill = model(input_ids=prompt, use_cache=True)
     tracker = model.alter_tracker
-    lagged, cache = tracker.lagged_entropy, prefill.past_key_values
+    lagged, cache = tracker.lagged.entropy, prefill.past_key_values
     next_ids = prefill.logits[:, -1:].argmax(-1)
 
     def decode_step():
-        tracker.lagged_entropy = lagged  # each step gated by the prefill's entropy: a static input
+        step_cache = copy.deepcopy(cache)
+        tracker.lagged.link(step_cache, lagged)  # each step gated by the prefill's entropy: a static input
         with torch.no_grad():
-            return model(input_ids=next_ids, past_key_values=copy.deepcopy(cache), use_cache=True).logits
+            return model(input_ids=next_ids, past_key_values=step_cache, use_cache=True).logits
 
     expected = decode_step()
     side = torch.cuda.Stream()

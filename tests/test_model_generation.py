@@ -2,6 +2,7 @@
 step by step without a cache, each token gated by the entropy that produced it."""
 import copy
 
+import pytest
 import torch
 
 from alter.model import alter_layers, apply_alter, disable_adapters, precomputed_entropy
@@ -44,7 +45,7 @@ def test_lagged_generation_with_cache_equals_manual_gated_decode():
     assert (used > 1.2).any() and (used <= 1.2).any()  # both routing branches ran
 
     tracker = model.alter_tracker
-    torch.testing.assert_close(tracker.lagged_entropy.double(), tsallis64(out.logits[-1]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tracker.lagged.entropy.double(), tsallis64(out.logits[-1]), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(last_decode.entropy.double(), tsallis64(out.logits[-2])[:, None], rtol=1e-5, atol=1e-5)
 
 
@@ -63,7 +64,7 @@ def test_fresh_lagged_adapter_generates_what_the_base_model_generates():
         # between the two models, and CPU BLAS picks its kernel by alignment (~2e-6 seen).
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     tracker = model.alter_tracker
-    torch.testing.assert_close(tracker.lagged_entropy.double(), tsallis64(out.logits[-1]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tracker.lagged.entropy.double(), tsallis64(out.logits[-1]), rtol=1e-5, atol=1e-5)
 
 
 def test_lagged_entropy_from_a_tuple_output_with_a_loss():
@@ -74,7 +75,7 @@ def test_lagged_entropy_from_a_tuple_output_with_a_loss():
     loss, logits = model(input_ids=ids, labels=ids, return_dict=False)[:2]
     assert loss.dim() == 0
     # float32 entropy kernel against the float64 formula.
-    torch.testing.assert_close(model.alter_tracker.lagged_entropy.double(), tsallis64(logits[:, -1]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.alter_tracker.lagged.entropy.double(), tsallis64(logits[:, -1]), rtol=1e-5, atol=1e-5)
 
 
 BEAMS = 3
@@ -138,3 +139,30 @@ def test_prepass_beam_search_equals_beam_search_without_a_cache():
     uncached = beam_search(model, prompt, use_cache=False)
     assert torch.equal(cached.sequences, uncached.sequences)
     torch.testing.assert_close(cached.sequences_scores, uncached.sequences_scores, rtol=1e-6, atol=1e-6)
+
+
+def test_lagged_entropy_belongs_to_the_cache_its_forward_returned():
+    model = apply_alter(tiny_model().double(), alter_config(entropy_source="lagged"))
+    randomize_adapters(model, 0.5)
+    prompt, step = tokens(seq=PROMPT), tokens(seq=1)
+
+    def decode(between=None):
+        with torch.no_grad():
+            cache = model(input_ids=prompt, use_cache=True).cache
+            if between is not None:
+                between()
+            return model(input_ids=step, cache=cache, use_cache=True).logits
+
+    expected = decode()
+    # a forward without a cache in between (scoring) leaves the decode as it was
+    torch.testing.assert_close(decode(lambda: model(input_ids=tokens(seq=3), use_cache=False)), expected,
+                               rtol=0, atol=0)
+    # one that returns another cache took the model's lagged entropy: the step on the first
+    # cache would read the other forward's entropy, so it raises
+    with pytest.raises(RuntimeError, match=r"this cache \(6 tokens\) is not the one"):
+        decode(lambda: model(input_ids=tokens(seq=3), use_cache=True))
+    with torch.no_grad():  # so does a cropped cache (assisted decoding crops)
+        cache = model(input_ids=prompt, use_cache=True).cache
+        cache.crop(-1)
+        with pytest.raises(RuntimeError, match=r"this cache \(5 tokens\) is not the one"):
+            model(input_ids=step, cache=cache, use_cache=True)

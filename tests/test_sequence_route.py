@@ -271,6 +271,23 @@ def test_sequence_route_refuses_embeddings_and_a_foreign_cache():
             model(input_ids=tokens(seq=1), cache=cache, use_cache=True)
 
 
+def test_sequence_route_refuses_a_cropped_cache():
+    # assisted and prompt-lookup decoding crop the cache after rejecting candidates; the
+    # carry holds the route after the rejected tokens (here a key) and cannot roll back
+    model = apply_alter(tiny_model().double(), alter_config(entropy_source="lagged", routing="sequence",
+                                                            route_keys=[{"tokens": [2], "expert": 1}]))
+    with torch.no_grad():
+        cache = model(input_ids=tokens(batch=1, seq=4), use_cache=True).cache
+        model(input_ids=torch.tensor([[2, 5]]), cache=cache, use_cache=True)
+        cache.crop(-2)
+        with pytest.raises(RuntimeError, match="the KV cache holds 4 tokens, its carried route 6; it was cropped"):
+            model(input_ids=torch.tensor([[7]]), cache=cache, use_cache=True)
+        with pytest.raises(RuntimeError, match="it was cropped"):
+            model.generate(tokens(batch=1, seq=4), attention_mask=torch.ones(1, 4, dtype=torch.long), max_new_tokens=8,
+                           do_sample=False, assistant_model=tiny_model().double(), num_assistant_tokens=4,
+                           num_assistant_tokens_schedule="constant")  # a random assistant: candidates rejected
+
+
 @pytest.mark.parametrize("keys", [[{"tokens": [], "expert": 1}], [{"tokens": [1, 2, 3, 4], "expert": 1}],
                                   [{"tokens": [1], "expert": 0}], [{"tokens": [1], "expert": 4}],
                                   [{"tokens": [-1], "expert": 1}], [{"tokens": [1]}], "1,2"])

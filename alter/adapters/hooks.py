@@ -12,6 +12,7 @@ import inspect
 
 import torch
 from torch import nn
+from transformers import Cache
 
 from alter_kernels import fused_linear_entropy, tsallis_entropy
 
@@ -135,7 +136,10 @@ def input_cache(inputs: dict):
 
 
 def output_cache(output):
-    """The KV cache a forward returned (None when it kept none)."""
+    """The KV cache a forward returned (None when it kept none), from a model output or
+    the tuple of ``return_dict=False``."""
+    if isinstance(output, tuple):
+        return next((item for item in output if isinstance(item, Cache)), None)
     for key in _CACHE_INPUTS:
         cache = getattr(output, key, None)
         if cache is not None:

@@ -98,7 +98,8 @@ class SequenceRouting:
     def __init__(self, config):
         self.config = config
         self._table: tuple | None = None  # (the keys list it was built from, device, KeyTable)
-        self._carry: tuple | None = None  # (weakref to a KV cache, the RouteCarry of its tokens)
+        # (weakref to a KV cache, its length, the RouteCarry of its tokens)
+        self._carry: tuple | None = None
         self._pending: RouteCarry | None = None  # the running forward's carry
 
     def call_route(self, inputs: dict, tokens: torch.Tensor) -> torch.Tensor:
@@ -112,12 +113,18 @@ class SequenceRouting:
             self._table = (keys, tokens.device, KeyTable(keys, tokens.device))
         _, cache = input_cache(inputs)
         carry = None
-        if cache is not None and cache.get_seq_length():
+        cached = 0 if cache is None else cache.get_seq_length()
+        if cached:
             if self._carry is None or self._carry[0]() is not cache:
                 raise RuntimeError(
                     "routing='sequence' carries each sequence's route in the KV cache's tokens, filled when they "
                     "ran through this patched model (as generate() does); this cache was filled elsewhere")
-            carry = self._carry[1]
+            if self._carry[1] != cached:  # a crop cannot be undone: the carry holds the last tokens only
+                raise RuntimeError(
+                    f"routing='sequence': the KV cache holds {cached} tokens, its carried route {self._carry[1]}; "
+                    "it was cropped (assisted or prompt-lookup decoding does) or filled elsewhere: decode without "
+                    "an assistant model")
+            carry = self._carry[2]
         route, self._pending = self._table[2].route(tokens, carry)
         return route.int()
 
@@ -125,11 +132,11 @@ class SequenceRouting:
         """Link the finished call's carry to the KV cache it returned (None: it kept none)."""
         carry, self._pending = self._pending, None
         if returned_cache is not None and carry is not None:
-            self._carry = (weakref.ref(returned_cache), carry)
+            self._carry = (weakref.ref(returned_cache), returned_cache.get_seq_length(), carry)
 
     def reorder(self, beam_idx: torch.Tensor) -> None:
         """Reorder the carried routes as beam search reorders its cache."""
         if self._carry is not None:
-            ref, carry = self._carry
-            self._carry = (ref, RouteCarry(experts=carry.experts[beam_idx.to(carry.experts.device)],
-                                           tail=carry.tail[beam_idx.to(carry.tail.device)]))
+            ref, length, carry = self._carry
+            self._carry = (ref, length, RouteCarry(experts=carry.experts[beam_idx.to(carry.experts.device)],
+                                                   tail=carry.tail[beam_idx.to(carry.tail.device)]))

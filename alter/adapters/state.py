@@ -41,6 +41,7 @@ from torch import nn
 
 from alter.adapters.hooks import (BeamReorder, StatefulCheckpoint, base_model_entropy, evaluating, feeds_cache,
                                   input_cache, named_inputs, output_cache, output_logits, token_input)
+from alter.adapters.lagged import LaggedEntropy
 from alter.adapters.sequence_route import SequenceRouting
 from alter.config import AlterConfig
 from alter_kernels import tsallis_entropy
@@ -88,8 +89,8 @@ class EntropyTracker:
       sources.
     - ``"lagged"``: generation. A prompt (empty cache) is gated by a prepass; a token
       decoded with the KV cache is gated by the entropy of the distribution that
-      produced it, i.e. of the previous forward's last-position logits (kept by a forward
-      hook in ``lagged_entropy``, reordered with the beams by :meth:`reorder`).
+      produced it, i.e. of the last-position logits of the forward that returned its KV
+      cache (``lagged``, :class:`~alter.adapters.lagged.LaggedEntropy`).
 
     ``last_call`` is the :class:`CallState` of the last completed forward, for
     :func:`~alter.adapters.patching.router_loss` and for inspection; no layer reads it.
@@ -108,8 +109,7 @@ class EntropyTracker:
         # Caller-given: the experts whose B (or, adapters_frozen, A and B) get no gradient.
         self.frozen_experts: tuple[int, ...] = ()
         self.adapters_frozen = False
-        # "lagged": entropy [B] of the last forward's last-position logits (adapters on).
-        self.lagged_entropy: torch.Tensor | None = None
+        self.lagged = LaggedEntropy()
         self.last_call: CallState | None = None
         # "prepass" with a KV cache: (weakref to the adapted model's cache, the base model's
         # cache of the same tokens), and the latter while its forward runs.
@@ -376,14 +376,7 @@ class EntropyTracker:
         _, cache = input_cache(inputs)
         cached = 0 if cache is None else int(cache.get_seq_length())
         if cached and source == "lagged":
-            lagged = self.lagged_entropy
-            if seq_len != 1 or lagged is None or lagged.numel() != batch:
-                raise RuntimeError(
-                    "entropy_source='lagged' gates one decoded token per sample with the entropy of the previous "
-                    f"forward's last logits; got {seq_len} new tokens for {batch} samples after a forward that "
-                    f"left {None if lagged is None else lagged.numel()} entropies"
-                )
-            return lagged.reshape(batch, 1)
+            return self.lagged.for_step(cache, cached, batch, seq_len)
         base_cache = self._base_cache_of(cache, cached) if cached else None
         keep = feeds_cache(model, inputs)
         entropy, base_cache = base_model_entropy(model, inputs, self.config, self._base_model_pass(model),
@@ -415,22 +408,19 @@ class EntropyTracker:
         if returned is not None and pending is not None:  # the base cache goes when the adapted model's cache goes
             self._base_cache = (weakref.ref(returned, self._drop_base_cache), pending)
         self.sequence_routing.call_ended(returned)
-        if output is None or self.config.entropy_source != "lagged":  # None: the forward raised
+        if returned is None or self.config.entropy_source != "lagged":  # None: no cache, or the forward raised
             return
-        logits = output_logits(output)
         with torch.no_grad():
             # No host sync in a decode step (CUDA-graph capture): a model's logits always
             # have a finite entry, and the layers' routing runs unchecked too.
-            self.lagged_entropy = tsallis_entropy(
-                logits[:, -1].detach(), self.config.tsallis_q, backend=self.config.backend, check_finite=False
-            )
+            self.lagged.link(returned, tsallis_entropy(output_logits(output)[:, -1].detach(), self.config.tsallis_q,
+                                                       backend=self.config.backend, check_finite=False))
 
     def reorder(self, beam_idx: torch.Tensor) -> None:
         """Follow beam search's reorder of the batch [B] (``hooks.BeamReorder``): the
         carried routes, the lagged entropy and the prepass's base-model cache."""
         self.sequence_routing.reorder(beam_idx)
-        if self.lagged_entropy is not None:
-            self.lagged_entropy = self.lagged_entropy[beam_idx.to(self.lagged_entropy.device)]
+        self.lagged.reorder(beam_idx)
         if self._base_cache is not None:
             self._base_cache[1].reorder_cache(beam_idx)
 
