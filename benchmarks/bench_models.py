@@ -196,11 +196,15 @@ def _inference_cases(device: torch.device, quick: bool) -> list[BenchCase]:
         # transformers >= 5 names the cache "cache" (earlier: "past_key_values")
         key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         cache, next_ids = getattr(out, key), out.logits[:, -1:].argmax(-1)
+        tracker = getattr(model, "alter_tracker", None)
+        lagged = None if tracker is None else tracker.lagged.entropy
 
         def step():
             with torch.no_grad():
                 model(next_ids, **{key: cache}, use_cache=True)
             cache.crop(prompt_len - cache.get_seq_length())  # < 0: drop the new token; each step decodes one position
+            if tracker is not None:  # the crop undid the step: the next one is gated as this one was
+                tracker.lagged.link(cache, lagged)
 
         return step
 
