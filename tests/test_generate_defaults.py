@@ -46,7 +46,7 @@ def test_prepass_refuses_a_cache_filled_elsewhere():
     other = apply_alter(tiny_model(), alter_config())
     with torch.no_grad():
         cache = other(input_ids=tokens(), use_cache=True).cache
-        with pytest.raises(RuntimeError, match="this cache was filled elsewhere"):
+        with pytest.raises(RuntimeError, match="this cache is not the one the model.s last cached forward returned"):
             model(input_ids=tokens(seq=1), cache=cache, use_cache=True)
 
 

@@ -157,12 +157,13 @@ def test_lagged_entropy_belongs_to_the_cache_its_forward_returned():
     # a forward without a cache in between (scoring) leaves the decode as it was
     torch.testing.assert_close(decode(lambda: model(input_ids=tokens(seq=3), use_cache=False)), expected,
                                rtol=0, atol=0)
-    # one that returns another cache took the model's lagged entropy: the step on the first
-    # cache would read the other forward's entropy, so it raises
-    with pytest.raises(RuntimeError, match=r"this cache \(6 tokens\) is not the one"):
-        decode(lambda: model(input_ids=tokens(seq=3), use_cache=True))
+    # one that returns another cache (of the same length: the link is to the object) took
+    # the model's lagged entropy: the step on the first cache would read the other
+    # forward's entropy, so it raises
+    with pytest.raises(RuntimeError, match="this cache is not the one the model's last cached forward returned"):
+        decode(lambda: model(input_ids=tokens(seq=PROMPT), use_cache=True))
     with torch.no_grad():  # so does a cropped cache (assisted decoding crops)
         cache = model(input_ids=prompt, use_cache=True).cache
         cache.crop(-1)
-        with pytest.raises(RuntimeError, match=r"this cache \(5 tokens\) is not the one"):
+        with pytest.raises(RuntimeError, match="the cache holds 5 tokens, 6 when linked: it was cropped"):
             model(input_ids=step, cache=cache, use_cache=True)

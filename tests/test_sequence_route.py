@@ -267,8 +267,43 @@ def test_sequence_route_refuses_embeddings_and_a_foreign_cache():
         model(inputs_embeds=model.get_input_embeddings()(tokens()))
     with torch.no_grad():
         cache = other(input_ids=tokens(), use_cache=True).cache
-        with pytest.raises(RuntimeError, match="filled elsewhere"):
+        with pytest.raises(RuntimeError, match="this cache is not the one the model.s last cached forward returned"):
             model(input_ids=tokens(seq=1), cache=cache, use_cache=True)
+
+
+def test_sequence_route_refuses_a_cropped_static_cache():
+    # a static cache keeps its length in a tensor that a crop changes in place: the link
+    # holds the length as a number
+    from transformers import StaticCache
+
+    model = apply_alter(tiny_model().double(), alter_config(entropy_source="lagged", routing="sequence",
+                                                            route_keys=[{"tokens": [2], "expert": 1}]))
+    cache = StaticCache(config=model.config, max_cache_len=16)
+    with torch.no_grad():
+        model(input_ids=tokens(batch=1, seq=4), past_key_values=cache, use_cache=True)
+        model(input_ids=torch.tensor([[2, 5]]), past_key_values=cache, use_cache=True)
+        cache.crop(-2)
+        with pytest.raises(RuntimeError, match="the cache holds 4 tokens, 6 when linked: it was cropped"):
+            model(input_ids=torch.tensor([[7]]), past_key_values=cache, use_cache=True)
+
+
+def test_beam_search_after_a_held_forward_under_the_saved_adapters_setting():
+    # lagged entropy and the sequence route, as unlearn saves them: a forward whose output
+    # the caller keeps links no base-model cache, and beam search reorders only the state
+    # linked to its own cache
+    model = apply_alter(tiny_model().double(), alter_config(entropy_source="lagged", routing="sequence",
+                                                            route_keys=[{"tokens": [2], "expert": 1}]))
+    randomize_adapters(model, 0.5)
+    held = model(input_ids=tokens(batch=3, seq=5), use_cache=True)  # grad on: the prompt's entropy is computed
+    assert model.alter_tracker._base_cache.payload is None
+    lagged = model.alter_tracker.lagged.entropy.clone()
+    model.alter_tracker.reorder(tokens(batch=1, seq=1), torch.tensor([2, 0, 1]))  # another object: not linked
+    assert torch.equal(model.alter_tracker.lagged.entropy, lagged)
+    prompt = tokens(batch=2, seq=4)
+    with torch.no_grad():
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4, num_beams=3,
+                             do_sample=False)
+    assert out.shape == (2, 8) and held.cache.get_seq_length() == 5
 
 
 def test_sequence_route_refuses_a_cropped_cache():
@@ -280,7 +315,7 @@ def test_sequence_route_refuses_a_cropped_cache():
         cache = model(input_ids=tokens(batch=1, seq=4), use_cache=True).cache
         model(input_ids=torch.tensor([[2, 5]]), cache=cache, use_cache=True)
         cache.crop(-2)
-        with pytest.raises(RuntimeError, match="the KV cache holds 4 tokens, its carried route 6; it was cropped"):
+        with pytest.raises(RuntimeError, match="the cache holds 4 tokens, 6 when linked: it was cropped"):
             model(input_ids=torch.tensor([[7]]), cache=cache, use_cache=True)
         with pytest.raises(RuntimeError, match="it was cropped"):
             model.generate(tokens(batch=1, seq=4), attention_mask=torch.ones(1, 4, dtype=torch.long), max_new_tokens=8,

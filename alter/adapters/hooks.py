@@ -58,10 +58,10 @@ class StatefulCheckpoint:
 
 class BeamReorder:
     """An instance ``_reorder_cache`` on the patched model: transformers' beam search calls
-    it to reorder the KV cache between steps. The per-call state that follows a sequence
-    is reordered with it: the carried sequence routes and the ``"lagged"`` entropy, so
-    that each beam's next token is gated by the entropy of the distribution it was chosen
-    from (its parent beam's). ``remove()`` takes it off, like a hook handle."""
+    it to reorder the KV cache between steps. The state linked to that cache is reordered
+    with it: the carried sequence routes, the ``"lagged"`` entropy (each beam's next token
+    is gated by the entropy of the distribution it was chosen from, its parent beam's)
+    and the prepass's base-model cache. ``remove()`` takes it off, like a hook handle."""
 
     def __init__(self, model: nn.Module, tracker):
         self.model, self.tracker = model, tracker
@@ -69,7 +69,7 @@ class BeamReorder:
         model._reorder_cache = self
 
     def __call__(self, cache, beam_idx):
-        self.tracker.reorder(beam_idx)
+        self.tracker.reorder(cache, beam_idx)
         if self.original is not None:
             return self.original(cache, beam_idx)
         cache.reorder_cache(beam_idx)

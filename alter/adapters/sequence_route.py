@@ -15,10 +15,10 @@ and saved in the adapter's config.
 from __future__ import annotations
 
 import dataclasses
-import weakref
 
 import torch
 
+from alter.adapters.cache_link import CacheLink, cache_length, changed_since
 from alter.adapters.hooks import input_cache
 from alter.config import MAX_KEY_TOKENS, MAX_KEY_VOCAB
 
@@ -98,8 +98,7 @@ class SequenceRouting:
     def __init__(self, config):
         self.config = config
         self._table: tuple | None = None  # (the keys list it was built from, device, KeyTable)
-        # (weakref to a KV cache, its length, the RouteCarry of its tokens)
-        self._carry: tuple | None = None
+        self._carry = CacheLink()  # the RouteCarry of a KV cache's tokens
         self._pending: RouteCarry | None = None  # the running forward's carry
 
     def call_route(self, inputs: dict, tokens: torch.Tensor) -> torch.Tensor:
@@ -113,18 +112,14 @@ class SequenceRouting:
             self._table = (keys, tokens.device, KeyTable(keys, tokens.device))
         _, cache = input_cache(inputs)
         carry = None
-        cached = 0 if cache is None else cache.get_seq_length()
+        cached = 0 if cache is None else cache_length(cache)
         if cached:
-            if self._carry is None or self._carry[0]() is not cache:
+            carry = self._carry.get(cache, cached)
+            if carry is None:  # a crop cannot be undone either: the carry holds the last tokens only
                 raise RuntimeError(
                     "routing='sequence' carries each sequence's route in the KV cache's tokens, filled when they "
-                    "ran through this patched model (as generate() does); this cache was filled elsewhere")
-            if self._carry[1] != cached:  # a crop cannot be undone: the carry holds the last tokens only
-                raise RuntimeError(
-                    f"routing='sequence': the KV cache holds {cached} tokens, its carried route {self._carry[1]}; "
-                    "it was cropped (assisted or prompt-lookup decoding does) or filled elsewhere: decode without "
-                    "an assistant model")
-            carry = self._carry[2]
+                    "ran through this patched model (as generate() does): "
+                    f"{changed_since(cached, self._carry.linked_length(cache))}; decode without an assistant model")
         route, self._pending = self._table[2].route(tokens, carry)
         return route.int()
 
@@ -132,11 +127,9 @@ class SequenceRouting:
         """Link the finished call's carry to the KV cache it returned (None: it kept none)."""
         carry, self._pending = self._pending, None
         if returned_cache is not None and carry is not None:
-            self._carry = (weakref.ref(returned_cache), returned_cache.get_seq_length(), carry)
+            self._carry.set(returned_cache, carry)
 
-    def reorder(self, beam_idx: torch.Tensor) -> None:
-        """Reorder the carried routes as beam search reorders its cache."""
-        if self._carry is not None:
-            ref, length, carry = self._carry
-            self._carry = (ref, length, RouteCarry(experts=carry.experts[beam_idx.to(carry.experts.device)],
-                                                   tail=carry.tail[beam_idx.to(carry.tail.device)]))
+    def reorder(self, cache, beam_idx: torch.Tensor) -> None:
+        """Reorder the routes carried in ``cache`` as beam search reorders it."""
+        self._carry.reorder(cache, beam_idx, lambda carry, idx: RouteCarry(
+            experts=carry.experts[idx.to(carry.experts.device)], tail=carry.tail[idx.to(carry.tail.device)]))

@@ -34,17 +34,22 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import numbers
-import weakref
 
 import torch
 from torch import nn
 
 from alter.adapters.hooks import (BeamReorder, StatefulCheckpoint, base_model_entropy, evaluating, feeds_cache,
                                   input_cache, named_inputs, output_cache, output_logits, token_input)
+from alter.adapters.cache_link import CacheLink, cache_length, changed_since
 from alter.adapters.lagged import LaggedEntropy
 from alter.adapters.sequence_route import SequenceRouting
 from alter.config import AlterConfig
 from alter_kernels import tsallis_entropy
+
+
+def _reordered_cache(cache, beam_idx: torch.Tensor):
+    cache.reorder_cache(beam_idx)  # in place
+    return cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,9 +116,9 @@ class EntropyTracker:
         self.adapters_frozen = False
         self.lagged = LaggedEntropy()
         self.last_call: CallState | None = None
-        # "prepass" with a KV cache: (weakref to the adapted model's cache, the base model's
-        # cache of the same tokens), and the latter while its forward runs.
-        self._base_cache = self._pending_base_cache = None
+        # "prepass" with a KV cache: the base model's cache of the adapted cache's tokens,
+        # linked to the latter, and while its forward runs.
+        self._base_cache, self._pending_base_cache = CacheLink(release=True), None
         self.sequence_routing = SequenceRouting(config)
         # The states of the calls running now (a prepass runs inside its model's call).
         self._calls: list[CallState] = []
@@ -374,30 +379,26 @@ class EntropyTracker:
                 "precomputed_entropy(model, entropy) or call model.alter_tracker.set_entropy(entropy)"
             )
         _, cache = input_cache(inputs)
-        cached = 0 if cache is None else int(cache.get_seq_length())
+        cached = 0 if cache is None else cache_length(cache)
         if cached and source == "lagged":
             return self.lagged.for_step(cache, cached, batch, seq_len)
         base_cache = self._base_cache_of(cache, cached) if cached else None
-        keep = feeds_cache(model, inputs)
+        keep = source == "prepass" and feeds_cache(model, inputs)  # "lagged" never reads it
         entropy, base_cache = base_model_entropy(model, inputs, self.config, self._base_model_pass(model),
                                                  base_cache, keep_cache=keep)
         self._pending_base_cache = base_cache  # tied to the cache this forward returns
         return entropy
 
-    def _drop_base_cache(self, dead: weakref.ref) -> None:
-        if self._base_cache is not None and self._base_cache[0] is dead:
-            self._base_cache = None
-
     def _base_cache_of(self, cache, cached: int):
         """The base model's KV cache that shadows the adapted model's ``cache`` (prepass)."""
-        linked = self._base_cache
-        if linked is None or linked[0]() is not cache or linked[1].get_seq_length() != cached:
+        base_cache = self._base_cache.get(cache, cached)
+        if base_cache is None:
             raise RuntimeError(
                 "entropy_source='prepass' decodes with the base model's own KV cache, filled when the cached tokens "
-                "ran through this patched model (as generate() does); this cache was filled elsewhere: run the "
-                "prompt through the patched model with use_cache=True, or use entropy_source='lagged'"
-            )
-        return linked[1]
+                f"ran through this patched model (as generate() does): "
+                f"{changed_since(cached, self._base_cache.linked_length(cache))}; run the prompt through the "
+                "patched model with use_cache=True")
+        return base_cache
 
     def _after_forward(self, model: nn.Module, args: tuple, kwargs: dict, output) -> None:
         if self._in_prepass():
@@ -406,7 +407,7 @@ class EntropyTracker:
         pending, self._pending_base_cache = self._pending_base_cache, None
         returned = None if output is None else output_cache(output)
         if returned is not None and pending is not None:  # the base cache goes when the adapted model's cache goes
-            self._base_cache = (weakref.ref(returned, self._drop_base_cache), pending)
+            self._base_cache.set(returned, pending)
         self.sequence_routing.call_ended(returned)
         if returned is None or self.config.entropy_source != "lagged":  # None: no cache, or the forward raised
             return
@@ -416,13 +417,12 @@ class EntropyTracker:
             self.lagged.link(returned, tsallis_entropy(output_logits(output)[:, -1].detach(), self.config.tsallis_q,
                                                        backend=self.config.backend, check_finite=False))
 
-    def reorder(self, beam_idx: torch.Tensor) -> None:
-        """Follow beam search's reorder of the batch [B] (``hooks.BeamReorder``): the
-        carried routes, the lagged entropy and the prepass's base-model cache."""
-        self.sequence_routing.reorder(beam_idx)
-        self.lagged.reorder(beam_idx)
-        if self._base_cache is not None:
-            self._base_cache[1].reorder_cache(beam_idx)
+    def reorder(self, cache, beam_idx: torch.Tensor) -> None:
+        """Follow beam search's in-place reorder of ``cache``'s batch [B] (``hooks.BeamReorder``):
+        the routes carried in it, its lagged entropy and its prepass's base-model cache."""
+        self.sequence_routing.reorder(cache, beam_idx)
+        self.lagged.reorder(cache, beam_idx)
+        self._base_cache.reorder(cache, beam_idx, _reordered_cache)
 
     def _wrap_checkpointing(self) -> None:
         """Make each checkpointed block of the model recompute under its own call's state

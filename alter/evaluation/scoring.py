@@ -76,11 +76,15 @@ def forward_batches(model, tokenizer, encoded: Sequence[dict], batch_size: int, 
     left-padded prompt differently from the same prompt alone (RoPE models would not:
     RoPE is relative)."""
     device, pad_id = device_of(model), pad_id_of(tokenizer)
-    takes_positions = padding_side == "left" and "position_ids" in inspect.signature(model.forward).parameters
+    parameters = inspect.signature(model.forward).parameters
+    takes_positions = padding_side == "left" and "position_ids" in parameters
+    # No KV cache: scoring continues none, and a patched model would link its per-call
+    # state to it (a prepass would keep a base-model cache too).
+    no_cache = {"use_cache": False} if "use_cache" in parameters else {}
     with evaluating(model):
         for indices, batch in padded_batches(encoded, batch_size, desc, pad_id, padding_side):
             mask = batch["attention_mask"].to(device)
-            inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": mask}
+            inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": mask, **no_cache}
             if takes_positions:  # a left-padded row starts at position 0, as it would alone
                 inputs["position_ids"] = (mask.cumsum(dim=1) - 1).clamp(min=0)
             yield indices, _logits(model(**inputs)), batch
