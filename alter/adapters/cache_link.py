@@ -54,12 +54,13 @@ class CacheLink:
             ref, length, payload = self._link
             self._link = (ref, length, reorder_payload(payload, beam_idx))
 
-
-def changed_since(cached: int, linked: int | None) -> str:
-    """Why a cache's state does not continue: for the error messages of its users."""
-    if linked is None:
-        return "this cache is not the one the model's last cached forward returned (another ran in between)"
-    if cached < linked:
-        return f"the cache holds {cached} tokens, {linked} when linked: it was cropped (assisted decoding does)"
-    return (f"the cache holds {cached} tokens, {linked} when linked: it grew outside this model's adapted calls "
-            "(a step with adapters disabled, or filled elsewhere)")
+    def mismatch(self, cache, cached: int) -> str:
+        """Why the link does not continue ``cache`` holding ``cached`` tokens: for the
+        error messages of its users."""
+        linked = self.linked_length(cache)
+        if linked is None:
+            return "this cache is not the one the model's last cached forward returned (another ran in between)"
+        if cached < linked:
+            return f"the cache holds {cached} tokens, {linked} when linked: it was cropped (assisted decoding does)"
+        return (f"the cache holds {cached} tokens, {linked} when linked: it grew outside this model's adapted calls "
+                "(a step with adapters disabled, or filled elsewhere)")

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from transformers import Cache
 
+from alter.adapters.cache_link import cache_length
 from alter_kernels import fused_linear_entropy, tsallis_entropy
 
 _CACHE_INPUTS = ("cache", "past_key_values")  # transformers >= 5.x renames the latter
@@ -158,7 +159,7 @@ def returns_cache(model: nn.Module, inputs: dict) -> bool:
 def feeds_cache(model: nn.Module, inputs: dict) -> bool:
     """Whether the forward continues a KV cache (one that holds tokens comes in) or builds one."""
     _, cache = input_cache(inputs)
-    return (cache is not None and int(cache.get_seq_length()) > 0) or returns_cache(model, inputs)
+    return (cache is not None and cache_length(cache) > 0) or returns_cache(model, inputs)
 
 
 def logits_are_plain_linear(model: nn.Module, head: nn.Module) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from alter.adapters.cache_link import CacheLink, changed_since
+from alter.adapters.cache_link import CacheLink
 
 
 class LaggedEntropy:
@@ -31,7 +31,7 @@ class LaggedEntropy:
         if entropy is None:
             raise RuntimeError(
                 "entropy_source='lagged' gates a decoded token with the entropy of the logits it was chosen from, "
-                f"recorded by the forward that returned its KV cache; {changed_since(cached, self._link.linked_length(cache))}. "
+                f"recorded by the forward that returned its KV cache; {self._link.mismatch(cache, cached)}. "
                 "Run forwards between decode steps with use_cache=False, or give a custom decode loop's entropy "
                 "with model.alter_tracker.lagged.link(cache, entropy)")
         if seq_len != 1 or entropy.numel() != batch:

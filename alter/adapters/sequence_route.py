@@ -18,7 +18,7 @@ import dataclasses
 
 import torch
 
-from alter.adapters.cache_link import CacheLink, cache_length, changed_since
+from alter.adapters.cache_link import CacheLink, cache_length
 from alter.adapters.hooks import input_cache
 from alter.config import MAX_KEY_TOKENS, MAX_KEY_VOCAB
 
@@ -119,7 +119,7 @@ class SequenceRouting:
                 raise RuntimeError(
                     "routing='sequence' carries each sequence's route in the KV cache's tokens, filled when they "
                     "ran through this patched model (as generate() does): "
-                    f"{changed_since(cached, self._carry.linked_length(cache))}; decode without an assistant model")
+                    f"{self._carry.mismatch(cache, cached)}; decode without an assistant model")
         route, self._pending = self._table[2].route(tokens, carry)
         return route.int()
 

@@ -40,7 +40,7 @@ from torch import nn
 
 from alter.adapters.hooks import (BeamReorder, StatefulCheckpoint, base_model_entropy, evaluating, feeds_cache,
                                   input_cache, named_inputs, output_cache, output_logits, token_input)
-from alter.adapters.cache_link import CacheLink, cache_length, changed_since
+from alter.adapters.cache_link import CacheLink, cache_length
 from alter.adapters.lagged import LaggedEntropy
 from alter.adapters.sequence_route import SequenceRouting
 from alter.config import AlterConfig
@@ -395,8 +395,8 @@ class EntropyTracker:
         if base_cache is None:
             raise RuntimeError(
                 "entropy_source='prepass' decodes with the base model's own KV cache, filled when the cached tokens "
-                f"ran through this patched model (as generate() does): "
-                f"{changed_since(cached, self._base_cache.linked_length(cache))}; run the prompt through the "
+                "ran through this patched model (as generate() does): "
+                f"{self._base_cache.mismatch(cache, cached)}; run the prompt through the "
                 "patched model with use_cache=True")
         return base_cache
 
