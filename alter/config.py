@@ -23,10 +23,10 @@ FORGET_LOSSES = ("ihl", "nll_ascent")
 TRAIN_ROUTES = ("router", "forced")
 ROUTINGS = ("token", "sequence")
 FORGET_TOKENS = ("unpredictable", "all")
-# The longest route key: n-grams of up to 3 tokens are coded exactly in an int64 for any
-# vocabulary under 2M tokens (alter.adapters.sequence_route).
-MAX_KEY_TOKENS = 3
-MAX_KEY_VOCAB = 1 << 21
+# Route keys (alter.methods.data.route_keys): n-grams of up to SHORT_KEY_TOKENS tokens,
+# longer ones (up to MAX_KEY_TOKENS) only for a row that has no short one.
+SHORT_KEY_TOKENS = 3
+MAX_KEY_TOKENS = 8
 BACKEND_CHOICES = (None, "eager", "triton", "cpp")
 
 DEFAULT_TARGET_MODULES = (
@@ -124,7 +124,7 @@ class AlterConfig:
         sequence route", "(g)"). None (the default):
         "sequence" when ``unlearn`` trains forget experts (params asym_lora), "token"
         elsewhere (adapters applied on their own have no keys; lora has no forget expert).
-      route_keys: the keys of "sequence" routing, a list of {"tokens": 1 to 3 token ids,
+      route_keys: the keys of "sequence" routing, a list of {"tokens": 1 to 8 token ids,
         "expert": a forget expert in [1, num_experts)}; saved with the adapter.
 
     backend: backend of every op (None = the best available per op and device, see
@@ -284,7 +284,7 @@ def check_choice(name: str, value, allowed: Iterable, fn: str) -> None:
 
 
 def _checked_route_keys(keys, num_experts: int) -> list[dict]:
-    """``keys`` as a list of {"tokens": [1 to MAX_KEY_TOKENS ids in [0, MAX_KEY_VOCAB)],
+    """``keys`` as a list of {"tokens": [1 to MAX_KEY_TOKENS token ids >= 0],
     "expert": int in [1, num_experts)}; ValueError naming the first bad entry."""
     if not isinstance(keys, (list, tuple)):
         raise ValueError(f"AlterConfig: route_keys must be a list, got {type(keys).__name__}")
@@ -293,7 +293,7 @@ def _checked_route_keys(keys, num_experts: int) -> list[dict]:
         ok = isinstance(key, dict) and set(key) == {"tokens", "expert"}
         tokens, expert = (key["tokens"], key["expert"]) if ok else (None, None)
         ok = ok and isinstance(tokens, (list, tuple)) and 1 <= len(tokens) <= MAX_KEY_TOKENS and all(
-            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < MAX_KEY_VOCAB for t in tokens)
+            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in tokens)
         ok = ok and isinstance(expert, int) and not isinstance(expert, bool) and 1 <= expert < num_experts
         if not ok:
             raise ValueError(f"AlterConfig: route_keys[{i}] must be {{'tokens': 1 to {MAX_KEY_TOKENS} token ids, "

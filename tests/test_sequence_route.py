@@ -7,8 +7,9 @@ import random
 import pytest
 import torch
 
+import alter.adapters.sequence_route as sequence_route
 from alter.adapters.sequence_route import KeyTable
-from alter.config import AlterConfig
+from alter.config import MAX_KEY_TOKENS, AlterConfig
 from alter.methods.data import route_keys, routing_targets
 from alter.adapters import merge_adapters
 from alter.adapters.hooks import base_model_entropy
@@ -33,10 +34,18 @@ def reference_route(rows: list[list[int]], keys: list[dict]) -> list[list[int]]:
     return routes
 
 
-def random_keys(rng, vocab, count, experts=4):
+def random_keys(rng, vocab, count, rows, experts=4):
+    """``count`` distinct keys: random ones of 1 to 3 tokens, and windows of 4 to
+    MAX_KEY_TOKENS tokens cut from ``rows`` (random long ones would never occur)."""
     keys, seen = [], set()
     while len(keys) < count:
-        tokens = [rng.randrange(vocab) for _ in range(rng.randint(1, 3))]
+        if len(keys) % 2:
+            row = rng.choice(rows)
+            n = rng.randint(4, MAX_KEY_TOKENS)
+            first = rng.randrange(len(row) - n + 1)
+            tokens = row[first:first + n]
+        else:
+            tokens = [rng.randrange(vocab) for _ in range(rng.randint(1, 3))]
         if tuple(tokens) not in seen:
             seen.add(tuple(tokens))
             keys.append({"tokens": tokens, "expert": rng.randint(1, experts - 1)})
@@ -48,7 +57,7 @@ def test_key_table_matches_the_reference_and_carries_across_calls(seed):
     rng = random.Random(seed)
     vocab = 7  # a small vocabulary: keys occur often, several per row
     rows = [[rng.randrange(vocab) for _ in range(23)] for _ in range(5)]
-    keys = random_keys(rng, vocab, 6)
+    keys = random_keys(rng, vocab, 6, rows[1:])  # long keys from other rows: they fire where they recur
     ids = torch.tensor(rows)
     table = KeyTable(AlterConfig(route_keys=keys).route_keys, ids.device)
     expected = torch.tensor(reference_route(rows, keys))
@@ -63,6 +72,17 @@ def test_key_table_matches_the_reference_and_carries_across_calls(seed):
         pieces.append(route)
     pieces.append(table.route(ids[:, 11:], carry)[0])
     assert torch.equal(torch.cat(pieces, dim=1), expected)
+
+
+def test_colliding_codes_neither_fire_a_key_nor_hide_one(monkeypatch):
+    # One hash of base 1 modulo 7: a window's code is its token sum mod 7.
+    monkeypatch.setattr(sequence_route, "_HASHES", ((7, 1),))
+    table = KeyTable([{"tokens": [2, 5], "expert": 1}, {"tokens": [2, 5, 1, 1], "expert": 2}], torch.device("cpu"))
+    route = table.route(torch.tensor([[3, 4, 6, 1, 1, 2, 5, 8], [2, 5, 1, 1, 9, 9, 9, 9]]), None)[0]
+    # [3, 4] and [1, 1, 2, 5] share the keys' codes, not their tokens
+    assert route.tolist() == [[0] * 6 + [1, 1], [0, 1, 1, 1, 1, 1, 1, 1]]
+    with pytest.raises(ValueError, match="two keys of 1 tokens share a hash code"):
+        KeyTable([{"tokens": [2], "expert": 1}, {"tokens": [9], "expert": 2}], torch.device("cpu"))
 
 
 def test_found_keys_fire_on_every_forget_row_and_on_no_retained_position():
@@ -157,6 +177,27 @@ def test_keys_look_past_a_divergence_no_short_n_gram_tells_apart():
     table = KeyTable(keys, torch.device("cpu"))
     assert table.route(torch.tensor(forget[0]["input_ids"])[None], None)[0].any()
     assert not any(table.route(torch.tensor(r["input_ids"])[None], None)[0].any() for r in retain)
+
+
+def test_a_row_without_a_short_key_gets_a_long_one():
+    # Every n-gram of up to 3 tokens from the forget row's divergence (its token 8) on
+    # occurs in a retained row; only the 4-grams around the 8 tell it apart. A second forget
+    # row has a short key: it keeps that one alone.
+    forget = [{"input_ids": [1, 5, 6, 7, 8, 2]}, {"input_ids": [1, 5, 6, 10, 2]}]
+    retain = [{"input_ids": [1, 5, 6, 7, 3]}, {"input_ids": [9, 6, 7, 8, 9]}, {"input_ids": [3, 7, 8, 2, 4]}]
+    assert routing_targets(forget, retain)[0][0].index(1) == 4
+    keys = route_keys(forget, retain, [1, 2])
+    assert keys == [{"tokens": [5, 6, 7, 8], "expert": 1}, {"tokens": [6, 7, 8, 2], "expert": 1},
+                    {"tokens": [10], "expert": 2}]
+    table = KeyTable(AlterConfig(route_keys=keys).route_keys, torch.device("cpu"))
+    assert [int(table.route(torch.tensor([f["input_ids"]]), None)[0][0, -1]) for f in forget] == [1, 2]
+    assert not any(table.route(torch.tensor([r["input_ids"]]), None)[0].any() for r in retain)
+
+
+def test_apply_alter_refuses_keys_outside_the_vocabulary():
+    keys = [{"tokens": [3, VOCAB], "expert": 1}]
+    with pytest.raises(ValueError, match=f"route_keys hold token ids outside the model's vocabulary of {VOCAB}"):
+        apply_alter(tiny_model(), alter_config(routing="sequence", route_keys=keys))
 
 
 def test_layers_gate_by_the_route():
@@ -323,7 +364,7 @@ def test_sequence_route_refuses_a_cropped_cache():
                            num_assistant_tokens_schedule="constant")  # a random assistant: candidates rejected
 
 
-@pytest.mark.parametrize("keys", [[{"tokens": [], "expert": 1}], [{"tokens": [1, 2, 3, 4], "expert": 1}],
+@pytest.mark.parametrize("keys", [[{"tokens": [], "expert": 1}], [{"tokens": list(range(MAX_KEY_TOKENS + 1)), "expert": 1}],
                                   [{"tokens": [1], "expert": 0}], [{"tokens": [1], "expert": 4}],
                                   [{"tokens": [-1], "expert": 1}], [{"tokens": [1]}], "1,2"])
 def test_config_refuses_bad_keys(keys):

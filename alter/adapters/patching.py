@@ -41,6 +41,7 @@ def apply_alter(model: nn.Module, config: AlterConfig | None = None) -> nn.Modul
         raise TypeError(f"apply_alter: config must be an AlterConfig, got {type(config).__name__}")
     if is_patched(model):
         raise ValueError("apply_alter: the model already has ALTER adapters; call remove_alter(model) first")
+    _check_key_vocabulary(model, config)
     linear = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     targets = [(name, module) for name, module in linear if _matches(name, config.target_modules)]
     unmatched = [t for t in config.target_modules if not any(_matches(name, [t]) for name, _ in linear)]
@@ -59,6 +60,17 @@ def apply_alter(model: nn.Module, config: AlterConfig | None = None) -> nn.Modul
     model.alter_config = config
     model.alter_tracker = tracker
     return model
+
+
+def _check_key_vocabulary(model: nn.Module, config: AlterConfig) -> None:
+    """ValueError when a route key holds a token id the model's embedding does not have
+    (keys found with another tokenizer: an adapter saved for another model)."""
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocabulary = getattr(embedding, "num_embeddings", None)
+    outside = [key for key in config.route_keys if vocabulary is not None and max(key["tokens"]) >= vocabulary]
+    if outside:
+        raise ValueError(f"apply_alter: {len(outside)} route_keys hold token ids outside the model's vocabulary of "
+                         f"{vocabulary} tokens (first: {outside[0]}); the keys were found with another tokenizer")
 
 
 def remove_alter(model: nn.Module) -> nn.Module:

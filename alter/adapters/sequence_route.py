@@ -20,31 +20,40 @@ import torch
 
 from alter.adapters.cache_link import CacheLink, cache_length
 from alter.adapters.hooks import input_cache
-from alter.config import MAX_KEY_TOKENS, MAX_KEY_VOCAB
+from alter.config import MAX_KEY_TOKENS
 
 
 @dataclasses.dataclass(frozen=True)
 class RouteCarry:
     """What a decoded token's route needs from the tokens before it: per sample, the
     forget expert already chosen (0: none yet) [B] int64 and the last
-    ``MAX_KEY_TOKENS - 1`` tokens [B, <= 2] int64 (a key may span two calls)."""
+    ``MAX_KEY_TOKENS - 1`` tokens [B, <= MAX_KEY_TOKENS - 1] int64 (a key may span calls)."""
 
     experts: torch.Tensor
     tail: torch.Tensor
 
 
+# Two polynomial hashes modulo primes below 2^31, so that every product fits an int64;
+# together a 62-bit code. A code only finds a key's candidate: the key table compares its
+# tokens too, so the route is exact whatever collides.
+_HASHES = ((2147483647, 1000003), (2147483629, 998244353))
+
+
 def _codes(windows: torch.Tensor) -> torch.Tensor:
-    """int64 codes [...] of token windows [..., n] (n <= MAX_KEY_TOKENS): Σ token_j ·
-    MAX_KEY_VOCAB^(n-1-j), exact and distinct for ids below MAX_KEY_VOCAB."""
-    code = torch.zeros(windows.shape[:-1], dtype=torch.int64, device=windows.device)
-    for j in range(windows.shape[-1]):
-        code = code * MAX_KEY_VOCAB + windows[..., j]
+    """int64 codes [...] of token windows [..., n] int64 (ids >= 0): two polynomial hashes
+    of the window side by side. Equal windows have equal codes."""
+    code = None
+    for prime, base in _HASHES:
+        part = torch.zeros(windows.shape[:-1], dtype=torch.int64, device=windows.device)
+        for j in range(windows.shape[-1]):
+            part = (part * base + windows[..., j] % prime) % prime
+        code = part if code is None else code * (1 << 31) + part
     return code
 
 
 class KeyTable:
-    """The keys of a config grouped by length, as sorted codes and their experts, on one
-    device (built once per device and kept by the tracker)."""
+    """The keys of a config grouped by length, as sorted codes with their tokens and
+    experts, on one device (built once per device and kept by the tracker)."""
 
     def __init__(self, keys: list[dict], device: torch.device):
         self.by_length = {}
@@ -52,10 +61,13 @@ class KeyTable:
             group = [k for k in keys if len(k["tokens"]) == n]
             if not group:
                 continue
-            codes = _codes(torch.tensor([k["tokens"] for k in group], dtype=torch.int64))
+            tokens = torch.tensor([k["tokens"] for k in group], dtype=torch.int64)
             experts = torch.tensor([k["expert"] for k in group], dtype=torch.int64)
-            codes, order = codes.sort()
-            self.by_length[n] = (codes.to(device), experts[order].to(device))
+            codes, order = _codes(tokens).sort()
+            if bool((codes[1:] == codes[:-1]).any()):
+                raise ValueError(f"route_keys: two keys of {n} tokens share a hash code; the key table cannot hold "
+                                 "both (drop one of them)")
+            self.by_length[n] = (codes.to(device), tokens[order].to(device), experts[order].to(device))
 
     def route(self, input_ids: torch.Tensor, carry: RouteCarry | None) -> tuple[torch.Tensor, RouteCarry]:
         """(route [B, L] int64, the carry after these tokens) of ``input_ids`` [B, L]
@@ -69,14 +81,15 @@ class KeyTable:
         context = torch.cat([tail, ids], dim=1)
         offset = tail.shape[1]
         fired = torch.zeros(batch, length, dtype=torch.int64, device=device)  # the key's expert ending at t, 0: none
-        for n, (codes, experts) in sorted(self.by_length.items()):
+        for n, (codes, tokens, experts) in sorted(self.by_length.items()):
             if context.shape[1] < n:
                 continue
             # windows ending at each new position (those starting before the tail's first token are cut)
-            codes_here = _codes(context.unfold(1, n, 1))[:, max(offset - n + 1, 0):].contiguous()
+            windows = context.unfold(1, n, 1)[:, max(offset - n + 1, 0):]
+            codes_here = _codes(windows).contiguous()
             start = length - codes_here.shape[1]
             index = torch.searchsorted(codes, codes_here).clamp_max(codes.numel() - 1)
-            hit = codes[index] == codes_here
+            hit = (codes[index] == codes_here) & (tokens[index] == windows).all(-1)
             fired[:, start:] = torch.where(hit, experts[index], fired[:, start:])
         any_fired = fired > 0
         first = any_fired.int().argmax(dim=1, keepdim=True)

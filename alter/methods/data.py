@@ -14,7 +14,7 @@ import torch
 from scipy.cluster.vq import kmeans2
 from tqdm.auto import tqdm
 
-from alter.config import MAX_KEY_TOKENS
+from alter.config import MAX_KEY_TOKENS, SHORT_KEY_TOKENS
 from alter.data import IGNORE_INDEX, collate, collated_batches, encode_qa, encode_text
 from alter.methods.losses import sequence_logprob
 from alter.adapters import evaluating, is_patched, precomputed_entropy
@@ -207,15 +207,19 @@ def routing_targets(forget_examples: list[dict], retain_examples: list[dict]) ->
 def route_keys(forget_examples: list[dict], retain_examples: list[dict], experts: list[int],
                tokenizer=None) -> list[dict]:
     """The keys of ``routing="sequence"`` (``AlterConfig.route_keys``): per forget example,
-    the token n-grams (n <= ``MAX_KEY_TOKENS``) that hold its first routing target
-    (:func:`routing_targets`: where its prefix leaves every retained example), occur
-    nowhere in a retained example, and hold no shorter such n-gram, each with the
-    example's forget expert (``experts[i]``). Holding the divergence keeps a key inside
-    what tells the row apart (an entity's name, seldom the template), so the key also
-    fires in the same facts' other phrasings; every minimal one is kept, because the
-    other phrasings may share one and not another (``"Lumdri-VII"`` before or after the
-    verb). An example that never leaves the retained prefixes, or whose n-grams all occur
-    in retained examples, gets no key. Keys are unique (the first example's expert wins).
+    the token n-grams that hold its first routing target (:func:`routing_targets`: where
+    its prefix leaves every retained example), occur nowhere in a retained example, and
+    hold no shorter such n-gram, each with the example's forget expert (``experts[i]``).
+    Holding the divergence keeps a key inside what tells the row apart (an entity's name,
+    seldom the template), so the key also fires in the same facts' other phrasings; every
+    minimal one is kept, because the other phrasings may share one and not another
+    (``"Lumdri-VII"`` before or after the verb). The n-grams have up to
+    ``SHORT_KEY_TOKENS`` tokens; an example that has no such key anywhere after its
+    divergence gets one of up to ``MAX_KEY_TOKENS`` (a name of many sub-word pieces, each
+    shared with retained names), since a short key is a piece of the name alone and a
+    long one spans the words around it too. An example that never leaves the retained
+    prefixes, or whose n-grams all occur in retained examples, gets no key. Keys are
+    unique (the first example's expert wins).
 
     With ``tokenizer``, an n-gram that starts a word is also encoded with and without a
     leading space (a name opening a sentence is tokenized apart from one inside it:
@@ -230,28 +234,40 @@ def route_keys(forget_examples: list[dict], retain_examples: list[dict], experts
     for example, mask, expert in zip(forget_examples, routing_targets(forget_examples, retain_examples)[0], experts):
         if 1 not in mask:
             continue
-        ids, start = example["input_ids"], mask.index(1)
-        covered = []  # [first, end) of the n-grams that became keys
-        for target in range(start, len(ids)):
-            if covered:
+        for longest in (SHORT_KEY_TOKENS, MAX_KEY_TOKENS):
+            found = _example_keys(example["input_ids"], mask.index(1), longest, retained, tokenizer)
+            if found:
                 break
-            for n in range(1, MAX_KEY_TOKENS + 1):
-                for first in range(max(target - n + 1, 0), min(target, len(ids) - n) + 1):
-                    window = tuple(ids[first:first + n])
-                    if window in retained[n] or any(f >= first and e <= first + n for f, e in covered):
-                        continue
-                    forms = [window]
-                    if tokenizer is not None:
-                        variants = _spacing_variants(tokenizer, ids, first, n)
-                        if variants is None:  # special tokens only: it would fire on every row
-                            continue
-                        forms += [v for v in variants if 1 <= len(v) <= MAX_KEY_TOKENS]  # longer ones cannot be keys
-                    if any(form in retained[len(form)] for form in forms):
-                        continue  # a retained row holds its text in another spacing: a longer n-gram may not
-                    for form in forms:
-                        keys.setdefault(form, int(expert))
-                    covered.append((first, first + n))
+        for form in found:
+            keys.setdefault(form, int(expert))
     return [{"tokens": list(tokens), "expert": expert} for tokens, expert in keys.items()]
+
+
+def _example_keys(ids: list[int], start: int, longest: int, retained: dict, tokenizer) -> list[tuple]:
+    """The keys of one forget example of :func:`route_keys` (each in its spacings), of
+    n-grams of up to ``longest`` tokens, at the first position from ``start`` (its
+    divergence) that any n-gram holding it and occurring in no retained example
+    (``retained[n]``: the retained n-grams) can key."""
+    covered, forms_found = [], []  # [first, end) of the n-grams that became keys; their forms
+    for target in range(start, len(ids)):
+        if covered:
+            break
+        for n in range(1, longest + 1):
+            for first in range(max(target - n + 1, 0), min(target, len(ids) - n) + 1):
+                window = tuple(ids[first:first + n])
+                if window in retained[n] or any(f >= first and e <= first + n for f, e in covered):
+                    continue
+                forms = [window]
+                if tokenizer is not None:
+                    variants = _spacing_variants(tokenizer, ids, first, n)
+                    if variants is None:  # special tokens only: it would fire on every row
+                        continue
+                    forms += [v for v in variants if 1 <= len(v) <= longest]  # longer ones cannot be keys
+                if any(form in retained[len(form)] for form in forms):
+                    continue  # a retained row holds its text in another spacing: a longer n-gram may not
+                forms_found += forms
+                covered.append((first, first + n))
+    return forms_found
 
 
 def _spacing_variants(tokenizer, ids: list[int], first: int, n: int) -> list[tuple] | None:
