@@ -93,15 +93,28 @@ def relearn_split(rows: list[dict]) -> tuple[list[dict], list[dict]]:
     return [r for r in rows if r["entity"] in first], [r for r in rows if r["entity"] not in first]
 
 
-def relearned_scores(model, built: dict, seed: int) -> dict | None:
+def _adapter_weight(name: str) -> bool:
+    return ".lora_" in name or ".router." in name
+
+
+# What the relearning attack trains: every weight (the report's attack), or, to find the
+# path the facts come back by (benchmarks/relearn_paths.py), the adapters (A, B, routers)
+# or the base only.
+ATTACKED_WEIGHTS = {"all": lambda name: True, "adapters": _adapter_weight,
+                    "base": lambda name: not _adapter_weight(name)}
+
+
+def relearned_scores(model, built: dict, seed: int, weights: str = "all") -> dict | None:
     """:func:`fact_scores` of the held-back half after the relearning attack on a copy of
-    ``model`` (None when fewer than two entities are forgotten)."""
+    ``model``, training the weights :data:`ATTACKED_WEIGHTS` names ``weights`` (None when
+    fewer than two entities are forgotten)."""
     relearn_rows, held_rows = relearn_split(built["rows"]["forget"])
     if not relearn_rows:
         return None
     attacked = copy.deepcopy(model)
-    for param in attacked.parameters():  # the attacker trains every weight, adapters and base alike
-        param.requires_grad_(True)
+    trains = ATTACKED_WEIGHTS[weights]
+    for name, param in attacked.named_parameters():
+        param.requires_grad_(trains(name))
     finetune(attacked, built["tokenizer"], to_dataset(relearn_rows), seed=seed, progress=False, **RELEARN)
     return fact_scores(attacked, built["tokenizer"], held_rows)
 
@@ -118,7 +131,8 @@ def score_model(model, built: dict, seed: int) -> dict:
     return scores
 
 
-def _accuracy(scores: dict) -> float:
+def scores_accuracy(scores: dict) -> float:
+    """Fact accuracy (micro over value tokens) of :func:`fact_scores` results."""
     return float(scores["correct"].sum() / scores["tokens"].sum())
 
 
@@ -126,13 +140,13 @@ def evaluate_run(model, built: dict, scores: dict, oracle: dict | None) -> dict:
     """A result row's metrics from :func:`score_model` results of the model (``scores``)
     and of the oracle (None: the model is the oracle; no forget quality then)."""
     own, others = built["format"], [p for p in built["phrasings"] if p != built["format"]]
-    row = {"forget_acc": _accuracy(scores[own]), "retain_acc": _accuracy(scores["retain"]),
+    row = {"forget_acc": scores_accuracy(scores[own]), "retain_acc": scores_accuracy(scores["retain"]),
            "mia_auc": fact_mia_auc(scores[own], scores["never_seen"]),
            "generation_hits": generation_hit_rate(model, built["tokenizer"], built["rows"]["forget"])}
     for phrasing in others:
-        row[f"forget_acc_{phrasing}"] = _accuracy(scores[phrasing])
+        row[f"forget_acc_{phrasing}"] = scores_accuracy(scores[phrasing])
     if scores["relearned"] is not None:
-        row["relearn_acc"] = _accuracy(scores["relearned"])
+        row["relearn_acc"] = scores_accuracy(scores["relearned"])
     if oracle is not None:
         for phrasing in [own] + others:
             key = "forget_quality" if phrasing == own else f"forget_quality_{phrasing}"

@@ -158,6 +158,27 @@ def test_relearn_split_halves_the_forgotten_entities():
     assert len(relearned) == 2 and len(kept) == 3 and not relearned & kept and len(relearn) + len(held) == len(rows)
 
 
+@pytest.mark.parametrize("weights", sorted(quality.ATTACKED_WEIGHTS))
+def test_the_relearning_attack_trains_the_weights_it_names(weights, monkeypatch):
+    from alter.model import apply_alter
+    from alter.config import AlterConfig
+
+    built = build_scenario(TINY, 0)
+    model = apply_alter(built["model"], AlterConfig(r=2, num_experts=3))
+    trained = {}
+
+    def record(attacked, *args, **kwargs):  # the fine-tune, stubbed: which weights would it train?
+        trained.update((name, param.requires_grad) for name, param in attacked.named_parameters())
+
+    monkeypatch.setattr(quality, "finetune", record)
+    quality.relearned_scores(model, built, 0, weights)
+    adapters = {name for name in trained if ".lora_" in name or ".router." in name}
+    assert adapters and len(adapters) < len(trained)
+    expected = {"all": set(trained), "adapters": adapters, "base": set(trained) - adapters}[weights]
+    assert {name for name, on in trained.items() if on} == expected
+    assert not any(p.requires_grad for n, p in model.named_parameters() if n not in adapters)  # on a copy
+
+
 def test_quick_runner_writes_the_report(tmp_path):
     """run_pair / summarize / the Markdown and plot writers on a 1-layer model, 1 step a
     run (a smoke test: nothing about quality is asserted)."""
