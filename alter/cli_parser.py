@@ -109,6 +109,17 @@ def _scenario_list(text: str) -> tuple:
     return tuple(known[n] for n in names)
 
 
+def scenario_pairs_parser(description: str) -> argparse.ArgumentParser:
+    """The parser of a study over (scenario, seed) pairs (``benchmarks/key_coverage.py``,
+    ``benchmarks/relearn_paths.py``): ``--scenarios`` as ``alter quality`` takes them and
+    ``--seeds``, by default the development seeds 0, 1."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--scenarios", required=True, type=_scenario_list,
+                        help="comma-separated scenario names, development or held out")
+    parser.add_argument("--seeds", default=(0, 1), type=_seed_list, help="comma-separated (default: 0,1)")
+    return parser
+
+
 def _method_list(text: str) -> tuple[str, ...]:
     from alter.methods import parse_run
 

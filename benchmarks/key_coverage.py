@@ -10,12 +10,11 @@ only; no model is trained.
 """
 from __future__ import annotations
 
-import argparse
 
 import torch
 
 from alter.adapters.sequence_route import KeyTable
-from alter.cli_parser import _scenario_list, _seed_list  # alter quality's --scenarios and --seeds
+from alter.cli_parser import scenario_pairs_parser
 from alter.data.scenarios import build_scenario, to_dataset
 from alter.methods.data import encode_dataset, route_keys
 
@@ -41,11 +40,7 @@ def coverage(scenario, seed: int, with_tokenizer: bool) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scenarios", required=True, type=_scenario_list,
-                        help="comma-separated scenario names, development or held out")
-    parser.add_argument("--seeds", default=(0, 1), type=_seed_list, help="comma-separated (default: 0,1)")
-    args = parser.parse_args()
+    args = scenario_pairs_parser(__doc__.split("\n\n")[0]).parse_args()
     for scenario in args.scenarios:
         for seed in args.seeds:
             for with_tokenizer in (False, True):

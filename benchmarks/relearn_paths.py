@@ -16,14 +16,13 @@ of the report's relearning accuracy over the oracle's splits into
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import warnings
 
 import torch
 
-from alter.cli_parser import _scenario_list, _seed_list  # alter quality's --scenarios and --seeds
+from alter.cli_parser import scenario_pairs_parser
 from alter.data.scenarios import build_scenario
 from alter.evaluation.facts import fact_accuracy
 from alter.quality import ATTACKED_WEIGHTS, memorize, relearn_split, relearned_scores, scores_accuracy
@@ -51,11 +50,7 @@ def relearn_paths(scenario, seed: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scenarios", required=True, type=_scenario_list,
-                        help="comma-separated scenario names, development or held out")
-    parser.add_argument("--seeds", default=(0, 1), type=_seed_list, help="comma-separated (default: 0,1)")
-    args = parser.parse_args()
+    args = scenario_pairs_parser(__doc__.split("\n\n")[0]).parse_args()
     print("| pair | held back before (oracle) | after the attack: all / adapters / base (oracle) | gap before | "
           "revival | excess |\n|---|---|---|---|---|---|")
     parts = []
