@@ -122,11 +122,14 @@ def relearned_scores(model, built: dict, seed: int, weights: str = "all") -> dic
 def score_model(model, built: dict, seed: int) -> dict:
     """Every :func:`fact_scores` a row of the report needs: the forget facts in each
     phrasing (keyed by phrasing), the retained and never-seen facts (unlearned phrasing)
-    and, under ``"relearned"``, the held-back half after the relearning attack."""
+    and the held-back half of the forgotten entities before (``"held_back"``) and after
+    (``"relearned"``) the relearning attack (None when fewer than two are forgotten)."""
     tok, rows = built["tokenizer"], built["rows"]
     scores = {phrasing: fact_scores(model, tok, split["forget"]) for phrasing, split in built["phrasings"].items()}
     scores["retain"] = fact_scores(model, tok, rows["retain"])
     scores["never_seen"] = fact_scores(model, tok, rows["never_seen"])
+    relearn_rows, held_rows = relearn_split(rows["forget"])
+    scores["held_back"] = fact_scores(model, tok, held_rows) if relearn_rows else None
     scores["relearned"] = relearned_scores(model, built, seed)
     return scores
 
@@ -146,6 +149,7 @@ def evaluate_run(model, built: dict, scores: dict, oracle: dict | None) -> dict:
     for phrasing in others:
         row[f"forget_acc_{phrasing}"] = scores_accuracy(scores[phrasing])
     if scores["relearned"] is not None:
+        row["held_back_acc"] = scores_accuracy(scores["held_back"])
         row["relearn_acc"] = scores_accuracy(scores["relearned"])
     if oracle is not None:
         for phrasing in [own] + others:
