@@ -288,7 +288,7 @@ def _checked_route_keys(keys, num_experts: int) -> list[dict]:
     "expert": int in [1, num_experts)}; ValueError naming the first bad entry."""
     if not isinstance(keys, (list, tuple)):
         raise ValueError(f"AlterConfig: route_keys must be a list, got {type(keys).__name__}")
-    checked = []
+    checked, seen = [], {}
     for i, key in enumerate(keys):
         ok = isinstance(key, dict) and set(key) == {"tokens", "expert"}
         tokens, expert = (key["tokens"], key["expert"]) if ok else (None, None)
@@ -299,6 +299,9 @@ def _checked_route_keys(keys, num_experts: int) -> list[dict]:
             raise ValueError(f"AlterConfig: route_keys[{i}] must be {{'tokens': 1 to {MAX_KEY_TOKENS} token ids, "
                              f"'expert': a forget expert in [1, {num_experts})}}, got {key!r}")
         checked.append({"tokens": [int(t) for t in tokens], "expert": int(expert)})
+        first = seen.setdefault(tuple(checked[-1]["tokens"]), i)
+        if first != i:  # which expert a repeated key would route to is undefined
+            raise ValueError(f"AlterConfig: route_keys[{i}] repeats the tokens of route_keys[{first}]: {key!r}")
     return checked
 
 

@@ -366,7 +366,8 @@ def test_sequence_route_refuses_a_cropped_cache():
 
 @pytest.mark.parametrize("keys", [[{"tokens": [], "expert": 1}], [{"tokens": list(range(MAX_KEY_TOKENS + 1)), "expert": 1}],
                                   [{"tokens": [1], "expert": 0}], [{"tokens": [1], "expert": 4}],
-                                  [{"tokens": [-1], "expert": 1}], [{"tokens": [1]}], "1,2"])
+                                  [{"tokens": [-1], "expert": 1}], [{"tokens": [1]}], "1,2",
+                                  [{"tokens": [5, 1], "expert": 1}, {"tokens": [5, 1], "expert": 2}]])
 def test_config_refuses_bad_keys(keys):
     with pytest.raises(ValueError, match="route_keys"):
         AlterConfig(route_keys=keys)
