@@ -75,14 +75,15 @@ def test_key_table_matches_the_reference_and_carries_across_calls(seed):
 
 
 def test_colliding_codes_neither_fire_a_key_nor_hide_one(monkeypatch):
-    # One hash of base 1 modulo 7: a window's code is its token sum mod 7.
+    # One hash of base 1 modulo 7: a window's code is its token sum mod 7 (a 1-token
+    # window's, the token itself).
     monkeypatch.setattr(sequence_route, "_HASHES", ((7, 1),))
     table = KeyTable([{"tokens": [2, 5], "expert": 1}, {"tokens": [2, 5, 1, 1], "expert": 2}], torch.device("cpu"))
     route = table.route(torch.tensor([[3, 4, 6, 1, 1, 2, 5, 8], [2, 5, 1, 1, 9, 9, 9, 9]]), None)[0]
     # [3, 4] and [1, 1, 2, 5] share the keys' codes, not their tokens
     assert route.tolist() == [[0] * 6 + [1, 1], [0, 1, 1, 1, 1, 1, 1, 1]]
-    with pytest.raises(ValueError, match="two keys of 1 tokens share a hash code"):
-        KeyTable([{"tokens": [2], "expert": 1}, {"tokens": [9], "expert": 2}], torch.device("cpu"))
+    with pytest.raises(ValueError, match="two keys of 2 tokens share a hash code"):
+        KeyTable([{"tokens": [2, 5], "expert": 1}, {"tokens": [3, 4], "expert": 2}], torch.device("cpu"))
 
 
 def test_found_keys_fire_on_every_forget_row_and_on_no_retained_position():

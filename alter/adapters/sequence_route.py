@@ -40,13 +40,14 @@ _HASHES = ((2147483647, 1000003), (2147483629, 998244353))
 
 
 def _codes(windows: torch.Tensor) -> torch.Tensor:
-    """int64 codes [...] of token windows [..., n] int64 (ids >= 0): two polynomial hashes
-    of the window side by side. Equal windows have equal codes."""
+    """int64 codes [...] of token windows [..., n] int64 (ids in [0, 2^31), any
+    vocabulary): two polynomial hashes of the window side by side. Equal windows have
+    equal codes. Few ops: the route runs in every forward, decode steps included."""
     code = None
     for prime, base in _HASHES:
-        part = torch.zeros(windows.shape[:-1], dtype=torch.int64, device=windows.device)
-        for j in range(windows.shape[-1]):
-            part = (part * base + windows[..., j] % prime) % prime
+        part = windows[..., 0]  # an id below 2^31 is its own first step
+        for j in range(1, windows.shape[-1]):
+            part = torch.add(windows[..., j], part, alpha=base).remainder_(prime)
         code = part if code is None else code * (1 << 31) + part
     return code
 
