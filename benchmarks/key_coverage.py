@@ -10,7 +10,6 @@ only; no model is trained.
 """
 from __future__ import annotations
 
-
 import torch
 
 from alter.adapters.sequence_route import KeyTable

@@ -67,7 +67,9 @@ def _check_key_vocabulary(model: nn.Module, config: AlterConfig) -> None:
     (keys found with another tokenizer: an adapter saved for another model)."""
     embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     vocabulary = getattr(embedding, "num_embeddings", None)
-    outside = [key for key in config.route_keys if vocabulary is not None and max(key["tokens"]) >= vocabulary]
+    if vocabulary is None:
+        return
+    outside = [key for key in config.route_keys if max(key["tokens"]) >= vocabulary]
     if outside:
         raise ValueError(f"apply_alter: {len(outside)} route_keys hold token ids outside the model's vocabulary of "
                          f"{vocabulary} tokens (first: {outside[0]}); the keys were found with another tokenizer")
