@@ -39,6 +39,25 @@ DEFAULT_TARGET_MODULES = (
     "down_proj",
     "qkv_proj",  # Phi-3 fused attention input projection
     "gate_up_proj",  # Phi-3 fused MLP input projection
+    # GPT-NeoX (Pythia), Falcon, Bloom. A generic name such as ``dense`` is given with its
+    # parent, so that it matches only these layers' projections.
+    "query_key_value",
+    "attention.dense",
+    "self_attention.dense",
+    "dense_h_to_4h",
+    "dense_4h_to_h",
+    "self_attn.dense",  # Phi-1/2 (q/k/v_proj above)
+    "mlp.fc1",
+    "mlp.fc2",
+    "self_attn.out_proj",  # OPT attention; its fc1/fc2 hang off the layer itself: name them to adapt them
+    "attn.out_proj",  # GPT-J
+    "mlp.fc_in",
+    "mlp.fc_out",
+)
+# The default of earlier versions: an adapter_config.json that holds it is still a default
+# list (one match in all is enough), so adapters saved before still load.
+EARLIER_DEFAULT_TARGET_MODULES = (
+    ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj", "gate_up_proj"),
 )
 
 
@@ -52,7 +71,10 @@ class AlterConfig:
       num_experts: number of B matrices N (>= 2): expert 0 is the retention expert B_r,
         experts 1..N-1 are the forget experts B_f^d.
       target_modules: names of the ``nn.Linear`` modules to adapt; a module matches when its
-        attribute name (or a dotted suffix of its path) equals an entry.
+        attribute name (or a dotted suffix of its path) equals an entry. The default names
+        the projections of Llama, Mistral, Qwen2, Gemma, Phi, Phi-3, GPT-NeoX, Falcon,
+        Bloom, GPT-J and OPT (attention only). The output embedding (``lm_head``) is never
+        adapted.
 
     Entropy and routing (DESIGN §1):
       tsallis_q: q of the Tsallis entropy S_q (q == 1 is Shannon). The default 1.2 is a

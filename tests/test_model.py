@@ -7,7 +7,20 @@ import math
 import pytest
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config
+from transformers import (
+    AutoModelForCausalLM,
+    BloomConfig,
+    FalconConfig,
+    Gemma2Config,
+    GPTJConfig,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MistralConfig,
+    OPTConfig,
+    Phi3Config,
+    PhiConfig,
+    Qwen2Config,
+)
 
 from alter.config import AlterConfig
 from conftest import require_backend
@@ -35,10 +48,23 @@ FAMILIES = {
     "qwen2": (Qwen2Config, {}),
     "gemma2": (Gemma2Config, {"head_dim": 12}),  # final-logit softcapping: the unfused prepass
     "phi3": (Phi3Config, {}),  # fused qkv_proj and gate_up_proj
+    "gpt_neox": (GPTNeoXConfig, {}),  # query_key_value, dense, dense_h_to_4h, dense_4h_to_h
+    "falcon": (FalconConfig, {}),
+    "bloom": (BloomConfig, {}),
+    "phi": (PhiConfig, {}),  # q/k/v_proj, dense, fc1, fc2
+    "gptj": (GPTJConfig, {"rotary_dim": 4}),  # q/k/v_proj, out_proj, fc_in, fc_out
+    "opt": (OPTConfig, {"ffn_dim": 80, "word_embed_proj_dim": 48}),
 }
+NEOX_NAMES = {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"}
 ADAPTED_NAMES = {
+    **{f: {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} for f in FAMILIES},
     "phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
-    **{f: {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} for f in FAMILIES if f != "phi3"},
+    "gpt_neox": NEOX_NAMES,
+    "falcon": NEOX_NAMES,
+    "bloom": NEOX_NAMES,
+    "phi": {"q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"},
+    "gptj": {"q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"},
+    "opt": {"q_proj", "k_proj", "v_proj", "out_proj"},  # fc1/fc2 sit on the layer itself: not by default
 }
 Q = 1.2
 
@@ -299,6 +325,26 @@ def test_apply_alter_errors():
 def test_target_modules_match_dotted_suffixes():
     model = apply_alter(tiny_model(), alter_config(target_modules=["self_attn.q_proj", "down_proj"]))
     assert sorted({n.rsplit(".", 1)[-1] for n in alter_layers(model)}) == ["down_proj", "q_proj"]
+
+
+def test_an_adapter_saved_with_the_earlier_default_still_patches():
+    earlier = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj", "gate_up_proj"]
+    model = apply_alter(tiny_model(), alter_config(target_modules=earlier))
+    assert {n.rsplit(".", 1)[-1] for n in alter_layers(model)} == ADAPTED_NAMES["llama"]
+
+
+def test_the_output_embedding_and_multihead_attention_are_never_adapted():
+    with pytest.raises(ValueError, match=r"no nn.Linear module of LlamaForCausalLM matches target_modules \['lm_head'\]"):
+        apply_alter(tiny_model(), alter_config(target_modules=["lm_head"]))
+
+    class TorchEncoder(nn.Module):  # nn.MultiheadAttention reads out_proj.weight itself
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+            self.q_proj = nn.Linear(16, 16)
+
+    model = apply_alter(TorchEncoder(), alter_config(entropy_source="precomputed"))
+    assert list(alter_layers(model)) == ["q_proj"]
 
 
 # --- save / load ---------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from torch import nn
 
 from alter.adapters.layers import AsymLoRALinear
 from alter.adapters.state import EntropyTracker
-from alter.config import DEFAULT_TARGET_MODULES, AlterConfig
+from alter.config import DEFAULT_TARGET_MODULES, EARLIER_DEFAULT_TARGET_MODULES, AlterConfig
 
 
 def apply_alter(model: nn.Module, config: AlterConfig | None = None) -> nn.Module:
@@ -32,7 +32,10 @@ def apply_alter(model: nn.Module, config: AlterConfig | None = None) -> nn.Modul
     Every name of a user-given ``target_modules`` must match a linear module (a typo
     raises ValueError listing the unmatched names and the model's linear modules). The
     default list names the modules of several architectures (Llama's ``q_proj``...,
-    Phi-3's ``qkv_proj``...), so with it only one match in all is required.
+    Phi-3's ``qkv_proj``, GPT-NeoX's ``query_key_value``...), so with it only one match in
+    all is required. The output embedding (``lm_head``: the entropy is read from its
+    logits) and the projections inside an ``nn.MultiheadAttention`` (which reads their
+    weights directly) are never adapted.
     """
     config = AlterConfig() if config is None else config
     if not isinstance(model, nn.Module):
@@ -42,10 +45,11 @@ def apply_alter(model: nn.Module, config: AlterConfig | None = None) -> nn.Modul
     if is_patched(model):
         raise ValueError("apply_alter: the model already has ALTER adapters; call remove_alter(model) first")
     _check_key_vocabulary(model, config)
-    linear = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    linear = _adaptable_linear(model)
     targets = [(name, module) for name, module in linear if _matches(name, config.target_modules)]
     unmatched = [t for t in config.target_modules if not any(_matches(name, [t]) for name, _ in linear)]
-    if not targets or (unmatched and set(config.target_modules) != set(DEFAULT_TARGET_MODULES)):
+    default = set(config.target_modules) in [set(d) for d in (DEFAULT_TARGET_MODULES, *EARLIER_DEFAULT_TARGET_MODULES)]
+    if not targets or (unmatched and not default):
         what = f"no nn.Linear module of {type(model).__name__} matches target_modules {config.target_modules}"
         if targets:
             what = f"target_modules {unmatched} match no nn.Linear module of {type(model).__name__}"
@@ -202,6 +206,17 @@ def _tracker(model: nn.Module, caller: str) -> EntropyTracker:
     if not is_patched(model):
         raise ValueError(f"{caller}: the model has no ALTER adapters; call apply_alter(model, config) first")
     return model.alter_tracker
+
+
+def _adaptable_linear(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """The ``nn.Linear`` modules of ``model`` that an adapter may wrap, by path."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    inside_attention = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and module is not head and id(module) not in inside_attention
+    ]
 
 
 def _matches(path: str, target_modules: list[str]) -> bool:
