@@ -12,6 +12,7 @@ from transformers import (
     BloomConfig,
     FalconConfig,
     Gemma2Config,
+    GPT2Config,
     GPTJConfig,
     GPTNeoXConfig,
     LlamaConfig,
@@ -320,6 +321,20 @@ def test_apply_alter_errors():
     for function in (remove_alter, router_loss, adapter_parameters):
         with pytest.raises(ValueError, match="has no ALTER adapters; call apply_alter"):
             function(tiny_model())
+
+
+def test_a_conv1d_model_is_refused_with_the_reason():
+    gpt2 = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2))
+    why = (r"it has no nn.Linear module to adapt \(the output embedding is never adapted\)\. "
+           r"Its projections \['c_attn', 'c_fc', 'c_proj'\] are transformers Conv1D modules \(weight \[in, out\]\), which AsymLoRA does not adapt: it wraps nn.Linear only\. "
+           r"Use a model whose projections are nn.Linear .* or replace each Conv1D by an nn.Linear")
+    with pytest.raises(ValueError, match=r"no nn.Linear module of GPT2LMHeadModel matches target_modules .*" + why):
+        apply_alter(gpt2, alter_config())
+    with pytest.raises(ValueError, match=r"matches target_modules \['c_attn'\].*" + why):
+        apply_alter(gpt2, alter_config(target_modules=["c_attn"]))
+    no_note = r"its linear modules are named \[[^]]*\] \(the output embedding is never adapted\)$"  # no Conv1D
+    with pytest.raises(ValueError, match=no_note):
+        apply_alter(tiny_model(), alter_config(target_modules=["c_attn"]))
 
 
 def test_target_modules_match_dotted_suffixes():

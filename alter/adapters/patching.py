@@ -14,6 +14,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from alter.adapters.layers import AsymLoRALinear
 from alter.adapters.state import EntropyTracker
@@ -53,8 +54,9 @@ def apply_alter(model: nn.Module, config: AlterConfig | None = None) -> nn.Modul
         what = f"no nn.Linear module of {type(model).__name__} matches target_modules {config.target_modules}"
         if targets:
             what = f"target_modules {unmatched} match no nn.Linear module of {type(model).__name__}"
-        raise ValueError(f"apply_alter: {what}; its linear modules are named "
-                         f"{sorted({name.rsplit('.', 1)[-1] for name, _ in linear})}")
+        names = sorted({name.rsplit(".", 1)[-1] for name, _ in linear})
+        have = f"its linear modules are named {names}" if names else "it has no nn.Linear module to adapt"
+        raise ValueError(f"apply_alter: {what}; {have} (the output embedding is never adapted){_conv1d_note(model)}")
     tracker = EntropyTracker(config)
     tracker.requires_grad_before = [(p, p.requires_grad) for p in model.parameters()]
     model.requires_grad_(False)
@@ -217,6 +219,17 @@ def _adaptable_linear(model: nn.Module) -> list[tuple[str, nn.Linear]]:
         for name, module in model.named_modules()
         if isinstance(module, nn.Linear) and module is not head and id(module) not in inside_attention
     ]
+
+
+def _conv1d_note(model: nn.Module) -> str:
+    """Why a model whose projections are transformers' ``Conv1D`` (GPT-2's) has no target:
+    the end of apply_alter's error, or "" for a model without them."""
+    names = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, Conv1D)})
+    if not names:
+        return ""
+    return (f". Its projections {names} are transformers Conv1D modules (weight [in, out]), which AsymLoRA does "
+            f"not adapt: it wraps nn.Linear only. Use a model whose projections are nn.Linear (Llama, Qwen2, "
+            f"GPT-NeoX, ...), or replace each Conv1D by an nn.Linear holding its weight transposed before apply_alter")
 
 
 def _matches(path: str, target_modules: list[str]) -> bool:
