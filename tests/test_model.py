@@ -386,6 +386,22 @@ def test_save_then_load_gives_identical_logits(tmp_path):
     assert torch.equal(fresh_patched(input_ids=ids).logits, expected)
 
 
+def test_a_patched_model_refuses_save_pretrained_until_remove_alter(tmp_path):
+    model = apply_alter(tiny_model(), alter_config())
+    for patched in (model, copy.deepcopy(model)):
+        with pytest.raises(ValueError, match=r"save_pretrained: this LlamaForCausalLM carries ALTER adapters.*"
+                                             r"randomly initialized model.*alter.save_adapter\(model, directory\).*"
+                                             r"alter.load_adapter\(base_model, directory\).*alter.remove_alter\(model\).*"
+                                             r"alter.merge_adapters\(model, data\)"):
+            patched.save_pretrained(tmp_path / "patched")
+    assert not (tmp_path / "patched").exists()
+    ids = tokens()
+    expected = model(input_ids=ids).logits
+    remove_alter(model).save_pretrained(tmp_path / "base")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "base", attn_implementation="eager").eval()
+    assert torch.equal(reloaded(input_ids=ids).logits, expected)  # a fresh adapter: the base model
+
+
 def test_saved_files_follow_the_documented_layout(tmp_path):
     from safetensors.torch import load_file
 

@@ -28,7 +28,11 @@ def apply_alter(model: nn.Module, config: AlterConfig | None = None) -> nn.Modul
     ``config.target_modules`` is replaced by an :class:`AsymLoRALinear` wrapping it. All
     other parameters are frozen, so only lora_A, lora_B and the routers train. The
     model gets ``alter_config`` and ``alter_tracker`` (an :class:`EntropyTracker` whose
-    hooks fill each forward's token entropy).
+    hooks fill each forward's token entropy). Its ``save_pretrained`` raises until
+    :func:`remove_alter`: the checkpoint it would write names the adapted modules'
+    weights ``<path>.base_layer.weight``, which a plain ``from_pretrained`` does not
+    read (it would load a randomly initialized model); :func:`alter.adapters.save_adapter`
+    saves the adapter.
 
     Every name of a user-given ``target_modules`` must match a linear module (a typo
     raises ValueError listing the unmatched names and the model's linear modules). The
@@ -65,6 +69,8 @@ def apply_alter(model: nn.Module, config: AlterConfig | None = None) -> nn.Modul
     tracker.attach(model)
     model.alter_config = config
     model.alter_tracker = tracker
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained = _RefusedSavePretrained(type(model).__name__)
     return model
 
 
@@ -92,6 +98,8 @@ def remove_alter(model: nn.Module) -> nn.Module:
         param.requires_grad_(requires_grad)
     del model.alter_tracker
     del model.alter_config
+    if isinstance(vars(model).get("save_pretrained"), _RefusedSavePretrained):
+        del model.save_pretrained  # the class's own again
     return model
 
 
@@ -208,6 +216,25 @@ def _tracker(model: nn.Module, caller: str) -> EntropyTracker:
     if not is_patched(model):
         raise ValueError(f"{caller}: the model has no ALTER adapters; call apply_alter(model, config) first")
     return model.alter_tracker
+
+
+class _RefusedSavePretrained:
+    """A patched model's ``save_pretrained`` (an instance attribute, so it copies and
+    pickles with the model): raises ValueError naming the ways to save it."""
+
+    def __init__(self, model_class: str):
+        self.model_class = model_class
+
+    def __call__(self, *args, **kwargs):
+        raise ValueError(
+            f"save_pretrained: this {self.model_class} carries ALTER adapters, and its checkpoint would name the "
+            f"adapted weights '<module>.base_layer.weight' and 'lora_A'/'lora_B', which from_pretrained does not "
+            f"read (it would load a randomly initialized model). Save the adapter with alter.save_adapter(model, "
+            f"directory) and load it into the base model with alter.load_adapter(base_model, directory); for a "
+            f"plain model, alter.remove_alter(model) gives the base model back (without the adapters) and "
+            f"alter.merge_adapters(model, data) merges the adapters into it where their routes allow "
+            f"(MergeReport.unpatched: every layer merged)"
+        )
 
 
 def _adaptable_linear(model: nn.Module) -> list[tuple[str, nn.Linear]]:
