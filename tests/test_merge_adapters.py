@@ -32,7 +32,7 @@ def test_full_merge_unpatches_and_keeps_the_logits(source):
     ids = tokens()
     with torch.no_grad():
         expected = model(input_ids=ids).logits
-    report = merge_adapters(model, threshold=0.999, data=ids)
+    report = merge_adapters(model, ids, threshold=0.999)
     assert isinstance(report, MergeReport) and report.unpatched and not report.kept
     assert set(report.merged) == set(layers) and set(report.merged.values()) == {2}
     assert not is_patched(model)
@@ -82,5 +82,7 @@ def test_merge_adapters_validates_its_arguments():
         merge_adapters(model, threshold=1.5, data=tokens())
     with pytest.raises(ValueError, match="data must be token ids"):
         merge_adapters(model, data=torch.rand(2, 3))
+    with pytest.raises(TypeError, match="missing 1 required positional argument: 'data'"):
+        merge_adapters(model)  # the routes are measured on the data: no default
     with pytest.raises(ValueError, match="no ALTER adapters"):
         merge_adapters(tiny_model(), data=tokens())

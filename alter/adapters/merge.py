@@ -3,7 +3,7 @@ the routes allow it: a layer whose router sends every token of the given data to
 expert e with gate >= ``threshold`` computes ``W0 x + s·B_e A x`` there, which one
 ``nn.Linear`` of weight ``W0 + s·B_e A`` computes with no adapter cost.
 
-    report = merge_adapters(model, threshold=0.999, data=input_ids)
+    report = merge_adapters(model, input_ids, threshold=0.999)
     report.merged, report.kept, report.max_logit_difference
 """
 from __future__ import annotations
@@ -35,12 +35,13 @@ class MergeReport:
     unpatched: bool
 
 
-def merge_adapters(model: nn.Module, threshold: float = 0.999, data=None) -> MergeReport:
+def merge_adapters(model: nn.Module, data, threshold: float = 0.999) -> MergeReport:
     """Merge into the base weights every adapted layer whose routes on ``data`` are one
     expert with gate >= ``threshold`` for every token; keep the others patched.
 
-    data: token ids [B, L] (int tensor), a dict of model inputs (``input_ids``, optional
-    ``attention_mask`` [B, L]), or a list of either; the model's own entropy source
+    data (required: the routes are measured on it): token ids [B, L] (int tensor), a dict
+    of model inputs (``input_ids``, optional ``attention_mask`` [B, L]), or a list of
+    either; the model's own entropy source
     gates it (with ``"precomputed"``, give the entropy around the call). Equivalence
     holds on that data only (measured: ``max_logit_difference``), not beyond it.
 
