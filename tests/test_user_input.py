@@ -119,6 +119,17 @@ def test_unlearn_prints_the_forget_rows_and_tokens_it_targets(forget_tokens, dat
                 "retain rows do not predict)") in out
 
 
+def test_forget_rows_also_in_the_retain_set_are_counted_in_a_warning(data, tokenizer, tmp_path):
+    forget_rows = qa_rows(data) + [{"text": TEXT}]
+    other_answer = {**forget_rows[1], "answer": "another answer"}  # a question alone is not the row
+    retain_rows = qa_rows(data, "retain") + [forget_rows[0], other_answer, {"text": TEXT}]
+    forget = read_records(write_jsonl(tmp_path / "forget.jsonl", forget_rows))
+    retain = read_records(write_jsonl(tmp_path / "retain.jsonl", retain_rows))
+    with pytest.warns(UserWarning, match=rf"2 of the {len(forget_rows)} forget rows are also in the retain set: "
+                                         r"the forget loss pushes .* drop them from one of the sets"):
+        unlearn(small_model(tokenizer), tokenizer, forget, retain, CONFIG, max_steps=1, batch_size=2, progress=False)
+
+
 def test_cli_rejects_a_bad_row_before_any_work(data, tmp_path, capsys):
     forget = write_jsonl(tmp_path / "forget.jsonl", qa_rows(data) + [{"question": "Who?", "answer": None}])
     retain = write_jsonl(tmp_path / "retain.jsonl", qa_rows(data, "retain"))

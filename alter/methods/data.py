@@ -75,6 +75,18 @@ def check_rows(rows, name: str) -> list[str]:
     return kinds
 
 
+def shared_rows(forget, retain) -> int:
+    """How many forget rows are also a retain row (the same question and answer, or the
+    same text): rows (checked by :func:`check_rows`) whose two losses pull against each other."""
+    def key(row):
+        if row.get("question") is not None or row.get("answer") is not None:
+            return ("qa", row["question"], row["answer"])
+        return ("text", row["text"])
+
+    retained = {key(row) for row in retain}
+    return sum(key(row) in retained for row in forget)
+
+
 def model_context_length(model) -> int | None:
     """The longest sequence the model accepts (``max_position_embeddings``), if known."""
     return getattr(model.config, "max_position_embeddings", None)

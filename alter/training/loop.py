@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from alter.config import AlterConfig
 from alter.data import IGNORE_INDEX, pad_id_of
 from alter.methods import build
-from alter.methods.data import _batch, _examples_digest, model_context_length, step_indices
+from alter.methods.data import _batch, _examples_digest, model_context_length, shared_rows, step_indices
 from alter.training.args import UnlearnArgs
 from alter.training.checkpoint import _Checkpointer, _full_state, _save_result
 from alter.training.distributed import Engine, launched
@@ -171,6 +171,11 @@ def _run(model, tokenizer, forget, retain, args: UnlearnArgs, progress: bool, ca
     pad_id = pad_id_of(tokenizer)
     forget_examples = method.encode(tokenizer, forget, "forget", max_length)
     retain_examples = method.encode(tokenizer, retain, "retain", max_length) if retain is not None else []
+    shared = shared_rows(forget, retain) if retain is not None else 0
+    if shared and (engine is None or engine.is_main):
+        warnings.warn(f"unlearn [{args.method}]: {shared} of the {len(forget)} forget rows are also in the retain "
+                      "set: the forget loss pushes their tokens down while the retain loss holds them up; "
+                      "drop them from one of the sets", stacklevel=3)
     encoded_forget, forget_examples = forget_examples, method.select_forget_tokens(forget_examples, retain_examples)
     if engine is not None:
         engine.check_batches(batch_size, len(forget_examples))
