@@ -37,6 +37,9 @@ CONFIG_FLAGS = {
                                   "forget rows' keys on (docs/routing.md)"),
     "--forget-tokens": ("forget_tokens", str, "unpredictable: push down the forget tokens the retain rows do not "
                                               "predict and keep the others; all: every forget token"),
+    "--forget-floor": ("forget_floor", bool, "push each unpredictable forget token down only to the retain rows' "
+                                             "n-gram log-probability of it (not given: on under --forget-tokens "
+                                             "unpredictable; docs/training.md)"),
 }
 CONFIG_DEST = "config_{}"  # namespace attribute of a config flag's field
 # A negative number in any notation Python reads: argparse takes '-1e-3' for an option.
@@ -228,7 +231,11 @@ def add_unlearn_flags(un: argparse.ArgumentParser) -> None:
         choices = {"backend": [b for b in BACKEND_CHOICES if b is not None], "routing": ROUTINGS,
                    "forget_tokens": FORGET_TOKENS}.get(name)
         shown = "" if name == "backend" else f" (default: {getattr(defaults, name)}, or --config/--preset's)"
-        config.add_argument(flag, dest=CONFIG_DEST.format(name), type=kind, choices=choices, help=text + shown)
+        if kind is bool:  # --flag / --no-flag; None (not given) leaves the config's value
+            config.add_argument(flag, dest=CONFIG_DEST.format(name), action=argparse.BooleanOptionalAction,
+                                default=None, help=text + shown)
+        else:
+            config.add_argument(flag, dest=CONFIG_DEST.format(name), type=kind, choices=choices, help=text + shown)
 
     un.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     un.add_argument("--quiet", action="store_true", help="no progress bars and no report on the terminal "

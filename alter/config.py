@@ -126,6 +126,14 @@ class AlterConfig:
         what a model that never saw the forget rows predicts too), and the early stop
         counts the unpredictable tokens only (``alter.methods.data.split_predictable``;
         docs/training.md, "Forget tokens"); "all": every labelled forget token, the paper's.
+      forget_floor: push each unpredictable forget token down only to the log-probability
+        a backoff n-gram of the retain rows gives it (what a model that never saw the
+        forget rows would): a token at or below it leaves the forget loss, and the early
+        stop counts the tokens still above theirs instead of those still predicted
+        (docs/training.md, "A floor under the forget loss"). None (the default): on
+        under ``forget_tokens="unpredictable"``, off under ``"all"`` (which has no
+        floor: True with it is refused); False: the IHL with no floor (the default
+        until 2026-12-07).
       train_routes: how the experts see tokens while they train. "router": the routers
         gate as at inference (the forget loss reaches the forget experts only, the retain
         loss every expert a retained token is routed to); "forced": every token of a
@@ -176,6 +184,7 @@ class AlterConfig:
     a_learns_from_high_entropy_only: bool = False
     forget_loss: str = "ihl"
     forget_tokens: str = "unpredictable"
+    forget_floor: bool | None = None
     train_routes: str = "router"
     routing: str | None = None
     route_keys: list[dict] = field(default_factory=list)
@@ -228,10 +237,21 @@ class AlterConfig:
                               ("train_routes", TRAIN_ROUTES), ("backend", BACKEND_CHOICES), ("routing", ROUTINGS + (None,))):
             check_choice(name, getattr(self, name), allowed, "AlterConfig")
         self.route_keys = _checked_route_keys(self.route_keys, self.num_experts)
+        if self.forget_floor is not None and not isinstance(self.forget_floor, bool):
+            raise ValueError(f"AlterConfig: forget_floor must be a bool or None, got {self.forget_floor!r}")
+        if self.forget_floor and self.forget_tokens != "unpredictable":
+            raise ValueError("AlterConfig: forget_floor needs forget_tokens='unpredictable' (the floor is the retain "
+                             f"n-gram's log-probability of an unpredictable token), got {self.forget_tokens!r}")
         if not isinstance(self.a_learns_from_high_entropy_only, bool):
             raise ValueError(
                 f"AlterConfig: a_learns_from_high_entropy_only must be a bool, got {self.a_learns_from_high_entropy_only!r}"
             )
+
+    @property
+    def floors_forget_tokens(self) -> bool:
+        """Whether the forget loss stops at the retain n-gram's floor (``forget_floor``
+        resolved: None is on under ``forget_tokens="unpredictable"``)."""
+        return self.forget_tokens == "unpredictable" if self.forget_floor is None else self.forget_floor
 
     @property
     def scaling(self) -> float:

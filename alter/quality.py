@@ -57,6 +57,8 @@ ABLATIONS = {
     "alter-nll-ascent": {"forget_loss": "nll_ascent"},  # IHL replaced by NLL ascent
     "alter-no-structural": {"lam": 0.0},
     "alter-a-high-entropy-only": {"a_learns_from_high_entropy_only": True},  # the paper's A (the default: every token)
+    # the IHL with no floor, the stop counting the tokens still predicted (the default until 2026-12-07)
+    "alter-no-forget-floor": {"forget_floor": False},
 }
 ALL_RUNS = METHODS + tuple(ABLATIONS)
 # Every method on each parameterization besides its default, named "method@params"

@@ -125,6 +125,10 @@ def test_unlearn_flags_give_the_dataclass_defaults_and_parse_every_type():
         assert unlearn_args(parse(required + ["--early-stop-share", text])).early_stop_share == share
     args = unlearn_args(parse(required + ["--forget-tokens", "all", "--routing", "token"]))
     assert (args.config.forget_tokens, args.config.routing, args.early_stop_share) == ("all", "token", 0.4)
+    # a bool config flag: given, on or off; not given, the config's own value
+    assert unlearn_args(parse(required + ["--forget-floor"])).config.forget_floor is True
+    assert unlearn_args(parse(required)).config.forget_floor is None
+    assert unlearn_args(parse(required + ["--no-forget-floor"])).config.forget_floor is False
 
 
 def test_every_unlearn_argument_is_a_keyword_of_unlearn_and_documented():

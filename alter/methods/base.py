@@ -29,7 +29,7 @@ import torch
 
 from alter.data import IGNORE_INDEX
 from alter.methods.data import _model_inputs, encode_dataset, split_predictable
-from alter.methods.losses import _floats, shift_labels, token_nll
+from alter.methods.losses import _floats, shift_labels, token_logprobs, token_nll
 from alter.methods.params import PARAMETERIZATIONS, PARAMS, frozen_copy
 from alter_kernels import inverted_hinge_loss
 from alter_kernels.ihl import token_weights
@@ -230,7 +230,21 @@ class Method:
         else as given (the trainer and the step benchmark both call this)."""
         if not self.forgets_unpredictable_only:
             return forget_examples
-        return split_predictable(forget_examples, retain_examples)
+        return split_predictable(forget_examples, retain_examples, floor=self.config.floors_forget_tokens)
+
+    def above_floor(self, logits, forget: dict) -> dict:
+        """The forget batch as the forget loss sees it: under the floor (``config.forget_floor``;
+        the batch carries ``forget_floor``) its ``labels`` without the tokens whose
+        log-probability in ``logits`` ``[B, L, V]`` is at or below their floor (new dict;
+        no gradient through the choice), else the batch as it is."""
+        if "forget_floor" not in forget:
+            return forget
+        with torch.no_grad():
+            logprob, labelled = token_logprobs(logits, forget["labels"])
+            floored = labelled & (logprob <= forget["forget_floor"][:, 1:])
+        labels = forget["labels"].clone()
+        labels[:, 1:].masked_fill_(floored, IGNORE_INDEX)
+        return {**forget, "labels": labels}
 
     def with_kept_tokens(self, loss, logs: dict, logits, forget: dict):
         """``loss`` plus ``config.gamma`` times the mean NLL of the forget batch's

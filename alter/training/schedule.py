@@ -73,7 +73,9 @@ def bigram_surprisal(examples: list[dict], corpus: list[dict]) -> torch.Tensor:
 
 
 def label_scores(model, examples: list[dict], pad_id: int, batch_size: int) -> LabelScores:
-    """:class:`LabelScores` of ``model`` on ``examples`` (eval mode, no gradients)."""
+    """:class:`LabelScores` of ``model`` on ``examples`` (eval mode, no gradients). Examples
+    with a ``forget_floor`` (``AlterConfig.forget_floor``) count a token as still known
+    (``predicted``) while its log-probability is above its floor, not while it is the argmax."""
     total = 0.0
     predicted = []
     # In example order: ``predicted`` is compared token by token across calls.
@@ -81,7 +83,13 @@ def label_scores(model, examples: list[dict], pad_id: int, batch_size: int) -> L
         flat_logits, flat_labels = shift_labels(out.logits, batch["labels"])
         keep = flat_labels != IGNORE_INDEX
         labelled, labels = flat_logits[keep].float(), flat_labels[keep]
-        total += float(torch.log_softmax(labelled, -1).gather(-1, labels[:, None]).exp().sum())
-        predicted.append((labelled.argmax(-1) == labels).cpu())
+        logprob = torch.log_softmax(labelled, -1).gather(-1, labels[:, None])[:, 0]
+        total += float(logprob.exp().sum())
+        if "forget_floor" in batch:
+            floor = torch.nn.functional.pad(batch["forget_floor"][:, 1:], (0, 1))  # shifted as the labels
+            known = logprob > floor.reshape(-1)[keep]
+        else:
+            known = labelled.argmax(-1) == labels
+        predicted.append(known.cpu())
     predicted = torch.cat(predicted) if predicted else torch.zeros(0, dtype=torch.bool)
     return LabelScores(total / max(len(predicted), 1), predicted)

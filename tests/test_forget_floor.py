@@ -1,0 +1,188 @@
+"""AlterConfig.forget_floor (on by default, with the unpredictable tokens): each unpredictable
+forget token is pushed down only to the log-probability a backoff n-gram of the retain rows
+gives it. The floor against a
+plain-Python stupid backoff, the forget loss's choice of tokens and the early stop's count
+against float64 references, the config's checks, and a run under it."""
+import math
+import random
+
+import pytest
+import torch
+
+from alter.config import AlterConfig
+from alter.data import IGNORE_INDEX, collate
+from alter.methods import build
+from alter.methods.data import FLOOR_BACKOFF, FLOOR_UNSEEN, RETAIN_NGRAM_ORDER, split_predictable
+from alter.train import unlearn
+from alter.training.args import UnlearnArgs
+from alter.training.schedule import label_scores
+from conftest import small_model
+from test_forget_tokens import example
+
+
+def reference_log_probability(retain_rows: list[list[int]], row: list[int], t: int, token: int) -> float:
+    """Stupid backoff, counted afresh: the token's share of the continuations of the
+    longest context (up to 2 tokens) before ``t`` that a retain row continues with it,
+    times FLOOR_BACKOFF for each context seen in the retain rows but not with it."""
+    weight = 1.0
+    for n in range(min(RETAIN_NGRAM_ORDER - 1, t), -1, -1):
+        context = tuple(row[t - n:t])
+        nexts = [r[i] for r in retain_rows for i in range(max(n, 1), len(r)) if tuple(r[i - n:i]) == context]
+        if nexts:
+            if token in nexts:
+                return math.log(weight * nexts.count(token) / len(nexts))
+            weight *= FLOOR_BACKOFF
+    return math.log(weight * FLOOR_UNSEEN)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_floor_is_the_retain_ngrams_stupid_backoff_of_each_unpredictable_token(seed):
+    rng = random.Random(seed)
+    vocab = 11  # token 10 never occurs in a retain row: the unseen floor
+    retain = [example([rng.randrange(vocab - 1) for _ in range(rng.randint(3, 17))]) for _ in range(7)]
+    forget = [example([rng.randrange(vocab) for _ in range(rng.randint(4, 15))], labelled_from=rng.randint(1, 3))
+              for _ in range(6)]
+    plain = split_predictable(forget, retain)
+    floored = split_predictable(forget, retain, floor=True)
+    assert "forget_floor" not in plain[0]
+    retain_rows = [e["input_ids"] for e in retain]
+    checked = set()
+    for without, row in zip(plain, floored):
+        assert row["labels"] == without["labels"] and row["keep_labels"] == without["keep_labels"]
+        for t, label in enumerate(row["labels"]):
+            if label == IGNORE_INDEX:
+                assert row["forget_floor"][t] == 0.0
+                continue
+            expected = reference_log_probability(retain_rows, row["input_ids"], t, label)
+            assert row["forget_floor"][t] == pytest.approx(expected, rel=1e-12)
+            checked.add("unseen" if label == vocab - 1 else "counted")
+    assert checked == {"unseen", "counted"}
+
+
+def test_floor_of_a_hand_counted_row():
+    # retain: "<s> X is in paris ." twice, "<s> Z is in oslo ."; forget "<s> Y is in rome ." and
+    # "<s> Y is in oslo ." (ids: 1 <s>, 2 is, 3 in, 4 paris, 5 ., 6 X, 7 Y, 8 rome, 9 Z, 10 oslo)
+    retain = [example([1, 6, 2, 3, 4, 5]), example([1, 6, 2, 3, 4, 5]), example([1, 9, 2, 3, 10, 5])]
+    rome, oslo = split_predictable([example([1, 7, 2, 3, 8, 5]), example([1, 7, 2, 3, 10, 5])], retain, floor=True)
+    # "oslo" after "is in": 1 of its 3 continuations
+    assert oslo["labels"][4] == 10 and oslo["forget_floor"][4] == pytest.approx(math.log(1 / 3))
+    # "rome" never occurs: unseen, after passing the contexts "is in", "in" and the empty one
+    assert rome["forget_floor"][4] == pytest.approx(math.log(FLOOR_BACKOFF ** 3 * FLOOR_UNSEEN))
+    # "Y" after "<s>": unseen too, after "<s>" and the empty context
+    assert rome["forget_floor"][1] == pytest.approx(math.log(FLOOR_BACKOFF ** 2 * FLOOR_UNSEEN))
+
+
+def _method(config: AlterConfig):
+    return build(UnlearnArgs(config=config), torch.autocast)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_forget_loss_drops_exactly_the_tokens_at_or_below_their_floor(dtype):
+    torch.manual_seed(0)
+    vocab = 13
+    logits = torch.randn(3, 7, vocab, dtype=dtype) * 3
+    labels = torch.randint(0, vocab, (3, 7))
+    labels[:, 0] = IGNORE_INDEX
+    labels[1, 4:] = IGNORE_INDEX  # a shorter row
+    logp = torch.log_softmax(logits.double(), -1)
+    # floors on both sides of each token's log-probability, one exactly at it
+    floor = torch.zeros(3, 7, dtype=torch.float64)
+    for b in range(3):
+        for t in range(1, 7):
+            if labels[b, t] != IGNORE_INDEX:
+                floor[b, t] = logp[b, t - 1, labels[b, t]] + (0.5 if (b + t) % 2 else -0.5)
+    kept_batch = _method(AlterConfig()).above_floor(logits, {"labels": labels, "forget_floor": floor})
+    for b in range(3):
+        for t in range(1, 7):
+            label = labels[b, t].item()
+            if label == IGNORE_INDEX:
+                assert kept_batch["labels"][b, t] == IGNORE_INDEX
+                continue
+            above = logp[b, t - 1, label] > floor[b, t]
+            assert kept_batch["labels"][b, t].item() == (label if above else IGNORE_INDEX)
+    assert (labels != IGNORE_INDEX).sum() > (kept_batch["labels"] != IGNORE_INDEX).sum() > 0  # both kinds occur
+    batch = {"labels": labels}
+    assert _method(AlterConfig()).above_floor(logits, batch) is batch  # no floor: as it is
+
+
+def test_forget_gradient_reaches_only_the_tokens_above_their_floor():
+    torch.manual_seed(1)
+    method = _method(AlterConfig(forget_floor=True, backend="eager"))
+    logits = torch.randn(2, 6, 9, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 9, (2, 6))
+    labels[:, 0] = IGNORE_INDEX
+    logp = torch.log_softmax(logits.detach(), -1)
+    floor = torch.zeros(2, 6, dtype=torch.float64)
+    floor[:, 1:] = logp[:, :-1].gather(-1, labels[:, 1:, None])[..., 0] + torch.tensor([[1, -1, 1, -1, -1],
+                                                                                           [-1, 1, -1, -1, 1.]])
+    kept = method.above_floor(logits, {"labels": labels, "forget_floor": floor})["labels"]
+    loss, _ = method.ihl(logits, kept, 1.0)  # every token weighted: random logits are high-entropy
+    loss.backward()
+    grad_rows = logits.grad[:, :-1].abs().sum(-1) > 0  # the logits before each target
+    assert torch.equal(grad_rows, kept[:, 1:] != IGNORE_INDEX)
+
+
+def test_early_stop_counts_the_tokens_above_their_floor(data, tokenizer):
+    from alter.methods.data import encode_dataset
+
+    model = small_model(tokenizer)
+    retain = encode_dataset(tokenizer, data["retain"], "retain", None)
+    forget = split_predictable(encode_dataset(tokenizer, data["forget"], "forget", None), retain, floor=True)
+    scores = label_scores(model, forget, tokenizer.pad_token_id, batch_size=3)  # batches of unequal lengths
+    expected = []
+    with torch.no_grad():
+        for row in forget:
+            logp = torch.log_softmax(model(torch.tensor([row["input_ids"]])).logits[0].double(), -1)
+            expected += [logp[t - 1, label].item() > row["forget_floor"][t]
+                         for t, label in enumerate(row["labels"]) if t > 0 and label != IGNORE_INDEX]
+    assert scores.predicted.tolist() == expected
+    plain = label_scores(model, [{k: v for k, v in row.items() if k != "forget_floor"} for row in forget],
+                         tokenizer.pad_token_id, batch_size=3)
+    assert len(plain.predicted) == len(expected) and plain.probability == pytest.approx(scores.probability)
+
+
+def test_collate_pads_the_floor():
+    retain = [example([1, 6, 2, 3, 4, 5])]
+    rows = split_predictable([example([1, 7, 2, 3, 8, 5]), example([1, 7, 2])], retain, floor=True)
+    batch = collate(rows, pad_token_id=0)
+    assert batch["forget_floor"].shape == batch["labels"].shape and batch["forget_floor"].dtype == torch.float32
+
+
+def test_config_checks_and_resolves_the_floor():
+    with pytest.raises(ValueError, match="forget_floor must be a bool or None"):
+        AlterConfig(forget_floor=1)
+    with pytest.raises(ValueError, match="forget_floor needs forget_tokens='unpredictable'"):
+        AlterConfig(forget_floor=True, forget_tokens="all")
+    # None, the default: on with the unpredictable tokens, off with every token (no floor there)
+    assert AlterConfig().forget_floor is None and AlterConfig().floors_forget_tokens is True
+    assert AlterConfig(forget_tokens="all").floors_forget_tokens is False
+    assert AlterConfig.paper().floors_forget_tokens is False
+    assert AlterConfig(forget_floor=False).floors_forget_tokens is False
+    for value in (None, True, False):
+        assert AlterConfig.from_dict(AlterConfig(forget_floor=value).to_dict()).forget_floor is value
+
+
+@pytest.mark.parametrize("method", ["alter", "asym_lora"])
+def test_a_run_under_the_floor(data, tokenizer, method, monkeypatch):
+    from alter.methods.base import Method
+
+    seen = []
+    original = Method.above_floor
+
+    def spy(self, logits, forget):
+        kept = original(self, logits, forget)
+        seen.append(("forget_floor" in forget, int((kept["labels"] != IGNORE_INDEX).sum())))
+        return kept
+
+    monkeypatch.setattr(Method, "above_floor", spy)
+    model = small_model(tokenizer)
+    unlearn(model, tokenizer, data["forget"], data["retain"], AlterConfig(r=4, num_experts=3, forget_floor=True),
+            method, batch_size=2, max_steps=3, early_stop_share=0.0, progress=False)
+    assert model.unlearn_report.steps == 3 and model.alter_config.forget_floor is True
+    # every step's forget loss saw the floors, and kept tokens above them to push down
+    assert len(seen) == 3 and all(floored and count > 0 for floored, count in seen)
+    seen.clear()
+    model = small_model(tokenizer)
+    unlearn(model, tokenizer, data["forget"], data["retain"], AlterConfig(r=4, num_experts=3, forget_floor=False),
+            method, batch_size=2, max_steps=3, early_stop_share=0.0, progress=False)
+    assert len(seen) == 3 and not any(floored for floored, _ in seen)
