@@ -88,7 +88,8 @@ GLOSSARY = {
     "forget-token probability": "mean probability the model gives each labelled token of the forget set "
                                 "(teacher forced), at the start -> at the end",
     "still predicted": "share of the forget tokens the model predicted (top-1) at the start that it still "
-                       "predicts: of those the retain rows do not predict (config.forget_tokens 'unpredictable'), "
+                       "predicts: of those the retain rows do not predict (config.forget_tokens 'unpredictable'; "
+                       "under config.forget_floor, those above their floor at the start still above it), "
                        "or of all, each weighted by how surprising it is after the word before it (facts weigh "
                        "more than template words); the early stop compares it with early_stop_share",
     "loss first/last/min": "a loss's value at the first and last step that logged it, and its smallest",
