@@ -186,3 +186,20 @@ def test_a_run_under_the_floor(data, tokenizer, method, monkeypatch):
     unlearn(model, tokenizer, data["forget"], data["retain"], AlterConfig(r=4, num_experts=3, forget_floor=False),
             method, batch_size=2, max_steps=3, early_stop_share=0.0, progress=False)
     assert len(seen) == 3 and not any(floored for floored, _ in seen)
+
+
+@pytest.mark.parametrize("method, config, words", [
+    ("alter", AlterConfig(), "still above their floor"),
+    ("asym_lora", AlterConfig(), "still above their floor"),
+    ("alter", AlterConfig(forget_floor=False), "still predicted"),
+    ("alter", AlterConfig(forget_tokens="all"), "still predicted (weighted)"),
+    ("grad_diff", AlterConfig(), "still predicted (weighted)"),
+])
+def test_the_report_says_what_the_early_stop_counted(method, config, words):
+    from alter.training.loop import _still_known, _why_ended
+
+    args = UnlearnArgs(method=method, config=config)
+    assert _still_known(build(args, torch.autocast)) == words
+    ended = _why_ended(True, [(7, 0.2)], False, args, 100, words)
+    assert ended == f"early stop at unlearning step 7: 0.20 of the forget tokens {words} <= early_stop_share " \
+                    f"{args.early_stop_share}"
