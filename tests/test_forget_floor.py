@@ -196,10 +196,10 @@ def test_a_run_under_the_floor(data, tokenizer, method, monkeypatch):
     ("grad_diff", AlterConfig(), "still predicted (weighted)"),
 ])
 def test_the_report_says_what_the_early_stop_counted(method, config, words):
-    from alter.training.loop import _still_known, _why_ended
+    from alter.training.loop import early_stop_counts, why_ended
 
     args = UnlearnArgs(method=method, config=config)
-    assert _still_known(build(args, torch.autocast)) == words
-    ended = _why_ended(True, [(7, 0.2)], False, args, 100, words)
+    assert early_stop_counts(build(args, torch.autocast)) == words
+    ended = why_ended(True, [(7, 0.2)], False, args, 100, words)
     assert ended == f"early stop at unlearning step 7: 0.20 of the forget tokens {words} <= early_stop_share " \
                     f"{args.early_stop_share}"

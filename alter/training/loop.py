@@ -131,17 +131,17 @@ unlearn.__doc__ += "\n    Run arguments (``UnlearnArgs`` fields, default in brac
     for f in dataclasses.fields(UnlearnArgs) if f.name in RUN_ARG_NAMES) + "\n"
 
 
-def _still_known(method) -> str:
+def early_stop_counts(method) -> str:
     """What the early stop's share counts, in words."""
     if not method.forgets_unpredictable_only:
         return "still predicted (weighted)"
     return "still above their floor" if method.config.floors_forget_tokens else "still predicted"
 
 
-def _why_ended(stopped: bool, kept_history: list, capped: bool, args: UnlearnArgs, train_steps: int,
+def why_ended(stopped: bool, kept_history: list, capped: bool, args: UnlearnArgs, train_steps: int,
                still: str) -> str:
     """Why the unlearning steps ended, in words: the early stop (``still``: what its share
-    counts, :func:`_still_known`), the step cap or the run's length."""
+    counts, :func:`early_stop_counts`), the step cap or the run's length."""
     if stopped:
         step, kept = kept_history[-1]
         return (f"early stop at unlearning step {step}: {kept:.2f} of the forget tokens {still} "
@@ -281,7 +281,7 @@ def _run(model, tokenizer, forget, retain, args: UnlearnArgs, progress: bool, ca
             if kept <= args.early_stop_share:
                 stopped_at = scores
                 break
-    ended = _why_ended(stopped_at is not None, kept_history, capped, args, train_steps, _still_known(method))
+    ended = why_ended(stopped_at is not None, kept_history, capped, args, train_steps, early_stop_counts(method))
     if bar is not None:
         bar.set_postfix_str(ended.split(":")[0])
         bar.close()
@@ -303,7 +303,7 @@ def _run(model, tokenizer, forget, retain, args: UnlearnArgs, progress: bool, ca
     elif (main and args.early_stop_share is not None and args.max_steps is None and not report.stopped_early
           and report.forget_kept_share > args.early_stop_share):
         warnings.warn(f"unlearn [{args.method}]: the run ended after {report.steps} steps with "
-                      f"{report.forget_kept_share:.2f} of the forget tokens {_still_known(method)}, above "
+                      f"{report.forget_kept_share:.2f} of the forget tokens {early_stop_counts(method)}, above "
                       f"early_stop_share {args.early_stop_share}: more epochs would forget more", stacklevel=3)
     state = engine.full_state_dict(model) if engine is not None and args.output_dir is not None else None
     if args.output_dir is not None and main:
