@@ -29,7 +29,7 @@ import torch
 
 from alter.data import IGNORE_INDEX
 from alter.methods.data import _model_inputs, encode_dataset, split_predictable
-from alter.methods.losses import _floats, shift_labels, token_logprobs, token_nll
+from alter.methods.losses import _floats, labelled_rows, shift_labels, shift_targets, token_nll
 from alter.methods.params import PARAMETERIZATIONS, PARAMS, frozen_copy
 from alter_kernels import inverted_hinge_loss
 from alter_kernels.ihl import token_weights
@@ -240,10 +240,11 @@ class Method:
         if "forget_floor" not in forget:
             return forget
         with torch.no_grad():
-            logprob, labelled = token_logprobs(logits, forget["labels"])
-            floored = labelled & (logprob <= forget["forget_floor"][:, 1:])
+            _, logprob, _, keep = labelled_rows(logits, forget["labels"])
+            floored = torch.zeros_like(keep)
+            floored[keep] = logprob <= shift_targets(forget["forget_floor"], 0.0)[keep]
         labels = forget["labels"].clone()
-        labels[:, 1:].masked_fill_(floored, IGNORE_INDEX)
+        labels[:, 1:].masked_fill_(floored.view(labels.shape)[:, :-1], IGNORE_INDEX)  # row t predicts label t + 1
         return {**forget, "labels": labels}
 
     def with_kept_tokens(self, loss, logs: dict, logits, forget: dict):

@@ -9,12 +9,30 @@ from alter.data import IGNORE_INDEX
 from alter_kernels import tsallis_entropy
 
 
+def shift_targets(values: torch.Tensor, fill) -> torch.Tensor:
+    """A per-token field ``[B, L]`` (labels, a forget floor) moved to the logits that predict
+    it: ``[B·L]``, position t holding the value at t + 1, ``fill`` at each sample's end."""
+    return F.pad(values[:, 1:], (0, 1), value=fill).reshape(-1)
+
+
 def shift_labels(logits: torch.Tensor, labels: torch.Tensor):
     """Logits at position t predict the label at t + 1: ``[B·L, V]`` and ``[B·L]``, the
     last position of each sample ignored. The labels move, not the logits, so that the
     logits stay a view (``logits[:, :-1]`` would copy all ``[T, V]`` of them)."""
-    shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-    return logits.reshape(-1, logits.shape[-1]), shifted.reshape(-1)
+    return logits.reshape(-1, logits.shape[-1]), shift_targets(labels, IGNORE_INDEX)
+
+
+def labelled_rows(logits: torch.Tensor, labels: torch.Tensor, dtype=None):
+    """The logits rows that predict a labelled target, in ``dtype`` (default: float32, float64
+    kept), ``[n, V]``; their log-probabilities of the targets ``[n]``; the targets ``[n]``;
+    and the bool mask ``[B·L]`` of those rows in :func:`shift_labels`' flat order. Only the
+    n labelled rows are converted and normalized, not all ``B·L`` (a full float copy of
+    the logits for a per-token choice would undo what the fused losses save)."""
+    flat_logits, flat_labels = shift_labels(logits, labels)
+    keep = flat_labels != IGNORE_INDEX
+    dtype = torch.promote_types(logits.dtype, torch.float32) if dtype is None else dtype
+    rows, targets = flat_logits[keep].to(dtype), flat_labels[keep]
+    return rows, torch.log_softmax(rows, -1).gather(-1, targets[:, None])[:, 0], targets, keep
 
 
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 
 from alter.data import IGNORE_INDEX
 from alter.methods.data import eval_forwards
-from alter.methods.losses import shift_labels
+from alter.methods.losses import labelled_rows, shift_targets
 
 # Run sizing when ``epochs`` / ``router_warmup`` are not given (docs/training.md, "Run
 # length and early stop").
@@ -80,14 +80,10 @@ def label_scores(model, examples: list[dict], pad_id: int, batch_size: int) -> L
     predicted = []
     # In example order: ``predicted`` is compared token by token across calls.
     for _, batch, out in eval_forwards(model, examples, pad_id, batch_size):
-        flat_logits, flat_labels = shift_labels(out.logits, batch["labels"])
-        keep = flat_labels != IGNORE_INDEX
-        labelled, labels = flat_logits[keep].float(), flat_labels[keep]
-        logprob = torch.log_softmax(labelled, -1).gather(-1, labels[:, None])[:, 0]
+        labelled, logprob, labels, keep = labelled_rows(out.logits, batch["labels"], torch.float32)
         total += float(logprob.exp().sum())
         if "forget_floor" in batch:
-            floor = torch.nn.functional.pad(batch["forget_floor"][:, 1:], (0, 1))  # shifted as the labels
-            known = logprob > floor.reshape(-1)[keep]
+            known = logprob > shift_targets(batch["forget_floor"], 0.0)[keep]
         else:
             known = labelled.argmax(-1) == labels
         predicted.append(known.cpu())
