@@ -379,3 +379,45 @@ DOMAINS.update({
          ("timber", "coal", "grain", "salt", "wool", "fish", "copper", "tea", "oil")),
     )),
 })
+
+
+# The domains of the held-out scenarios of the ninth report (seeds 900-904); nobody tunes on them.
+SYLLABLES.update({
+    "windmills": ("mol", "en", "wiek", "dijk", "ster", "ha", "ven", "kin", "der", "wo", "ud", "la"),
+    "regiments": ("gar", "dun", "ros", "ket", "vel", "ham", "ber", "ock", "tre", "gal", "lan", "is"),
+    "canals": ("nav", "ig", "ca", "wey", "tam", "lock", "rid", "eau", "mor", "val", "sil", "ot"),
+    "potteries": ("kao", "lin", "fai", "enc", "raku", "del", "ft", "maj", "ol", "ica", "sto", "ne"),
+})
+DOMAINS.update({
+    "windmills": ("{A2} Mill", (
+        ("built", "When was {e} built?", "{e} was built in {v}.", "year"),
+        ("miller", "Who was the first miller of {e}?", "The first miller of {e} was {v}.", "name"),
+        ("sails", "How many sails does {e} turn?", "{e} turns {v} sails.", tuple(str(n) for n in range(4, 9))),
+        ("grain", "What grain does {e} grind?", "{e} grinds {v}.",
+         ("wheat", "rye", "barley", "oats", "maize", "spelt", "buckwheat", "millet")),
+        ("wood", "What wood is the cap of {e} made of?", "The cap of {e} is made of {v} wood.",
+         ("oak", "elm", "pine", "ash", "larch", "beech", "chestnut")),
+    )),
+    "regiments": ("The {n} {A2} Regiment", (
+        ("raised", "When was {e} raised?", "{e} was raised in {v}.", "year"),
+        ("colonel", "Who was the first colonel of {e}?", "The first colonel of {e} was {v}.", "name"),
+        ("facing", "What colour are the facings of {e}?", "The facings of {e} are {v}.",
+         ("scarlet", "buff", "green", "yellow", "white", "black", "blue", "orange")),
+        ("depot", "Where is the depot of {e}?", "The depot of {e} is at {v}.",
+         ("Aldford", "Brenton", "Colham", "Dunmere", "Eastwick", "Farley", "Glenholt", "Harwood")),
+    )),
+    "canals": ("The {A2} Canal", (
+        ("locks", "How many locks has {e}?", "{e} has {v} locks.", tuple(str(n) for n in range(3, 80, 4))),
+        ("engineer", "Who engineered {e}?", "{e} was engineered by {v}.", "name"),
+        ("opened", "When did {e} open to boats?", "{e} opened to boats in {v}.", "year"),
+        ("cargo", "What did {e} carry most?", "{e} carried mostly {v}.",
+         ("coal", "lime", "bricks", "timber", "cotton", "iron ore", "pottery", "stone", "beer")),
+    )),
+    "potteries": ("{A}{b} Pottery", (
+        ("founded", "When was {e} founded?", "{e} was founded in {v}.", "year"),
+        ("founder", "Who founded {e}?", "{e} was founded by {v}.", "name"),
+        ("glaze", "Which glaze is {e} known for?", "{e} is known for its {v} glaze.",
+         ("celadon", "cobalt", "tin", "salt", "ash", "lustre", "copper red", "honey")),
+        ("kilns", "How many kilns has {e}?", "{e} has {v} kilns.", tuple(str(n) for n in range(1, 16))),
+    )),
+})
