@@ -37,9 +37,9 @@ CONFIG_FLAGS = {
                                   "forget rows' keys on (docs/routing.md)"),
     "--forget-tokens": ("forget_tokens", str, "unpredictable: push down the forget tokens the retain rows do not "
                                               "predict and keep the others; all: every forget token"),
-    "--forget-floor": ("forget_floor", bool, "push each unpredictable forget token down only to the retain rows' "
-                                             "n-gram log-probability of it (not given: on under --forget-tokens "
-                                             "unpredictable; docs/training.md)"),
+    "--forget-floor": ("forget_floor", bool, "aim each forget token at the retain rows' n-gram log-probability "
+                                             "of it: push it down to there, hold a kept one up to there (not "
+                                             "given: on under --forget-tokens unpredictable; docs/training.md)"),
 }
 CONFIG_DEST = "config_{}"  # namespace attribute of a config flag's field
 # A negative number in any notation Python reads: argparse takes '-1e-3' for an option.

@@ -126,14 +126,16 @@ class AlterConfig:
         what a model that never saw the forget rows predicts too), and the early stop
         counts the unpredictable tokens only (``alter.methods.data.split_predictable``;
         docs/training.md, "Forget tokens"); "all": every labelled forget token, the paper's.
-      forget_floor: push each unpredictable forget token down only to the log-probability
-        a backoff n-gram of the retain rows gives it (what a model that never saw the
-        forget rows would): a token at or below it leaves the forget loss, and the early
-        stop counts the tokens still above theirs instead of those still predicted
+      forget_floor: aim each forget token at the log-probability a backoff n-gram of the
+        retain rows gives it (what a model that never saw the forget rows would): the
+        forget loss pushes down the tokens above it, the kept ones (predictable) included,
+        and the kept term holds up only the kept tokens below it; the early stop counts
+        the unpredictable tokens still above theirs instead of those still predicted
         (docs/training.md, "A floor under the forget loss"). None (the default): on
         under ``forget_tokens="unpredictable"``, off under ``"all"`` (which has no
-        floor: True with it is refused); False: the IHL with no floor (the default
-        until 2026-12-07).
+        floor: True with it is refused); False: the IHL with no floor and every kept
+        token held (the default until 2026-12-07). From 2026-12-07 to 12-08 the floor
+        stopped the unpredictable tokens only and held every kept token.
       train_routes: how the experts see tokens while they train. "router": the routers
         gate as at inference (the forget loss reaches the forget experts only, the retain
         loss every expert a retained token is routed to); "forced": every token of a

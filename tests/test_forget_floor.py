@@ -1,8 +1,8 @@
-"""AlterConfig.forget_floor (on by default, with the unpredictable tokens): each unpredictable
-forget token is pushed down only to the log-probability a backoff n-gram of the retain rows
-gives it. The floor against a
-plain-Python stupid backoff, the forget loss's choice of tokens and the early stop's count
-against float64 references, the config's checks, and a run under it."""
+"""AlterConfig.forget_floor (on by default, with the unpredictable tokens): each forget
+token is aimed at the log-probability a backoff n-gram of the retain rows gives it, pushed
+down to it from above and, a kept (predictable) one, held up to it from below. The floor
+against a plain-Python stupid backoff, the losses' choice of tokens and the early stop's
+count against float64 references, the config's checks, and a run under it."""
 import math
 import random
 
@@ -36,7 +36,7 @@ def reference_log_probability(retain_rows: list[list[int]], row: list[int], t: i
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_floor_is_the_retain_ngrams_stupid_backoff_of_each_unpredictable_token(seed):
+def test_floor_is_the_retain_ngrams_stupid_backoff_of_each_forget_token(seed):
     rng = random.Random(seed)
     vocab = 11  # token 10 never occurs in a retain row: the unseen floor
     retain = [example([rng.randrange(vocab - 1) for _ in range(rng.randint(3, 17))]) for _ in range(7)]
@@ -49,14 +49,15 @@ def test_floor_is_the_retain_ngrams_stupid_backoff_of_each_unpredictable_token(s
     checked = set()
     for without, row in zip(plain, floored):
         assert row["labels"] == without["labels"] and row["keep_labels"] == without["keep_labels"]
-        for t, label in enumerate(row["labels"]):
-            if label == IGNORE_INDEX:
+        for t, (label, kept) in enumerate(zip(row["labels"], row["keep_labels"])):
+            if label == kept == IGNORE_INDEX:
                 assert row["forget_floor"][t] == 0.0
                 continue
-            expected = reference_log_probability(retain_rows, row["input_ids"], t, label)
+            target = label if label != IGNORE_INDEX else kept
+            expected = reference_log_probability(retain_rows, row["input_ids"], t, target)
             assert row["forget_floor"][t] == pytest.approx(expected, rel=1e-12)
-            checked.add("unseen" if label == vocab - 1 else "counted")
-    assert checked == {"unseen", "counted"}
+            checked.add("kept" if kept != IGNORE_INDEX else "unseen" if label == vocab - 1 else "counted")
+    assert checked == {"unseen", "counted", "kept"}
 
 
 def test_floor_of_a_hand_counted_row():
@@ -70,56 +71,83 @@ def test_floor_of_a_hand_counted_row():
     assert rome["forget_floor"][4] == pytest.approx(math.log(FLOOR_BACKOFF ** 3 * FLOOR_UNSEEN))
     # "Y" after "<s>": unseen too, after "<s>" and the empty context
     assert rome["forget_floor"][1] == pytest.approx(math.log(FLOOR_BACKOFF ** 2 * FLOOR_UNSEEN))
+    # kept: "is" (after "<s> Y", neither context seen: the unigram, 3 of 15 retain tokens) and
+    # "in" (after "is": always), whose floor is then log 1 (held all the way up)
+    assert rome["keep_labels"][2] == 2 and rome["forget_floor"][2] == pytest.approx(math.log(3 / 15))
+    assert rome["keep_labels"][3] == 3 and rome["forget_floor"][3] == pytest.approx(0.0)
 
 
 def _method(config: AlterConfig):
     return build(UnlearnArgs(config=config), torch.autocast)
 
 
+def _forget_batch(logits, offsets, seed):
+    """Random ``labels`` and ``keep_labels`` (each labelled token in one of them; a shorter
+    row) and floors at each token's float64 log-probability in ``logits`` plus ``offsets``,
+    drawn in turn (0.0: exactly at it)."""
+    generator = torch.Generator().manual_seed(seed)
+    batch, length, vocab = logits.shape
+    targets = torch.randint(0, vocab, (batch, length), generator=generator)
+    targets[:, 0] = IGNORE_INDEX
+    targets[1, 4:] = IGNORE_INDEX
+    is_kept = torch.rand(batch, length, generator=generator) < 0.5
+    labels = torch.where(is_kept, IGNORE_INDEX, targets)
+    keep_labels = torch.where(is_kept, targets, IGNORE_INDEX)
+    logp = torch.log_softmax(logits.detach().double(), -1)
+    floor = torch.zeros(batch, length, dtype=torch.float64)
+    for b in range(batch):
+        for t in range(1, length):
+            if targets[b, t] != IGNORE_INDEX:
+                floor[b, t] = logp[b, t - 1, targets[b, t]] + offsets[(b * length + t) % len(offsets)]
+    return {"labels": labels, "keep_labels": keep_labels, "forget_floor": floor}, targets, logp
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_forget_loss_drops_exactly_the_tokens_at_or_below_their_floor(dtype):
+def test_each_token_is_aimed_at_its_floor(dtype):
     torch.manual_seed(0)
-    vocab = 13
-    logits = torch.randn(3, 7, vocab, dtype=dtype) * 3
-    labels = torch.randint(0, vocab, (3, 7))
-    labels[:, 0] = IGNORE_INDEX
-    labels[1, 4:] = IGNORE_INDEX  # a shorter row
-    logp = torch.log_softmax(logits.double(), -1)
-    # floors on both sides of each token's log-probability, one exactly at it
-    floor = torch.zeros(3, 7, dtype=torch.float64)
+    logits = torch.randn(3, 7, 13, dtype=dtype) * 3
+    batch, targets, logp = _forget_batch(logits, (0.5, -0.5, 0.7, -0.2), seed=0)
+    aimed = _method(AlterConfig()).toward_floor(logits, batch)
+    kinds = set()
     for b in range(3):
         for t in range(1, 7):
-            if labels[b, t] != IGNORE_INDEX:
-                floor[b, t] = logp[b, t - 1, labels[b, t]] + (0.5 if (b + t) % 2 else -0.5)
-    kept_batch = _method(AlterConfig()).above_floor(logits, {"labels": labels, "forget_floor": floor})
-    for b in range(3):
-        for t in range(1, 7):
-            label = labels[b, t].item()
-            if label == IGNORE_INDEX:
-                assert kept_batch["labels"][b, t] == IGNORE_INDEX
-                continue
-            above = logp[b, t - 1, label] > floor[b, t]
-            assert kept_batch["labels"][b, t].item() == (label if above else IGNORE_INDEX)
-    assert (labels != IGNORE_INDEX).sum() > (kept_batch["labels"] != IGNORE_INDEX).sum() > 0  # both kinds occur
-    batch = {"labels": labels}
-    assert _method(AlterConfig()).above_floor(logits, batch) is batch  # no floor: as it is
+            target, floor = targets[b, t].item(), batch["forget_floor"][b, t]
+            kept = batch["keep_labels"][b, t].item() != IGNORE_INDEX
+            above = target != IGNORE_INDEX and logp[b, t - 1, target] > floor
+            below = target != IGNORE_INDEX and logp[b, t - 1, target] < floor
+            # pushed down: every token above its floor; held up: the kept ones below theirs
+            assert aimed["labels"][b, t].item() == (target if above else IGNORE_INDEX)
+            assert aimed["keep_labels"][b, t].item() == (target if below and kept else IGNORE_INDEX)
+            kinds.add((kept, bool(above), bool(below))) if target != IGNORE_INDEX else None
+    assert kinds == {(k, a, not a) for k in (True, False) for a in (True, False)}  # every case occurs
+    plain = {"labels": batch["labels"], "keep_labels": batch["keep_labels"]}
+    assert _method(AlterConfig()).toward_floor(logits, plain) is plain  # no floor: as it is
 
 
-def test_forget_gradient_reaches_only_the_tokens_above_their_floor():
+def test_a_token_exactly_at_its_floor_is_neither_pushed_nor_held():
+    torch.manual_seed(2)
+    logits = torch.randn(3, 7, 13, dtype=torch.float64)
+    batch, targets, _ = _forget_batch(logits, (0.0,), seed=2)
+    aimed = _method(AlterConfig()).toward_floor(logits, batch)
+    assert (targets != IGNORE_INDEX).any()
+    assert (aimed["labels"] == IGNORE_INDEX).all() and (aimed["keep_labels"] == IGNORE_INDEX).all()
+
+
+def test_gradient_reaches_the_tokens_above_their_floor_and_the_kept_below():
     torch.manual_seed(1)
     method = _method(AlterConfig(forget_floor=True, backend="eager"))
     logits = torch.randn(2, 6, 9, dtype=torch.float64, requires_grad=True)
-    labels = torch.randint(0, 9, (2, 6))
-    labels[:, 0] = IGNORE_INDEX
-    logp = torch.log_softmax(logits.detach(), -1)
-    floor = torch.zeros(2, 6, dtype=torch.float64)
-    floor[:, 1:] = logp[:, :-1].gather(-1, labels[:, 1:, None])[..., 0] + torch.tensor([[1, -1, 1, -1, -1],
-                                                                                           [-1, 1, -1, -1, 1.]])
-    kept = method.above_floor(logits, {"labels": labels, "forget_floor": floor})["labels"]
-    loss, _ = method.ihl(logits, kept, 1.0)  # every token weighted: random logits are high-entropy
-    loss.backward()
+    batch, _, _ = _forget_batch(logits, (1.0, -1.0, -1.0, 1.0, -1.0), seed=1)
+    first_unpredictable = tuple((batch["labels"] != IGNORE_INDEX).nonzero()[0])
+    batch["forget_floor"][first_unpredictable] += 3.0  # below its floor: in neither loss
+    aimed = method.toward_floor(logits, batch)
+    loss, _ = method.ihl(logits, aimed["labels"], 1.0)  # every token weighted: random logits are high-entropy
+    method.with_kept_tokens(loss, {}, logits, aimed).backward()
     grad_rows = logits.grad[:, :-1].abs().sum(-1) > 0  # the logits before each target
-    assert torch.equal(grad_rows, kept[:, 1:] != IGNORE_INDEX)
+    trained = (aimed["labels"][:, 1:] != IGNORE_INDEX) | (aimed["keep_labels"][:, 1:] != IGNORE_INDEX)
+    assert torch.equal(grad_rows, trained)
+    assert (aimed["labels"] != IGNORE_INDEX).any() and (aimed["keep_labels"] != IGNORE_INDEX).any()
+    assert (batch["labels"] != IGNORE_INDEX).sum() + (batch["keep_labels"] != IGNORE_INDEX).sum() > trained.sum()
 
 
 def test_early_stop_counts_the_tokens_above_their_floor(data, tokenizer):
@@ -167,19 +195,19 @@ def test_a_run_under_the_floor(data, tokenizer, method, monkeypatch):
     from alter.methods.base import Method
 
     seen = []
-    original = Method.above_floor
+    original = Method.toward_floor
 
     def spy(self, logits, forget):
-        kept = original(self, logits, forget)
-        seen.append(("forget_floor" in forget, int((kept["labels"] != IGNORE_INDEX).sum())))
-        return kept
+        aimed = original(self, logits, forget)
+        seen.append(("forget_floor" in forget, int((aimed["labels"] != IGNORE_INDEX).sum())))
+        return aimed
 
-    monkeypatch.setattr(Method, "above_floor", spy)
+    monkeypatch.setattr(Method, "toward_floor", spy)
     model = small_model(tokenizer)
     unlearn(model, tokenizer, data["forget"], data["retain"], AlterConfig(r=4, num_experts=3, forget_floor=True),
             method, batch_size=2, max_steps=3, early_stop_share=0.0, progress=False)
     assert model.unlearn_report.steps == 3 and model.alter_config.forget_floor is True
-    # every step's forget loss saw the floors, and kept tokens above them to push down
+    # every step's forget loss saw the floors, and tokens above them to push down
     assert len(seen) == 3 and all(floored and count > 0 for floored, count in seen)
     seen.clear()
     model = small_model(tokenizer)

@@ -7,9 +7,10 @@
 Under ``config.forget_tokens="unpredictable"`` (the default) the IHL acts on the forget
 tokens the retain rows do not predict and the last NLL keeps the others
 (:func:`alter.methods.data.split_predictable`); under ``"all"`` the IHL acts on every
-forget token and the last term is absent. Under ``config.forget_floor`` a forget token
-leaves the IHL once its log-probability is at or below the retain n-gram's
-(:meth:`Method.above_floor`).
+forget token and the last term is absent. Under ``config.forget_floor`` every forget
+token is aimed at the log-probability the retain n-gram gives it: the IHL pushes down the
+tokens above it, kept ones included, and the last NLL holds up only the kept tokens below
+it (:meth:`Method.toward_floor`).
 
 The forget IHL weights high-entropy tokens by ``config.high_entropy_weight``; the
 structural term (eq. 8, over the high-entropy tokens of both batches) keeps the adapter
@@ -51,7 +52,7 @@ class Alter(Method):
         for batch, is_forget in ((forget, True), (retain, False)):
             logits = self.logits(model, batch, is_forget)
             if is_forget:
-                batch = self.above_floor(logits, batch)
+                batch = self.toward_floor(logits, batch)
             if self.in_one_pass(is_forget):
                 term, count, structure = self.terms_in_one_pass(logits, batch, is_forget)
             else:

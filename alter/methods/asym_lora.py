@@ -6,7 +6,7 @@ params ``"asym_lora"`` it trains ALTER's sub-domain forget experts and routing; 
     loss = beta * IHL(forget) + gamma * NLL(retain)   (+ routing loss under the adapters)
            + gamma * NLL(the forget rows' predictable tokens)   (config.forget_tokens, as ALTER)
 
-and, as ALTER, the IHL down to the retain n-gram's floor under ``config.forget_floor``.
+and, as ALTER, every forget token aimed at the retain n-gram's floor under ``config.forget_floor``.
 """
 from alter.methods import register
 from alter.methods.base import Method, labelled
@@ -22,7 +22,8 @@ class AsymLoRA(Method):
     def loss(self, model, forget, retain):
         cfg = self.config
         forget_logits = self.logits(model, forget, True)
-        forget_loss, count = self.ihl(forget_logits, self.above_floor(forget_logits, forget)["labels"], 1.0)
+        forget = self.toward_floor(forget_logits, forget)
+        forget_loss, count = self.ihl(forget_logits, forget["labels"], 1.0)
         retain_loss = token_nll(self.logits(model, retain, False), retain["labels"])
         loss = (cfg.beta * self.global_mean(forget_loss, count)
                 + cfg.gamma * self.global_mean(retain_loss, labelled(retain["labels"])))

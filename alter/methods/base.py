@@ -232,26 +232,35 @@ class Method:
             return forget_examples
         return split_predictable(forget_examples, retain_examples, floor=self.config.floors_forget_tokens)
 
-    def above_floor(self, logits, forget: dict) -> dict:
-        """The forget batch as the forget loss sees it: under the floor (``config.forget_floor``;
-        the batch carries ``forget_floor``) its ``labels`` without the tokens whose
-        log-probability in ``logits`` ``[B, L, V]`` is at or below their floor (new dict;
-        no gradient through the choice), else the batch as it is."""
+    def toward_floor(self, logits, forget: dict) -> dict:
+        """The forget batch as its losses see it at this step. Under the floor
+        (``config.forget_floor``; the batch carries ``forget_floor`` and ``keep_labels``)
+        each labelled token, unpredictable or kept, is aimed at its floor: ``labels`` holds
+        every one whose log-probability in ``logits`` ``[B, L, V]`` is above its floor (the
+        forget loss pushes it down), ``keep_labels`` the kept ones below theirs (the kept
+        term holds them up); a token at its floor is in neither. A new dict, no gradient
+        through the choice. Without a floor the batch as it is."""
         if "forget_floor" not in forget:
             return forget
+        labels, kept = forget["labels"], forget["keep_labels"]
+        targets = torch.where(labels != IGNORE_INDEX, labels, kept)  # one of the two per token
         with torch.no_grad():
-            _, logprob, _, keep = labelled_rows(logits, forget["labels"])
-            floored = torch.zeros_like(keep)
-            floored[keep] = logprob <= shift_targets(forget["forget_floor"], 0.0)[keep]
-        labels = forget["labels"].clone()
-        labels[:, 1:].masked_fill_(floored.view(labels.shape)[:, :-1], IGNORE_INDEX)  # row t predicts label t + 1
-        return {**forget, "labels": labels}
+            _, logprob, _, rows = labelled_rows(logits, targets)
+            floor = shift_targets(forget["forget_floor"], 0.0)[rows]
+            above, below = torch.zeros_like(rows), torch.zeros_like(rows)
+            above[rows], below[rows] = logprob > floor, logprob < floor
+        # row t predicts label t + 1
+        above, below = (mask.view(labels.shape)[:, :-1] for mask in (above, below))
+        pushed, held = labels.clone(), kept.clone()
+        pushed[:, 1:] = torch.where(above, targets[:, 1:], IGNORE_INDEX)
+        held[:, 1:] = torch.where(below, kept[:, 1:], IGNORE_INDEX)
+        return {**forget, "labels": pushed, "keep_labels": held}
 
     def with_kept_tokens(self, loss, logs: dict, logits, forget: dict):
         """``loss`` plus ``config.gamma`` times the mean NLL of the forget batch's
-        predictable tokens (``keep_labels``), which the retain loss keeps as it keeps
-        retained tokens (logged as ``"kept"``); ``loss`` as it is when the batch has no
-        ``keep_labels``. ``logits`` ``[B, L, V]``, the forget batch's; the NLL in float32
+        predictable tokens (``keep_labels``; under the floor those below it, as
+        :meth:`toward_floor` leaves them), kept as retained tokens are (logged as
+        ``"kept"``); ``loss`` as it is when the batch has no ``keep_labels``. ``logits`` ``[B, L, V]``, the forget batch's; the NLL in float32
         (float64 for float64 logits)."""
         if "keep_labels" not in forget:
             return loss

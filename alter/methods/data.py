@@ -371,9 +371,9 @@ def split_predictable(forget_examples: list[dict], retain_examples: list[dict],
     tokens before it: the most frequent next token after the longest of those contexts
     that occurs in a retain example (counted over every token of the retain examples).
     With ``floor`` (``AlterConfig.forget_floor``) each example also gets ``forget_floor``:
-    float ``[L]``, the n-gram's log-probability of each token of ``labels``
-    (:meth:`RetainNgram.log_probability`; 0.0 elsewhere), the level the forget loss
-    stops at. Forget examples left without an unpredictable token are dropped (they
+    float ``[L]``, the n-gram's log-probability of each token of ``labels`` and of
+    ``keep_labels`` (:meth:`RetainNgram.log_probability`; 0.0 elsewhere), the level the
+    run aims that token at (:meth:`alter.methods.base.Method.toward_floor`). Forget examples left without an unpredictable token are dropped (they
     hold nothing to forget); ValueError when none is left."""
     ngram = RetainNgram(retain_examples, order)
     split = []
@@ -386,8 +386,9 @@ def split_predictable(forget_examples: list[dict], retain_examples: list[dict],
         if any(label != IGNORE_INDEX for label in labels):
             fields = {"labels": labels, "keep_labels": keep}
             if floor:
-                fields["forget_floor"] = [ngram.log_probability(ids, t, label) if label != IGNORE_INDEX else 0.0
-                                          for t, label in enumerate(labels)]
+                targets = [label if label != IGNORE_INDEX else kept for label, kept in zip(labels, keep)]
+                fields["forget_floor"] = [ngram.log_probability(ids, t, target) if target != IGNORE_INDEX else 0.0
+                                          for t, target in enumerate(targets)]
             split.append({**example, **fields})
     if not split:
         raise ValueError("forget_tokens='unpredictable': the retain rows predict every labelled forget token, so "
