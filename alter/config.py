@@ -123,7 +123,8 @@ class AlterConfig:
         those a trigram model of the retain rows does not predict (a fact's value, an
         entity's name), while the retain NLL keeps the forget rows' other tokens (a BPE
         word's continuation, a template word, a value common among retained entities:
-        what a model that never saw the forget rows predicts too), and the early stop
+        what a model that never saw the forget rows predicts too; under the floor only
+        up to it), and the early stop
         counts the unpredictable tokens only (``alter.methods.data.split_predictable``;
         docs/training.md, "Forget tokens"); "all": every labelled forget token, the paper's.
       forget_floor: aim each forget token at the log-probability a backoff n-gram of the
@@ -243,7 +244,7 @@ class AlterConfig:
             raise ValueError(f"AlterConfig: forget_floor must be a bool or None, got {self.forget_floor!r}")
         if self.forget_floor and self.forget_tokens != "unpredictable":
             raise ValueError("AlterConfig: forget_floor needs forget_tokens='unpredictable' (the floor is the retain "
-                             f"n-gram's log-probability of an unpredictable token), got {self.forget_tokens!r}")
+                             f"n-gram's log-probability of each split forget token), got {self.forget_tokens!r}")
         if not isinstance(self.a_learns_from_high_entropy_only, bool):
             raise ValueError(
                 f"AlterConfig: a_learns_from_high_entropy_only must be a bool, got {self.a_learns_from_high_entropy_only!r}"
@@ -251,7 +252,7 @@ class AlterConfig:
 
     @property
     def floors_forget_tokens(self) -> bool:
-        """Whether the forget loss stops at the retain n-gram's floor (``forget_floor``
+        """Whether every forget token is aimed at the retain n-gram's floor (``forget_floor``
         resolved: None is on under ``forget_tokens="unpredictable"``)."""
         return self.forget_tokens == "unpredictable" if self.forget_floor is None else self.forget_floor
 

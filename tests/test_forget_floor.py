@@ -192,28 +192,60 @@ def test_config_checks_and_resolves_the_floor():
 
 @pytest.mark.parametrize("method", ["alter", "asym_lora"])
 def test_a_run_under_the_floor(data, tokenizer, method, monkeypatch):
+    from alter.methods.alter import Alter
     from alter.methods.base import Method
 
-    seen = []
-    original = Method.toward_floor
+    seen, aimed_batches, forget_labels, kept_labels = [], [], [], []
+    original, original_ihl = Method.toward_floor, Method.ihl
+    original_kept, original_one_pass = Method.with_kept_tokens, Alter.terms_in_one_pass
 
     def spy(self, logits, forget):
         aimed = original(self, logits, forget)
         seen.append(("forget_floor" in forget, int((aimed["labels"] != IGNORE_INDEX).sum())))
+        aimed_batches.append(aimed)
         return aimed
 
+    def ihl(self, logits, labels, high_entropy_weight):
+        forget_labels.append(labels)
+        return original_ihl(self, logits, labels, high_entropy_weight)
+
+    def one_pass(self, logits, batch, is_forget):
+        if is_forget:
+            forget_labels.append(batch["labels"])
+        return original_one_pass(self, logits, batch, is_forget)
+
+    def kept(self, loss, logs, logits, forget):
+        kept_labels.append(forget["keep_labels"])
+        return original_kept(self, loss, logs, logits, forget)
+
     monkeypatch.setattr(Method, "toward_floor", spy)
+    monkeypatch.setattr(Method, "ihl", ihl)
+    monkeypatch.setattr(Method, "with_kept_tokens", kept)
+    monkeypatch.setattr(Alter, "terms_in_one_pass", one_pass)
     model = small_model(tokenizer)
     unlearn(model, tokenizer, data["forget"], data["retain"], AlterConfig(r=4, num_experts=3, forget_floor=True),
             method, batch_size=2, max_steps=3, early_stop_share=0.0, progress=False)
     assert model.unlearn_report.steps == 3 and model.alter_config.forget_floor is True
     # every step's forget loss saw the floors, and tokens above them to push down
     assert len(seen) == 3 and all(floored and count > 0 for floored, count in seen)
+    # both losses train on what toward_floor chose, not on the batch as it came
+    assert len(forget_labels) == len(kept_labels) == 3
+    for aimed, pushed, held in zip(aimed_batches, forget_labels, kept_labels):
+        assert pushed is aimed["labels"] and held is aimed["keep_labels"]
     seen.clear()
     model = small_model(tokenizer)
     unlearn(model, tokenizer, data["forget"], data["retain"], AlterConfig(r=4, num_experts=3, forget_floor=False),
             method, batch_size=2, max_steps=3, early_stop_share=0.0, progress=False)
     assert len(seen) == 3 and not any(floored for floored, _ in seen)
+
+
+def test_nll_ascent_on_a_batch_the_floor_emptied_is_zero_not_nan():
+    method = _method(AlterConfig(forget_loss="nll_ascent", backend="eager"))
+    logits = torch.randn(2, 5, 7, requires_grad=True)
+    loss, count = method.ihl(logits, torch.full((2, 5), IGNORE_INDEX), 1.0)
+    assert count == 0 and loss.item() == 0.0
+    loss.backward()
+    assert torch.equal(logits.grad, torch.zeros_like(logits))
 
 
 @pytest.mark.parametrize("method, config, words", [

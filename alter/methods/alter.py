@@ -1,7 +1,7 @@
 """ALTER (the paper's method): AsymLoRA guided by the base model's token entropy.
 
     loss = beta * IHL_w(forget) + gamma * NLL(retain) + lam * structural
-           + gamma * NLL(the forget rows' predictable tokens)
+           + gamma * NLL(the forget rows' predictable tokens; under the floor those below it)
            (+ the routing loss, added by the asym_lora parameterization)
 
 Under ``config.forget_tokens="unpredictable"`` (the default) the IHL acts on the forget

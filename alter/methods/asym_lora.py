@@ -4,7 +4,8 @@ params ``"asym_lora"`` it trains ALTER's sub-domain forget experts and routing; 
 ``"lora"`` or ``"full"`` it is the IHL objective on one adapter or every weight.
 
     loss = beta * IHL(forget) + gamma * NLL(retain)   (+ routing loss under the adapters)
-           + gamma * NLL(the forget rows' predictable tokens)   (config.forget_tokens, as ALTER)
+           + gamma * NLL(the forget rows' predictable tokens)   (config.forget_tokens, as ALTER;
+                                                                under the floor those below it)
 
 and, as ALTER, every forget token aimed at the retain n-gram's floor under ``config.forget_floor``.
 """

@@ -218,9 +218,10 @@ class Method:
 
     @property
     def forgets_unpredictable_only(self) -> bool:
-        """Whether the forget loss pushes down only the forget tokens the retain rows do not
-        predict (``config.forget_tokens``, read by the methods that take their weights from
-        the config): the examples then carry ``keep_labels``
+        """Whether the forget tokens are split into those the retain rows do not predict
+        (the forget loss's) and those they do (the kept term's; under the floor each goes
+        where :meth:`toward_floor` puts it) (``config.forget_tokens``, read by the methods
+        that take their weights from the config): the examples then carry ``keep_labels``
         (:func:`alter.methods.data.split_predictable`)."""
         return self.reads_config_weights and self.config.forget_tokens == "unpredictable"
 

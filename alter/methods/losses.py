@@ -36,9 +36,11 @@ def labelled_rows(logits: torch.Tensor, labels: torch.Tensor, dtype=None):
 
 
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token NLL over labelled tokens (``labels != -100``)."""
+    """Mean next-token NLL over labelled tokens (``labels != -100``); 0 for a batch with
+    none (the forget floor can leave one so: a mean over no token would be NaN)."""
     flat_logits, flat_labels = shift_labels(logits, labels)
-    return F.cross_entropy(flat_logits.float(), flat_labels, ignore_index=IGNORE_INDEX)
+    total = F.cross_entropy(flat_logits.float(), flat_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (flat_labels != IGNORE_INDEX).sum().clamp_min(1)
 
 
 def sequence_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

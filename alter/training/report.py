@@ -96,7 +96,8 @@ GLOSSARY = {
     "forget": "loss on the forget set (pushed up: ascent, IHL or NPO, by method)",
     "retain": "loss on the retain set (kept low: next-token NLL)",
     "kept": "next-token NLL of the forget rows' tokens the retain rows predict (a BPE word's continuation, a "
-            "template word), kept low as retained tokens are",
+            "template word), kept low as retained tokens are (under the floor: those below it, held up to it; 0 "
+            "at a step with none)",
     "route": "routing loss: trains the routers to send forget tokens to the forget experts and the rest to the "
              "retention expert",
     "structural": "structural term: keeps the retention expert's update away from the forget experts' "
