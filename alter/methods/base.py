@@ -261,16 +261,14 @@ class Method:
         """``loss`` plus ``config.gamma`` times the mean NLL of the forget batch's
         predictable tokens (``keep_labels``; under the floor those below it, as
         :meth:`toward_floor` leaves them), kept as retained tokens are (logged as
-        ``"kept"``); ``loss`` as it is when the batch has no ``keep_labels``. ``logits`` ``[B, L, V]``, the forget batch's; the NLL in float32
-        (float64 for float64 logits)."""
+        ``"kept"``); ``loss`` as it is when the batch has no ``keep_labels``. ``logits``
+        ``[B, L, V]``, the forget batch's; the NLL in float32 (float64 for float64 logits),
+        over the labelled rows only (:func:`~alter.methods.losses.labelled_rows`)."""
         if "keep_labels" not in forget:
             return loss
-        flat_logits, flat_labels = shift_labels(logits, forget["keep_labels"])
-        count = (flat_labels != IGNORE_INDEX).sum()
-        dtype = torch.promote_types(flat_logits.dtype, torch.float32)  # float32, float64 kept
-        total = torch.nn.functional.cross_entropy(flat_logits.to(dtype), flat_labels, ignore_index=IGNORE_INDEX,
-                                                  reduction="sum")
-        kept = total / count.clamp_min(1)  # 0 for a batch without predictable tokens
+        _, logprob, _, rows = labelled_rows(logits, forget["keep_labels"])
+        count = rows.sum()
+        kept = -logprob.sum() / count.clamp_min(1)  # 0 for a batch without predictable tokens
         logs["kept"] = kept.detach()
         return loss + self.config.gamma * self.global_mean(kept, count)
 

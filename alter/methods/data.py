@@ -373,22 +373,23 @@ def split_predictable(forget_examples: list[dict], retain_examples: list[dict],
     With ``floor`` (``AlterConfig.forget_floor``) each example also gets ``forget_floor``:
     float ``[L]``, the n-gram's log-probability of each token of ``labels`` and of
     ``keep_labels`` (:meth:`RetainNgram.log_probability`; 0.0 elsewhere), the level the
-    run aims that token at (:meth:`alter.methods.base.Method.toward_floor`). Forget examples left without an unpredictable token are dropped (they
-    hold nothing to forget); ValueError when none is left."""
+    run aims that token at (:meth:`alter.methods.base.Method.toward_floor`). Forget
+    examples left without an unpredictable token are dropped (they hold nothing to
+    forget); ValueError when none is left."""
     ngram = RetainNgram(retain_examples, order)
     split = []
     for example in forget_examples:
-        ids, labels = example["input_ids"], list(example["labels"])
-        keep = [IGNORE_INDEX] * len(labels)
+        ids, given = example["input_ids"], list(example["labels"])
+        labels, keep = list(given), [IGNORE_INDEX] * len(given)
         for t in range(1, len(labels)):
             if labels[t] != IGNORE_INDEX and ngram.predicted(ids, t) == labels[t]:
                 keep[t], labels[t] = labels[t], IGNORE_INDEX
         if any(label != IGNORE_INDEX for label in labels):
             fields = {"labels": labels, "keep_labels": keep}
             if floor:
-                targets = [label if label != IGNORE_INDEX else kept for label, kept in zip(labels, keep)]
-                fields["forget_floor"] = [ngram.log_probability(ids, t, target) if target != IGNORE_INDEX else 0.0
-                                          for t, target in enumerate(targets)]
+                # every labelled token, in whichever half of the split it went
+                fields["forget_floor"] = [ngram.log_probability(ids, t, label) if label != IGNORE_INDEX else 0.0
+                                          for t, label in enumerate(given)]
             split.append({**example, **fields})
     if not split:
         raise ValueError("forget_tokens='unpredictable': the retain rows predict every labelled forget token, so "
