@@ -40,6 +40,10 @@ CONFIG_FLAGS = {
     "--forget-floor": ("forget_floor", bool, "aim each forget token at the retain rows' n-gram log-probability "
                                              "of it: push it down to there, hold a kept one up to there (not "
                                              "given: on under --forget-tokens unpredictable; docs/training.md)"),
+    "--template-tokens": ("template_tokens", bool, "keep the forget rows' template words (those the most similar "
+                                                   "retain rows hold at the same place) out of the forget loss: "
+                                                   "fluent wrong answers, lower forget quality (default: off; "
+                                                   "docs/training.md)"),
 }
 CONFIG_DEST = "config_{}"  # namespace attribute of a config flag's field
 # A negative number in any notation Python reads: argparse takes '-1e-3' for an option.

@@ -15,6 +15,8 @@ oracle and every run (:mod:`alter.evaluation.facts`):
   log-probabilities on the forgotten facts, in every phrasing;
 * a loss-based membership-inference AUC of the forgotten facts against facts no model saw;
 * generation hits: the share of forgotten facts whose greedy continuation holds the value;
+  plausible answers: the share whose continuation holds a value of the fact's kind (any
+  entity's: a model that never saw the entity answers with a plausible wrong one);
 * relearning: the model fine-tuned a few steps on half of the forgotten entities
   (:data:`RELEARN`); accuracy on the other half, and its forget quality against the oracle
   under the same fine-tune;
@@ -40,7 +42,7 @@ from alter.config import AlterConfig
 from alter.data.scenarios import (DEVELOPMENT, DEVELOPMENT_SEEDS, HELD_OUT, HELD_OUT_SEEDS, Scenario, build_scenario,
                                   to_dataset)
 from alter.evaluation.facts import (fact_accuracy, fact_forget_quality, fact_mia_auc, fact_scores,  # noqa: F401
-                                    generation_hit_rate)
+                                    generation_rates, values_by_kind)
 from alter.methods import METHODS, method_class, parse_run
 from alter.methods.params import LR_MAX, LR_MIN, LR_SCALE, PARAMS
 from alter.training.finetune import finetune
@@ -59,6 +61,8 @@ ABLATIONS = {
     "alter-a-high-entropy-only": {"a_learns_from_high_entropy_only": True},  # the paper's A (the default: every token)
     # the IHL with no floor, the stop counting the tokens still predicted (the default until 2026-12-07)
     "alter-no-forget-floor": {"forget_floor": False},
+    # template words kept whatever the trigram says (docs/training.md, "Template words")
+    "alter-template-tokens": {"template_tokens": True},
 }
 ALL_RUNS = METHODS + tuple(ABLATIONS)
 # Every method on each parameterization besides its default, named "method@params"
@@ -145,9 +149,12 @@ def evaluate_run(model, built: dict, scores: dict, oracle: dict | None) -> dict:
     """A result row's metrics from :func:`score_model` results of the model (``scores``)
     and of the oracle (None: the model is the oracle; no forget quality then)."""
     own, others = built["format"], [p for p in built["phrasings"] if p != built["format"]]
+    rows = built["rows"]
+    generation = generation_rates(model, built["tokenizer"], rows["forget"],
+                                  values_by_kind(rows["forget"] + rows["retain"] + rows["never_seen"]))
     row = {"forget_acc": scores_accuracy(scores[own]), "retain_acc": scores_accuracy(scores["retain"]),
            "mia_auc": fact_mia_auc(scores[own], scores["never_seen"]),
-           "generation_hits": generation_hit_rate(model, built["tokenizer"], built["rows"]["forget"])}
+           "generation_hits": generation["hits"], "plausible_answers": generation["plausible"]}
     for phrasing in others:
         row[f"forget_acc_{phrasing}"] = scores_accuracy(scores[phrasing])
     if scores["relearned"] is not None:

@@ -198,7 +198,9 @@ def format_markdown(summary: list[dict], scenarios, seeds, seconds: float, quick
              "more than the oracle); **other phrasings**: forget acc · forget quality of the same facts in the "
              "phrasings unlearn never saw; **MIA AUC**: loss-based membership inference of the forgotten facts "
              "against never-seen ones (0.5: look unseen); **gen hits**: share of forgotten facts whose greedy "
-             "continuation contains the value; **relearn**: every weight fine-tuned "
+             "continuation contains the value; **plausible**: share whose greedy continuation names a value of the "
+             "fact's kind, its own or another entity's (a model that never saw an entity answers with a plausible "
+             "wrong value; a low share: the answers babble); **relearn**: every weight fine-tuned "
              f"{RELEARN['epochs']} epochs (batch {RELEARN['batch_size']}, lr {RELEARN['lr']:g}) on half of the "
              "forgotten entities: acc and forget quality (vs the oracle under the same fine-tune) on the other half; "
              "**held back**: that half's acc before the fine-tune (what the run left; relearn acc minus it is "
@@ -219,11 +221,11 @@ def format_markdown(summary: list[dict], scenarios, seeds, seconds: float, quick
               f"{', '.join(s.name for s in DEVELOPMENT)}.", ""]
     lines += ["## Results", "",
               "| scenario | run | seeds | forget acc | retain acc | retain ratio | forget quality | other phrasings "
-              "(acc · quality) | MIA AUC | gen hits | held back acc | relearn acc | relearn quality | forget→forget "
-              "experts | retain leak | steps | s/run |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "(acc · quality) | MIA AUC | gen hits | plausible | held back acc | relearn acc | relearn quality | forget→forget "
+              "experts | retain leak | steps | s/run |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in summary:
         if "refused" in e:  # no numbers: the method refused the scenario's rows
-            lines.append(f"| {e['scenario']} | {e['run']} | {e['seeds']} | refused: {e['refused']} |" + " |" * 13)
+            lines.append(f"| {e['scenario']} | {e['run']} | {e['seeds']} | refused: {e['refused']} |" + " |" * 14)
             continue
         others = "; ".join(f"{key[len('forget_acc_'):]} {_cell(e, key)} · "
                            f"{_cell(e, 'forget_quality_' + key[len('forget_acc_'):])}"
@@ -231,6 +233,7 @@ def format_markdown(summary: list[dict], scenarios, seeds, seconds: float, quick
         lines.append(f"| {e['scenario']} | {'**alter (default)**' if e['run'] == 'alter' else e['run']} | {e['seeds']} | "
                      f"{_cell(e, 'forget_acc')} | {_cell(e, 'retain_acc')} | {_cell(e, 'retain_ratio')} | "
                      f"{_cell(e, 'forget_quality')} | {others} | {_cell(e, 'mia_auc')} | {_cell(e, 'generation_hits')} | "
+                     f"{_cell(e, 'plausible_answers')} | "
                      f"{_cell(e, 'held_back_acc')} | {_cell(e, 'relearn_acc')} | {_cell(e, 'relearn_quality')} | {_cell(e, 'forget_routing_share')} | "
                      f"{_cell(e, 'retain_leak_share')} | {format(e['steps'], '.0f') if 'steps' in e else '–'} | "
                      f"{e.get('seconds', 0):.0f} |")

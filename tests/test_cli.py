@@ -129,6 +129,9 @@ def test_unlearn_flags_give_the_dataclass_defaults_and_parse_every_type():
     assert unlearn_args(parse(required + ["--forget-floor"])).config.forget_floor is True
     assert unlearn_args(parse(required)).config.forget_floor is None
     assert unlearn_args(parse(required + ["--no-forget-floor"])).config.forget_floor is False
+    for flag, value in (("--template-tokens", True), ("--no-template-tokens", False)):
+        assert unlearn_args(parse(required + [flag])).config.template_tokens is value
+    assert unlearn_args(parse(required)).config.template_tokens is False
 
 
 def test_every_unlearn_argument_is_a_keyword_of_unlearn_and_documented():

@@ -12,7 +12,7 @@ import torch
 from alter.config import AlterConfig
 from alter.data import IGNORE_INDEX, collate
 from alter.methods import build
-from alter.methods.data import FLOOR_BACKOFF, FLOOR_UNSEEN, RETAIN_NGRAM_ORDER, split_predictable
+from alter.methods.forget_tokens import FLOOR_BACKOFF, FLOOR_UNSEEN, RETAIN_NGRAM_ORDER, split_predictable
 from alter.train import unlearn
 from alter.training.args import UnlearnArgs
 from alter.training.schedule import label_scores

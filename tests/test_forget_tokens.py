@@ -12,7 +12,7 @@ import torch
 
 from alter.config import AlterConfig
 from alter.data import IGNORE_INDEX, collate
-from alter.methods.data import RETAIN_NGRAM_ORDER, split_predictable
+from alter.methods.forget_tokens import RETAIN_NGRAM_ORDER, split_predictable
 from alter.train import unlearn
 from alter.training.args import DEFAULT_EARLY_STOP_SHARE, UNPREDICTABLE_EARLY_STOP_SHARE, UnlearnArgs
 from conftest import small_model

@@ -5,9 +5,10 @@ import pytest
 import torch
 from scipy import stats
 
+from alter.data.facts import DOMAINS
 from alter.data.scenarios import Scenario, build_scenario, fact_prompts, fact_token_spans
 from alter.evaluation.facts import (fact_accuracy, fact_forget_quality, fact_mia_auc, fact_scores,
-                                    generation_hit_rate)
+                                    generation_hit_rate, generation_rates, values_by_kind)
 
 BIO = Scenario("facts-test", "ships", "bio", 7, 3, 3, "bpe", 1, 32, phrasings=("qa",))
 
@@ -94,6 +95,30 @@ def test_generation_hit_rate_counts_values_in_the_continuation():
         answers[tuple(tok(prompt)["input_ids"])] = tok(said, add_special_tokens=False)["input_ids"]
     model = ScriptedLM(len(tok), answers)
     assert generation_hit_rate(model, tok, rows, max_new_tokens=12, batch_size=4) == pytest.approx(hits / len(pairs))
+
+
+@pytest.mark.parametrize("phrasing", ["bio", "qa"])
+def test_plausible_answers_count_any_value_of_the_facts_kind(phrasing):
+    built = build_scenario(BIO, 3)
+    tok = built["tokenizer"]
+    rows = built["phrasings"][phrasing]["forget"]
+    everyone = [r for split in ("forget", "retain", "never_seen") for r in built["phrasings"][phrasing][split]]
+    kinds = values_by_kind(everyone)
+    facts = [(pair, kind) for row in rows for pair, kind in zip(fact_prompts(row), row["kinds"])]
+    answers, hits, plausible = {}, 0, 0
+    for i, ((prompt, value), kind) in enumerate(facts):
+        others = sorted(kinds[kind] - {value})
+        said = [" nothing", f" {value}", f" maybe {others[i % len(others)]}"][i % 3]
+        hits += i % 3 == 1
+        plausible += i % 3 > 0
+        answers[tuple(tok(prompt)["input_ids"])] = tok(said, add_special_tokens=False)["input_ids"]
+    model = ScriptedLM(len(tok), answers)
+    rates = generation_rates(model, tok, rows, kinds, max_new_tokens=12, batch_size=4)
+    assert rates == pytest.approx({"hits": hits / len(facts), "plausible": plausible / len(facts)})
+    assert generation_rates(model, tok, rows, None, max_new_tokens=12) == pytest.approx({"hits": hits / len(facts)})
+    # every value of a kind, from whichever row states it; the kinds the generator draws
+    assert set(kinds) <= {kind for kind, *_ in DOMAINS["ships"][1]}
+    assert all(len(values) > 1 for values in kinds.values())
 
 
 def test_fact_prompts_end_before_the_value():

@@ -20,7 +20,7 @@ from alter.config import AlterConfig
 from alter.data import IGNORE_INDEX, qa_texts, tofu_mini
 from alter.model import alter_layers, apply_alter, is_patched, load_adapter, save_adapter
 from alter.tiny import build_tokenizer, tiny_llama
-from alter.methods.data import split_predictable
+from alter.methods.forget_tokens import split_predictable
 from alter.train import check_dataset, encode_dataset, unlearn
 from test_model import alter_config, randomize_adapters, tiny_model, tokens
 

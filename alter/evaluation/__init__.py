@@ -19,7 +19,7 @@ all score through the one teacher-forced pass of ``scoring``; ``validation`` che
 their arguments.
 """
 from alter.evaluation.facts import (fact_accuracy, fact_forget_quality, fact_mia_auc, fact_scores,
-                                    generation_hit_rate)
+                                    generation_hit_rate, generation_rates, values_by_kind)
 from alter.evaluation.generation import generate, rouge_l_recall
 from alter.evaluation.mcq import mcq_accuracy
 from alter.evaluation.memorization import exact_memorization, extraction_strength
@@ -35,8 +35,8 @@ __all__ = [
     "MIA_ATTACKS", "KNOWMEM_STOP", "UTILITY_KEYS", "UTILITY_METRICS", "UTILITY_SPLITS",
     "OWN_DATA_GLOSSARY", "answer_log_likelihood", "answer_probability", "evaluate_muse", "evaluate_own_data",
     "evaluate_tofu", "exact_memorization", "extraction_strength", "fact_accuracy", "fact_forget_quality",
-    "fact_mia_auc", "fact_scores", "forget_quality", "generate", "generation_hit_rate", "knowmem_prompt",
+    "fact_mia_auc", "fact_scores", "forget_quality", "generate", "generation_hit_rate", "generation_rates", "knowmem_prompt",
     "knowmem_rouge", "mcq_accuracy",
     "mia_auc", "mia_scores", "model_utility", "open_unlearning_summary", "privleak", "rouge_l_recall",
-    "truth_ratio", "utility_components", "verbmem_rouge",
+    "truth_ratio", "utility_components", "values_by_kind", "verbmem_rouge",
 ]

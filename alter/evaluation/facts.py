@@ -10,7 +10,9 @@ measured against an oracle (the model trained the same way without the forget ro
 * :func:`fact_mia_auc`: loss-based membership inference of forgotten against never-seen
   facts (:func:`alter.evaluation.mia.mia_auc`);
 * :func:`generation_hit_rate`: the share of facts whose value the model's greedy
-  continuation of the fact's prompt contains (:func:`alter.evaluation.generation.generate`).
+  continuation of the fact's prompt contains (:func:`alter.evaluation.generation.generate`);
+* :func:`generation_rates`: that and the share whose continuation names a value of the
+  fact's kind, any entity's (a plausible answer, right or wrong).
 
 Rows are scenario rows (``spans`` mark the values; :func:`alter.data.scenarios.generate_rows`).
 """
@@ -85,15 +87,41 @@ def fact_mia_auc(member_scores: dict, nonmember_scores: dict) -> float:
     return mia_auc(*(-s["logprob"] / s["tokens"] for s in (member_scores, nonmember_scores)))
 
 
+def values_by_kind(rows: Sequence[dict]) -> dict[str, set[str]]:
+    """Every value each kind of fact takes in ``rows`` (rows with ``kinds``, one per span):
+    ``{kind: {value, ...}}``."""
+    values: dict[str, set[str]] = {}
+    for row in rows:
+        for (_, value), kind in zip(fact_prompts(row), row["kinds"]):
+            values.setdefault(kind, set()).add(value)
+    return values
+
+
+def generation_rates(model, tokenizer, rows: Sequence[dict], kind_values: dict[str, set[str]] | None = None,
+                     max_new_tokens: int = 32, batch_size: int = 32) -> dict[str, float]:
+    """From one greedy continuation (``max_new_tokens``) of each fact's prompt
+    (:func:`alter.data.scenarios.fact_prompts`: a QA row's question, a text row's text
+    up to the value): ``"hits"``, the share of the facts of ``rows`` whose value the
+    continuation holds, and with ``kind_values`` (:func:`values_by_kind`; the rows need
+    ``kinds``) ``"plausible"``, the share whose continuation holds a value of the fact's
+    kind, its own or another entity's: a model that never saw an entity answers with a
+    plausible wrong value, where a run that broke the answer babbles."""
+    pairs = [pair for row in rows for pair in fact_prompts(row)]
+    if not pairs:
+        raise ValueError("generation_rates: rows hold no fact")
+    answers = generate(model, tokenizer, [prompt for prompt, _ in pairs], max_new_tokens, batch_size)
+    # Word-level tokenizers decode with spaces between tokens: compare without them.
+    answers = [answer.replace(" ", "") for answer in answers]
+    rates = {"hits": float(np.mean([value.replace(" ", "") in answer for (_, value), answer in zip(pairs, answers)]))}
+    if kind_values is not None:
+        kinds = [kind for row in rows for kind in row["kinds"]]
+        rates["plausible"] = float(np.mean([any(value.replace(" ", "") in answer for value in kind_values[kind])
+                                            for kind, answer in zip(kinds, answers)]))
+    return rates
+
+
 def generation_hit_rate(model, tokenizer, rows: Sequence[dict], max_new_tokens: int = 32,
                         batch_size: int = 32) -> float:
     """Share of the facts of ``rows`` whose value occurs in the model's greedy continuation
-    (``max_new_tokens``) of the fact's prompt (:func:`alter.data.scenarios.fact_prompts`:
-    a QA row's question, a text row's text up to the value)."""
-    pairs = [pair for row in rows for pair in fact_prompts(row)]
-    if not pairs:
-        raise ValueError("generation_hit_rate: rows hold no fact")
-    answers = generate(model, tokenizer, [prompt for prompt, _ in pairs], max_new_tokens, batch_size)
-    # Word-level tokenizers decode with spaces between tokens: compare without them.
-    hits = [value.replace(" ", "") in answer.replace(" ", "") for (_, value), answer in zip(pairs, answers)]
-    return float(np.mean(hits))
+    (``max_new_tokens``) of the fact's prompt (:func:`generation_rates`' ``"hits"``)."""
+    return generation_rates(model, tokenizer, rows, None, max_new_tokens, batch_size)["hits"]

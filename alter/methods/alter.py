@@ -6,7 +6,7 @@
 
 Under ``config.forget_tokens="unpredictable"`` (the default) the IHL acts on the forget
 tokens the retain rows do not predict and the last NLL keeps the others
-(:func:`alter.methods.data.split_predictable`); under ``"all"`` the IHL acts on every
+(:func:`alter.methods.forget_tokens.split_predictable`); under ``"all"`` the IHL acts on every
 forget token and the last term is absent. Under ``config.forget_floor`` every forget
 token is aimed at the log-probability the retain n-gram gives it: the IHL pushes down the
 tokens above it, kept ones included, and the last NLL holds up only the kept tokens below

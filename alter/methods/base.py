@@ -28,7 +28,8 @@ import dataclasses
 import torch
 
 from alter.data import IGNORE_INDEX
-from alter.methods.data import _model_inputs, encode_dataset, split_predictable
+from alter.methods.data import _model_inputs, encode_dataset
+from alter.methods.forget_tokens import split_predictable
 from alter.methods.losses import _floats, labelled_rows, shift_labels, shift_targets, token_nll
 from alter.methods.params import PARAMETERIZATIONS, PARAMS, frozen_copy
 from alter_kernels import inverted_hinge_loss
@@ -222,16 +223,17 @@ class Method:
         (the forget loss's) and those they do (the kept term's; under the floor each goes
         where :meth:`toward_floor` puts it) (``config.forget_tokens``, read by the methods
         that take their weights from the config): the examples then carry ``keep_labels``
-        (:func:`alter.methods.data.split_predictable`)."""
+        (:func:`alter.methods.forget_tokens.split_predictable`)."""
         return self.reads_config_weights and self.config.forget_tokens == "unpredictable"
 
     def select_forget_tokens(self, forget_examples: list[dict], retain_examples: list[dict]) -> list[dict]:
         """The forget examples the loss trains on: split by
-        :func:`alter.methods.data.split_predictable` when :attr:`forgets_unpredictable_only`,
+        :func:`alter.methods.forget_tokens.split_predictable` when :attr:`forgets_unpredictable_only`,
         else as given (the trainer and the step benchmark both call this)."""
         if not self.forgets_unpredictable_only:
             return forget_examples
-        return split_predictable(forget_examples, retain_examples, floor=self.config.floors_forget_tokens)
+        return split_predictable(forget_examples, retain_examples, floor=self.config.floors_forget_tokens,
+                                 template=self.config.template_tokens)
 
     def toward_floor(self, logits, forget: dict) -> dict:
         """The forget batch as its losses see it at this step. Under the floor

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections import Counter, defaultdict
 import json
 import math
 
@@ -15,7 +14,7 @@ from scipy.cluster.vq import kmeans2
 from tqdm.auto import tqdm
 
 from alter.config import MAX_KEY_TOKENS, SHORT_KEY_TOKENS
-from alter.data import IGNORE_INDEX, collate, collated_batches, encode_qa, encode_text
+from alter.data import collate, collated_batches, encode_qa, encode_text
 from alter.methods.losses import sequence_logprob
 from alter.adapters import evaluating, is_patched, precomputed_entropy
 from alter_kernels import tsallis_entropy
@@ -303,99 +302,6 @@ def mark_routing_targets(forget_examples: list[dict], retain_examples: list[dict
     for examples, masks in zip((forget_examples, retain_examples), routing_targets(forget_examples, retain_examples)):
         for example, mask in zip(examples, masks):
             example["route_mask"] = mask
-
-
-# The context length + 1 of the retain n-gram model of split_predictable.
-RETAIN_NGRAM_ORDER = 3
-# The floor's stupid backoff (Brants et al., 2007): a context's relative frequency, times
-# FLOOR_BACKOFF for each step back to a shorter context that does hold the token, and
-# FLOOR_UNSEEN for a token no retain example holds.
-FLOOR_BACKOFF = 0.4
-FLOOR_UNSEEN = 1e-4
-
-
-class RetainNgram:
-    """An n-gram model of the retain examples' tokens (counted over every token, contexts of
-    up to ``order - 1`` tokens), as a model that never saw the forget rows would know them."""
-
-    def __init__(self, retain_examples: list[dict], order: int = RETAIN_NGRAM_ORDER):
-        self.order = order
-        self.counts = [defaultdict(Counter) for _ in range(order)]
-        for example in retain_examples:
-            ids = example["input_ids"]
-            for t in range(1, len(ids)):
-                for n in range(min(order, t + 1)):
-                    self.counts[n][tuple(ids[t - n:t])][ids[t]] += 1
-        self.predictions = [{context: nexts.most_common(1)[0][0] for context, nexts in table.items()}
-                            for table in self.counts]
-        self.totals = [{context: sum(nexts.values()) for context, nexts in table.items()} for table in self.counts]
-
-    def _contexts(self, ids: list[int], t: int):
-        """The contexts of ``ids[t]``, longest first: (length, context)."""
-        for n in range(min(self.order - 1, t), -1, -1):
-            yield n, tuple(ids[t - n:t])
-
-    def predicted(self, ids: list[int], t: int) -> int | None:
-        """The most frequent next token after the longest context of ``ids[t]`` that occurs
-        in a retain example (None when none does)."""
-        for n, context in self._contexts(ids, t):
-            guess = self.predictions[n].get(context)
-            if guess is not None:
-                return guess
-        return None
-
-    def log_probability(self, ids: list[int], t: int, token: int) -> float:
-        """log p(``token`` at ``t`` | the tokens before it), stupid backoff: the token's share
-        of the continuations of the longest context seen with it, times FLOOR_BACKOFF per
-        seen context passed over; FLOOR_UNSEEN (times those) for a token never seen."""
-        weight = 1.0
-        for n, context in self._contexts(ids, t):
-            total = self.totals[n].get(context)
-            if total:
-                count = self.counts[n][context].get(token, 0)
-                if count:
-                    return math.log(weight * count / total)
-                weight *= FLOOR_BACKOFF
-        return math.log(weight * FLOOR_UNSEEN)
-
-
-def split_predictable(forget_examples: list[dict], retain_examples: list[dict],
-                      order: int = RETAIN_NGRAM_ORDER, floor: bool = False) -> list[dict]:
-    """The forget examples with their labelled tokens split in two (new dicts): ``labels``
-    keeps the tokens an n-gram model of the retain examples does not predict, and
-    ``keep_labels`` (int64 ids, -100 elsewhere) holds those it does, which a model that
-    never saw the forget rows predicts too: a BPE word's continuation, a template word, a
-    value common among retained entities (``AlterConfig.forget_tokens="unpredictable"``).
-
-    The n-gram model (:class:`RetainNgram`) predicts a token from up to ``order - 1``
-    tokens before it: the most frequent next token after the longest of those contexts
-    that occurs in a retain example (counted over every token of the retain examples).
-    With ``floor`` (``AlterConfig.forget_floor``) each example also gets ``forget_floor``:
-    float ``[L]``, the n-gram's log-probability of each token of ``labels`` and of
-    ``keep_labels`` (:meth:`RetainNgram.log_probability`; 0.0 elsewhere), the level the
-    run aims that token at (:meth:`alter.methods.base.Method.toward_floor`). Forget
-    examples left without an unpredictable token are dropped (they hold nothing to
-    forget); ValueError when none is left."""
-    ngram = RetainNgram(retain_examples, order)
-    split = []
-    for example in forget_examples:
-        ids, given = example["input_ids"], list(example["labels"])
-        labels, keep = list(given), [IGNORE_INDEX] * len(given)
-        for t in range(1, len(labels)):
-            if labels[t] != IGNORE_INDEX and ngram.predicted(ids, t) == labels[t]:
-                keep[t], labels[t] = labels[t], IGNORE_INDEX
-        if any(label != IGNORE_INDEX for label in labels):
-            fields = {"labels": labels, "keep_labels": keep}
-            if floor:
-                # every labelled token, in whichever half of the split it went
-                fields["forget_floor"] = [ngram.log_probability(ids, t, label) if label != IGNORE_INDEX else 0.0
-                                          for t, label in enumerate(given)]
-            split.append({**example, **fields})
-    if not split:
-        raise ValueError("forget_tokens='unpredictable': the retain rows predict every labelled forget token, so "
-                         "there is nothing to forget that a model without the forget rows would not know; pass "
-                         "AlterConfig(forget_tokens='all') to push every token down")
-    return split
 
 
 def with_fields(examples: list[dict], **fields: list) -> list[dict]:
