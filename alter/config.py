@@ -138,8 +138,8 @@ class AlterConfig:
         token held (the default until 2026-12-07). From 2026-12-07 to 12-08 the floor
         stopped the unpredictable tokens only and held every kept token.
       template_tokens: keep the forget rows' template words whatever the trigram says: a
-        labelled forget token that 9 of the 10 retain rows most like its row (by the
-        prompt; a text row by the whole row) hold at the aligned place is kept, held up
+        labelled forget token that 9 of the 10 retain rows most like its row (all of them
+        when fewer; by the prompt, a text row by the whole row) hold at the aligned place is kept, held up
         and (under the floor) never pushed (``alter.methods.forget_tokens.template_tokens``;
         docs/training.md, "Template words"). Off by default: the answers to forgotten
         questions stay sentences with a wrong value instead of babble (plausible answers

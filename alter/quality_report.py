@@ -221,8 +221,8 @@ def format_markdown(summary: list[dict], scenarios, seeds, seconds: float, quick
               f"{', '.join(s.name for s in DEVELOPMENT)}.", ""]
     lines += ["## Results", "",
               "| scenario | run | seeds | forget acc | retain acc | retain ratio | forget quality | other phrasings "
-              "(acc · quality) | MIA AUC | gen hits | plausible | held back acc | relearn acc | relearn quality | forget→forget "
-              "experts | retain leak | steps | s/run |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "(acc · quality) | MIA AUC | gen hits | plausible | held back acc | relearn acc | relearn quality | "
+              "forget→forget experts | retain leak | steps | s/run |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in summary:
         if "refused" in e:  # no numbers: the method refused the scenario's rows
             lines.append(f"| {e['scenario']} | {e['run']} | {e['seeds']} | refused: {e['refused']} |" + " |" * 14)

@@ -187,8 +187,8 @@ def test_quick_runner_writes_the_report(tmp_path):
     assert [r["run"] for r in results] == ["target", "oracle", "alter", "grad_diff", "alter-no-structural"]
     assert all(0.0 <= r["forget_acc"] <= 1.0 and 0.0 <= r["retain_acc"] <= 1.0 for r in results)
     for row in results:
-        probabilities = [row[k] for k in ("mia_auc", "generation_hits", "held_back_acc", "relearn_acc",
-                                          "forget_acc_text", "forget_acc_bio")]
+        probabilities = [row[k] for k in ("mia_auc", "generation_hits", "plausible_answers", "held_back_acc",
+                                          "relearn_acc", "forget_acc_text", "forget_acc_bio")]
         assert all(0.0 <= p <= 1.0 for p in probabilities)
         assert ("forget_quality_bio" in row) == (row["run"] != "oracle")
     alter_row, grad_diff_row = results[2], results[3]
@@ -205,6 +205,11 @@ def test_quick_runner_writes_the_report(tmp_path):
     assert "| tiny-test | **alter (default)** | 2 |" in text and "smoke sizes" in text
     table = text.split("## Results\n\n")[1].split("\n\n")[0].splitlines()
     assert len({line.count("|") for line in table}) == 1 and "held back acc" in table[0]  # one cell per column
+    assert "| plausible |" in table[0]
+    refused = {"scenario": "tiny-test", "run": "dpo", "seeds": 2, "refused": "dpo needs QA rows"}
+    padded = quality_report.format_markdown(summary + [refused], [TINY], [0, 1], 12.0, quick=True, results=results)
+    table = padded.split("## Results\n\n")[1].split("\n\n")[0].splitlines()
+    assert len({line.count("|") for line in table}) == 1 and "refused: dpo needs QA rows" in table[-1]
     assert "## Routing per layer" in text and "| tiny-test | alter | 0.q_proj " in text
     assert "| grad_diff | 1 |" in text and "| alter-no-structural | 1 |" in text  # paired with ALTER
     (tmp_path / "QUALITY.json").write_text(json.dumps(

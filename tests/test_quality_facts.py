@@ -104,21 +104,36 @@ def test_plausible_answers_count_any_value_of_the_facts_kind(phrasing):
     rows = built["phrasings"][phrasing]["forget"]
     everyone = [r for split in ("forget", "retain", "never_seen") for r in built["phrasings"][phrasing][split]]
     kinds = values_by_kind(everyone)
-    facts = [(pair, kind) for row in rows for pair, kind in zip(fact_prompts(row), row["kinds"])]
+    facts = [(pair, kind, row["entity"]) for row in rows for pair, kind in zip(fact_prompts(row), row["kinds"])]
     answers, hits, plausible = {}, 0, 0
-    for i, ((prompt, value), kind) in enumerate(facts):
+    for i, ((prompt, value), kind, entity) in enumerate(facts):
         others = sorted(kinds[kind] - {value})
-        said = [" nothing", f" {value}", f" maybe {others[i % len(others)]}"][i % 3]
-        hits += i % 3 == 1
-        plausible += i % 3 > 0
+        other_kind = sorted(next(v for k, v in kinds.items() if k != kind) - kinds[kind])
+        said = [" nothing",
+                f" {value}.",  # the value: a hit, plausible
+                f" maybe {others[i % len(others)]}",  # another entity's value of the kind: plausible
+                f" {entity} is {other_kind[i % len(other_kind)]}",  # the name restated, another kind's value
+                f" {value}0"][i % 5]  # not the value as a whole word
+        hits += i % 5 == 1
+        plausible += i % 5 in (1, 2)
         answers[tuple(tok(prompt)["input_ids"])] = tok(said, add_special_tokens=False)["input_ids"]
     model = ScriptedLM(len(tok), answers)
-    rates = generation_rates(model, tok, rows, kinds, max_new_tokens=12, batch_size=4)
+    rates = generation_rates(model, tok, rows, kinds, max_new_tokens=16, batch_size=4)
     assert rates == pytest.approx({"hits": hits / len(facts), "plausible": plausible / len(facts)})
-    assert generation_rates(model, tok, rows, None, max_new_tokens=12) == pytest.approx({"hits": hits / len(facts)})
+    assert generation_rates(model, tok, rows, None, max_new_tokens=16) == pytest.approx({"hits": hits / len(facts)})
     # every value of a kind, from whichever row states it; the kinds the generator draws
     assert set(kinds) <= {kind for kind, *_ in DOMAINS["ships"][1]}
     assert all(len(values) > 1 for values in kinds.values())
+
+
+def test_generation_rates_refuse_rows_without_a_kind_per_fact():
+    built = build_scenario(BIO, 3)
+    rows = built["rows"]["forget"]
+    model = ScriptedLM(len(built["tokenizer"]), {})
+    with pytest.raises(ValueError, match="needs kinds, one per fact"):
+        generation_rates(model, built["tokenizer"], [dict(rows[0], kinds=rows[0]["kinds"][:-1])], {})
+    with pytest.raises(ValueError, match="kind_values has no values of the kinds"):
+        generation_rates(model, built["tokenizer"], rows, {})
 
 
 def test_fact_prompts_end_before_the_value():

@@ -73,7 +73,7 @@ def test_template_words_are_marked_and_the_name_and_value_are_not(row):
     ids = forget["input_ids"]
     start = next(t for t, label in enumerate(forget["labels"]) if label != IGNORE_INDEX)
     words = dict(zip(ids[start:], marks[start:]))
-    assert not any(marks[:start])
+    assert not any(marks[:max(start, 1)])  # the prompt, and position 0 (no row predicts it)
     assert words[300] is False and words[POOL[0]] is False  # the entity's name, its value
     assert all(words[w] for w in TEMPLATES[0][1] + [4, 5])  # "was mapped by", ".", EOS
 
@@ -98,6 +98,34 @@ def test_split_keeps_template_words_held_at_log_one():
     assert moved > 0  # the trigram left some template word unpredictable: the case this is for
     # the entity's name and the value stay in the forget loss
     assert 300 in held[0]["labels"] and 40 in held[0]["labels"]
+
+
+def test_every_retain_row_must_agree_when_fewer_than_ten():
+    # 3 retain rows: 0.9 of 3 rounds up to all 3; a word 2 of them hold is no template word
+    retain = [qa_row(0, 100, 30), qa_row(0, 101, 31), qa_row(0, 102, 32)]
+    odd = dict(retain[2], input_ids=[13 if t == 12 else t for t in retain[2]["input_ids"]])
+    forget = qa_row(0, 300, 40)
+    ids = forget["input_ids"]
+    marks, = template_tokens([forget], retain)
+    assert marks[ids.index(12)] and marks[ids.index(13)]
+    marks, = template_tokens([forget], retain[:2] + [odd])
+    assert not marks[ids.index(12)] and marks[ids.index(13)]
+
+
+def test_an_unlabelled_token_inside_the_answer_is_no_template_word():
+    retain = [qa_row(i % 3, 100 + i, POOL[i % len(POOL)]) for i in range(36)]
+    forget = qa_row(0, 300, 40)
+    hidden = forget["input_ids"].index(13)
+    forget["labels"][hidden] = IGNORE_INDEX
+    marks, = template_tokens([forget], retain)
+    assert not marks[hidden] and marks[hidden + 1]
+
+
+def test_more_neighbours_than_candidates_still_vote():
+    retain = [qa_row(0, 100 + i, POOL[i % len(POOL)]) for i in range(TEMPLATE_CANDIDATES + 20)]
+    forget = qa_row(0, 300, 40)
+    marks, = template_tokens([forget], retain, neighbours=TEMPLATE_CANDIDATES + 10)
+    assert marks[forget["input_ids"].index(14)]
 
 
 def test_no_retain_rows_marks_nothing():

@@ -18,6 +18,7 @@ Rows are scenario rows (``spans`` mark the values; :func:`alter.data.scenarios.g
 """
 from __future__ import annotations
 
+import re
 from typing import Sequence
 
 import numpy as np
@@ -87,36 +88,74 @@ def fact_mia_auc(member_scores: dict, nonmember_scores: dict) -> float:
     return mia_auc(*(-s["logprob"] / s["tokens"] for s in (member_scores, nonmember_scores)))
 
 
+def _kinds(row: dict, op: str) -> list[str]:
+    """A row's ``kinds``, one per fact (ValueError naming the row otherwise)."""
+    kinds = row.get("kinds")
+    if kinds is None or len(kinds) != len(row["spans"]):
+        raise ValueError(f"{op}: row of {row.get('entity', '?')!r} needs kinds, one per fact (spans: "
+                         f"{len(row['spans'])}, kinds: {kinds!r})")
+    return list(kinds)
+
+
 def values_by_kind(rows: Sequence[dict]) -> dict[str, set[str]]:
     """Every value each kind of fact takes in ``rows`` (rows with ``kinds``, one per span):
     ``{kind: {value, ...}}``."""
     values: dict[str, set[str]] = {}
     for row in rows:
-        for (_, value), kind in zip(fact_prompts(row), row["kinds"]):
+        for (_, value), kind in zip(fact_prompts(row), _kinds(row, "values_by_kind")):
             values.setdefault(kind, set()).add(value)
     return values
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w+", text.lower())
+
+
+def _holds(words: list[str], phrase: list[str]) -> bool:
+    """Whether ``phrase`` occurs in ``words`` as a run of whole words."""
+    n = len(phrase)
+    return n > 0 and any(words[i:i + n] == phrase for i in range(len(words) - n + 1))
+
+
+def _without(words: list[str], phrase: list[str]) -> list[str]:
+    """``words`` with every run equal to ``phrase`` taken out."""
+    out, i, n = [], 0, len(phrase)
+    while i < len(words):
+        if n and words[i:i + n] == phrase:
+            i += n
+        else:
+            out.append(words[i])
+            i += 1
+    return out
 
 
 def generation_rates(model, tokenizer, rows: Sequence[dict], kind_values: dict[str, set[str]] | None = None,
                      max_new_tokens: int = 32, batch_size: int = 32) -> dict[str, float]:
     """From one greedy continuation (``max_new_tokens``) of each fact's prompt
     (:func:`alter.data.scenarios.fact_prompts`: a QA row's question, a text row's text
-    up to the value): ``"hits"``, the share of the facts of ``rows`` whose value the
-    continuation holds, and with ``kind_values`` (:func:`values_by_kind`; the rows need
-    ``kinds``) ``"plausible"``, the share whose continuation holds a value of the fact's
+    up to the value): ``"hits"``, the share of the facts of ``rows`` whose continuation
+    names the value, and with ``kind_values`` (:func:`values_by_kind`; the rows need
+    ``kinds``) ``"plausible"``, the share whose continuation names a value of the fact's
     kind, its own or another entity's: a model that never saw an entity answers with a
-    plausible wrong value, where a run that broke the answer babbles."""
+    plausible wrong value, where a run that broke the answer babbles. "Names": as a run of
+    whole words (case-insensitive; "194" is not in "1948"), once every mention of the
+    row's entity is taken out (a restated name is no answer, even where a value of the
+    kind is spelt like part of it)."""
     pairs = [pair for row in rows for pair in fact_prompts(row)]
     if not pairs:
         raise ValueError("generation_rates: rows hold no fact")
-    answers = generate(model, tokenizer, [prompt for prompt, _ in pairs], max_new_tokens, batch_size)
-    # Word-level tokenizers decode with spaces between tokens: compare without them.
-    answers = [answer.replace(" ", "") for answer in answers]
-    rates = {"hits": float(np.mean([value.replace(" ", "") in answer for (_, value), answer in zip(pairs, answers)]))}
     if kind_values is not None:
-        kinds = [kind for row in rows for kind in row["kinds"]]
-        rates["plausible"] = float(np.mean([any(value.replace(" ", "") in answer for value in kind_values[kind])
-                                            for kind, answer in zip(kinds, answers)]))
+        kinds = [kind for row in rows for kind in _kinds(row, "generation_rates")]
+        missing = sorted(set(kinds) - set(kind_values))
+        if missing:
+            raise ValueError(f"generation_rates: kind_values has no values of the kinds {missing}")
+    answers = generate(model, tokenizer, [prompt for prompt, _ in pairs], max_new_tokens, batch_size)
+    entities = [row.get("entity", "") for row in rows for _ in row["spans"]]
+    said = [_without(_words(answer), _words(entity)) for answer, entity in zip(answers, entities)]
+    rates = {"hits": float(np.mean([_holds(words, _words(value)) for (_, value), words in zip(pairs, said)]))}
+    if kind_values is not None:
+        rates["plausible"] = float(np.mean([any(_holds(words, _words(value)) for value in kind_values[kind])
+                                            for kind, words in zip(kinds, said)]))
     return rates
 
 

@@ -73,7 +73,8 @@ class RetainNgram:
 # The template rule of split_predictable: a forget token is a template word when at least
 # TEMPLATE_AGREEMENT of the TEMPLATE_NEIGHBOURS retain examples most like its example hold
 # it at the aligned place; the likeness is ranked among the TEMPLATE_CANDIDATES retain
-# examples sharing the most distinct tokens with it (a sparse product, not a ratio per pair).
+# examples of highest Dice overlap of distinct tokens with it (a sparse product, not a
+# difflib ratio per pair).
 TEMPLATE_NEIGHBOURS = 10
 TEMPLATE_AGREEMENT = 0.9
 TEMPLATE_CANDIDATES = 50
@@ -103,43 +104,44 @@ def _presence(keys: list[list[int]], vocab: int):
 def template_tokens(forget_examples: list[dict], retain_examples: list[dict],
                     neighbours: int = TEMPLATE_NEIGHBOURS, agreement: float = TEMPLATE_AGREEMENT) -> list[list[bool]]:
     """Per forget example, per token, whether it is a template word: a labelled token
-    that at least ``agreement`` of the ``neighbours`` retain examples most like the
-    example hold at the aligned place. Likeness: ``difflib`` ratio of the examples'
+    (past position 0, which no row predicts) that at least ``agreement`` of the
+    ``neighbours`` retain examples most like the example (all of them when there are
+    fewer) hold at the aligned place. Likeness: ``difflib`` ratio of the examples'
     prompts (of the whole examples for those labelled from the start), among the
-    ``TEMPLATE_CANDIDATES`` retain examples sharing the most distinct prompt tokens;
-    alignment: ``difflib`` matching blocks of the labelled parts (``difflib``'s junk
-    heuristic on, which leaves rows under 200 tokens as they are and keeps long corpus
-    texts to ~0.1 s a row). A model that never saw the forget rows still says "was mapped
-    by" after a glacier's name: the question told it which fact comes, which the trigram
-    of :func:`split_predictable` cannot see."""
+    ``max(TEMPLATE_CANDIDATES, neighbours)`` retain examples of highest Dice overlap of
+    distinct prompt tokens; alignment: ``difflib`` matching blocks of the labelled parts
+    (``difflib``'s junk heuristic on, which leaves rows under 200 tokens as they are and
+    keeps long corpus texts to ~0.1 s a row). A model that never saw the forget rows still
+    says "was mapped by" after a glacier's name: the question told it which fact comes,
+    which the trigram of :func:`split_predictable` cannot see."""
     from difflib import SequenceMatcher
     if not forget_examples or not retain_examples:
         return [[False] * len(e["input_ids"]) for e in forget_examples]
     needed = math.ceil(agreement * min(neighbours, len(retain_examples)) - 1e-9)
+    count = min(max(TEMPLATE_CANDIDATES, neighbours), len(retain_examples))
     forget_keys = [_likeness_key(e) for e in forget_examples]
     retain_keys = [_likeness_key(e) for e in retain_examples]
     vocab = 1 + max(max(e["input_ids"], default=0) for e in forget_examples + retain_examples)
-    forget_bags, retain_bags = _presence(forget_keys, vocab), _presence(retain_keys, vocab)
-    shared = (forget_bags @ retain_bags.T).toarray()  # distinct tokens in common, [F, R]
-    sizes = np.asarray(retain_bags.sum(1)).ravel()
-    dice = 2 * shared / np.maximum(np.asarray(forget_bags.sum(1)) + sizes[None, :], 1)
-    count = min(TEMPLATE_CANDIDATES, len(retain_examples))
+    forget_bags, retain_bags = _presence(forget_keys, vocab), _presence(retain_keys, vocab).T.tocsr()
+    retain_sizes = np.asarray(retain_bags.sum(0)).ravel()
     labelled_parts = [list(e["input_ids"][_first_label(e):]) for e in retain_examples]
     marks = []
     for i, example in enumerate(forget_examples):
-        ids, labels = example["input_ids"], example["labels"]
-        candidates = np.argpartition(-dice[i], count - 1)[:count] if count < len(retain_examples) \
+        # one row of Dice at a time: a dense [F, R] would not fit for large sets
+        shared = (forget_bags[i] @ retain_bags).toarray().ravel()
+        dice = 2 * shared / np.maximum(len(set(forget_keys[i])) + retain_sizes, 1)
+        candidates = np.argpartition(-dice, count - 1)[:count] if count < len(retain_examples) \
             else np.arange(len(retain_examples))
         ranked = sorted(candidates.tolist(), key=lambda j: (
             -SequenceMatcher(None, forget_keys[i], retain_keys[j], autojunk=True).ratio(), j))
-        first = _first_label(example)
+        ids, labels, first = example["input_ids"], example["labels"], _first_label(example)
         labelled = list(ids[first:])
         votes = [0] * len(labelled)
         for j in ranked[:neighbours]:
             for a, _, n in SequenceMatcher(None, labelled, labelled_parts[j], autojunk=True).get_matching_blocks():
                 for k in range(a, a + n):
                     votes[k] += 1
-        marks.append([False] * first + [v >= needed and labels[first + k] != IGNORE_INDEX
+        marks.append([False] * first + [v >= needed and labels[first + k] != IGNORE_INDEX and first + k > 0
                                           for k, v in enumerate(votes)])
     return marks
 
@@ -182,7 +184,9 @@ def split_predictable(forget_examples: list[dict], retain_examples: list[dict],
                                           for t, label in enumerate(given)]
             split.append({**example, **fields})
     if not split:
-        raise ValueError("forget_tokens='unpredictable': the retain rows predict every labelled forget token, so "
-                         "there is nothing to forget that a model without the forget rows would not know; pass "
-                         "AlterConfig(forget_tokens='all') to push every token down")
+        also = " or the template words of the retain rows like them (template_tokens=True)" if template else ""
+        raise ValueError(f"forget_tokens='unpredictable': the retain rows predict every labelled forget token{also}, "
+                         "so there is nothing to forget that a model without the forget rows would not know; pass "
+                         "AlterConfig(forget_tokens='all') to push every token down"
+                         + (", or template_tokens=False" if template else ""))
     return split
