@@ -14,7 +14,7 @@ oracle and every run (:mod:`alter.evaluation.facts`):
 * forget quality: the KS-test p-value between the model's and the oracle's per-fact value
   log-probabilities on the forgotten facts, in every phrasing;
 * a loss-based membership-inference AUC of the forgotten facts against facts no model saw;
-* generation hits: the share of forgotten facts whose greedy continuation holds the value;
+* generation hits: the share of forgotten facts whose greedy continuation names the value;
   plausible answers: the share whose continuation holds a value of the fact's kind (any
   entity's: a model that never saw the entity answers with a plausible wrong one);
 * relearning: the model fine-tuned a few steps on half of the forgotten entities
