@@ -154,7 +154,8 @@ def generation_rates(model, tokenizer, rows: Sequence[dict], kind_values: dict[s
     said = [_without(_words(answer), _words(entity)) for answer, entity in zip(answers, entities)]
     rates = {"hits": float(np.mean([_holds(words, _words(value)) for (_, value), words in zip(pairs, said)]))}
     if kind_values is not None:
-        rates["plausible"] = float(np.mean([any(_holds(words, _words(value)) for value in kind_values[kind])
+        phrases = {kind: [_words(value) for value in kind_values[kind]] for kind in set(kinds)}
+        rates["plausible"] = float(np.mean([any(_holds(words, phrase) for phrase in phrases[kind])
                                             for kind, words in zip(kinds, said)]))
     return rates
 

@@ -85,10 +85,10 @@ def _first_label(example: dict) -> int:
     return next((t for t, label in enumerate(example["labels"]) if label != IGNORE_INDEX), len(example["labels"]))
 
 
-def _likeness_key(example: dict) -> list[int]:
+def _likeness_key(example: dict, first: int) -> list[int]:
     """The tokens an example is compared by: its prompt (the tokens before its first
-    label), or the whole example when it is labelled from the start (a text row)."""
-    first = _first_label(example)
+    label, at ``first``), or the whole example when it is labelled from the start (a text
+    row)."""
     return list(example["input_ids"][:first] if first else example["input_ids"])
 
 
@@ -119,12 +119,14 @@ def template_tokens(forget_examples: list[dict], retain_examples: list[dict],
         return [[False] * len(e["input_ids"]) for e in forget_examples]
     needed = math.ceil(agreement * min(neighbours, len(retain_examples)) - 1e-9)
     count = min(max(TEMPLATE_CANDIDATES, neighbours), len(retain_examples))
-    forget_keys = [_likeness_key(e) for e in forget_examples]
-    retain_keys = [_likeness_key(e) for e in retain_examples]
+    forget_firsts = [_first_label(e) for e in forget_examples]
+    retain_firsts = [_first_label(e) for e in retain_examples]
+    forget_keys = [_likeness_key(e, first) for e, first in zip(forget_examples, forget_firsts)]
+    retain_keys = [_likeness_key(e, first) for e, first in zip(retain_examples, retain_firsts)]
     vocab = 1 + max(max(e["input_ids"], default=0) for e in forget_examples + retain_examples)
     forget_bags, retain_bags = _presence(forget_keys, vocab), _presence(retain_keys, vocab).T.tocsr()
     retain_sizes = np.asarray(retain_bags.sum(0)).ravel()
-    labelled_parts = [list(e["input_ids"][_first_label(e):]) for e in retain_examples]
+    labelled_parts = [list(e["input_ids"][first:]) for e, first in zip(retain_examples, retain_firsts)]
     marks = []
     for i, example in enumerate(forget_examples):
         # one row of Dice at a time: a dense [F, R] would not fit for large sets
@@ -134,7 +136,7 @@ def template_tokens(forget_examples: list[dict], retain_examples: list[dict],
             else np.arange(len(retain_examples))
         ranked = sorted(candidates.tolist(), key=lambda j: (
             -SequenceMatcher(None, forget_keys[i], retain_keys[j], autojunk=True).ratio(), j))
-        ids, labels, first = example["input_ids"], example["labels"], _first_label(example)
+        ids, labels, first = example["input_ids"], example["labels"], forget_firsts[i]
         labelled = list(ids[first:])
         votes = [0] * len(labelled)
         for j in ranked[:neighbours]:
